@@ -1,0 +1,42 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="specpt-hf",
+    version="0.1.0",
+    description="SpecPT: a transformer for galaxy spectra that measures spectroscopic redshifts",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    packages=find_packages(include=["specpt_hf", "specpt_hf.*"]),
+    package_data={"specpt_hf": ["py.typed", "evaluation/*.py", "data/resources/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "numpy>=1.26",
+        "astropy>=6.0",
+        "datasets>=4.0",
+        "accelerate>=1.0",
+        "evaluate>=0.4",
+        "pyarrow>=15",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "specutils": ["specutils>=1.12"],
+        "peft": ["peft>=0.13"],
+        "tensorboard": ["tensorboard>=2.15"],
+        "dev": ["pytest>=8", "ruff>=0.6", "specutils>=1.12", "tensorboard>=2.15", "peft>=0.13", "scipy>=1.11"],
+    },
+    entry_points={"console_scripts": ["specpt=specpt_hf.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Astronomy",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,32 @@
+"""The `specpt` command line: one sub-command per task, each implemented as `main(argv)` in its module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# sub-command -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "mock": ("specpt_hf.data.mock", "write DESI-format mock coadd + redrock files"),
+    "plot-mock": ("specpt_hf.data.plots", "plot mock spectra next to a real DESI spectrum"),
+    "download": ("specpt_hf.data.download", "download EDR coadd + redrock files"),
+    "prepare": ("specpt_hf.data.prepare", "write Parquet shards and a dataset card"),
+    "train": ("specpt_hf.training.train", "pretrain the autoencoder or train the redshift head"),
+    "evaluate": ("specpt_hf.evaluation.evaluate_model", "metrics and plots on a held-out split"),
+    "presets": ("specpt_hf.presets", "list the named model presets"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: specpt COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
