@@ -11,7 +11,9 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["specpt_hf", "specpt_hf.*"]),
-    package_data={"specpt_hf": ["py.typed", "evaluation/*.py", "data/resources/*"]},
+    package_data={
+        "specpt_hf": ["py.typed", "evaluation/*.py", "evaluation/redshift_metrics/*.py", "data/resources/*"]
+    },
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",
@@ -24,6 +26,7 @@ setup(
         "evaluate>=0.4",
         "pyarrow>=15",
         "tqdm>=4.66",
+        "requests>=2.31",
         "matplotlib>=3.8",
         "pyyaml>=6.0",
     ],
