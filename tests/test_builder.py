@@ -1,0 +1,233 @@
+"""The `datasets` builder on the real DESI files, the TARGETID-hash splits and the row conversion."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from specpt_hf.data.builder import (
+    SPLITS,
+    DesiEdrBuilder,
+    desi_features,
+    examples_to_arrow,
+    find_spectra_files,
+    record_to_example,
+    redrock_path_for,
+    split_for_targetid,
+)
+from specpt_hf.data.desi import DesiFormatError, read_desi_spectra
+
+DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
+HEALPIX = "coadd-sv3-dark-26065.fits"
+TILE = "coadd-5-169-thru20210419.fits"
+LRG_IDS = [39627866878511337, 39627866878514741]  # the good fibers of the healpix coadd (SV3 LRG bit)
+ELG_ID = 39633300968442591  # the good fiber of the tile coadd (SV3 ELG bits)
+
+
+def put(name: str, folder: Path, targetid_offset: int = 0) -> Path:
+    """Copy a real coadd into `folder` with a Redrock file next to it (Z from the row number)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    coadd = Path(shutil.copy(DATA / name, folder / name))
+    with fits.open(coadd) as hdul:
+        fibermap = Table(hdul["FIBERMAP"].data)
+        header = hdul[0].header
+    n = len(fibermap)
+    redshifts = Table(
+        {
+            "TARGETID": np.asarray(fibermap["TARGETID"], dtype=np.int64) + targetid_offset,
+            "Z": 0.1 + 0.1 * np.arange(n),
+            "ZERR": np.full(n, 3e-5),
+            "ZWARN": np.zeros(n, dtype=np.int64),
+            "SPECTYPE": np.array(["GALAXY"] * n, dtype="S6"),
+            "DELTACHI2": np.full(n, 200.0),
+        }
+    )
+    fibermap["TARGETID"] = redshifts["TARGETID"]
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(header=header),
+            fits.BinTableHDU(redshifts, name="REDSHIFTS"),
+            fits.BinTableHDU(fibermap, name="FIBERMAP"),
+        ]
+    ).writeto(redrock_path_for(coadd))
+    return coadd
+
+
+def build(tmp_path: Path, config: str = "all", **kwargs) -> DesiEdrBuilder:
+    builder = DesiEdrBuilder(config_name=config, cache_dir=str(tmp_path / "cache"), **kwargs)
+    builder.download_and_prepare()
+    return builder
+
+
+def rows_of(builder: DesiEdrBuilder) -> dict[int, dict]:
+    rows = {}
+    for split in builder.info.splits:
+        for row in builder.as_dataset(split=split):
+            rows[row["targetid"]] = {**row, "split": split}
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- splits
+
+
+def test_split_is_the_documented_hash():
+    for targetid in [39627866878511337, 1, 616088619186127404, -2713437]:
+        digest = hashlib.blake2b(str(targetid).encode(), digest_size=8).digest()
+        u = int.from_bytes(digest, "big") / 2**64
+        expected = "train" if u < 0.8 else "validation" if u < 0.9 else "test"
+        assert split_for_targetid(targetid) == expected
+        assert split_for_targetid(np.int64(targetid)) == expected
+
+
+def test_split_fractions():
+    ids = np.arange(10**15, 10**15 + 20000)
+    counts = {s: 0 for s in SPLITS}
+    for targetid in ids:
+        counts[split_for_targetid(targetid)] += 1
+    assert abs(counts["train"] / 20000 - 0.8) < 0.015
+    assert abs(counts["validation"] / 20000 - 0.1) < 0.01
+    assert {split_for_targetid(t, (0.0, 0.0, 1.0)) for t in ids[:100]} == {"test"}
+    for bad in [(0.5, 0.5), (0.8, 0.1, 0.2), (1.2, -0.1, -0.1)]:
+        with pytest.raises(ValueError, match="fractions"):
+            split_for_targetid(1, bad)
+
+
+def test_split_stable_across_processes():
+    ids = [39627866878511337, 39633300968442591, 42, 7, 123456789]
+    code = (
+        "from specpt_hf.data.builder import split_for_targetid as s;"
+        f"print(','.join(s(t, (0.34, 0.33, 0.33)) for t in {ids}))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().split(",") == [split_for_targetid(t, (0.34, 0.33, 0.33)) for t in ids]
+
+
+# ----------------------------------------------------------------------------------------- rows
+
+
+def test_features_follow_the_record_table():
+    features = desi_features()
+    assert list(features) == [
+        "targetid", "flux", "ivar", "mask", "z", "zerr", "zwarn",
+        "spectype", "target_class", "survey", "program", "healpix",
+    ]  # fmt: skip
+    assert features["flux"] == datasets.List(datasets.Value("float32"), length=7781)
+    assert features["mask"] == datasets.List(datasets.Value("bool"), length=7781)
+    assert features["zwarn"] == datasets.Value("int64") and features["targetid"] == datasets.Value("int64")
+    assert "True at BAD pixels" in DesiEdrBuilder(config_name="all")._info().description
+
+
+def test_record_to_arrow_round_trip():
+    record = next(read_desi_spectra(DATA / HEALPIX))
+    record.update(z=0.5, zerr=1e-4, zwarn=4, spectype="GALAXY", target_class="lrg")
+    example = record_to_example(record)
+    table = examples_to_arrow([example, example], desi_features())
+    assert table.schema.equals(desi_features().arrow_schema)
+    dataset = datasets.Dataset(table)
+    assert dataset.features == desi_features()
+    row = dataset[1]
+    np.testing.assert_array_equal(np.asarray(row["flux"], dtype=np.float32), record["flux"])
+    assert row["mask"] == record["mask"].tolist() and row["zwarn"] == 4 and row["survey"] == "sv3"
+
+
+# ----------------------------------------------------------------------------------------- builder
+
+
+def test_builder_release_layout(tmp_path):
+    root = tmp_path / "fuji"
+    put(HEALPIX, root / "healpix" / "sv3" / "dark" / "260" / "26065")
+    put(TILE, root / "tiles" / "cumulative" / "169" / "20210419")  # outside healpix/: not read
+    assert [p.name for p in find_spectra_files(root)] == [HEALPIX]
+    builder = build(tmp_path, data_dir=str(root))
+    rows = rows_of(builder)
+    assert sorted(rows) == LRG_IDS
+    records = {r["targetid"]: r for r in read_desi_spectra(DATA / HEALPIX)}
+    for targetid, row in rows.items():
+        assert row["split"] == split_for_targetid(targetid)
+        assert len(row["flux"]) == 7781
+        np.testing.assert_array_equal(np.asarray(row["flux"], dtype=np.float32), records[targetid]["flux"])
+        assert row["mask"] == records[targetid]["mask"].tolist()
+        assert (row["survey"], row["program"], row["healpix"]) == ("sv3", "dark", 26065)
+        assert row["target_class"] == "lrg" and row["spectype"] == "GALAXY" and row["zwarn"] == 0
+    assert rows[LRG_IDS[1]]["z"] == pytest.approx(0.5)  # row 4 of the file
+
+
+def test_builder_configs_by_class(tmp_path):
+    flat = tmp_path / "flat"
+    put(HEALPIX, flat)
+    put(TILE, flat)
+    assert sorted(rows_of(build(tmp_path, "lrg", data_dir=str(flat)))) == LRG_IDS
+    elg = rows_of(build(tmp_path, "elg", data_dir=str(flat)))
+    assert list(elg) == [ELG_ID] and elg[ELG_ID]["healpix"] == -1
+    assert sorted(rows_of(build(tmp_path, "all", data_dir=str(flat)))) == sorted([*LRG_IDS, ELG_ID])
+
+
+def test_builder_with_catalog(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(DATA / HEALPIX, flat / HEALPIX)  # no redrock file: the catalog has the redshifts
+    catalog = tmp_path / "zall-pix-edr-vac.fits"
+    rows = {
+        "TARGETID": np.array(LRG_IDS, dtype=np.int64),
+        "SURVEY": np.array(["sv3", "sv3"]),
+        "PROGRAM": np.array(["dark", "dark"]),
+        "HEALPIX": np.array([26065, 26065], dtype=np.int32),
+        "Z": np.array([0.71, 0.92]),
+        "ZERR": np.full(2, 1e-4),
+        "ZWARN": np.array([0, 4], dtype=np.int64),  # the second fails the LRG cut
+        "SPECTYPE": np.array(["GALAXY", "GALAXY"]),
+        "DELTACHI2": np.array([90.0, 90.0]),
+        "ZCAT_PRIMARY": np.array([True, True]),
+        "SV3_DESI_TARGET": np.array([1, 1], dtype=np.int64),
+    }
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(Table(rows), name="ZCATALOG")]).writeto(catalog)
+    built = rows_of(build(tmp_path, "lrg", data_dir=str(flat), catalog=str(catalog)))
+    assert list(built) == [LRG_IDS[0]] and built[LRG_IDS[0]]["z"] == pytest.approx(0.71)
+
+
+def test_builder_missing_redrock(tmp_path):
+    flat = tmp_path / "flat"
+    put(HEALPIX, flat)
+    redrock_path_for(flat / HEALPIX).unlink()
+    with pytest.raises(DesiFormatError, match=r"redrock-sv3-dark-26065\.fits: no Redrock file"):
+        build(tmp_path, data_dir=str(flat))
+
+
+def test_builder_targetid_mismatch(tmp_path):
+    flat = tmp_path / "flat"
+    put(HEALPIX, flat, targetid_offset=1)  # the Redrock file describes other targets
+    # errors raised while examples are generated reach the caller wrapped by `datasets`
+    with pytest.raises(datasets.exceptions.DatasetGenerationError) as info:
+        build(tmp_path, data_dir=str(flat))
+    assert isinstance(info.value.__cause__, DesiFormatError)
+    assert "redrock-sv3-dark-26065.fits: TARGETID mismatch" in str(info.value.__cause__)
+
+
+def test_builder_bad_file_fails_early_or_is_skipped(tmp_path):
+    flat = tmp_path / "flat"
+    put(HEALPIX, flat)
+    bad = put(TILE, flat)
+    bad.write_bytes(bad.read_bytes()[:500_000])
+    with pytest.raises(
+        DesiFormatError, match=r"(?s)1 bad input file.*coadd-5-169-thru20210419\.fits.*truncated"
+    ):
+        build(tmp_path, data_dir=str(flat))
+    rows = rows_of(build(tmp_path, data_dir=str(flat), skip_bad_files=True))
+    assert sorted(rows) == LRG_IDS
+
+
+def test_builder_needs_data(tmp_path):
+    with pytest.raises(ValueError, match="data_dir"):
+        build(tmp_path)

@@ -1,0 +1,175 @@
+"""`specpt prepare`: Parquet shards and dataset card from the real DESI files, read back with `datasets`."""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from huggingface_hub import DatasetCard
+
+from specpt_hf.data.builder import desi_features, split_for_targetid
+from specpt_hf.data.desi import DesiFormatError, read_desi_spectra
+from specpt_hf.data.prepare import main, prepare_dataset
+
+DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
+HEALPIX = "coadd-sv3-dark-26065.fits"
+TILE = "coadd-5-169-thru20210419.fits"
+LRG_IDS = [39627866878511337, 39627866878514741]
+ELG_ID = 39633300968442591
+
+
+def put(name: str, folder: Path) -> Path:
+    """Copy a real coadd into `folder` with a Redrock file next to it (Z = 0.1 + 0.1 * row)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    coadd = Path(shutil.copy(DATA / name, folder / name))
+    with fits.open(coadd) as hdul:
+        fibermap = Table(hdul["FIBERMAP"].data)
+        header = hdul[0].header
+    n = len(fibermap)
+    redshifts = Table(
+        {
+            "TARGETID": np.asarray(fibermap["TARGETID"], dtype=np.int64),
+            "Z": 0.1 + 0.1 * np.arange(n),
+            "ZERR": np.full(n, 3e-5),
+            "ZWARN": np.zeros(n, dtype=np.int64),
+            "SPECTYPE": np.array(["GALAXY"] * n, dtype="S6"),
+            "DELTACHI2": np.full(n, 200.0),
+        }
+    )
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(header=header),
+            fits.BinTableHDU(redshifts, name="REDSHIFTS"),
+            fits.BinTableHDU(fibermap, name="FIBERMAP"),
+        ]
+    ).writeto(coadd.with_name(name.replace("coadd-", "redrock-")))
+    return coadd
+
+
+@pytest.fixture
+def flat(tmp_path) -> Path:
+    folder = tmp_path / "in"
+    put(HEALPIX, folder)
+    put(TILE, folder)
+    return folder
+
+
+def parquet_files(out: Path) -> list[Path]:
+    return sorted(out.rglob("*.parquet"))
+
+
+def test_prepare_writes_shards_and_card(flat, tmp_path):
+    out = tmp_path / "out"
+    summary = prepare_dataset([flat], out, progress=False)
+    assert summary.total_rows == 3 and summary.files == 2
+    assert summary.read_stats.fibers == 10 and summary.join_stats.joined == 3
+    for targetid in [*LRG_IDS, ELG_ID]:
+        split = split_for_targetid(targetid)
+        table = pq.read_table(out / split / "part-00000.parquet")
+        assert targetid in table.column("targetid").to_pylist()
+    assert not list(out.rglob("*.tmp"))
+    card = DatasetCard.load(out / "README.md")
+    assert card.data.license == "cc-by-4.0"
+    config = card.data.configs[0]
+    assert config["config_name"] == "all" and config["default"] is True
+    assert {f["split"] for f in config["data_files"]} == {s for s, n in summary.rows.items() if n}
+    features = datasets.Features._from_yaml_list(card.data.dataset_info["features"])
+    assert features == desi_features()
+    assert "True = bad pixel" in card.text and "3600.0 + 0.8 * i" in card.text
+
+
+def test_read_back_with_load_dataset(flat, tmp_path):
+    out = tmp_path / "out"
+    prepare_dataset([flat], out, progress=False)
+    records = {r["targetid"]: r for r in read_desi_spectra(flat / HEALPIX)}
+    # the folder as a Hub dataset: the card's YAML decides configs, splits and features
+    dataset = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
+    assert set(dataset) <= {"train", "validation", "test"}
+    rows = {row["targetid"]: row for split in dataset.values() for row in split}
+    assert sorted(rows) == sorted([*LRG_IDS, ELG_ID])
+    for targetid in LRG_IDS:
+        np.testing.assert_array_equal(
+            np.asarray(rows[targetid]["flux"], np.float32), records[targetid]["flux"]
+        )
+        np.testing.assert_array_equal(
+            np.asarray(rows[targetid]["ivar"], np.float32), records[targetid]["ivar"]
+        )
+        assert rows[targetid]["mask"] == records[targetid]["mask"].tolist()
+        assert rows[targetid]["target_class"] == "lrg" and rows[targetid]["healpix"] == 26065
+    assert rows[ELG_ID]["target_class"] == "elg" and rows[ELG_ID]["z"] == pytest.approx(0.5)
+    # plain parquet, map-style and streaming
+    files = {split: str(out / split / "*.parquet") for split in dataset}
+    plain = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "cache2"))
+    assert plain[next(iter(files))].features == desi_features()
+    streamed = datasets.load_dataset("parquet", data_files=files, streaming=True)
+    seen = {row["targetid"]: row for split in files for row in streamed[split]}
+    assert sorted(seen) == sorted(rows)
+    assert len(seen[LRG_IDS[0]]["flux"]) == 7781 and seen[LRG_IDS[0]]["zwarn"] == 0
+
+
+def test_shard_size_and_overwrite(flat, tmp_path):
+    out = tmp_path / "out"
+    summary = prepare_dataset([flat], out, shard_size=1, fractions=(1.0, 0.0, 0.0), progress=False)
+    assert [p.name for p in parquet_files(out)] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert summary.rows == {"train": 3, "validation": 0, "test": 0}
+    assert [pq.read_metadata(p).num_rows for p in parquet_files(out)] == [1, 1, 1]
+    with pytest.raises(FileExistsError, match="already holds 3 Parquet shards"):
+        prepare_dataset([flat], out, progress=False)
+    prepare_dataset([flat], out, shard_size=10, fractions=(1.0, 0.0, 0.0), overwrite=True, progress=False)
+    assert [p.name for p in parquet_files(out)] == ["part-00000.parquet"]
+
+
+def test_bad_file_stops_before_writing(flat, tmp_path, caplog):
+    bad = flat / TILE
+    bad.write_bytes(bad.read_bytes()[:400_000])
+    out = tmp_path / "out"
+    with pytest.raises(DesiFormatError, match=r"(?s)coadd-5-169-thru20210419\.fits.*truncated"):
+        prepare_dataset([flat], out, progress=False)
+    assert not parquet_files(out) and not (out / "README.md").exists()
+    with caplog.at_level(logging.WARNING):
+        summary = prepare_dataset([flat], out, skip_bad_files=True, progress=False)
+    assert summary.files == 1 and summary.total_rows == 2
+    assert "skipping bad file" in caplog.text
+
+
+def test_missing_redrock_and_no_rows(tmp_path):
+    folder = tmp_path / "in"
+    put(HEALPIX, folder)
+    (folder / HEALPIX.replace("coadd-", "redrock-")).unlink()
+    with pytest.raises(DesiFormatError, match=r"redrock-sv3-dark-26065\.fits: no Redrock file"):
+        prepare_dataset([folder], tmp_path / "out", progress=False)
+    put(HEALPIX, tmp_path / "in2")
+    with pytest.raises(ValueError, match="no spectrum passed the selection"):
+        prepare_dataset([tmp_path / "in2"], tmp_path / "out", target_class="bgs", progress=False)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
+        prepare_dataset([tmp_path / "nowhere"], tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no coadd-\*\.fits files found in .*empty"):
+        prepare_dataset([tmp_path / "empty"], tmp_path / "out", progress=False)
+
+
+def test_cli(flat, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [str(flat / HEALPIX), str(flat / TILE), "--out", str(out), "--target-class", "lrg", "--no-progress"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "2 spectra from 2 files" in printed and "'other_class': 1" in printed
+    rows = [r for p in parquet_files(out) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["targetid"] for r in rows) == LRG_IDS
+    assert DatasetCard.load(out / "README.md").data.configs[0]["config_name"] == "lrg"
+    with pytest.raises(SystemExit):
+        main(["--out", str(out)])  # no inputs
