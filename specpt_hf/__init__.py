@@ -1,3 +1,59 @@
-"""SpecPT for Hugging Face: transformer models for galaxy spectra and spectroscopic redshifts."""
+"""SpecPT for Hugging Face: transformer models for galaxy spectra and spectroscopic redshifts.
+
+Importing `specpt_hf` registers the models with the transformers Auto classes:
+
+| config (`model_type`)                        | `AutoConfig` | `AutoModel`                        |
+| -------------------------------------------- | ------------ | ---------------------------------- |
+| `SpecPTConfig` (`"specpt"`)                  | yes          | `SpecPTForSpectrumReconstruction`  |
+| `SpecPTForRedshiftConfig` (`"specpt_redshift"`) | yes       | `SpecPTForRedshift`                |
+
+So `AutoModel.from_pretrained(folder)` returns the task model that was saved: the autoencoder or the redshift
+model. A bare backbone is loaded with `SpecPTModel.from_pretrained(folder)` (from either kind of folder).
+Both task models and both configs are registered for `trust_remote_code`: `save_pretrained` writes `auto_map`
+into config.json and copies `configuration_specpt.py` and `modeling_specpt.py` next to the weights, so
+`AutoModel.from_pretrained(folder, trust_remote_code=True)` works where `specpt_hf` is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
+from .modeling_specpt import (
+    SpecPTForRedshift,
+    SpecPTForSpectrumReconstruction,
+    SpecPTModel,
+    SpecPTModelOutput,
+    SpecPTPreTrainedModel,
+    SpecPTReconstructionOutput,
+    SpecPTRedshiftOutput,
+    prepare_spectra,
+)
+from .presets import count_parameters, create_model, list_presets, preset_config
 
 __version__ = "0.1.0"
+
+AutoConfig.register(SpecPTConfig.model_type, SpecPTConfig, exist_ok=True)
+AutoConfig.register(SpecPTForRedshiftConfig.model_type, SpecPTForRedshiftConfig, exist_ok=True)
+AutoModel.register(SpecPTConfig, SpecPTForSpectrumReconstruction, exist_ok=True)
+AutoModel.register(SpecPTForRedshiftConfig, SpecPTForRedshift, exist_ok=True)
+SpecPTConfig.register_for_auto_class("AutoConfig")
+SpecPTForRedshiftConfig.register_for_auto_class("AutoConfig")
+SpecPTForSpectrumReconstruction.register_for_auto_class("AutoModel")
+SpecPTForRedshift.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "SpecPTConfig",
+    "SpecPTForRedshift",
+    "SpecPTForRedshiftConfig",
+    "SpecPTForSpectrumReconstruction",
+    "SpecPTModel",
+    "SpecPTModelOutput",
+    "SpecPTPreTrainedModel",
+    "SpecPTReconstructionOutput",
+    "SpecPTRedshiftOutput",
+    "__version__",
+    "count_parameters",
+    "create_model",
+    "list_presets",
+    "prepare_spectra",
+    "preset_config",
+]

@@ -1,0 +1,316 @@
+"""SpecPT model configurations.
+
+`SpecPTConfig` describes the backbone and the autoencoder (`model_type="specpt"`); `SpecPTForRedshiftConfig`
+adds the redshift head and the redshift range (`model_type="specpt_redshift"`). A config carries everything a
+checkpoint needs to be used correctly: the wavelength grid the model was trained on, the normalisation, and the
+redshift range of the head. Derived sizes (number of tokens, flattened width of the paper layout) are computed
+by the modules, never stored.
+
+This file is shipped next to `modeling_specpt.py` in saved model folders (`trust_remote_code`), so it imports
+only `transformers`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+LAYOUTS = ("tokens", "paper")
+NORMALIZATIONS = ("median", "none")
+POOLINGS = ("attention", "mean")
+RECONSTRUCTION_LOSSES = ("chi2", "l1")
+HEAD_TYPES = ("pz", "paper")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"`{name}` must be > 0, got {value!r}")
+
+
+class SpecPTConfig(PretrainedConfig):
+    r"""
+    Configuration of a SpecPT backbone and autoencoder ([`SpecPTModel`], [`SpecPTForSpectrumReconstruction`]).
+
+    Two layouts share this config. `"tokens"` (default): a conv stem cuts the spectrum into wavelength tokens of
+    `patch_size` pixels, adds features of each token's central wavelength, and a pre-norm transformer encoder
+    attends across tokens; the autoencoder's decoder rebuilds the pixels from the pooled embedding. `"paper"`:
+    the published SpecPT structure (conv stack + max-pool, flatten, Linear to one `d_model` token, transformer
+    encoder / decoder, two dense layers back to the pixels).
+
+    Args:
+        num_pixels (`int`, *optional*, defaults to 7781):
+            Number of pixels of the wavelength grid the model reads (DESI merged b+r+z grid).
+        wavelength_start (`float`, *optional*, defaults to 3600.0):
+            Wavelength of the first pixel, vacuum Angstrom.
+        wavelength_step (`float`, *optional*, defaults to 0.8):
+            Pixel step, Angstrom (linear grid).
+        normalization (`str`, *optional*, defaults to `"median"`):
+            Per-spectrum flux scale the model divides by before anything sees the flux: `"median"` (median of
+            |flux| over good pixels, falling back to their mean |flux|, then to 1) or `"none"`.
+        layout (`str`, *optional*, defaults to `"tokens"`):
+            `"tokens"` or `"paper"` (see above).
+        patch_size (`int`, *optional*, defaults to 16):
+            Pixels per token (`tokens` layout). 7781 pixels at 32 give 244 tokens; the end is padded with bad pixels.
+        stem_channels (`int`, *optional*, defaults to 64):
+            Channels of the first convolution of the token stem.
+        stem_kernel_size (`int`, *optional*, defaults to 7):
+            Kernel of the first convolution of the token stem (odd).
+        use_ivar_feature (`bool`, *optional*, defaults to `True`):
+            Feed log(1 + sqrt(ivar)) (normalised units) to the token stem next to the flux and the good-pixel flag.
+        num_position_frequencies (`int`, *optional*, defaults to 32):
+            Number of sinusoid frequencies of log(wavelength) used as positional features of each token.
+        paper_conv_channels (`list[int]`, *optional*, defaults to `[64, 128, 256]`):
+            Output channels of the conv stack (`paper` layout); each conv has stride 2 and "same"-style padding.
+        paper_conv_kernels (`list[int]`, *optional*, defaults to `[41, 21, 11]`):
+            Kernel sizes of the conv stack (`paper` layout).
+        d_model (`int`, *optional*, defaults to 512):
+            Width of the transformer.
+        num_layers (`int`, *optional*, defaults to 8):
+            Transformer encoder layers.
+        num_decoder_layers (`int`, *optional*, defaults to 1):
+            Transformer layers of the autoencoder's decoder.
+        num_heads (`int`, *optional*, defaults to 8):
+            Attention heads; must divide `d_model`.
+        ffn_dim (`int`, *optional*, defaults to 2048):
+            Hidden width of the transformer feed-forward blocks.
+        dropout (`float`, *optional*, defaults to 0.1):
+            Dropout of the transformer layers.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of the layer norms.
+        pooling (`str`, *optional*, defaults to `"attention"`):
+            How the token states become one embedding per spectrum (`tokens` layout): `"attention"` (a learned
+            query attends over the good tokens) or `"mean"` (mean over the good tokens).
+        reconstruction_loss (`str`, *optional*, defaults to `"chi2"`):
+            `"chi2"`: ivar-weighted chi^2 per good pixel; `"l1"`: the published mean absolute error over good pixels.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of all weight matrices.
+
+    Example:
+
+    ```python
+    >>> from specpt_hf import SpecPTConfig, SpecPTForSpectrumReconstruction
+    >>> config = SpecPTConfig(d_model=32, num_layers=2, num_heads=2, ffn_dim=64, patch_size=64)
+    >>> model = SpecPTForSpectrumReconstruction(config)
+    ```
+    """
+
+    model_type = "specpt"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+    }
+
+    def __init__(
+        self,
+        # input grid and preprocessing
+        num_pixels: int = 7781,
+        wavelength_start: float = 3600.0,
+        wavelength_step: float = 0.8,
+        normalization: str = "median",
+        # layout
+        layout: str = "tokens",
+        # token stem (layout "tokens")
+        patch_size: int = 16,
+        stem_channels: int = 64,
+        stem_kernel_size: int = 7,
+        use_ivar_feature: bool = True,
+        num_position_frequencies: int = 32,
+        # conv stem (layout "paper")
+        paper_conv_channels: list[int] | tuple[int, ...] = (64, 128, 256),
+        paper_conv_kernels: list[int] | tuple[int, ...] = (41, 21, 11),
+        # transformer
+        d_model: int = 512,
+        num_layers: int = 8,
+        num_decoder_layers: int = 1,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        layer_norm_eps: float = 1e-5,
+        pooling: str = "attention",
+        # loss and init
+        reconstruction_loss: str = "chi2",
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        self.num_pixels = int(num_pixels)
+        self.wavelength_start = float(wavelength_start)
+        self.wavelength_step = float(wavelength_step)
+        self.normalization = normalization
+        self.layout = layout
+        self.patch_size = int(patch_size)
+        self.stem_channels = int(stem_channels)
+        self.stem_kernel_size = int(stem_kernel_size)
+        self.use_ivar_feature = bool(use_ivar_feature)
+        self.num_position_frequencies = int(num_position_frequencies)
+        self.paper_conv_channels = [int(c) for c in paper_conv_channels]
+        self.paper_conv_kernels = [int(k) for k in paper_conv_kernels]
+        self.d_model = int(d_model)
+        self.num_layers = int(num_layers)
+        self.num_decoder_layers = int(num_decoder_layers)
+        self.num_heads = int(num_heads)
+        self.ffn_dim = int(ffn_dim)
+        self.dropout = float(dropout)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.pooling = pooling
+        self.reconstruction_loss = reconstruction_loss
+        self.initializer_range = float(initializer_range)
+        self._validate_backbone()
+        super().__init__(**kwargs)
+
+    def _validate_backbone(self) -> None:
+        _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("reconstruction_loss", self.reconstruction_loss, RECONSTRUCTION_LOSSES)
+        _check_positive(
+            num_pixels=self.num_pixels,
+            wavelength_start=self.wavelength_start,
+            wavelength_step=self.wavelength_step,
+            patch_size=self.patch_size,
+            stem_channels=self.stem_channels,
+            stem_kernel_size=self.stem_kernel_size,
+            num_position_frequencies=self.num_position_frequencies,
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            ffn_dim=self.ffn_dim,
+            layer_norm_eps=self.layer_norm_eps,
+            initializer_range=self.initializer_range,
+        )
+        if self.num_decoder_layers < 0:
+            raise ValueError(f"`num_decoder_layers` must be >= 0, got {self.num_decoder_layers}")
+        if self.stem_kernel_size % 2 == 0:
+            raise ValueError(f"`stem_kernel_size` must be odd, got {self.stem_kernel_size}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}")
+        if len(self.paper_conv_channels) != len(self.paper_conv_kernels) or not self.paper_conv_channels:
+            raise ValueError(
+                "`paper_conv_channels` and `paper_conv_kernels` must be non-empty and of equal length, got "
+                f"{self.paper_conv_channels} and {self.paper_conv_kernels}"
+            )
+        if any(c <= 0 for c in self.paper_conv_channels) or any(k <= 0 for k in self.paper_conv_kernels):
+            raise ValueError("`paper_conv_channels` and `paper_conv_kernels` must be positive")
+
+    @property
+    def wavelength_end(self) -> float:
+        """Wavelength of the last pixel, Angstrom."""
+        return self.wavelength_start + (self.num_pixels - 1) * self.wavelength_step
+
+
+class SpecPTForRedshiftConfig(SpecPTConfig):
+    r"""
+    Configuration of [`SpecPTForRedshift`]: a [`SpecPTConfig`] plus the redshift head and its redshift range.
+
+    Loading it from an autoencoder folder (`model_type="specpt"`) keeps the backbone settings and gives the head
+    its defaults (overridable by keyword), which is how `SpecPTForRedshift.from_pretrained(<autoencoder>)` works.
+
+    Args:
+        head_type (`str`, *optional*, defaults to `"pz"`):
+            `"pz"`: p(z) over `num_redshift_bins` bins uniform in u = ln(1 + z) with a per-bin offset and
+            log-sigma, giving a redshift, an uncertainty and a quality score. `"paper"`: the published head
+            (attention within the spectrum + residual MLP blocks + Softplus), a redshift only.
+        z_min (`float`, *optional*, defaults to 0.0):
+            Lower end of the redshift range. Labels below it are rejected.
+        z_max (`float`, *optional*, defaults to 4.0):
+            Upper end of the redshift range (4 covers DESI quasars). Labels above it are rejected.
+        num_redshift_bins (`int`, *optional*, defaults to 512):
+            Number of p(z) bins (`pz` head). The bin width in ln(1 + z) is ln((1 + z_max) / (1 + z_min)) / bins.
+        head_hidden_size (`int`, *optional*):
+            Inner width of the head's residual MLP blocks; the paper head ends with `head_hidden_size // 2`.
+            Defaults to `d_model`, so a head built on any backbone has a matching size.
+        head_num_blocks (`int`, *optional*, defaults to 2):
+            Residual MLP blocks of the head (the published head has 5).
+        head_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout inside the head's blocks (the published head uses 0.2).
+        redshift_offset_bound (`float`, *optional*, defaults to 1.0):
+            Largest offset, in bin widths, that the `pz` head may add to a bin centre.
+        redshift_nll_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the Gaussian NLL of the in-bin residual relative to the bin cross-entropy.
+        quality_window (`int`, *optional*, defaults to 2):
+            The quality score is the p(z) mass within +-`quality_window` bins of the peak.
+        freeze_encoder (`bool`, *optional*, defaults to `False`):
+            Freeze the backbone (`model.specpt`): no gradients, and it stays in eval mode (dropout off,
+            BatchNorm statistics fixed) when the model is put in training mode. Applied at construction and
+            again after `from_pretrained` loads the weights.
+    """
+
+    model_type = "specpt_redshift"
+
+    def __init__(
+        self,
+        # head
+        head_type: str = "pz",
+        z_min: float = 0.0,
+        z_max: float = 4.0,
+        num_redshift_bins: int = 512,
+        head_hidden_size: int | None = None,
+        head_num_blocks: int = 2,
+        head_dropout: float = 0.1,
+        redshift_offset_bound: float = 1.0,
+        redshift_nll_weight: float = 1.0,
+        quality_window: int = 2,
+        # fine-tuning
+        freeze_encoder: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.head_type = head_type
+        self.z_min = float(z_min)
+        self.z_max = float(z_max)
+        self.num_redshift_bins = int(num_redshift_bins)
+        self.head_num_blocks = int(head_num_blocks)
+        self.head_dropout = float(head_dropout)
+        self.redshift_offset_bound = float(redshift_offset_bound)
+        self.redshift_nll_weight = float(redshift_nll_weight)
+        self.quality_window = int(quality_window)
+        self.freeze_encoder = bool(freeze_encoder)
+        super().__init__(**kwargs)
+        self.head_hidden_size = int(self.d_model if head_hidden_size is None else head_hidden_size)
+        self._validate_head()
+
+    def _validate_head(self) -> None:
+        _check_choice("head_type", self.head_type, HEAD_TYPES)
+        if not (self.z_min > -1.0 and self.z_max > self.z_min and math.isfinite(self.z_max)):
+            raise ValueError(f"need -1 < `z_min` < `z_max` < inf, got z_min={self.z_min}, z_max={self.z_max}")
+        if self.num_redshift_bins < 2:
+            raise ValueError(f"`num_redshift_bins` must be >= 2, got {self.num_redshift_bins}")
+        _check_positive(
+            head_hidden_size=self.head_hidden_size,
+            redshift_offset_bound=self.redshift_offset_bound,
+        )
+        if self.head_hidden_size < 2:
+            raise ValueError(f"`head_hidden_size` must be >= 2, got {self.head_hidden_size}")
+        if self.head_num_blocks < 0 or self.quality_window < 0 or self.redshift_nll_weight < 0:
+            raise ValueError("`head_num_blocks`, `quality_window` and `redshift_nll_weight` must be >= 0")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout}")
+
+    @property
+    def redshift_bin_width(self) -> float:
+        """Width of one p(z) bin in u = ln(1 + z)."""
+        return math.log((1.0 + self.z_max) / (1.0 + self.z_min)) / self.num_redshift_bins
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        """Read a config dict; an autoencoder config (`model_type="specpt"`) becomes a redshift config whose
+        head settings take their defaults (the autoencoder's `architectures` and `auto_map` are dropped)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == SpecPTConfig.model_type:
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")}
+            config_dict["model_type"] = cls.model_type
+        return config_dict, kwargs
+
+
+__all__ = ["SpecPTConfig", "SpecPTForRedshiftConfig"]

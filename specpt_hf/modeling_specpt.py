@@ -1,0 +1,956 @@
+"""PyTorch SpecPT: a transformer for galaxy spectra and their redshifts.
+
+Models: [`SpecPTModel`] (backbone: token states + a pooled embedding), [`SpecPTForSpectrumReconstruction`]
+(autoencoder) and [`SpecPTForRedshift`] (redshift, uncertainty and quality per spectrum).
+
+Input contract shared by every model: `flux` [batch, pixels], optional `ivar` [batch, pixels] and optional
+`mask` [batch, pixels] (bool, True = BAD pixel). A pixel is bad when `mask` is True or `ivar` is 0 or not
+finite. Each spectrum is divided by its own scale (`config.normalization`) computed from good pixels only, and
+bad pixels are set to 0 before any layer sees them: the flux at bad pixels cannot change any output (it may
+even be NaN). No layer mixes spectra of a batch, except BatchNorm of the `paper` layout in training mode.
+
+This file is shipped in saved model folders for `trust_remote_code`; it imports only torch, transformers and
+the configuration file next to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
+
+logger = logging.get_logger(__name__)
+
+# Periods (in ln wavelength) of the sinusoidal wavelength features: from the whole optical range down to about
+# half a token of 16 DESI pixels. ln(wavelength) is taken relative to 5000 A to keep the phases small.
+_POSITION_MAX_PERIOD = 4.0
+_POSITION_MIN_PERIOD = 2e-3
+_LOG_WAVELENGTH_REFERENCE = math.log(5000.0)
+# Bounds of the per-bin sigma of the p(z) head, in bin widths.
+_LOG_SIGMA_MIN = math.log(0.02)
+_LOG_SIGMA_MAX = math.log(20.0)
+# Smallest flux scale accepted by the normalisation before falling back.
+_MIN_SCALE = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input preparation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpecPTSpectra:
+    """Validated, normalised spectra as the layers see them.
+
+    Attributes:
+        flux: [batch, pixels] flux / scale, 0 at bad pixels.
+        ivar: [batch, pixels] ivar * scale**2, 0 at bad pixels (1 at good pixels when no ivar was given).
+        good: [batch, pixels] bool, True = good pixel.
+        scale: [batch] per-spectrum normalisation (flux units).
+        wavelength: [1 or batch, pixels] pixel wavelengths, Angstrom.
+    """
+
+    flux: torch.Tensor
+    ivar: torch.Tensor
+    good: torch.Tensor
+    scale: torch.Tensor
+    wavelength: torch.Tensor
+
+
+def _check_tensor(name: str, value: Any, shape: torch.Size | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+    if shape is not None and value.shape != shape:
+        raise ValueError(f"`{name}` has shape {tuple(value.shape)} but `flux` has shape {tuple(shape)}")
+    return value
+
+
+def _default_wavelength(config: SpecPTConfig, pixels: int, device: torch.device) -> torch.Tensor:
+    """The config's linear grid, [1, pixels] Angstrom."""
+    index = torch.arange(pixels, device=device, dtype=torch.float64)
+    return (config.wavelength_start + config.wavelength_step * index).float()[None]  # [1, pixels]
+
+
+def _check_wavelength(wavelength: Any, batch: int, pixels: int) -> torch.Tensor:
+    wavelength = _check_tensor("wavelength", wavelength)
+    if wavelength.dim() == 1:
+        wavelength = wavelength[None]  # [1, pixels]
+    if wavelength.dim() != 2 or wavelength.shape[-1] != pixels or wavelength.shape[0] not in (1, batch):
+        raise ValueError(
+            f"`wavelength` must be [pixels] or [batch, pixels] matching `flux` ({batch}, {pixels}), "
+            f"got {tuple(wavelength.shape)}"
+        )
+    wavelength = wavelength.float()
+    if not torch.isfinite(wavelength).all() or (wavelength <= 0).any():
+        raise ValueError("`wavelength` must be finite and positive (Angstrom)")
+    if pixels > 1 and (wavelength.diff(dim=-1) <= 0).any():
+        raise ValueError("`wavelength` must increase strictly along the pixels")
+    return wavelength
+
+
+def _spectrum_scale(flux: torch.Tensor, good: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Per-spectrum scale [batch]: median |flux| over good pixels, else their mean |flux|, else 1."""
+    ones = torch.ones(flux.shape[0], dtype=torch.float32, device=flux.device)
+    if normalization == "none":
+        return ones
+    absolute = flux.float().abs()  # [batch, pixels]
+    median = torch.where(good, absolute, torch.nan).nanmedian(dim=1).values  # [batch]
+    mean = torch.where(good, absolute, 0.0).sum(dim=1) / good.sum(dim=1).clamp(min=1)  # [batch]
+    scale = torch.where(median > _MIN_SCALE, median, mean)
+    return torch.where(scale > _MIN_SCALE, scale, ones)
+
+
+def prepare_spectra(
+    config: SpecPTConfig,
+    flux: torch.Tensor,
+    ivar: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    wavelength: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SpecPTSpectra:
+    """Validate the inputs, find the good pixels, normalise each spectrum and zero its bad pixels.
+
+    Raises:
+        ValueError: naming the argument, for a wrong pixel count, mismatched shapes, non-finite flux at a good
+            pixel, negative ivar, or a spectrum without any good pixel.
+    """
+    flux = _check_tensor("flux", flux)
+    if flux.dim() != 2 or not flux.is_floating_point():
+        raise ValueError(
+            f"`flux` must be a float tensor [batch, pixels], got {flux.dtype} {tuple(flux.shape)}"
+        )
+    batch, pixels = flux.shape
+    if wavelength is None:
+        if pixels != config.num_pixels:
+            raise ValueError(
+                f"`flux` has {pixels} pixels but the model's grid has config.num_pixels={config.num_pixels} "
+                f"(pass `wavelength` to use another grid with the `tokens` layout)"
+            )
+        wavelength = _default_wavelength(config, pixels, flux.device)
+    else:
+        wavelength = _check_wavelength(wavelength, batch, pixels).to(flux.device)
+        if config.layout == "paper" and pixels != config.num_pixels:
+            raise ValueError(
+                f"`flux` has {pixels} pixels; the `paper` layout reads exactly config.num_pixels={config.num_pixels}"
+            )
+
+    good = torch.ones_like(flux, dtype=torch.bool)  # [batch, pixels]
+    if mask is not None:
+        mask = _check_tensor("mask", mask, flux.shape)
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"`mask` must be bool (True = bad pixel), got {mask.dtype}")
+        good = good & ~mask.bool()
+    if ivar is not None:
+        ivar = _check_tensor("ivar", ivar, flux.shape)
+        if not ivar.is_floating_point():
+            raise ValueError(f"`ivar` must be a float tensor, got {ivar.dtype}")
+        if (ivar < 0).any():
+            raise ValueError(
+                f"`ivar` has {int((ivar < 0).sum())} negative values; inverse variances must be >= 0"
+            )
+        good = good & torch.isfinite(ivar) & (ivar > 0)
+
+    bad_flux = good & ~torch.isfinite(flux)
+    if bad_flux.any():
+        row, pixel = (int(i) for i in bad_flux.nonzero()[0])
+        raise ValueError(
+            f"`flux` has {int(bad_flux.sum())} NaN/inf values at good pixels (first: spectrum {row}, pixel {pixel}); "
+            "mark them bad with `mask` or ivar = 0"
+        )
+    empty = ~good.any(dim=1)  # [batch]
+    if empty.any():
+        rows = empty.nonzero()[:, 0].tolist()
+        raise ValueError(f"`flux`: spectra {rows[:10]} have no good pixel (mask set or ivar == 0 everywhere)")
+
+    scale = _spectrum_scale(flux, good, config.normalization)  # [batch]
+    flux_n = torch.where(good, flux.float() / scale[:, None], 0.0)  # [batch, pixels]
+    # [batch, pixels]; unit weights at good pixels when no ivar is given
+    ivar_n = good.float() if ivar is None else torch.where(good, ivar.float() * scale[:, None] ** 2, 0.0)
+    return SpecPTSpectra(flux_n.to(dtype), ivar_n.to(dtype), good, scale, wavelength)
+
+
+def paper_flat_length(config: SpecPTConfig) -> int:
+    """Length of the `paper` conv stack output (per channel): 7781 -> 3891 -> 1946 -> 973 -> pool 487."""
+    length = config.num_pixels
+    for kernel in config.paper_conv_kernels:
+        length = (length + 2 * (kernel // 2) - kernel) // 2 + 1
+    return (length + 2 - 3) // 2 + 1
+
+
+def num_tokens(config: SpecPTConfig, pixels: int | None = None) -> int:
+    """Tokens the backbone makes of `pixels` (default `config.num_pixels`) pixels."""
+    if config.layout == "paper":
+        return 1
+    return math.ceil((config.num_pixels if pixels is None else pixels) / config.patch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SpecPTWavelengthEncoding(nn.Module):
+    """Sinusoidal features of ln(wavelength) -> Linear -> d_model, so the weights do not depend on one grid."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.num_frequencies = config.num_position_frequencies
+        self.register_buffer("frequencies", self.default_frequencies(self.num_frequencies), persistent=False)
+        self.projection = nn.Linear(2 * self.num_frequencies, config.d_model)
+        self.projection.fan_in_init = True  # an input embedding: unit-scale outputs at init
+
+    @staticmethod
+    def default_frequencies(num_frequencies: int) -> torch.Tensor:
+        """Angular frequencies [num_frequencies] in radians per unit of ln(wavelength), geometric in period."""
+        periods = torch.logspace(
+            math.log10(_POSITION_MAX_PERIOD),
+            math.log10(_POSITION_MIN_PERIOD),
+            num_frequencies,
+            dtype=torch.float64,
+        )
+        return (2 * math.pi / periods).float()
+
+    def forward(self, wavelength: torch.Tensor) -> torch.Tensor:
+        log_wavelength = torch.log(wavelength.float()) - _LOG_WAVELENGTH_REFERENCE  # [..., tokens]
+        phase = log_wavelength[..., None] * self.frequencies  # [..., tokens, frequencies]
+        features = torch.cat([phase.sin(), phase.cos()], dim=-1)  # [..., tokens, 2 * frequencies]
+        return self.projection(features.to(self.projection.weight.dtype))  # [..., tokens, d_model]
+
+
+class SpecPTTokenStem(nn.Module):
+    """`tokens` layout: pixels -> conv -> one token per `patch_size` pixels, plus wavelength features."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.use_ivar_feature = config.use_ivar_feature
+        in_channels = 3 if config.use_ivar_feature else 2  # flux, good flag (, log(1 + sqrt(ivar)))
+        kernel = config.stem_kernel_size
+        self.conv = nn.Conv1d(in_channels, config.stem_channels, kernel, padding=kernel // 2)
+        self.activation = nn.GELU()
+        self.patch = nn.Conv1d(
+            config.stem_channels, config.d_model, config.patch_size, stride=config.patch_size
+        )
+        self.position = SpecPTWavelengthEncoding(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, spectra: SpecPTSpectra) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns tokens [batch, tokens, d_model], padding [batch, tokens] (True = no good pixel) and the
+        central wavelength of each token [1 or batch, tokens]."""
+        batch, pixels = spectra.flux.shape
+        tokens = math.ceil(pixels / self.patch_size)
+        pad = tokens * self.patch_size - pixels
+        good = F.pad(spectra.good.to(spectra.flux.dtype), (0, pad))  # [batch, tokens * patch]; pad = bad
+        channels = [F.pad(spectra.flux, (0, pad)), good]
+        if self.use_ivar_feature:
+            channels.append(torch.log1p(F.pad(spectra.ivar, (0, pad)).sqrt()))
+        x = torch.stack(channels, dim=1)  # [batch, channels, tokens * patch]
+        x = self.patch(self.activation(self.conv(x)))  # [batch, d_model, tokens]
+        x = x.transpose(1, 2)  # [batch, tokens, d_model]
+
+        wavelength = spectra.wavelength  # [1 or batch, pixels]
+        if pad:
+            step = wavelength[:, -1:] - wavelength[:, -2:-1] if pixels > 1 else torch.ones_like(wavelength)
+            extra = wavelength[:, -1:] + step * torch.arange(1, pad + 1, device=wavelength.device)  # [., pad]
+            wavelength = torch.cat([wavelength, extra], dim=1)  # [1 or batch, tokens * patch]
+        token_wavelength = wavelength.view(wavelength.shape[0], tokens, self.patch_size).mean(
+            -1
+        )  # [., tokens]
+
+        x = self.dropout(x + self.position(token_wavelength))  # [batch, tokens, d_model]
+        padding = good.view(batch, tokens, self.patch_size).sum(-1) == 0  # [batch, tokens]
+        return x, padding, token_wavelength
+
+
+class SpecPTPaperConvBlock(nn.Module):
+    """Conv1d (stride 2) -> BatchNorm -> ReLU, as in the published stem."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2)
+        self.norm = nn.BatchNorm1d(out_channels)
+        self.activation = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(x)))  # [batch, out_channels, length / 2]
+
+
+class SpecPTPaperStem(nn.Module):
+    """`paper` layout: conv stack + max-pool, flatten, Linear -> ONE d_model token per spectrum."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        in_channels = [1, *config.paper_conv_channels[:-1]]
+        self.blocks = nn.ModuleList(
+            SpecPTPaperConvBlock(c_in, c_out, k)
+            for c_in, c_out, k in zip(
+                in_channels, config.paper_conv_channels, config.paper_conv_kernels, strict=True
+            )
+        )
+        self.pool = nn.MaxPool1d(kernel_size=3, stride=2, padding=1)
+        self.projection = nn.Linear(
+            config.paper_conv_channels[-1] * paper_flat_length(config), config.d_model
+        )
+        self.projection.fan_in_init = True  # an input embedding: unit-scale outputs at init
+
+    def forward(self, spectra: SpecPTSpectra) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = spectra.flux.shape[0]
+        x = spectra.flux[:, None]  # [batch, 1, pixels]
+        for block in self.blocks:
+            x = block(x)  # [batch, channels, length]
+        x = self.pool(x).flatten(1)  # [batch, channels * pooled_length]
+        x = self.projection(x)[:, None]  # [batch, 1, d_model]
+        padding = torch.zeros(batch, 1, dtype=torch.bool, device=x.device)  # [batch, 1]
+        token_wavelength = spectra.wavelength.mean(-1, keepdim=True)  # [1 or batch, 1]
+        return x, padding, token_wavelength
+
+
+def _encoder_layer(config: SpecPTConfig) -> nn.TransformerEncoderLayer:
+    """Pre-norm GELU layer (`tokens`) or the published post-norm ReLU layer (`paper`); always batch_first."""
+    paper = config.layout == "paper"
+    return nn.TransformerEncoderLayer(
+        config.d_model,
+        config.num_heads,
+        config.ffn_dim,
+        config.dropout,
+        activation="relu" if paper else "gelu",
+        layer_norm_eps=config.layer_norm_eps,
+        batch_first=True,
+        norm_first=not paper,
+    )
+
+
+class SpecPTEncoder(nn.Module):
+    """A stack of transformer encoder layers attending across the tokens of ONE spectrum (key padding for tokens
+    without good pixels). A ModuleList rather than `nn.TransformerEncoder`: no nested-tensor fast path."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_encoder_layer(config) for _ in range(config.num_layers))
+        self.norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layout == "tokens" else None
+        )
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=padding)  # [batch, tokens, d_model]
+        return x if self.norm is None else self.norm(x)
+
+
+class SpecPTAttentionPooling(nn.Module):
+    """A learned query attends over the good tokens of each spectrum -> one vector per spectrum."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(1, 1, config.d_model))
+        self.attention = nn.MultiheadAttention(config.d_model, config.num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        query = self.query.expand(hidden.shape[0], -1, -1)  # [batch, 1, d_model]
+        pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=padding, need_weights=False)
+        return self.norm(pooled[:, 0])  # [batch, d_model]
+
+
+def masked_mean(hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens that are not padding: [batch, tokens, d] -> [batch, d]."""
+    weight = (~padding).to(hidden.dtype)[..., None]  # [batch, tokens, 1]
+    return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+
+
+class SpecPTPooledDecoder(nn.Module):
+    """`tokens` layout decoder: rebuilds every pixel from the pooled embedding alone (a bottleneck, so the
+    embedding must hold the spectrum). Queries = wavelength features of each token + the projected embedding;
+    a few pre-norm transformer layers; a Linear un-patches each token into `patch_size` pixels."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.position = SpecPTWavelengthEncoding(config)
+        self.latent = nn.Linear(config.d_model, config.d_model)
+        self.layers = nn.ModuleList(_encoder_layer(config) for _ in range(config.num_decoder_layers))
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.unpatch = nn.Linear(config.d_model, config.patch_size)
+
+    def forward(self, pooled: torch.Tensor, token_wavelength: torch.Tensor, pixels: int) -> torch.Tensor:
+        x = self.position(token_wavelength) + self.latent(pooled)[:, None]  # [batch, tokens, d_model]
+        for layer in self.layers:
+            x = layer(x)  # [batch, tokens, d_model]
+        x = self.unpatch(self.norm(x))  # [batch, tokens, patch]
+        return x.flatten(1)[:, :pixels]  # [batch, pixels]
+
+
+class SpecPTPaperDecoder(nn.Module):
+    """`paper` layout decoder: transformer decoder (target = memory = the encoder token), then
+    Linear d_model -> flat features -> ReLU -> Linear -> pixels (the published ~1 B-parameter dense decoder)."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(
+                config.d_model,
+                config.num_heads,
+                config.ffn_dim,
+                config.dropout,
+                layer_norm_eps=config.layer_norm_eps,
+                batch_first=True,
+            )
+            for _ in range(config.num_decoder_layers)
+        )
+        flat = config.paper_conv_channels[-1] * paper_flat_length(config)
+        self.expand = nn.Linear(config.d_model, flat)
+        self.activation = nn.ReLU()
+        self.output = nn.Linear(flat, config.num_pixels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden  # [batch, 1, d_model]
+        for layer in self.layers:
+            x = layer(x, hidden)  # [batch, 1, d_model]
+        return self.output(self.activation(self.expand(x[:, 0])))  # [batch, pixels]
+
+
+class SpecPTResidualBlock(nn.Module):
+    """x -> act(LayerNorm(x + Linear(dropout(act(Linear(x)))))): the published head's residual MLP block."""
+
+    def __init__(
+        self, d_model: int, hidden: int, dropout: float, activation: type[nn.Module], eps: float
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+        self.activation = activation()
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.dropout(self.activation(self.fc1(x))))  # [batch, d_model]
+        return self.activation(self.norm(x + h))  # [batch, d_model]
+
+
+class SpecPTRedshiftPzHead(nn.Module):
+    """p(z) head: backbone embedding + the head's own attention pooling over the tokens (a query learned for
+    redshift) -> residual MLP blocks -> per bin (logit, offset,
+    log-sigma). Bins are uniform in u = ln(1 + z) on [ln(1 + z_min), ln(1 + z_max)]; offsets are bounded to
+    +-`redshift_offset_bound` bin widths (tanh), sigma to [0.02, 20] bin widths (sigmoid in log space)."""
+
+    def __init__(self, config: SpecPTForRedshiftConfig) -> None:
+        super().__init__()
+        self.num_bins = config.num_redshift_bins
+        self.offset_bound = config.redshift_offset_bound
+        self.pooling = SpecPTAttentionPooling(config)
+        self.blocks = nn.ModuleList(
+            SpecPTResidualBlock(
+                config.d_model, config.head_hidden_size, config.head_dropout, nn.GELU, config.layer_norm_eps
+            )
+            for _ in range(config.head_num_blocks)
+        )
+        self.output = nn.Linear(config.d_model, 3 * config.num_redshift_bins)
+
+    def forward(
+        self, hidden: torch.Tensor, padding: torch.Tensor, pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Returns embedding [batch, d_model], logits, offsets and log_sigma [batch, bins] (bin-width units)."""
+        x = pooled + self.pooling(hidden, padding)  # [batch, d_model]
+        for block in self.blocks:
+            x = block(x)  # [batch, d_model]
+        raw = self.output(x).view(x.shape[0], 3, self.num_bins).float()  # [batch, 3, bins]
+        offsets = self.offset_bound * torch.tanh(raw[:, 1])  # [batch, bins]
+        log_sigma = _LOG_SIGMA_MIN + (_LOG_SIGMA_MAX - _LOG_SIGMA_MIN) * torch.sigmoid(
+            raw[:, 2]
+        )  # [batch, bins]
+        return x, raw[:, 0], offsets, log_sigma
+
+
+class SpecPTPaperRedshiftHead(nn.Module):
+    """The published head, with attention acting WITHIN each spectrum: the pooled embedding queries the
+    spectrum's own tokens (for the `paper` layout: its single token), residual add, `head_num_blocks` residual
+    MLP blocks (Swish), Linear -> head_hidden_size // 2 -> Swish -> Linear -> 1 -> Softplus (+ z_min)."""
+
+    def __init__(self, config: SpecPTForRedshiftConfig) -> None:
+        super().__init__()
+        self.z_min = config.z_min
+        self.attention = nn.MultiheadAttention(config.d_model, config.num_heads, batch_first=True)
+        self.blocks = nn.ModuleList(
+            SpecPTResidualBlock(
+                config.d_model, config.head_hidden_size, config.head_dropout, nn.SiLU, config.layer_norm_eps
+            )
+            for _ in range(config.head_num_blocks)
+        )
+        self.fc = nn.Linear(config.d_model, config.head_hidden_size // 2)
+        self.activation = nn.SiLU()
+        self.output = nn.Linear(config.head_hidden_size // 2, 1)
+
+    def forward(
+        self, hidden: torch.Tensor, padding: torch.Tensor, pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns embedding [batch, d_model] and redshift [batch]."""
+        query = pooled[:, None]  # [batch, 1, d_model]
+        attended, _ = self.attention(query, hidden, hidden, key_padding_mask=padding, need_weights=False)
+        x = pooled + attended[:, 0]  # [batch, d_model]
+        for block in self.blocks:
+            x = block(x)  # [batch, d_model]
+        z = F.softplus(self.output(self.activation(self.fc(x)))).squeeze(-1)  # [batch]
+        return x, z.float() + self.z_min
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained model base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _key_groups(keys: set[str] | list[str]) -> str:
+    """'specpt.encoder (24), head (12)': keys grouped by their first two name parts."""
+    counts = Counter(".".join(key.split(".")[:2]) for key in keys)
+    return ", ".join(f"{group} ({n})" for group, n in sorted(counts.items())) or "none"
+
+
+class SpecPTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, loading report and the shared class attributes of all SpecPT models."""
+
+    config_class = SpecPTConfig
+    base_model_prefix = "specpt"
+    main_input_name = "flux"
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Every parameter and buffer (also used when transformers builds the model on the meta device and fills in
+        what a checkpoint lacks). Weight matrices: normal with std `config.initializer_range`; the input
+        embeddings (convolutions, wavelength and flatten projections) instead get std 1/sqrt(fan_in), so that
+        tokens start at unit scale whatever the kernel and channel counts; norms: 1 and 0; BatchNorm statistics
+        reset; the learned pooling query: normal(initializer_range); wavelength frequencies recomputed."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            if isinstance(module, nn.Conv1d) or getattr(module, "fan_in_init", False):
+                fan_in = module.weight[0].numel()
+                init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(fan_in))
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm1d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, nn.MultiheadAttention):
+            init.normal_(module.in_proj_weight, mean=0.0, std=std)  # out_proj is an nn.Linear child
+            init.zeros_(module.in_proj_bias)
+        elif isinstance(module, SpecPTAttentionPooling):
+            init.normal_(module.query, mean=0.0, std=std)
+        elif isinstance(module, SpecPTWavelengthEncoding):
+            init.copy_(module.frequencies, module.default_frequencies(module.num_frequencies))
+
+    def _after_loading(self) -> None:
+        """Hook run at the end of `from_pretrained` (the redshift model re-applies `freeze_encoder` here)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained` (safetensors only) that also logs which weight groups were loaded,
+        newly initialised, or left unused, e.g. when a redshift model starts from an autoencoder checkpoint:
+
+            SpecPTForRedshift from ae/: loaded 39 tensors [specpt.encoder (26), specpt.pooler (7), specpt.stem (6)];
+            newly initialised 21 [head.blocks (12), head.output (2), head.pooling (7)]; unused in the checkpoint
+            20 [decoder.latent (2), decoder.layers (12), ...]
+
+        (one line; transformers' own per-key table comes before it). The summary is a warning when anything is
+        missing or unused, info otherwise. `output_loading_info=True` returns `(model, loading_info)` as usual."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing = set(loading_info["missing_keys"]) | {key for key, *_ in loading_info["mismatched_keys"]}
+        unexpected = set(loading_info["unexpected_keys"])
+        loaded = set(model.state_dict()) - missing
+        message = (
+            f"{cls.__name__} from {pretrained_model_name_or_path}: loaded {len(loaded)} tensors "
+            f"[{_key_groups(loaded)}]; newly initialised {len(missing)} [{_key_groups(missing)}]; "
+            f"unused in the checkpoint {len(unexpected)} [{_key_groups(unexpected)}]"
+        )
+        (logger.warning if missing or unexpected else logger.info)(message)
+        model._after_loading()
+        return (model, loading_info) if output_loading_info else model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpecPTModelOutput(ModelOutput):
+    """Output of [`SpecPTModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, tokens, d_model)`):
+            Token states after the encoder (`paper` layout: one token).
+        pooled (`torch.FloatTensor` of shape `(batch, d_model)`):
+            One embedding per spectrum (attention or mean pooling over good tokens; `paper`: the single token).
+        token_padding_mask (`torch.BoolTensor` of shape `(batch, tokens)`):
+            True where a token holds no good pixel (ignored by attention and pooling).
+        token_wavelength (`torch.FloatTensor` of shape `(batch, tokens)`):
+            Central wavelength of each token, Angstrom.
+        scale (`torch.FloatTensor` of shape `(batch,)`):
+            The per-spectrum normalisation the flux was divided by.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooled: torch.FloatTensor | None = None
+    token_padding_mask: torch.BoolTensor | None = None
+    token_wavelength: torch.FloatTensor | None = None
+    scale: torch.FloatTensor | None = None
+
+
+@dataclass
+class SpecPTReconstructionOutput(ModelOutput):
+    """Output of [`SpecPTForSpectrumReconstruction`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            `chi2`: sum over good pixels of ivar * (reconstruction - labels / scale)^2 divided by the number of
+            good pixels (normalised units); `l1`: mean |reconstruction - labels / scale| over good pixels.
+        reconstruction (`torch.FloatTensor` of shape `(batch, pixels)`):
+            Reconstructed flux in normalised units (multiply by `scale[:, None]` for flux units).
+        scale (`torch.FloatTensor` of shape `(batch,)`):
+            The per-spectrum normalisation.
+        embedding (`torch.FloatTensor` of shape `(batch, d_model)`):
+            The pooled embedding the reconstruction was decoded from.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    scale: torch.FloatTensor | None = None
+    embedding: torch.FloatTensor | None = None
+
+
+@dataclass
+class SpecPTRedshiftOutput(ModelOutput):
+    """Output of [`SpecPTForRedshift`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            `pz` head: cross-entropy of the true ln(1 + z) bin + `redshift_nll_weight` x Gaussian NLL (up to a
+            constant, in bin widths) of the true in-bin residual under the TRUE bin's offset and sigma. Both
+            act on du = dz / (1 + z). `paper` head: mean |z_pred - z| / (1 + z).
+        redshift (`torch.FloatTensor` of shape `(batch,)`):
+            Point estimate: centre of the most probable bin + its offset (`pz`), or the Softplus output (`paper`).
+        redshift_err (`torch.FloatTensor` of shape `(batch,)`, *optional*):
+            (1 + z) * sqrt(sigma_peak^2 + variance of p(u) within +-quality_window bins of the peak) (`pz` only).
+        quality (`torch.FloatTensor` of shape `(batch,)`, *optional*):
+            p(z) mass within +-quality_window bins of the peak, in [0, 1]; low values flag multi-modal or flat
+            p(z) (`pz` only).
+        logits (`torch.FloatTensor` of shape `(batch, bins)`, *optional*):
+            p(z) logits over the ln(1 + z) bins (see [`SpecPTForRedshift.redshift_pdf`]).
+        offsets (`torch.FloatTensor` of shape `(batch, bins)`, *optional*):
+            Per-bin offset of the redshift from the bin centre, in bin widths.
+        log_sigma (`torch.FloatTensor` of shape `(batch, bins)`, *optional*):
+            Per-bin ln(sigma) of u = ln(1 + z), sigma in bin widths.
+        embedding (`torch.FloatTensor` of shape `(batch, d_model)`):
+            The head's per-spectrum representation the prediction is made from.
+    """
+
+    loss: torch.FloatTensor | None = None
+    redshift: torch.FloatTensor | None = None
+    redshift_err: torch.FloatTensor | None = None
+    quality: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    offsets: torch.FloatTensor | None = None
+    log_sigma: torch.FloatTensor | None = None
+    embedding: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SpecPTModel(SpecPTPreTrainedModel):
+    """The SpecPT backbone: input preparation, stem, transformer encoder and pooling.
+
+    `forward(flux, ivar=None, mask=None, wavelength=None)`: `flux`, `ivar`, `mask` are [batch, pixels] (mask True
+    = bad pixel); `wavelength` ([pixels] or [batch, pixels], Angstrom) replaces the config's grid (`tokens`
+    layout only; the token positions are computed from it).
+    """
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__(config)
+        self.stem = SpecPTPaperStem(config) if config.layout == "paper" else SpecPTTokenStem(config)
+        self.encoder = SpecPTEncoder(config)
+        use_attention = config.layout == "tokens" and config.pooling == "attention"
+        self.pooler = SpecPTAttentionPooling(config) if use_attention else None
+        self.post_init()
+
+    def forward(
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        wavelength: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpecPTModelOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        spectra = prepare_spectra(self.config, flux, ivar, mask, wavelength, dtype=self.dtype)
+        x, padding, token_wavelength = self.stem(
+            spectra
+        )  # [batch, tokens, d_model], [batch, tokens], [., tokens]
+        hidden = self.encoder(x, padding)  # [batch, tokens, d_model]
+        if self.pooler is not None:
+            pooled = self.pooler(hidden, padding)  # [batch, d_model]
+        elif self.config.layout == "paper":
+            pooled = hidden[:, 0]  # [batch, d_model]
+        else:
+            pooled = masked_mean(hidden, padding)  # [batch, d_model]
+        output = SpecPTModelOutput(
+            last_hidden_state=hidden,
+            pooled=pooled,
+            token_padding_mask=padding,
+            token_wavelength=token_wavelength.expand(hidden.shape[0], -1),  # [batch, tokens]
+            scale=spectra.scale,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reconstruction_loss(
+    reconstruction: torch.Tensor, target: torch.Tensor, ivar: torch.Tensor, good: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """chi^2 per good pixel (ivar-weighted) or mean absolute error over good pixels; bad pixels weigh 0."""
+    residual = torch.where(good, reconstruction.float() - target, 0.0)  # [batch, pixels]
+    n_good = good.sum().clamp(min=1)
+    if kind == "l1":
+        return residual.abs().sum() / n_good
+    return (ivar.float() * residual**2).sum() / n_good
+
+
+class SpecPTForSpectrumReconstruction(SpecPTPreTrainedModel):
+    """SpecPT autoencoder: backbone + decoder back to the pixels.
+
+    `labels` is the target flux [batch, pixels] in the same units as `flux` (usually `labels=flux`); it is divided
+    by the input's scale, and the loss uses the input's good pixels and ivar (`config.reconstruction_loss`).
+    """
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__(config)
+        self.specpt = SpecPTModel(config)
+        self.decoder = SpecPTPaperDecoder(config) if config.layout == "paper" else SpecPTPooledDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        wavelength: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpecPTReconstructionOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        encoded = self.specpt(flux, ivar=ivar, mask=mask, wavelength=wavelength, return_dict=True)
+        if self.config.layout == "paper":
+            reconstruction = self.decoder(encoded.last_hidden_state)  # [batch, pixels]
+        else:
+            reconstruction = self.decoder(
+                encoded.pooled, encoded.token_wavelength, flux.shape[1]
+            )  # [batch, pixels]
+
+        loss = None
+        if labels is not None:
+            labels = _check_tensor("labels", labels, flux.shape)
+            spectra = prepare_spectra(self.config, flux, ivar, mask, wavelength)
+            bad_labels = spectra.good & ~torch.isfinite(labels)
+            if bad_labels.any():
+                raise ValueError(f"`labels` has {int(bad_labels.sum())} NaN/inf values at good pixels")
+            target = torch.where(
+                spectra.good, labels.float() / spectra.scale[:, None], 0.0
+            )  # [batch, pixels]
+            loss = reconstruction_loss(
+                reconstruction, target, spectra.ivar, spectra.good, self.config.reconstruction_loss
+            )
+
+        output = SpecPTReconstructionOutput(
+            loss=loss, reconstruction=reconstruction, scale=encoded.scale, embedding=encoded.pooled
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class SpecPTForRedshift(SpecPTPreTrainedModel):
+    """SpecPT backbone + redshift head (`config.head_type`).
+
+    `pz` head (default): p(z) over `num_redshift_bins` bins uniform in u = ln(1 + z) between `z_min` and `z_max`,
+    each with an offset within the bin and a sigma. Prediction: the most probable bin's centre + its offset;
+    `redshift_err` = (1 + z) * sqrt(sigma^2 + local p(u) variance); `quality` = p(z) mass within
+    +-`quality_window` bins of the peak. `paper` head: the published head; redshift only.
+
+    `labels` = true redshift [batch]; values outside [z_min, z_max] raise ValueError.
+    `SpecPTForRedshift.from_pretrained(<autoencoder folder>)` loads the backbone (`specpt.*`), initialises the
+    head and logs what was loaded; `freeze_encoder=True` (config) keeps the backbone fixed.
+    """
+
+    config_class = SpecPTForRedshiftConfig
+
+    def __init__(self, config: SpecPTForRedshiftConfig) -> None:
+        super().__init__(config)
+        self.specpt = SpecPTModel(config)
+        self.head = (
+            SpecPTPaperRedshiftHead(config) if config.head_type == "paper" else SpecPTRedshiftPzHead(config)
+        )
+        self.post_init()
+        self._after_loading()
+
+    # --- freezing -------------------------------------------------------------------------------------------------
+    def _after_loading(self) -> None:
+        if self.config.freeze_encoder:
+            self.specpt.requires_grad_(False)
+            self.specpt.eval()
+
+    def train(self, mode: bool = True) -> SpecPTForRedshift:
+        """Like `nn.Module.train`, but a frozen backbone stays in eval mode (dropout off, BatchNorm fixed)."""
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.specpt.eval()
+        return self
+
+    # --- p(z) helpers ---------------------------------------------------------------------------------------------
+    def redshift_bin_centers(self, device: torch.device | None = None) -> torch.Tensor:
+        """Bin centres in u = ln(1 + z), [bins]."""
+        u_min = math.log1p(self.config.z_min)
+        index = torch.arange(self.config.num_redshift_bins, device=device, dtype=torch.float32)
+        return u_min + (index + 0.5) * self.config.redshift_bin_width  # [bins]
+
+    def redshift_pdf(self, logits: torch.Tensor, density: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn `logits` [batch, bins] into the p(z) grid.
+
+        Returns:
+            z [bins] (bin centres as redshifts) and either the probability of each bin [batch, bins] (sums to 1)
+            or, with `density=True`, the density p(z) = P_bin / ((1 + z) * bin width in u) [batch, bins].
+        """
+        u = self.redshift_bin_centers(logits.device)  # [bins]
+        probability = torch.softmax(logits.float(), dim=-1)  # [batch, bins]
+        z = torch.expm1(u)  # [bins]
+        if density:
+            probability = probability / ((1.0 + z) * self.config.redshift_bin_width)  # [batch, bins]
+        return z, probability
+
+    def _predict_pz(
+        self, logits: torch.Tensor, offsets: torch.Tensor, log_sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Redshift, redshift_err and quality [batch] from the p(z) outputs."""
+        width = self.config.redshift_bin_width
+        centers = self.redshift_bin_centers(logits.device)  # [bins]
+        probability = torch.softmax(logits, dim=-1)  # [batch, bins]
+        peak = probability.argmax(dim=-1, keepdim=True)  # [batch, 1]
+        u_hat = centers[peak[:, 0]] + offsets.gather(1, peak)[:, 0] * width  # [batch]
+        sigma = log_sigma.gather(1, peak)[:, 0].exp() * width  # [batch]
+        index = torch.arange(self.config.num_redshift_bins, device=logits.device)  # [bins]
+        window = (index[None] - peak).abs() <= self.config.quality_window  # [batch, bins]
+        local = probability * window  # [batch, bins]
+        quality = local.sum(-1)  # [batch]
+        local_mean = (local * centers).sum(-1) / quality  # [batch]
+        local_var = (local * (centers - local_mean[:, None]) ** 2).sum(-1) / quality  # [batch]
+        redshift = torch.expm1(u_hat).clamp(self.config.z_min, self.config.z_max)  # [batch]
+        redshift_err = (1.0 + redshift) * torch.sqrt(sigma**2 + local_var)  # [batch]
+        return redshift, redshift_err, quality.clamp(0.0, 1.0)
+
+    def _check_labels(self, labels: Any, batch: int) -> torch.Tensor:
+        labels = _check_tensor("labels", labels)
+        labels = labels.reshape(-1).float() if labels.numel() == batch else labels
+        if labels.shape != (batch,):
+            raise ValueError(
+                f"`labels` must hold one redshift per spectrum ({batch}), got {tuple(labels.shape)}"
+            )
+        if not torch.isfinite(labels).all():
+            raise ValueError("`labels` contains NaN/inf redshifts")
+        z_min, z_max = self.config.z_min, self.config.z_max
+        outside = (labels < z_min) | (labels > z_max)
+        if outside.any():
+            raise ValueError(
+                f"`labels` has {int(outside.sum())} redshifts outside the model's range [{z_min}, {z_max}] "
+                f"(e.g. {float(labels[outside][0]):.4f}); select them out or widen z_min/z_max"
+            )
+        return labels
+
+    def _pz_loss(
+        self, labels: torch.Tensor, logits: torch.Tensor, offsets: torch.Tensor, log_sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy of the true bin + weighted Gaussian NLL of the in-bin residual (teacher forcing)."""
+        width = self.config.redshift_bin_width
+        u = torch.log1p(labels)  # [batch]
+        position = (u - math.log1p(self.config.z_min)) / width  # [batch], in bin widths
+        true_bin = position.floor().long().clamp(0, self.config.num_redshift_bins - 1)  # [batch]
+        residual = position - (true_bin.float() + 0.5)  # [batch], in bin widths
+        offset = offsets.gather(1, true_bin[:, None])[:, 0]  # [batch]
+        log_s = log_sigma.gather(1, true_bin[:, None])[:, 0]  # [batch]
+        nll = 0.5 * ((residual - offset) * torch.exp(-log_s)) ** 2 + log_s  # [batch]
+        return F.cross_entropy(logits, true_bin) + self.config.redshift_nll_weight * nll.mean()
+
+    def forward(
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        wavelength: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpecPTRedshiftOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        encoded = self.specpt(flux, ivar=ivar, mask=mask, wavelength=wavelength, return_dict=True)
+        if labels is not None:
+            labels = self._check_labels(labels, flux.shape[0])
+        hidden, padding = encoded.last_hidden_state, encoded.token_padding_mask
+
+        if self.config.head_type == "paper":
+            embedding, redshift = self.head(hidden, padding, encoded.pooled)  # [batch, d_model], [batch]
+            loss = None
+            if labels is not None:
+                labels = labels.to(redshift.device)
+                loss = ((redshift - labels).abs() / (1.0 + labels)).mean()
+            output = SpecPTRedshiftOutput(loss=loss, redshift=redshift, embedding=embedding)
+            return output if return_dict else output.to_tuple()
+
+        embedding, logits, offsets, log_sigma = self.head(
+            hidden, padding, encoded.pooled
+        )  # [b, d], 3 x [b, bins]
+        redshift, redshift_err, quality = self._predict_pz(logits, offsets, log_sigma)
+        loss = None
+        if labels is not None:
+            loss = self._pz_loss(labels.to(logits.device), logits, offsets, log_sigma)
+        output = SpecPTRedshiftOutput(
+            loss=loss,
+            redshift=redshift,
+            redshift_err=redshift_err,
+            quality=quality,
+            logits=logits,
+            offsets=offsets,
+            log_sigma=log_sigma,
+            embedding=embedding,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "SpecPTForRedshift",
+    "SpecPTForSpectrumReconstruction",
+    "SpecPTModel",
+    "SpecPTModelOutput",
+    "SpecPTPreTrainedModel",
+    "SpecPTReconstructionOutput",
+    "SpecPTRedshiftOutput",
+    "prepare_spectra",
+]
