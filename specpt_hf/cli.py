@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("specpt_hf.data.prepare", "write Parquet shards and a dataset card"),
     "train": ("specpt_hf.training.train", "pretrain the autoencoder or train the redshift head"),
     "evaluate": ("specpt_hf.evaluation.evaluate_model", "metrics and plots on a held-out split"),
+    "predict": ("specpt_hf.predict", "redshift catalog from DESI coadd files"),
+    "push": ("specpt_hf.hub", "write a model repo folder with its card and upload it to the Hub"),
     "presets": ("specpt_hf.presets", "list the named model presets"),
 }
 
