@@ -1,0 +1,445 @@
+"""`specpt train`: both SpecPT training stages with Accelerate.
+
+Stage 1 (`--stage autoencoder`) pretrains `SpecPTForSpectrumReconstruction` to rebuild its input spectra.
+Stage 2 (`--stage redshift`) trains `SpecPTForRedshift`, starting from the stage-1 folder
+(`--pretrained-model {stage-1 out}/model`), with the encoder frozen or fine-tuned at a smaller learning rate,
+and keeps the model with the best validation NMAD.
+
+The same command runs on a laptop CPU and on many GPUs:
+
+    specpt train --config examples/configs/specpt-small-autoencoder.yaml --data-dir data/specpt
+    accelerate launch --config_file examples/accelerate/multi-gpu.yaml -m specpt_hf.cli train --config ...
+
+Output folder: `checkpoints/step_{N}/` (full training state, `--resume` continues from the newest),
+`logs/` (TensorBoard), `model/` (final weights, `save_pretrained` format, with `training_settings.yaml`),
+and for stage 2 `best/` (the weights with the best validation NMAD).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PretrainedConfig, PreTrainedModel, get_scheduler
+
+from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
+from specpt_hf.evaluation.metrics import redshift_metrics
+from specpt_hf.presets import model_class, preset_config
+from specpt_hf.training.data import build_dataloader, load_training_data
+from specpt_hf.training.settings import TrainingSettings, parse_settings
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class TrainerState:
+    """Loop counters saved with every checkpoint (`accelerator.register_for_checkpointing`)."""
+
+    step: int = 0
+    best_nmad: float = math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced: the trained model (final weights), its folders, the last optimizer step,
+    and every logged record."""
+
+    model: PreTrainedModel
+    model_dir: Path
+    best_dir: Path | None
+    step: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+
+def build_model(settings: TrainingSettings) -> PreTrainedModel:
+    """The stage's model: from `pretrained_model` when given, else freshly initialised from the preset.
+
+    Stage 2 from a stage-1 folder loads its backbone (`specpt.*`) and takes the head settings (redshift range,
+    bins, sizes) from the preset; from a redshift-model folder it loads everything.
+    """
+    cls = model_class(settings.stage)
+    if settings.stage == "autoencoder":
+        if settings.pretrained_model:
+            return cls.from_pretrained(settings.pretrained_model)
+        return cls(preset_config(settings.preset, "autoencoder"))
+    preset = preset_config(settings.preset, "redshift", freeze_encoder=settings.freeze_encoder)
+    if not settings.pretrained_model:
+        return cls(preset)
+    return cls.from_pretrained(settings.pretrained_model, **head_settings(preset, settings.pretrained_model))
+
+
+def head_settings(preset: SpecPTForRedshiftConfig, pretrained_model: str) -> dict[str, Any]:
+    """Config overrides for loading a redshift model from `pretrained_model`: the preset's head settings when
+    the folder holds an autoencoder (no head), only `freeze_encoder` when it holds a redshift model."""
+    source = PretrainedConfig.get_config_dict(pretrained_model)[0]
+    if source.get("model_type") == SpecPTForRedshiftConfig.model_type:
+        return {"freeze_encoder": preset.freeze_encoder}
+    head_keys = set(SpecPTForRedshiftConfig().to_dict()) - set(SpecPTConfig().to_dict())
+    return {key: getattr(preset, key) for key in sorted(head_keys)}
+
+
+def parameter_groups(model: PreTrainedModel, settings: TrainingSettings) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only; the encoder at `encoder_learning_rate` when set."""
+    encoder = {id(p) for p in model.base_model.parameters()} if settings.encoder_learning_rate else set()
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        lr = settings.encoder_learning_rate if id(param) in encoder else settings.learning_rate
+        decay = settings.weight_decay if param.ndim >= 2 else 0.0
+        groups.setdefault((lr, decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, dataloader: Any, accelerator: Accelerator, stage: str
+) -> dict[str, float]:
+    """Validation loss, and for stage 2 NMAD / eta / bias over all processes' spectra."""
+    was_training = model.training
+    model.eval()
+    losses, z_pred, z_true = [], [], []
+    for batch in dataloader:
+        outputs = model(**batch)
+        batch_size = batch["labels"].shape[0]
+        losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(batch_size)))
+        if stage == "redshift":
+            pred, true = accelerator.gather_for_metrics((outputs.redshift.float(), batch["labels"]))
+            z_pred.append(pred)  # [batch]
+            z_true.append(true)  # [batch]
+    model.train(was_training)
+    metrics = {"validation/loss": torch.cat(losses).mean().item()}
+    if stage == "redshift":
+        pred, true = torch.cat(z_pred).cpu().double(), torch.cat(z_true).cpu().double()
+        if not torch.isfinite(pred).all():
+            raise FloatingPointError(
+                "validation redshifts are not finite: training diverged (lower the learning rate)"
+            )
+        summary = redshift_metrics(pred.numpy(), true.numpy())
+        metrics.update({f"validation/{key}": float(summary[key]) for key in ("nmad", "eta", "bias")})
+    return metrics
+
+
+# --- checkpoints and model folders -----------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """`{output_dir}/checkpoints/step_{N}` folders, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def save_checkpoint(accelerator: Accelerator, settings: TrainingSettings, step: int) -> Path:
+    """`save_state` into `checkpoints/step_{step}`, then drop the oldest beyond the limit."""
+    folder = Path(settings.output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and settings.checkpoints_total_limit:
+        for old in checkpoint_dirs(settings.output_dir)[: -settings.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    return folder
+
+
+def save_model(
+    accelerator: Accelerator, model: torch.nn.Module, folder: Path, settings: TrainingSettings
+) -> None:
+    """`save_pretrained` (safetensors + config) plus the settings YAML, swapped into `folder` at once."""
+    state_dict = accelerator.get_state_dict(model)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        settings.save(tmp)
+        old = folder.with_name(f".{folder.name}-old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def make_accelerator(settings: TrainingSettings) -> Accelerator:
+    out = Path(settings.output_dir)
+    return Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        log_with=None if settings.report_to == "none" else settings.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # the shuffling order depends only on (seed, epoch), so a resumed run sees the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
+    )
+
+
+def training_dataloaders(
+    accelerator: Accelerator, settings: TrainingSettings, config: SpecPTConfig
+) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders; stage 2 keeps the spectra within the model's redshift range."""
+    z_range = (config.z_min, config.z_max) if settings.stage == "redshift" else None
+    with accelerator.main_process_first():  # one process converts the Parquet shards, the others reuse it
+        splits = load_training_data(
+            settings.data_dir, settings.stage, z_range, settings.max_train_spectra, settings.max_val_spectra
+        )
+    num_pixels = len(splits["train"][0]["flux"])
+    if num_pixels != config.num_pixels:
+        raise ValueError(
+            f"{settings.data_dir}: spectra have {num_pixels} pixels, the model expects {config.num_pixels}"
+        )
+    loaders = [
+        build_dataloader(
+            splits[split], settings.stage, settings.batch_size, train, settings.seed, settings.num_workers
+        )
+        for split, train in (("train", True), ("validation", False))
+    ]
+    return loaders[0], loaders[1]
+
+
+def training_function(settings: TrainingSettings) -> TrainingResult:
+    """Train one stage as `settings` say; return the trained model and where it was saved.
+
+    Accelerate fixes the mixed precision once per process: runs with different `mixed_precision` need
+    separate processes.
+    """
+    accelerator = make_accelerator(settings)
+    out = Path(settings.output_dir)
+    set_seed(settings.seed)
+    model = build_model(settings)
+    train_dl, val_dl = training_dataloaders(accelerator, settings, model.config)
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
+    # Optimizer steps per epoch on each process (its share of the batches, accumulated).
+    steps_per_epoch = math.ceil(
+        math.ceil(len(train_dl) / accelerator.num_processes) / accelerator.gradient_accumulation_steps
+    )
+    max_steps = settings.max_steps or settings.num_epochs * steps_per_epoch
+    # The prepared scheduler steps once per process at every optimizer step.
+    scheduler = get_scheduler(
+        settings.lr_scheduler,
+        optimizer,
+        num_warmup_steps=settings.warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, val_dl, scheduler
+    )
+    steps_per_epoch = math.ceil(len(train_dl) / accelerator.gradient_accumulation_steps)  # now exact
+    max_steps = settings.max_steps or settings.num_epochs * steps_per_epoch
+
+    state = TrainerState()
+    accelerator.register_for_checkpointing(state)
+    if settings.resume:
+        resume_from(accelerator, settings)
+    if accelerator.is_main_process:
+        settings.save(out)
+    hparams = {k: v for k, v in settings.to_dict().items() if v is not None}
+    hparams["num_processes"] = accelerator.num_processes
+    accelerator.init_trackers(settings.stage, config=hparams)
+
+    loop = _Loop(accelerator, settings, model, optimizer, scheduler, train_dl, val_dl, state, max_steps)
+    stopped_early = loop.run(steps_per_epoch)
+
+    save_model(accelerator, model, out / "model", settings)
+    accelerator.end_training()
+    best = out / "best" if settings.stage == "redshift" and (out / "best").is_dir() else None
+    logger.info(f"model saved to {out / 'model'}", main_process_only=True)
+    final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return TrainingResult(final, out / "model", best, state.step, stopped_early, loop.history)
+
+
+def resume_from(accelerator: Accelerator, settings: TrainingSettings) -> Path | None:
+    """`load_state` from the newest checkpoint (model, optimizer, scheduler, RNGs, sampler, loop counters)."""
+    found = checkpoint_dirs(settings.output_dir)
+    if not found:
+        logger.warning(f"--resume: no checkpoint in {settings.output_dir}/checkpoints, starting afresh")
+        return None
+    accelerator.load_state(str(found[-1]))
+    logger.info(f"resumed from {found[-1]}", main_process_only=True)
+    return found[-1]
+
+
+class _Loop:
+    """The training loop of `training_function`, split into steps small enough to read."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        settings: TrainingSettings,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        train_dl: DataLoader,
+        val_dl: DataLoader,
+        state: TrainerState,
+        max_steps: int,
+    ) -> None:
+        self.accelerator, self.settings, self.model = accelerator, settings, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_dl, self.val_dl, self.state, self.max_steps = train_dl, val_dl, state, max_steps
+        self.history: list[dict[str, float]] = []
+        self.spectra_per_step = (
+            settings.batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
+        )
+
+    def run(self, steps_per_epoch: int) -> bool:
+        """Train until `max_steps` or early stopping; return whether it stopped early."""
+        state, accum = self.state, self.accelerator.gradient_accumulation_steps
+        self.model.train()
+        self.progress = tqdm(
+            total=self.max_steps,
+            initial=state.step,
+            desc=self.settings.stage,
+            unit="step",
+            disable=not self.accelerator.is_local_main_process,
+        )
+        self._reset_window()
+        try:
+            for epoch in range(state.step // steps_per_epoch, math.ceil(self.max_steps / steps_per_epoch)):
+                self.train_dl.set_epoch(epoch)
+                seen = (state.step - epoch * steps_per_epoch) * accum  # batches of this epoch before a resume
+                batches = self.accelerator.skip_first_batches(self.train_dl, seen) if seen else self.train_dl
+                for batch in batches:
+                    if self._train_step(batch) and self._after_step(steps_per_epoch):
+                        return True
+                    if state.step >= self.max_steps:
+                        return False
+            return False
+        finally:
+            self.progress.close()
+
+    def _after_step(self, steps_per_epoch: int) -> bool:
+        """Validate and checkpoint when due (in that order, so a checkpoint holds the latest best);
+        True when early stopping says stop."""
+        started = time.perf_counter()
+        step, eval_steps = self.state.step, self.settings.eval_steps
+        due = step % eval_steps == 0 if eval_steps else step % steps_per_epoch == 0
+        stop = self._validate() if due or step == self.max_steps else False
+        if self.settings.checkpointing_steps and step % self.settings.checkpointing_steps == 0:
+            save_checkpoint(self.accelerator, self.settings, step)
+        self.window_start += time.perf_counter() - started  # the throughput counts training time only
+        return stop
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> bool:
+        """One forward/backward; True when it completed an optimizer step."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            outputs = self.model(**batch)
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients and self.settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        self.window_loss += outputs.loss.detach().float()
+        self.window_batches += 1
+        if not accelerator.sync_gradients:
+            return False
+        self.state.step += 1
+        self.window_steps += 1
+        self.progress.update(1)
+        if self.state.step % self.settings.logging_steps == 0 or self.state.step == self.max_steps:
+            self._log_training()
+        return True
+
+    def _log_training(self) -> None:
+        loss = self.accelerator.reduce(self.window_loss / self.window_batches, reduction="mean").item()
+        rate = self.window_steps * self.spectra_per_step / max(time.perf_counter() - self.window_start, 1e-9)
+        self._log(
+            {
+                "train/loss": loss,
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/spectra_per_second": rate,
+            }
+        )
+        self.progress.set_postfix(loss=f"{loss:.4g}", spectra_s=f"{rate:.1f}")
+        self._reset_window()
+
+    def _validate(self) -> bool:
+        """Validate, keep the best stage-2 model; True when early stopping says stop."""
+        settings, state = self.settings, self.state
+        metrics = evaluate(self.model, self.val_dl, self.accelerator, settings.stage)
+        self._log(metrics)
+        stop = False
+        if settings.stage == "redshift":
+            if metrics["validation/nmad"] < state.best_nmad:
+                state.best_nmad, state.best_step = metrics["validation/nmad"], state.step
+                state.evals_without_improvement = 0
+                save_model(self.accelerator, self.model, Path(settings.output_dir) / "best", settings)
+            else:
+                state.evals_without_improvement += 1
+                patience = settings.early_stopping_patience
+                stop = patience is not None and state.evals_without_improvement >= patience
+            if stop:
+                logger.info(
+                    f"early stopping at step {state.step}: best NMAD {state.best_nmad:.5f} at step {state.best_step}",
+                    main_process_only=True,
+                )
+        return stop
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.accelerator.log(metrics, step=self.state.step)
+        self.history.append({"step": self.state.step, **metrics})
+
+    def _reset_window(self) -> None:
+        self.window_loss = torch.zeros((), device=self.accelerator.device)
+        self.window_batches, self.window_steps = 0, 0
+        self.window_start = time.perf_counter()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`specpt train`: parse the settings, run `training_function`."""
+    try:
+        settings = parse_settings(
+            list(sys.argv[1:] if argv is None else argv),
+            prog="specpt train",
+            description="Pretrain the SpecPT autoencoder (stage 1) or train the redshift model (stage 2).",
+        )
+        result = training_function(settings)
+    except (ValueError, OSError) as err:
+        print(f"specpt train: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"model saved to {result.model_dir}"
+        + (f" (best validation NMAD: {result.best_dir})" if result.best_dir else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Training with Accelerate: settings, data, both stages, resume, two processes, best model, save/load."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from specpt_hf.data.builder import desi_features
+from specpt_hf.presets import preset_config
+from specpt_hf.training import train as train_module
+from specpt_hf.training.data import SpectrumCollator, build_dataloader, load_training_data
+from specpt_hf.training.settings import SETTINGS_NAME, TrainingSettings, parse_settings
+from specpt_hf.training.train import build_model, main, parameter_groups, training_function
+
+REPO = Path(__file__).resolve().parents[1]
+LINES = (3727.1, 5008.2, 6564.6)  # [O II], [O III], H-alpha rest wavelengths, Angstrom
+N_TRAIN, N_VAL, N_FAR = 64, 32, 4  # spectra per split; N_FAR train spectra lie beyond the tiny preset's z_max
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_and_private_cache(tmp_path_factory):
+    """Two shared cores: one intra-op thread per process is faster and steadier than two. The Arrow
+    cache of the Parquet shards goes to a temporary folder, not the user's Hugging Face cache."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        patch.setenv("HF_DATASETS_CACHE", str(cache))  # for the subprocesses
+        yield
+    torch.set_num_threads(threads)
+
+
+def write_split(folder: Path, n: int, rng: np.random.Generator, n_far: int = 0) -> None:
+    """Spectrum records (ARCHITECTURE.md) with emission lines at (1 + z) x rest wavelength, as two shards."""
+    config = preset_config("specpt-tiny", "autoencoder")
+    wave = config.wavelength_start + config.wavelength_step * np.arange(config.num_pixels)  # [pixels]
+    z = np.concatenate([rng.uniform(0.05, 0.45, n - n_far), np.full(n_far, 4.5)])
+    flux = 1.0 + 0.3 * (wave / 6000.0)[None] * rng.uniform(0.5, 1.5, (n, 1))  # [n, pixels]
+    for rest in LINES:
+        center = (1.0 + z[:, None]) * rest  # [n, 1]
+        flux = flux + rng.uniform(2.0, 6.0, (n, 1)) * np.exp(-0.5 * ((wave[None] - center) / 4.0) ** 2)
+    flux = (flux + 0.1 * rng.standard_normal(flux.shape)).astype(np.float32)
+    ivar = np.full(flux.shape, 100.0, np.float32)
+    mask = np.zeros(flux.shape, bool)
+    mask[:, rng.integers(0, config.num_pixels, 40)] = True  # dead pixels
+    ivar[mask] = 0.0
+    columns = {
+        "targetid": rng.integers(1, 2**40, n),
+        "flux": list(flux),
+        "ivar": list(ivar),
+        "mask": list(mask),
+        "z": z,
+        "zerr": np.full(n, 1e-5),
+        "zwarn": np.zeros(n, np.int64),
+        "spectype": ["GALAXY"] * n,
+        "target_class": ["elg"] * n,
+        "survey": ["sv3"] * n,
+        "program": ["dark"] * n,
+        "healpix": np.full(n, -1, np.int64),
+    }
+    table = pa.table(
+        columns, schema=desi_features(config.num_pixels).arrow_schema
+    )  # as `specpt prepare` writes
+    folder.mkdir(parents=True)
+    half = n // 2
+    pq.write_table(table.slice(0, half), folder / "shard-00000.parquet")
+    pq.write_table(table.slice(half), folder / "shard-00001.parquet")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parquet")
+    rng = np.random.default_rng(7)
+    write_split(root / "train", N_TRAIN, rng, n_far=N_FAR)
+    write_split(root / "validation", N_VAL, rng)
+    return root
+
+
+def stage1_settings(data_dir: Path, output_dir: Path, **overrides) -> TrainingSettings:
+    values = dict(
+        stage="autoencoder",
+        preset="specpt-tiny",
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        batch_size=16,  # 4 steps per epoch
+        learning_rate=3e-3,
+        warmup_steps=2,
+        max_steps=16,
+        eval_steps=8,
+        logging_steps=2,
+        checkpointing_steps=6,  # step 6 is in the middle of epoch 2
+        checkpoints_total_limit=2,
+        seed=11,
+    )
+    return TrainingSettings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def stage1(data_dir, tmp_path_factory):
+    settings = stage1_settings(data_dir, tmp_path_factory.mktemp("stage1"))
+    return settings, training_function(settings)
+
+
+def fixed_batch(data_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    """The first 16 validation spectra as model inputs."""
+    splits = load_training_data(data_dir, stage, z_range=(0.0, 4.0) if stage == "redshift" else None)
+    return next(iter(build_dataloader(splits["validation"], stage, batch_size=16, train=False)))
+
+
+@torch.no_grad()
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    return model.eval()(**batch).loss.item()
+
+
+def initial_model(settings: TrainingSettings) -> torch.nn.Module:
+    """The model a run starts from: `training_function` seeds, then builds it."""
+    set_seed(settings.seed)
+    return build_model(settings)
+
+
+def loss_curve(log_dir: Path) -> list[float]:
+    """`train/loss` scalars of the TensorBoard event files under `log_dir`, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(log_dir.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event files under {log_dir}"
+    curve = {}
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            curve.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
+    return [curve[step] for step in sorted(curve)]
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def test_settings_file_flags_and_saved_yaml(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("stage: redshift\nlearning_rate: 3e-4\nbatch_size: 64\nfreeze_encoder: true\n")
+    settings = parse_settings(["--config", str(config), "--batch-size", "8", "--max-steps", "5"])
+    assert (settings.stage, settings.learning_rate, settings.batch_size) == ("redshift", 3e-4, 8)
+    assert settings.freeze_encoder is True and settings.max_steps == 5 and settings.weight_decay == 0.01
+
+    saved = settings.save(tmp_path / "model")
+    assert saved.name == SETTINGS_NAME
+    assert TrainingSettings.from_yaml(saved) == settings
+
+    config.write_text("stage: redshift\nlerning_rate: 1e-3\n")
+    with pytest.raises(ValueError, match="lerning_rate"):
+        parse_settings(["--config", str(config)])
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainingSettings(batch_size=0)
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        TrainingSettings(stage="autoencoder", freeze_encoder=True)
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        parse_settings(["--config", str(tmp_path / "nowhere.yaml")])
+
+
+def test_example_configs_load_and_name_real_presets():
+    files = sorted((REPO / "examples" / "configs").glob("*.yaml"))
+    names = {path.stem for path in files}
+    for preset in ("specpt-tiny", "specpt-small", "specpt-base", "specpt-paper"):
+        assert {f"{preset}-autoencoder", f"{preset}-redshift"} <= names
+    for path in files:
+        settings = TrainingSettings.from_yaml(path)
+        assert path.stem == f"{settings.preset}-{settings.stage}"
+        preset_config(settings.preset, settings.stage)  # raises for an unknown preset
+    paper = TrainingSettings.from_yaml(REPO / "examples/configs/specpt-paper-redshift.yaml")
+    published = dict(
+        learning_rate=1e-4, batch_size=128, lr_scheduler="cosine", warmup_steps=500, max_grad_norm=1.0
+    )
+    assert {name: getattr(paper, name) for name in published} == published
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def test_redshift_range_cut_and_collate(data_dir, caplog):
+    splits = load_training_data(data_dir, "redshift", z_range=(0.0, 4.0), max_val_spectra=10)
+    assert len(splits["train"]) == N_TRAIN - N_FAR and len(splits["validation"]) == 10
+    assert f"dropped {N_FAR} of {N_TRAIN}" in caplog.text
+    assert len(load_training_data(data_dir, "autoencoder")["train"]) == N_TRAIN  # stage 1 keeps every z
+
+    rows = [splits["train"][i] for i in range(3)]
+    batch = SpectrumCollator("redshift")(rows)
+    assert batch["flux"].dtype == batch["ivar"].dtype == batch["labels"].dtype == torch.float32
+    assert batch["mask"].dtype == torch.bool
+    assert batch["flux"].shape == batch["mask"].shape == (3, preset_config("specpt-tiny").num_pixels)
+    assert torch.equal(batch["labels"], torch.stack([row["z"] for row in rows]).float())
+    assert torch.equal(batch["mask"], batch["ivar"] == 0)
+    auto = SpectrumCollator("autoencoder")(rows)
+    assert torch.equal(auto["labels"], auto["flux"])
+
+
+def test_missing_shards_are_a_clear_error(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+        load_training_data(tmp_path, "autoencoder")
+    assert (
+        main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--report-to", "none"]) == 2
+    )
+    assert "no Parquet shards" in capsys.readouterr().err
+
+
+# --- stage 1 ---------------------------------------------------------------------------------------------
+
+
+def test_stage1_trains_saves_and_logs(stage1, data_dir):
+    settings, result = stage1
+    assert result.step == settings.max_steps and not result.stopped_early
+    batch = fixed_batch(data_dir, "autoencoder")
+    before, after = batch_loss(initial_model(settings), batch), batch_loss(result.model, batch)
+    assert after < 0.7 * before, (before, after)
+
+    folder = Path(settings.output_dir)
+    assert {"config.json", "model.safetensors", SETTINGS_NAME} <= {
+        p.name for p in (folder / "model").iterdir()
+    }
+    assert TrainingSettings.from_yaml(folder / "model" / SETTINGS_NAME) == settings
+    assert [p.name for p in train_module.checkpoint_dirs(folder)] == ["step_6", "step_12"]  # limit 2 of 3
+
+    curve = loss_curve(folder / "logs")  # (7) TensorBoard through the Accelerate tracker
+    assert len(curve) == settings.max_steps // settings.logging_steps
+    assert curve[-1] < curve[0]
+    assert any("validation/loss" in record for record in result.history)
+
+
+def test_resumed_run_ends_with_the_same_weights(stage1, data_dir, tmp_path, monkeypatch):
+    settings, uninterrupted = stage1
+    resumed = stage1_settings(data_dir, tmp_path / "run", report_to="none")
+    real_save = train_module.save_checkpoint
+
+    class Interrupted(Exception):
+        pass
+
+    def save_then_stop(accelerator, run_settings, step):
+        real_save(accelerator, run_settings, step)
+        raise Interrupted(step)  # the run dies right after its first checkpoint (step 6, mid-epoch)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        training_function(resumed)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert not (tmp_path / "run" / "model").exists()
+
+    result = training_function(TrainingSettings(**{**resumed.to_dict(), "resume": True}))
+    assert result.step == settings.max_steps
+    expected = load_file(uninterrupted.model_dir / "model.safetensors")
+    got = load_file(result.model_dir / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_two_processes_give_the_same_loss_curve_shape(stage1, data_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo), each with half the batch: same global batch."""
+    settings, single = stage1
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += [
+        "--config_file",
+        str(REPO / "examples/accelerate/cpu-2proc.yaml"),
+        "-m",
+        "specpt_hf.cli",
+        "train",
+    ]
+    overrides = {**settings.to_dict(), "output_dir": str(out), "batch_size": 8, "checkpointing_steps": None}
+    for name, value in overrides.items():
+        if value is not None:
+            command += [f"--{name}", str(value)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hparams = yaml.safe_load(next((out / "logs").rglob("hparams.yml")).read_text())
+    assert hparams["num_processes"] == 2 and hparams["batch_size"] == 8
+    two = loss_curve(out / "logs")
+    one = loss_curve(Path(settings.output_dir) / "logs")
+    assert len(two) == len(one)
+    assert two[-1] < 0.8 * two[0] and one[-1] < 0.8 * one[0]
+    # Both runs see the same spectra in each global batch; only dropout draws and summation order differ.
+    assert all(abs(a - b) <= 0.1 * b for a, b in zip(two, one, strict=True)), (one, two)
+    assert abs(math.log((two[-1] / two[0]) / (one[-1] / one[0]))) < math.log(1.2), (one, two)
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_cli_bf16_run_in_its_own_process(data_dir, tmp_path):
+    """`specpt train` end to end with bf16 autocast on the CPU (a separate process: Accelerate fixes the
+    precision once per process)."""
+    out = tmp_path / "bf16"
+    command = [
+        sys.executable,
+        "-m",
+        "specpt_hf.cli",
+        "train",
+        "--config",
+        str(REPO / "examples/configs/specpt-tiny-autoencoder.yaml"),
+    ]
+    command += ["--data-dir", str(data_dir), "--output-dir", str(out), "--mixed-precision", "bf16"]
+    command += [
+        "--max-steps",
+        "3",
+        "--max-train-spectra",
+        "32",
+        "--max-val-spectra",
+        "16",
+        "--report-to",
+        "none",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"model saved to {out / 'model'}" in done.stdout
+    saved = TrainingSettings.from_yaml(out / "model" / SETTINGS_NAME)
+    assert (saved.mixed_precision, saved.max_steps, saved.preset) == ("bf16", 3, "specpt-tiny")
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+# --- stage 2 ---------------------------------------------------------------------------------------------
+
+
+def stage2_settings(stage1_model: Path, data_dir: Path, output_dir: Path, **overrides) -> TrainingSettings:
+    values = dict(
+        stage="redshift",
+        preset="specpt-tiny",
+        pretrained_model=str(stage1_model),
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        max_steps=12,
+        eval_steps=2,
+        logging_steps=2,
+        report_to="none",
+        seed=5,
+    )
+    return TrainingSettings(**{**values, **overrides})
+
+
+def test_stage2_frozen_encoder_best_model_and_reload(stage1, data_dir, tmp_path):
+    _, stage1_result = stage1
+    settings = stage2_settings(stage1_result.model_dir, data_dir, tmp_path / "s2", freeze_encoder=True)
+    result = training_function(settings)
+    batch = fixed_batch(data_dir, "redshift")
+    assert batch_loss(result.model, batch) < batch_loss(initial_model(settings), batch)
+
+    # (4) the encoder is the stage-1 encoder, untouched by training (weights and BatchNorm/other buffers)
+    encoder = load_file(stage1_result.model_dir / "model.safetensors")
+    trained = load_file(result.model_dir / "model.safetensors")
+    shared = [name for name in trained if name.startswith("specpt.")]
+    assert shared and all(torch.equal(trained[name], encoder[name]) for name in shared)
+    assert not all(p.requires_grad for p in result.model.specpt.parameters())
+
+    # (5) best/ holds the weights with the lowest validation NMAD, with the settings beside them
+    nmads = [(r["validation/nmad"], r["step"]) for r in result.history if "validation/nmad" in r]
+    assert len(nmads) == settings.max_steps // settings.eval_steps
+    assert result.best_dir is not None and (result.best_dir / SETTINGS_NAME).is_file()
+    best = type(result.model).from_pretrained(result.best_dir)
+    accelerator = train_module.make_accelerator(settings)
+    val = load_training_data(data_dir, "redshift", z_range=(0.0, 4.0))["validation"]
+    metrics = train_module.evaluate(
+        best, build_dataloader(val, "redshift", 16, False), accelerator, "redshift"
+    )
+    assert metrics["validation/nmad"] == pytest.approx(min(nmads)[0], rel=1e-5)
+
+    # (6) save_pretrained -> from_pretrained gives the same predictions
+    reloaded = type(result.model).from_pretrained(result.model_dir).eval()
+    with torch.no_grad():
+        expected, got = result.model.eval()(**batch), reloaded(**batch)
+    for field in ("redshift", "redshift_err", "quality", "logits"):
+        assert torch.equal(getattr(expected, field), getattr(got, field)), field
+
+
+def test_stage2_early_stopping_and_encoder_learning_rate(stage1, data_dir, tmp_path):
+    _, stage1_result = stage1
+    # A learning rate far below float32 resolution leaves every weight as it is: the NMAD never improves.
+    settings = stage2_settings(
+        stage1_result.model_dir,
+        data_dir,
+        tmp_path / "s2",
+        learning_rate=1e-30,
+        encoder_learning_rate=1e-31,
+        eval_steps=1,
+        early_stopping_patience=2,
+        max_steps=20,
+    )
+    groups = parameter_groups(initial_model(settings), settings)
+    assert {group["lr"] for group in groups} == {1e-30, 1e-31}
+    result = training_function(settings)
+    assert result.stopped_early and result.step == 3  # best at step 1, then 2 validations without improvement
+    nmads = [r["validation/nmad"] for r in result.history if "validation/nmad" in r]
+    assert len(nmads) == 3 and len(set(nmads)) == 1
+
+
+def test_epoch_mode_validates_each_epoch_and_resume_without_checkpoint_starts_afresh(data_dir, tmp_path):
+    settings = stage1_settings(
+        data_dir,
+        tmp_path / "fresh",
+        max_steps=None,
+        num_epochs=2,
+        max_train_spectra=32,  # 2 steps per epoch
+        eval_steps=None,
+        checkpointing_steps=None,
+        resume=True,
+        report_to="none",
+    )
+    result = training_function(settings)
+    assert result.step == 4 and (tmp_path / "fresh" / "model" / "model.safetensors").is_file()
+    assert [r["step"] for r in result.history if "validation/loss" in r] == [2, 4]
