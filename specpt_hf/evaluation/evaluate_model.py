@@ -1,0 +1,202 @@
+"""`specpt evaluate`: run a redshift model over a held-out split, then write metrics, plots and results.
+
+    specpt evaluate --model runs/redshift/best --data data/parquet --out report/evaluation \
+        [--autoencoder runs/autoencoder/model]
+
+Writes to `--out`: `results.json` (metrics per class and per redshift bin, completeness / purity, uncertainty
+calibration, `model-index` for the model card), `predictions.csv`, and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..inference import predict_batches
+from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
+from ..training.data import split_files
+from . import metrics, plots
+from .results import write_results_json
+
+logger = logging.getLogger(__name__)
+
+EVAL_COLUMNS = ("targetid", "flux", "ivar", "mask", "z", "target_class")
+N_RECONSTRUCTIONS = 4
+
+
+def load_eval_split(data_dir: str | os.PathLike, split: str = "test") -> datasets.Dataset:
+    """The Parquet shards of `split` with the columns evaluation needs, as numpy."""
+    dataset = datasets.load_dataset("parquet", data_files={split: split_files(data_dir, split)}, split=split)
+    missing = [name for name in EVAL_COLUMNS if name not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{Path(data_dir) / split}: Parquet shards lack column(s) {missing}")
+    return dataset.select_columns(list(EVAL_COLUMNS)).with_format("numpy")
+
+
+def predict_split(
+    model: SpecPTForRedshift, dataset: datasets.Dataset, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Predictions for every row of `dataset` (columns `z_pred`, `zerr_pred`, `quality` + passthrough)."""
+    n_batches = -(-len(dataset) // batch_size)
+    batches = tqdm(dataset.iter(batch_size=batch_size), total=n_batches, desc="predicting", unit="batch")
+    return predict_batches(model, batches)
+
+
+def summarize(predictions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Metrics of the predictions: per class (with "all"), per redshift bin, completeness / purity by quality,
+    and the calibration of the uncertainty."""
+    z_pred, z_true = predictions["z_pred"], predictions["z"]
+    classes = predictions["target_class"].astype(str)
+    summary: dict[str, Any] = {
+        "by_class": metrics.metrics_by_group(z_pred, z_true, classes, overall_key="all"),
+        "by_redshift_bin": metrics.metrics_by_redshift_bin(
+            z_pred, z_true, np.array([0, 0.3, 0.6, 1.0, 1.6, 4.0])
+        ),
+    }
+    if np.isfinite(predictions["quality"]).all():
+        cp = metrics.completeness_purity(z_pred, z_true, predictions["quality"], np.linspace(0, 0.95, 20))
+        summary["completeness_purity"] = {key: np.asarray(value).tolist() for key, value in cp.items()}
+    if np.isfinite(predictions["zerr_pred"]).all():
+        summary["calibration"] = metrics.uncertainty_calibration(z_pred, z_true, predictions["zerr_pred"])
+    return summary
+
+
+def write_plots(predictions: dict[str, np.ndarray], out: Path, title: str) -> list[Path]:
+    """The standard evaluation plots as PNGs in `out`."""
+    z_pred, z_true = predictions["z_pred"], predictions["z"]
+    groups = predictions["target_class"].astype(str)
+    written = [
+        plots.plot_redshift_comparison(
+            z_pred, z_true, out / "redshift_comparison.png", groups=groups, title=title
+        ),
+        plots.plot_error_histogram(z_pred, z_true, out / "error_histogram.png", groups=groups, title=title),
+        plots.plot_metrics_vs_redshift(
+            z_pred, z_true, out / "metrics_vs_redshift.png", groups=groups, title=title
+        ),
+    ]
+    if np.isfinite(predictions["zerr_pred"]).all():
+        written.append(
+            plots.plot_pull_distribution(
+                z_pred,
+                z_true,
+                predictions["zerr_pred"],
+                out / "pull_distribution.png",
+                groups=groups,
+                title=title,
+            )
+        )
+    if np.isfinite(predictions["quality"]).all():
+        written.append(
+            plots.plot_completeness_purity(
+                z_pred,
+                z_true,
+                predictions["quality"],
+                out / "completeness_purity.png",
+                groups=groups,
+                title=title,
+            )
+        )
+    return written
+
+
+@torch.inference_mode()
+def plot_reconstruction_examples(
+    autoencoder: SpecPTForSpectrumReconstruction, dataset: datasets.Dataset, path: Path
+) -> Path:
+    """Data, ivar-weighted model and residual for the first few spectra of each class present."""
+    classes = dataset.select_columns(["target_class"])[:]["target_class"].astype(str)
+    rows = [int(np.flatnonzero(classes == name)[0]) for name in sorted(set(classes))][:N_RECONSTRUCTIONS]
+    batch = dataset.select(rows)[:]
+    autoencoder.eval()
+    output = autoencoder(
+        flux=torch.as_tensor(batch["flux"]),
+        ivar=torch.as_tensor(batch["ivar"]),
+        mask=torch.as_tensor(batch["mask"]),
+    )
+    model_flux = (output.reconstruction * output.scale[:, None]).float().numpy()  # [examples, pixels]
+    config = autoencoder.config
+    wavelength = config.wavelength_start + config.wavelength_step * np.arange(config.num_pixels)
+    labels = [
+        f"{c.upper()} TARGETID {t}  z={z:.3f}"
+        for c, t, z in zip(classes[rows], batch["targetid"], batch["z"], strict=True)
+    ]
+    return plots.plot_reconstructions(
+        wavelength, batch["flux"], batch["ivar"], model_flux, path, mask=batch["mask"], labels=labels
+    )
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "test",
+    autoencoder_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    dataset_name: str = "DESI-like mock (specpt_hf.data.mock)",
+) -> dict[str, Any]:
+    """Evaluate `model_dir` on `split` of the prepared data in `data_dir`; write everything to `out_dir`.
+
+    Returns the summary (see `summarize`) with the paths of the files written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = SpecPTForRedshift.from_pretrained(model_dir)
+    dataset = load_eval_split(data_dir, split)
+    predictions = predict_split(model, dataset, batch_size)
+    summary = summarize(predictions)
+    name = Path(model_dir).resolve().name
+    summary["results_json"] = str(
+        write_results_json(
+            out / "results.json",
+            summary["by_class"],
+            model_name=name,
+            dataset_name=dataset_name,
+            dataset_type="specpt-mock",
+            dataset_split=split,
+            extra={key: value for key, value in summary.items() if key != "by_class"},
+        )
+    )
+    summary["predictions_csv"] = str(write_predictions_csv(predictions, out / "predictions.csv"))
+    summary["plots"] = [
+        str(path) for path in write_plots(predictions, out, title=f"{name} on the {split} split")
+    ]
+    if autoencoder_dir is not None:
+        autoencoder = SpecPTForSpectrumReconstruction.from_pretrained(autoencoder_dir)
+        summary["plots"].append(
+            str(plot_reconstruction_examples(autoencoder, dataset, out / "reconstructions.png"))
+        )
+    return summary
+
+
+def write_predictions_csv(predictions: dict[str, np.ndarray], path: Path) -> Path:
+    """One row per spectrum, written atomically."""
+    from astropy.table import Table
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    Table(predictions).write(tmp, format="ascii.csv", overwrite=True)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specpt evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="folder of a SpecPTForRedshift model")
+    parser.add_argument("--data", required=True, help="prepared data folder ({data}/{split}/*.parquet)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--autoencoder", help="folder of the stage-1 autoencoder, for reconstruction plots")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    summary = evaluate_model(args.model, args.data, args.out, args.split, args.autoencoder, args.batch_size)
+    for name, values in summary["by_class"].items():
+        print(f"{name:>5}: n={values['n']:<6} NMAD={values['nmad']:.5f}  eta={100 * values['eta']:.2f}%")
+    print(f"results: {summary['results_json']}")
+    return 0
