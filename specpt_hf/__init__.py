@@ -12,9 +12,13 @@ model. A bare backbone is loaded with `SpecPTModel.from_pretrained(folder)` (fro
 Both task models and both configs are registered for `trust_remote_code`: `save_pretrained` writes `auto_map`
 into config.json and copies `configuration_specpt.py` and `modeling_specpt.py` next to the weights, so
 `AutoModel.from_pretrained(folder, trust_remote_code=True)` works where `specpt_hf` is not installed.
+
+It also registers the `spectrum-redshift` pipeline (`specpt_hf.pipeline_specpt`), so
+`transformers.pipeline("spectrum-redshift", model=folder)` returns a `SpecPTRedshiftPipeline`.
 """
 
 from transformers import AutoConfig, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .modeling_specpt import (
@@ -27,6 +31,7 @@ from .modeling_specpt import (
     SpecPTRedshiftOutput,
     prepare_spectra,
 )
+from .pipeline_specpt import SHORT_NAMES, TASK, SpecPTRedshiftPipeline
 from .presets import count_parameters, create_model, list_presets, preset_config
 
 __version__ = "0.1.0"
@@ -39,6 +44,12 @@ SpecPTConfig.register_for_auto_class("AutoConfig")
 SpecPTForRedshiftConfig.register_for_auto_class("AutoConfig")
 SpecPTForSpectrumReconstruction.register_for_auto_class("AutoModel")
 SpecPTForRedshift.register_for_auto_class("AutoModel")
+PIPELINE_REGISTRY.register_pipeline(
+    TASK,
+    pipeline_class=SpecPTRedshiftPipeline,
+    pt_model=AutoModel,
+    default={"model": (SHORT_NAMES["specpt-desi"], "main")},
+)
 
 __all__ = [
     "SpecPTConfig",
@@ -50,6 +61,7 @@ __all__ = [
     "SpecPTPreTrainedModel",
     "SpecPTReconstructionOutput",
     "SpecPTRedshiftOutput",
+    "SpecPTRedshiftPipeline",
     "__version__",
     "count_parameters",
     "create_model",

@@ -1,0 +1,630 @@
+"""`specpt predict`: many DESI coadd files in, one Redrock-style redshift catalog out.
+
+    specpt predict data/healpix/ coadd-sv3-dark-26065.fits --model specpt-desi --out catalog.fits \
+        [--format fits|parquet|csv] [--batch-size 64] [--device auto] [--resume] \
+        [--autoencoder specpt-desi-autoencoder] [--min-quality 0.5] [--min-coverage 0.5] [--max-anomaly 5]
+
+Directories are searched for `coadd-*.fits`. Files are read one at a time, a fixed number of rows at a time, by a
+reader thread that feeds batches through a bounded queue to the model (so memory stays bounded and reading
+overlaps compute). The catalog is written once at the end, to a temporary file then renamed, so a catalog under
+the final name is always complete.
+
+Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum):
+
+| column | type | meaning |
+| --- | --- | --- |
+| TARGETID | int64 | DESI TARGETID |
+| Z, ZERR | float64 | redshift and its 1-sigma uncertainty (ZERR NaN for heads without one) |
+| ZWARN | int64 | `SpecPTZwarn` bit mask, 0 = no warning (bits 1 LITTLE_COVERAGE, 2 LOW_QUALITY, 4 ANOMALOUS, 5 AT_Z_LIMIT) |
+| QUALITY | float32 | p(z) mass within a few bins of the peak, in [0, 1] |
+| NPIXELS | int32 | good pixels on the model's grid |
+| ANOMALY | float32 | reduced chi^2 of the autoencoder's reconstruction (only with `--autoencoder`) |
+| SURVEY, PROGRAM | str | provenance |
+| HEALPIX | int32 | nside-64 nested healpix, -1 for tile coadds |
+| SOURCE | str | coadd file name |
+
+SPECTYPE is not predicted. The header (FITS keywords, Parquet / ECSV table metadata) holds the model reference,
+its resolved repo id or folder, its Hub revision, the autoencoder, the flag thresholds, the redshift range and the
+versions of specpt_hf, transformers and torch. Spectra without usable pixels are not in the catalog (counted);
+a file without usable spectra is reported and skipped; an unreadable file is reported, skipped, and makes the
+exit status 1.
+
+`--resume`: progress is kept next to the output in `<out>.progress/` (a manifest and one part file per finished
+input file, each written atomically); a resumed run skips the files already done and predicts the rest. The
+folder is removed once the catalog is written (kept while some files failed, so that a resumed run retries them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from astropy.io import fits
+from astropy.table import Table
+from tqdm.auto import tqdm
+
+from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
+from .inference import InferenceStats, batched, predict_batch
+from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
+from .pipeline_specpt import (
+    FlagThresholds,
+    SpecPTZwarn,
+    check_same_grid,
+    load_model,
+    resolve_model_name,
+    to_model_grid,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {".fits": "fits", ".fit": "fits", ".parquet": "parquet", ".csv": "csv"}
+PROGRESS_SUFFIX = ".progress"
+MANIFEST = "manifest.json"
+QUEUE_BATCHES = 4  # batches the reader may hold ahead of the model
+# catalog column <- prediction column, output dtype
+CATALOG_COLUMNS: dict[str, tuple[str, str]] = {
+    "TARGETID": ("targetid", "int64"),
+    "Z": ("z_pred", "float64"),
+    "ZERR": ("zerr_pred", "float64"),
+    "ZWARN": ("zwarn", "int64"),
+    "QUALITY": ("quality", "float32"),
+    "NPIXELS": ("npixels", "int32"),
+    "ANOMALY": ("anomaly", "float32"),
+    "SURVEY": ("survey", "str"),
+    "PROGRAM": ("program", "str"),
+    "HEALPIX": ("healpix", "int32"),
+    "SOURCE": ("source", "str"),
+}
+
+__all__ = ["SpecPTZwarn", "PredictSummary", "find_input_files", "main", "predict_catalog", "write_catalog"]
+
+
+@dataclass
+class PredictSummary:
+    """What a `predict_catalog` run did."""
+
+    out: Path
+    files: int = 0  # input files
+    resumed: int = 0  # done in an earlier run, skipped
+    predicted: int = 0  # files predicted in this run
+    empty: list[str] = field(default_factory=list)  # files without usable spectra
+    failed: dict[str, str] = field(default_factory=dict)  # unreadable files -> message
+    rows: int = 0  # catalog rows
+    spectra: int = 0  # spectra predicted in this run
+    skipped_spectra: int = 0  # spectra without usable pixels (reader + model grid)
+    seconds: float = 0.0
+
+    @property
+    def spectra_per_second(self) -> float:
+        return self.spectra / self.seconds if self.seconds > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_input_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given and `coadd-*.fits` found under directories (sorted), without duplicates.
+
+    Raises:
+        FileNotFoundError: naming a path that does not exist, or a directory without coadd files.
+    """
+    files: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.rglob("coadd-*.fits"))
+            if not found:
+                raise FileNotFoundError(f"{path}: no coadd-*.fits files in this directory")
+            files.update(dict.fromkeys(p.resolve() for p in found))
+        elif path.is_file():
+            files[path.resolve()] = None
+        else:
+            raise FileNotFoundError(f"{path}: no such file or directory")
+    return list(files)
+
+
+def catalog_format(out: Path, fmt: str | None) -> str:
+    """`fmt`, or the format implied by the suffix of `out`."""
+    if fmt is not None:
+        if fmt not in set(FORMATS.values()):
+            raise ValueError(f"`format` must be one of {sorted(set(FORMATS.values()))}, got {fmt!r}")
+        return fmt
+    try:
+        return FORMATS[out.suffix.lower()]
+    except KeyError:
+        raise ValueError(
+            f"{out}: cannot tell the format from the suffix; pass --format fits|parquet|csv"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress sidecar
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, write: Any) -> None:
+    """`write(tmp_path)` then rename onto `path` (same folder); the temporary file never survives a failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_npz(path: Path, columns: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
+        np.savez(handle, **columns)
+
+
+def _file_key(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+class ProgressStore:
+    """`<out>.progress/`: `manifest.json` (run settings + finished files) and one `.npz` part per finished file."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], resume: bool) -> None:
+        self.folder = out.with_name(out.name + PROGRESS_SUFFIX)
+        self.settings = settings
+        self.files: dict[str, dict[str, Any]] = {}
+        if resume and (self.folder / MANIFEST).is_file():
+            manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+            if manifest.get("settings") != settings:
+                raise ValueError(
+                    f"{self.folder}: the progress was made with other settings ({manifest.get('settings')}); "
+                    "rerun without --resume to start again"
+                )
+            self.files = manifest["files"]
+        elif self.folder.exists():
+            if resume:
+                logger.info("%s: no manifest, starting from the first file", self.folder)
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        text = json.dumps({"settings": self.settings, "files": self.files}, indent=1)
+        _atomic_write_bytes(self.folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def done(self, path: Path) -> bool:
+        """Whether `path` (unchanged since) was finished earlier."""
+        entry = self.files.get(str(path))
+        if entry is None or {k: entry[k] for k in ("size", "mtime_ns")} != _file_key(path):
+            return False
+        return entry["part"] is None or (self.folder / entry["part"]).is_file()
+
+    def record(self, index: int, path: Path, columns: dict[str, np.ndarray] | None, stats: dict) -> None:
+        """Save the rows of a finished file (None: it had none), then the manifest; both atomically."""
+        part = None
+        if columns is not None:
+            part = f"part-{index:06d}.npz"
+            _atomic_write_bytes(self.folder / part, lambda tmp: _save_npz(tmp, columns))
+        self.files[str(path)] = {**_file_key(path), "part": part, "stats": stats}
+        self._write_manifest()
+
+    def columns(self, files: list[Path]) -> list[dict[str, np.ndarray]]:
+        """The saved rows of `files`, in that order."""
+        parts = []
+        for path in files:
+            entry = self.files.get(str(path))
+            if entry and entry["part"]:
+                with np.load(self.folder / entry["part"], allow_pickle=False) as data:
+                    parts.append({key: data[key] for key in data.files})
+        return parts
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading thread
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Reader(threading.Thread):
+    """Reads the pending files in order and queues ("batch", i, batch), ("end", i, stats), ("failed", i, message),
+    then ("done",); ("error", exception) if something unexpected happened."""
+
+    def __init__(self, files: list[tuple[int, Path]], batch_size: int, config: Any) -> None:
+        super().__init__(name="specpt-predict-reader", daemon=True)
+        self.files = files
+        self.batch_size = batch_size
+        self.config = config
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.stop = threading.Event()
+
+    def _put(self, item: tuple) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read_file(self, index: int, path: Path) -> bool:
+        stats = ReadStats()
+        try:
+            for batch in batched(read_desi_spectra(path, stats=stats), self.batch_size):
+                flux, ivar, mask = to_model_grid(
+                    self.config, batch["flux"], batch["ivar"], batch["mask"], desi_brz_wavelength()
+                )
+                batch.update(flux=flux, ivar=ivar, mask=mask)
+                if not self._put(("batch", index, batch)):
+                    return False
+        except (DesiFormatError, OSError) as error:
+            return self._put(("failed", index, str(error)))
+        return self._put(("end", index, stats.as_dict()))
+
+    def run(self) -> None:
+        try:
+            for index, path in self.files:
+                if not self._read_file(index, path):
+                    return
+        except BaseException as error:  # handed to the main thread, which re-raises it
+            self._put(("error", error))
+            return
+        self._put(("done",))
+
+    def items(self) -> Iterator[tuple]:
+        while (item := self.queue.get())[0] != "done":
+            if item[0] == "error":
+                raise item[1]
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _load(ref: Any, task: str) -> tuple[Any, str]:
+    """(model, reference string) from a model object or a name / folder / repo id."""
+    if isinstance(ref, torch.nn.Module):
+        return ref, str(getattr(ref, "name_or_path", "") or type(ref).__name__)
+    return load_model(ref, task=task), os.fspath(ref)
+
+
+def _run_settings(
+    model: SpecPTForRedshift, model_ref: str, ae_ref: str | None, thresholds: FlagThresholds
+) -> dict:
+    """What decides the predictions: a resumed run must use the same."""
+    from . import __version__
+
+    return {
+        "model": model_ref,
+        "model_revision": getattr(model.config, "_commit_hash", None),
+        "autoencoder": ae_ref,
+        "thresholds": thresholds.as_dict(),
+        "specpt_hf": __version__,
+    }
+
+
+def _file_columns(parts: list[dict[str, np.ndarray]], path: Path) -> dict[str, np.ndarray] | None:
+    parts = [part for part in parts if len(part["z_pred"])]
+    if not parts:
+        return None
+    columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    columns["source"] = np.full(len(columns["z_pred"]), path.name)
+    return columns
+
+
+def predict_catalog(
+    files: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    model: Any = "specpt-desi",
+    *,
+    autoencoder: Any = None,
+    fmt: str | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    thresholds: FlagThresholds | None = None,
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every usable spectrum of `files` and write one catalog to `out` (see the module docstring).
+
+    Args:
+        files: coadd files and/or directories (searched for `coadd-*.fits`).
+        out: the catalog path; `fmt` (fits, parquet, csv) defaults to its suffix.
+        model, autoencoder: model objects, or folders / repo ids / short names for `load_model`.
+        batch_size: spectra per model call. device: "auto" (default: CUDA when available), "cpu", "cuda:0", ...
+        resume: continue from `<out>.progress/` (files already done are not read again).
+        thresholds: the ZWARN thresholds.
+
+    Raises:
+        FileNotFoundError / ValueError / OSError for bad arguments, models or settings that differ from the
+        progress being resumed. Unreadable input files are reported in the summary, not raised.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    fmt = catalog_format(out, fmt)
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    paths = find_input_files(files)
+    thresholds = thresholds or FlagThresholds()
+    device = _resolve_device(device)
+    model, model_ref = _load(model, "redshift")
+    model = model.to(device).eval()
+    ae_ref = None
+    if autoencoder is not None:
+        autoencoder, ae_ref = _load(autoencoder, "autoencoder")
+        check_same_grid(model, autoencoder)
+        autoencoder = autoencoder.to(device).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    store = ProgressStore(out, _run_settings(model, model_ref, ae_ref, thresholds), resume)
+    summary = PredictSummary(out=out, files=len(paths))
+    pending = [(i, path) for i, path in enumerate(paths) if not store.done(path)]
+    summary.resumed = len(paths) - len(pending)
+    if summary.resumed:
+        logger.info("resuming: %d of %d files already done", summary.resumed, len(paths))
+
+    _predict_files(pending, store, model, autoencoder, thresholds, batch_size, progress, summary)
+    for path in paths:
+        stats = store.files.get(str(path), {}).get("stats", {})
+        summary.skipped_spectra += stats.get("no_data", 0) + stats.get("model_grid_no_data", 0)
+        if str(path) in store.files and store.files[str(path)]["part"] is None:
+            summary.empty.append(str(path))
+
+    parts = store.columns(paths)
+    summary.rows = sum(len(part["z_pred"]) for part in parts)
+    summary.seconds = time.perf_counter() - start
+    if not parts:
+        raise ValueError(
+            f"no usable spectra in any of the {len(paths)} input files; nothing written to {out}"
+        )
+    meta = _catalog_meta(model, model_ref, ae_ref, thresholds, summary)
+    write_catalog(_catalog_table(parts, autoencoder is not None, meta), out, fmt)
+    if summary.failed:
+        logger.error(
+            "%d files could not be read (kept %s; rerun with --resume to retry them): %s",
+            len(summary.failed),
+            store.folder,
+            "; ".join(summary.failed.values()),
+        )
+    else:
+        store.remove()
+    return summary
+
+
+def _predict_files(
+    pending: list[tuple[int, Path]],
+    store: ProgressStore,
+    model: SpecPTForRedshift,
+    autoencoder: SpecPTForSpectrumReconstruction | None,
+    thresholds: FlagThresholds,
+    batch_size: int,
+    progress: bool,
+    summary: PredictSummary,
+) -> None:
+    """Run the reader thread over `pending` and the models over its batches; record each finished file."""
+    if not pending:
+        return
+    reader = _Reader(pending, batch_size, model.config)
+    paths = dict(pending)
+    rows: dict[int, list[dict[str, np.ndarray]]] = {}
+    stats: dict[int, InferenceStats] = {}
+    files_bar = tqdm(
+        total=summary.files, initial=summary.resumed, desc="files", unit="file", disable=not progress
+    )
+    spectra_bar = tqdm(desc="spectra", unit="spectrum", disable=not progress, position=1, leave=False)
+    reader.start()
+    try:
+        for kind, index, payload in reader.items():
+            if kind == "batch":
+                file_stats = stats.setdefault(index, InferenceStats())
+                columns = predict_batch(
+                    model, payload, autoencoder=autoencoder, thresholds=thresholds, stats=file_stats
+                )
+                rows.setdefault(index, []).append(columns)
+                spectra_bar.update(len(payload["flux"]))
+                continue
+            path = paths[index]
+            if kind == "failed":
+                logger.error("%s: skipped, cannot be read: %s", path, payload)
+                summary.failed[str(path)] = payload
+                rows.pop(index, None)
+            else:
+                _finish_file(
+                    index, path, rows.pop(index, []), payload, stats.pop(index, InferenceStats()), store
+                )
+                summary.predicted += 1
+                summary.spectra += store.files[str(path)]["stats"]["predicted"]
+            files_bar.update(1)
+    finally:
+        reader.close()
+        files_bar.close()
+        spectra_bar.close()
+
+
+def _finish_file(
+    index: int, path: Path, parts: list, read_stats: dict, model_stats: InferenceStats, store: ProgressStore
+) -> None:
+    columns = _file_columns(parts, path)
+    stats = {**read_stats, "predicted": model_stats.spectra, "model_grid_no_data": model_stats.skipped}
+    if columns is None:
+        logger.warning(
+            "%s: no usable spectra (%d fibers, %d without usable pixels); skipped",
+            path,
+            read_stats.get("fibers", 0),
+            read_stats.get("no_data", 0) + model_stats.skipped,
+        )
+    elif model_stats.skipped:
+        logger.warning("%s: %d spectra without usable pixels on the model's grid", path, model_stats.skipped)
+    store.record(index, path, columns, stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Catalog
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _catalog_meta(
+    model: SpecPTForRedshift,
+    model_ref: str,
+    ae_ref: str | None,
+    thresholds: FlagThresholds,
+    summary: PredictSummary,
+) -> dict[str, Any]:
+    """Header keywords (FITS-length names) of the catalog."""
+    import transformers
+
+    from . import __version__
+
+    meta = {
+        "MODEL": model_ref,
+        "MODELID": resolve_model_name(model_ref) if model_ref else "",
+        "MODELREV": getattr(model.config, "_commit_hash", None) or "",
+        "AUTOENC": ae_ref or "",
+        "SPECPTV": __version__,
+        "TRANSFV": transformers.__version__,
+        "TORCHV": str(torch.__version__),
+        "ZMIN": model.config.z_min,
+        "ZMAX": model.config.z_max,
+        "MINQUAL": thresholds.min_quality,
+        "MINCOV": thresholds.min_coverage,
+        "MAXANOM": thresholds.max_anomaly,
+        "NFILES": summary.files,
+        "NEMPTY": len(summary.empty),
+        "NFAILED": len(summary.failed),
+    }
+    meta.update({f"ZWARN{flag.bit_length() - 1}": flag.name for flag in SpecPTZwarn})
+    return meta
+
+
+def _catalog_table(parts: list[dict[str, np.ndarray]], with_anomaly: bool, meta: dict[str, Any]) -> Table:
+    table = Table(meta=meta)
+    for name, (key, dtype) in CATALOG_COLUMNS.items():
+        if name == "ANOMALY" and not with_anomaly:
+            continue
+        values = np.concatenate([part[key] for part in parts])
+        table[name] = values.astype(str) if dtype == "str" else values.astype(dtype)
+    return table
+
+
+def write_catalog(table: Table, out: str | os.PathLike, fmt: str) -> Path:
+    """Write `table` to `out` atomically: FITS (HDU REDSHIFTS, `table.meta` as header keywords in it and in the
+    primary header), Parquet or CSV (ECSV: the metadata in `#` header lines, then plain comma-separated rows)."""
+    out = Path(out)
+
+    def write(tmp: Path) -> None:
+        if fmt == "fits":
+            hdu = fits.table_to_hdu(table)
+            hdu.name = "REDSHIFTS"
+            primary = fits.PrimaryHDU()
+            primary.header.update({key: value for key, value in table.meta.items()})
+            fits.HDUList([primary, hdu]).writeto(tmp)
+        elif fmt == "parquet":
+            table.write(tmp, format="parquet")
+        elif fmt == "csv":
+            table.write(tmp, format="ascii.ecsv", delimiter=",")
+        else:
+            raise ValueError(f"unknown catalog format {fmt!r}")
+
+    _atomic_write_bytes(out, write)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specpt predict", description="Redshift catalog from DESI coadd files (see `specpt_hf.predict`)."
+    )
+    parser.add_argument("files", nargs="+", help="coadd files, or directories searched for coadd-*.fits")
+    parser.add_argument(
+        "--model", default="specpt-desi", help="redshift model: folder, Hub repo id or short name"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="catalog path (.fits, .parquet or .csv)")
+    parser.add_argument(
+        "--format", choices=sorted(set(FORMATS.values())), help="default: from the --out suffix"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="spectra per model call (default 64)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--resume", action="store_true", help="skip the files finished by an interrupted run")
+    parser.add_argument(
+        "--autoencoder", help="autoencoder for the ANOMALY column (folder, repo id, short name)"
+    )
+    defaults = FlagThresholds()
+    parser.add_argument(
+        "--min-quality", type=float, default=defaults.min_quality, help="LOW_QUALITY below this"
+    )
+    parser.add_argument(
+        "--min-coverage",
+        type=float,
+        default=defaults.min_coverage,
+        help="LITTLE_COVERAGE below this pixel fraction",
+    )
+    parser.add_argument(
+        "--max-anomaly", type=float, default=defaults.max_anomaly, help="ANOMALOUS above this"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log per-file details")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    if args.threads is not None:
+        if args.threads < 1:
+            build_parser().error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        thresholds = FlagThresholds(args.min_quality, args.min_coverage, args.max_anomaly)
+        summary = predict_catalog(
+            args.files,
+            args.out,
+            args.model,
+            autoencoder=args.autoencoder,
+            fmt=args.format,
+            batch_size=args.batch_size,
+            device=args.device,
+            resume=args.resume,
+            thresholds=thresholds,
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as error:
+        logger.error("specpt predict: %s", error)
+        return 1
+    print(
+        f"{summary.out}: {summary.rows} spectra from {summary.files} files ({summary.resumed} resumed, "
+        f"{len(summary.empty)} without usable spectra, {len(summary.failed)} unreadable); "
+        f"{summary.spectra} predicted in {summary.seconds:.1f} s ({summary.spectra_per_second:.1f} spectra/s)"
+    )
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

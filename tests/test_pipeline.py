@@ -1,0 +1,289 @@
+"""The `spectrum-redshift` pipeline (DESI files, arrays on other grids, specutils Spectrum objects, remote code)
+and model loading by folder, repo id or short name."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+import pytest
+import torch
+from astropy.nddata import InverseVariance
+from transformers import BertConfig, pipeline
+
+from specpt_hf import create_model
+from specpt_hf.data import desi_brz_wavelength, read_desi_spectra
+from specpt_hf.data.instrument import resample
+from specpt_hf.pipeline_specpt import (
+    SHORT_NAMES,
+    SpecPTRedshiftPipeline,
+    SpecPTZwarn,
+    load_model,
+    load_pipeline,
+    resolve_model_name,
+    to_model_grid,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
+COADD = DATA / "coadd-sv3-dark-26065.fits"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    folders = {}
+    for task in ("redshift", "autoencoder"):
+        folders[task] = root / task
+        create_model("specpt-tiny", task).save_pretrained(folders[task])
+    return folders
+
+
+@pytest.fixture(scope="module")
+def pipe(folders) -> SpecPTRedshiftPipeline:
+    return pipeline("spectrum-redshift", model=str(folders["redshift"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    return list(read_desi_spectra(COADD))
+
+
+def direct(model, flux, ivar, mask) -> np.ndarray:
+    """Redshifts from calling the model itself."""
+    with torch.no_grad():
+        out = model(
+            flux=torch.as_tensor(np.where(mask, 0.0, flux), dtype=torch.float32),
+            ivar=torch.as_tensor(np.where(mask, 0.0, ivar), dtype=torch.float32),
+            mask=torch.as_tensor(mask),
+        )
+    return out.redshift.numpy()
+
+
+def test_registered_task_on_a_real_desi_file(pipe, records):
+    assert isinstance(pipe, SpecPTRedshiftPipeline)
+    results = pipe(str(COADD))
+    assert [r["targetid"] for r in results] == [r["targetid"] for r in records]
+    expected = direct(pipe.model, *(np.stack([r[k] for r in records]) for k in ("flux", "ivar", "mask")))
+    np.testing.assert_allclose([r["z"] for r in results], expected, rtol=1e-6)
+    for result, record in zip(results, records, strict=True):
+        assert result["npixels"] == int((~record["mask"]).sum())
+        assert result["survey"] == "sv3" and result["healpix"] == 26065
+        assert 0.0 <= result["quality"] <= 1.0 and result["zerr"] > 0
+        assert (
+            result["zwarn"] & SpecPTZwarn.LOW_QUALITY == (result["quality"] < 0.5) * SpecPTZwarn.LOW_QUALITY
+        )
+
+
+def test_arrays_on_another_grid_are_resampled_with_coverage_masked(pipe, records):
+    record = records[0]
+    wave = np.arange(5000.0, 7000.0, 0.5)  # a finer grid covering a third of the model's
+    flux, ivar, mask = resample(
+        desi_brz_wavelength(), record["flux"], record["ivar"], wave, mask=record["mask"]
+    )
+    result = pipe({"wave": wave, "flux": flux, "ivar": ivar, "mask": mask})
+    on_grid, ivar_grid, bad = to_model_grid(pipe.model.config, flux[None], ivar[None], mask[None], wave)
+    model_wave = desi_brz_wavelength()
+    outside = (model_wave < 4999.5) | (model_wave > 7000.0)  # model pixels not covered by the input
+    assert bad[0][outside].all() and result["npixels"] == int((~bad).sum()) > 2000
+    assert result["z"] == pytest.approx(float(direct(pipe.model, on_grid, ivar_grid, bad)[0]), rel=1e-6)
+    assert result["zwarn"] & SpecPTZwarn.LITTLE_COVERAGE  # 2500 of 7781 pixels
+    assert pipe((wave, flux, np.where(mask, 0.0, ivar)))["z"] == pytest.approx(result["z"], rel=1e-6)
+
+    batch = pipe(
+        {"wave": wave, "flux": np.stack([flux, np.full_like(flux, np.nan)]), "ivar": np.stack([ivar] * 2)}
+    )
+    assert batch[0]["z"] == pytest.approx(result["z"], rel=1e-6)
+    assert np.isnan(batch[1]["z"]) and batch[1]["zwarn"] & SpecPTZwarn.NODATA and batch[1]["npixels"] == 0
+
+    with pytest.raises(ValueError, match="no usable pixel on the model's grid"):
+        pipe({"wave": np.linspace(10750.0, 17000.0, 135), "flux": np.ones(135)})  # HST G141: no overlap
+    with pytest.raises(ValueError, match="7781"):
+        pipe({"flux": np.ones(100)})
+
+
+def test_specutils_spectrum_in_any_flux_unit(pipe):
+    from specutils import SpectrumList
+
+    arms = SpectrumList.read(str(COADD), format="DESI coadd")
+    blue = arms[0]
+    row = int(np.flatnonzero((blue.uncertainty.array > 0).any(axis=1))[0])
+    spectrum = blue[row]
+    result = pipe(spectrum)
+    arrays = {
+        "wave": blue.spectral_axis.value,
+        "flux": blue.flux.value[row],
+        "ivar": blue.uncertainty.array[row],
+    }
+    assert result["z"] == pytest.approx(pipe({**arrays, "mask": blue.mask[row]})["z"], rel=1e-6)
+    assert 0 < result["npixels"] <= blue.flux.shape[1]
+
+    # the same spectrum in f_nu, with a standard-deviation uncertainty, on a frequency axis
+    from specutils import Spectrum
+
+    wave = blue.spectral_axis
+    fnu = spectrum.flux.to(u.erg / u.s / u.cm**2 / u.Hz, equivalencies=u.spectral_density(wave))
+    ivar_nu = InverseVariance(
+        spectrum.uncertainty.array / (fnu.value / spectrum.flux.value) ** 2, unit=fnu.unit**-2
+    )
+    freq = Spectrum(
+        flux=fnu[::-1],
+        spectral_axis=wave.to(u.Hz, equivalencies=u.spectral())[::-1],
+        uncertainty=ivar_nu[::-1],
+    )
+    freq.mask = spectrum.mask[::-1]
+    assert pipe(freq)["z"] == pytest.approx(result["z"], rel=1e-4)
+
+
+def test_autoencoder_outputs(folders, pipe):
+    rec_pipe = pipeline(
+        "spectrum-redshift",
+        model=str(folders["redshift"]),
+        autoencoder=str(folders["autoencoder"]),
+        device="cpu",
+    )
+    results = rec_pipe(str(COADD), return_reconstruction=True, return_embedding=True, batch_size=1)
+    plain = pipe(str(COADD))
+    autoencoder = rec_pipe.autoencoder
+    record = next(iter(read_desi_spectra(COADD)))
+    with torch.no_grad():
+        good = ~record["mask"]
+        out = autoencoder(
+            flux=torch.as_tensor(np.where(good, record["flux"], 0.0))[None],
+            ivar=torch.as_tensor(np.where(good, record["ivar"], 0.0))[None],
+            mask=torch.as_tensor(record["mask"])[None],
+        )
+    model_flux = (out.reconstruction * out.scale[:, None])[0].numpy()
+    chi2 = (record["ivar"] * (record["flux"] - model_flux) ** 2)[good].sum() / good.sum()
+    first = results[0]
+    assert first["anomaly"] == pytest.approx(float(chi2), rel=1e-4)
+    np.testing.assert_allclose(first["reconstruction"], model_flux, rtol=1e-5, atol=1e-6)
+    assert first["embedding"].shape == (rec_pipe.model.config.d_model,)
+    assert [r["z"] for r in results] == pytest.approx([r["z"] for r in plain], rel=1e-6)
+    assert "anomaly" not in plain[0]
+    with pytest.raises(ValueError, match="autoencoder"):
+        pipe(str(COADD), return_reconstruction=True)
+    with pytest.raises(ValueError, match="redshift model"):
+        pipeline("spectrum-redshift", model=str(folders["autoencoder"]), device="cpu")
+
+
+def test_load_model_names_and_bad_folders(folders, tmp_path, monkeypatch):
+    assert resolve_model_name("specpt-desi") == SHORT_NAMES["specpt-desi"] == "specpt/specpt-desi"
+    assert resolve_model_name("specpt-desi-autoencoder") == "specpt/specpt-desi-autoencoder"
+    assert resolve_model_name("org/other") == "org/other"
+    model = load_model(folders["redshift"])
+    assert model.config.model_type == "specpt_redshift" and not model.training
+    assert load_pipeline(folders["redshift"], device="cpu").model.config.num_redshift_bins == 32
+
+    with pytest.raises(ValueError, match="autoencoder model"):
+        load_model(folders["autoencoder"], task="redshift")
+    foreign = tmp_path / "bert"
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(foreign)
+    with pytest.raises(ValueError, match="not a SpecPT model"):
+        load_model(foreign)
+    incomplete = tmp_path / "incomplete"
+    load_model(folders["redshift"]).config.save_pretrained(incomplete)
+    with pytest.raises(OSError, match="no model.safetensors"):
+        load_model(incomplete)
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        load_model(tmp_path / "missing" / "model")
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1") as error:
+        load_model("specpt-desi")
+    assert "specpt/specpt-desi" in str(error.value) and "local model folder" in str(error.value)
+
+
+CHILD = r"""
+import importlib.abc, json, sys
+from pathlib import Path
+
+
+class HideSpecPT(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "specpt_hf" or name.startswith("specpt_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, HideSpecPT())
+sys.path = [p for p in sys.path if not (Path(p or ".") / "specpt_hf").is_dir()]
+try:
+    import specpt_hf  # noqa: F401
+    hidden = False
+except ModuleNotFoundError:
+    hidden = True
+
+import torch
+from transformers import pipeline
+
+data = torch.load(sys.argv[1], weights_only=False)
+pipe = pipeline("spectrum-redshift", model=data["folder"], trust_remote_code=True, device="cpu")
+report = {"hidden": hidden, "class": type(pipe).__name__, "module": type(pipe).__module__}
+report["z"] = [r["z"] for r in pipe({"wave": data["wave"], "flux": data["flux"], "ivar": data["ivar"]})]
+for name, call in {
+    "desi_file": lambda: pipe(data["coadd"]),
+    "offline_autoencoder": lambda: pipeline(
+        "spectrum-redshift", model=data["folder"], trust_remote_code=True, device="cpu",
+        autoencoder="specpt-desi-autoencoder",
+    ),
+}.items():
+    try:
+        call()
+        report[name] = "no error"
+    except (OSError, ValueError) as error:
+        report[name] = f"{type(error).__name__}: {error}"
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_trust_remote_code_pipeline_without_specpt_hf(pipe, records, tmp_path):
+    folder = tmp_path / "shipped"
+    pipe.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"]["spectrum-redshift"]["impl"] == "pipeline_specpt.SpecPTRedshiftPipeline"
+    assert {"pipeline_specpt.py", "modeling_specpt.py", "configuration_specpt.py"} <= set(os.listdir(folder))
+    assert isinstance(
+        load_pipeline(folder, device="cpu"), SpecPTRedshiftPipeline
+    )  # no trust_remote_code needed
+
+    wave = np.arange(4000.0, 9000.0, 1.1)  # off the model's grid: the remote file resamples by itself
+    stacked = [np.stack([r[k] for r in records]) for k in ("flux", "ivar", "mask")]
+    flux, ivar, _ = resample(desi_brz_wavelength(), *stacked[:2], wave, mask=stacked[2])
+    expected = [r["z"] for r in pipe({"wave": wave, "flux": flux, "ivar": ivar})]
+    torch.save(
+        {"folder": str(folder), "wave": wave, "flux": flux, "ivar": ivar, "coadd": str(COADD)},
+        tmp_path / "data.pt",
+    )
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    workdir = tmp_path / "empty"
+    workdir.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "data.pt")],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "REPORT " in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )
+    report = json.loads(result.stdout.rsplit("REPORT ", 1)[1].splitlines()[0])
+    assert report["hidden"], "specpt_hf was importable in the child process"
+    assert report["class"] == "SpecPTRedshiftPipeline" and report["module"].startswith("transformers_modules")
+    assert report["z"] == pytest.approx(expected, rel=1e-5)
+    assert report["desi_file"].startswith("ValueError") and "specpt_hf" in report["desi_file"]
+    assert "HF_HUB_OFFLINE=1" in report["offline_autoencoder"]
+    assert "specpt/specpt-desi-autoencoder" in report["offline_autoencoder"]
