@@ -4,8 +4,9 @@ For each instrument (DEIMOS-like, HST-grism-like mocks from `specpt_hf.data.mock
 resolution) and each training-set size, two redshift models with the same config, data, optimizer steps, batch
 size, learning-rate schedule and seeds are trained: one starting from the pretrained backbone (`--pretrained`,
 loaded by `specpt_hf.finetune.adapt_to_instrument`), one from random weights (`load_weights=False`: the same
-initial head, a random backbone). Both are evaluated on the same held-out test spectra (NMAD and eta, overall
-and per class). The training sets are nested: the first N rows of one shuffled training pool.
+initial head, a random backbone). Both are trained by `specpt train`'s loop (`specpt_hf.finetune.finetune`),
+validated once at the end, and evaluated on the same held-out test spectra (NMAD and eta, overall and per
+class). The training sets are nested: the first N rows of one shuffled training pool.
 
 The full measurement (needs a pretrained specpt-small autoencoder, e.g. from `examples/run_main_job.py` or
 `specpt train --config examples/configs/specpt-small-autoencoder.yaml`):
@@ -17,7 +18,7 @@ The full measurement (needs a pretrained specpt-small autoencoder, e.g. from `ex
         --n-val 500 --n-test 2000 --seeds 0 1 2 --out benchmarks/results/transfer --resume
 
 It writes `{out}/transfer.json` (every run), `{out}/transfer.md` (the table) and `{out}/transfer.png` (NMAD and
-eta against the number of training spectra, both starts). Cost: 2 instruments x 3 sizes x 2 starts x 3 seeds =
+eta against the number of training spectra, both starts); each run's model folders go to `{out}/runs/{run}/`. Cost: 2 instruments x 3 sizes x 2 starts x 3 seeds =
 36 runs of 2000 steps. specpt-small trains ~90 spectra/s on the 7781-pixel DESI grid on 2 CPU cores, so a
 DEIMOS run (15153 pixels) takes ~25 min there and an HST G141 run (135 pixels) ~1-2 min: ~8 h on 2 cores for all
 seeds (use `--seeds 0` for ~3 h), minutes on a GPU. `--resume` keeps finished runs (`{out}/runs/*.json`) and the
@@ -46,7 +47,6 @@ from specpt_hf.data.instrument import get_instrument
 from specpt_hf.finetune import (
     FREEZE_CHOICES,
     GRIDS,
-    FinetuneSettings,
     adapt_to_instrument,
     config_wavelength,
     evaluate_redshifts,
@@ -55,6 +55,7 @@ from specpt_hf.finetune import (
     read_mock_info,
     write_instrument_dataset,
 )
+from specpt_hf.training import TrainingSettings
 
 STARTS = ("pretrained", "scratch")
 QUICK = dict(
@@ -143,19 +144,25 @@ def prepare_data(args: argparse.Namespace, pretrained: str, instrument: str) -> 
 def do_run(args: argparse.Namespace, pretrained: str, run: Run, data_dir: Path) -> dict[str, Any]:
     """Train and evaluate one run; its record (also written to `{out}/runs/{name}.json`)."""
     path = Path(args.out) / "runs" / f"{run.name}.json"
-    settings = FinetuneSettings(
+    settings = TrainingSettings(
+        stage="redshift",
+        data_dir=str(data_dir),
+        output_dir=str(path.with_suffix("")),  # the run's model/ and best/ folders
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
+        eval_steps=args.max_steps,  # validate once, at the end
         max_train_spectra=run.n_train,
         max_val_spectra=args.n_val,
         mixed_precision=args.mixed_precision,
+        report_to="none",
+        disable_tqdm=args.no_progress,
         seed=run.seed,
     )
     setup = {
         **asdict(run),
-        "settings": asdict(settings),
+        "settings": {k: v for k, v in settings.to_dict().items() if k != "disable_tqdm"},
         "pretrained": pretrained,
         "freeze": "none" if run.start == "scratch" else args.freeze,
         "lora_rank": 0 if run.start == "scratch" else args.lora_rank,
@@ -167,10 +174,13 @@ def do_run(args: argparse.Namespace, pretrained: str, run: Run, data_dir: Path) 
             return previous
     print(f"\n== {run.name}", flush=True)
     model, report = build_model(args, pretrained, run)
-    result = finetune(model, data_dir, settings, progress=not args.no_progress)
+    result = finetune(model, settings, report)
     test = evaluate_redshifts(result.model, data_dir, "test", batch_size=max(args.batch_size, 64))
     overall = test.metrics["all"]
-    print(f"{run.name}: test NMAD {overall['nmad']:.4f}, eta {overall['eta']:.3f} ({result.seconds:.0f} s)")
+    print(
+        f"{run.name}: test NMAD {overall['nmad']:.4f}, eta {overall['eta']:.3f} ({result.train_seconds:.0f} s)"
+    )
+    validation = [record for record in result.history if "validation/nmad" in record]
     record = {
         "setup": setup,
         "metrics": test.metrics,
@@ -178,9 +188,9 @@ def do_run(args: argparse.Namespace, pretrained: str, run: Run, data_dir: Path) 
         "eta": overall["eta"],
         "bias": overall["bias"],
         "n_test": overall["n"],
-        "train_seconds": result.seconds,
+        "train_seconds": result.train_seconds,
         "spectra_per_second": result.spectra_per_second,
-        "validation": result.history[-1] if result.history else {},
+        "validation": validation[-1] if validation else {},
         "loaded_tensors": len(report.loaded),
         "trainable_parameters": report.trainable_parameters,
     }

@@ -16,8 +16,9 @@
 
 Steps: write mock spectra of the instrument (its grid and line-spread function, `specpt_hf.data.mock`) as Parquet
 shards on the model's grid; build the redshift model for the instrument (`specpt_hf.finetune`: resampled or
-native grid, freezing, LoRA); fine-tune with Accelerate; evaluate NMAD and eta on the held-out test split; save
-with `save_pretrained` (LoRA merged, adapter alongside). `{out}/results.json` holds the metrics and what was loaded.
+native grid, freezing, LoRA); fine-tune with `specpt train`'s Accelerate loop (`specpt_hf.finetune.finetune`),
+which saves `{out}/model` and `{out}/best` with `save_pretrained` (LoRA merged, adapter alongside); evaluate NMAD
+and eta on the held-out test split. `{out}/results.json` holds the metrics and what was loaded.
 Grid `resample` needs the instrument to overlap the model's grid: HST G141 does not overlap DESI's, use `native`.
 """
 
@@ -37,16 +38,15 @@ from specpt_hf.data.instrument import get_instrument
 from specpt_hf.finetune import (
     FREEZE_CHOICES,
     GRIDS,
-    FinetuneSettings,
     adapt_to_instrument,
     config_wavelength,
     evaluate_redshifts,
     finetune,
     pretrain_mock_autoencoder,
     read_mock_info,
-    save_finetuned,
     write_instrument_dataset,
 )
+from specpt_hf.training import TrainingSettings
 
 INSTRUMENT_CHOICES = ("deimos", "hst_g102", "hst_g141")
 # --quick: tiny numbers, so the whole script runs in seconds on a CPU
@@ -117,42 +117,47 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
         rows = prepare_data(data_dir, model.config, args)
     print(f"mock spectra in {data_dir}: {rows}")
 
-    settings = FinetuneSettings(
+    settings = TrainingSettings(
+        stage="redshift",
+        data_dir=str(data_dir),
+        output_dir=str(out),
         max_steps=config["max_steps"],
         batch_size=config["batch_size"],
         learning_rate=args.learning_rate,
         encoder_learning_rate=args.encoder_learning_rate,
         warmup_steps=config["warmup_steps"],
         eval_steps=config["eval_steps"],
-        seed=args.seed,
         mixed_precision=args.mixed_precision,
+        report_to="none",
+        seed=args.seed,
     )
-    result = finetune(model, data_dir, settings)
-    for record in result.history:
+    result = finetune(
+        model, settings, report
+    )  # saves {out}/model (and best/): LoRA merged, adapter alongside
+    validation = [record for record in result.history if "validation/nmad" in record]
+    for record in validation:
         print(
             f"step {record['step']}: validation NMAD {record['validation/nmad']:.4f}, "
             f"eta {record['validation/eta']:.3f}"
         )
     test = evaluate_redshifts(result.model, data_dir, "test", batch_size=config["batch_size"])
-    model_dir = out / "model"
     if not state.is_main_process:
         return {}
-    save_finetuned(result.model, model_dir, report)
     results = {
         "instrument": report.instrument,
         "grid": args.grid,
         "freeze": args.freeze,
         "lora_rank": report.lora_rank,
         "pretrained": str(pretrained),
-        "settings": vars(settings),
+        "settings": settings.to_dict(),
         "rows": rows,
-        "train_seconds": result.seconds,
+        "train_seconds": result.train_seconds,
         "spectra_per_second": result.spectra_per_second,
-        "validation_history": result.history,
+        "validation_history": validation,
         "test": test.metrics,
         "test_dropped_out_of_range": test.dropped_out_of_range,
         "adaptation": report.to_dict(),
-        "model_dir": str(model_dir),
+        "model_dir": str(result.model_dir),
     }
     with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
         json.dump(results, tmp, indent=2)
@@ -160,7 +165,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     overall = test.metrics["all"]
     print(
         f"test ({overall['n']} spectra): NMAD {overall['nmad']:.4f}, eta {overall['eta']:.3f}, "
-        f"bias {overall['bias']:+.4f}; model saved to {model_dir}"
+        f"bias {overall['bias']:+.4f}; model saved to {result.model_dir}"
     )
     return results
 
@@ -198,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="folder for the mock Parquet shards (default: {out}/data)")
-    parser.add_argument("--out", required=True, help="output folder (model/, data/, results.json)")
+    parser.add_argument("--out", required=True, help="output folder (model/, best/, data/, results.json)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     args = parser.parse_args(argv)
     if args.pretrained is None and not args.quick:

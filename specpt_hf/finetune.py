@@ -4,7 +4,7 @@ A pretrained SpecPT folder (autoencoder or redshift model) becomes a `SpecPTForR
 one of two ways (`grid=`):
 
 - `"resample"`: the model keeps its own wavelength grid; the instrument's spectra are resampled onto it
-  (flux-conserving, `specpt_hf.data.instrument.resample`) and the model pixels the instrument does not cover are
+  (flux-conserving, `specpt_hf.resampling.resample`) and the model pixels the instrument does not cover are
   masked. Needs overlap: HST G141 (1.07-1.70 um) against the DESI grid (0.36-0.98 um) is refused.
 - `"native"`: a new config with the instrument's own grid (`wavelength_start`, `wavelength_step`,
   `num_pixels`; a grid that is not linear is resampled onto a linear one with its median step). In the `tokens`
@@ -25,8 +25,11 @@ on it: its wrapper hides the attributes the encoder layer reads). peft's `Multih
 adapter into in_proj/out_proj before each forward and subtracts it afterwards, so those two base weights pick up
 float rounding (~1e-6 relative after a few hundred steps); all other base weights stay bit-identical. In eval
 mode PyTorch's fused `TransformerEncoderLayer` path reads the base weights directly and skips every adapter:
-evaluation here switches that path off for peft models (`adapters_active`), and `merge_lora` gives a plain
-model with the adapters merged in (what `save_finetuned` writes).
+validation in `specpt_hf.training` switches that path off for peft models (`adapters_active`), and `merge_lora`
+gives a plain model with the adapters merged in (what `write_finetuned` / `save_finetuned` write).
+
+Training is `specpt train`'s Accelerate loop (`specpt_hf.training.training_function`, stage 2) run on the model
+built here: `finetune` checks the data grid and has the loop write its model folders with `write_finetuned`.
 
 The mock data come from `specpt_hf.data.mock.generate_spectra` on the instrument's grid and resolution, written
 as Parquet shards in the project layout (`{out}/{split}/part-*.parquet`, the columns of ARCHITECTURE.md, any
@@ -35,38 +38,46 @@ pixel count), so `specpt_hf.training` reads them unchanged.
     >>> model, report = adapt_to_instrument("runs/ae/model", "deimos", grid="native", freeze="stem")
     >>> write_instrument_dataset("data/deimos", "deimos", config_wavelength(model.config),
     ...                          {"train": 2000, "validation": 200, "test": 500})
-    >>> result = finetune(model, "data/deimos", FinetuneSettings(max_steps=1000))
+    >>> settings = TrainingSettings(stage="redshift", data_dir="data/deimos", output_dir="runs/deimos",
+    ...                             max_steps=1000, learning_rate=3e-4, warmup_steps=50, seed=0)
+    >>> result = finetune(model, settings, report)      # runs/deimos/model: merged weights, adaptation.json
     >>> evaluate_redshifts(result.model, "data/deimos").metrics["all"]["nmad"]
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import json
 import math
 import os
-import shutil
 import tempfile
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PretrainedConfig, get_scheduler
+from transformers import PretrainedConfig
 
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
-from .data.instrument import DESI, INSTRUMENTS, Instrument, bin_edges, get_instrument, resample
+from .data.instrument import DESI, INSTRUMENTS, Instrument, get_instrument
 from .evaluation.metrics import metrics_by_group
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction, num_tokens
+from .pipeline_specpt import model_wavelength as config_wavelength  # a config's grid, float64 [num_pixels]
 from .presets import PRESETS
+from .resampling import bin_edges, resample
+from .training.settings import TrainingSettings
+from .training.train import (
+    TrainingResult,
+    adapters_active,
+    is_peft_model,
+    replaced_folder,
+    training_function,
+)
 
 GRIDS = ("resample", "native")
 FREEZE_CHOICES = ("none", "stem", "encoder")
@@ -127,11 +138,6 @@ def instrument_sample(instrument: str | Instrument) -> InstrumentSample:
     if name not in INSTRUMENT_SAMPLES:
         raise ValueError(f"no default sample for instrument {name!r}; known: {sorted(INSTRUMENT_SAMPLES)}")
     return INSTRUMENT_SAMPLES[name]
-
-
-def config_wavelength(config: SpecPTConfig) -> np.ndarray:
-    """Pixel wavelengths of a config's linear grid, float64 [num_pixels] (Angstrom)."""
-    return config.wavelength_start + config.wavelength_step * np.arange(config.num_pixels)
 
 
 def native_grid(instrument: str | Instrument, step: float | None = None) -> dict[str, float | int]:
@@ -358,11 +364,6 @@ def lora_modules(model: nn.Module) -> list[str]:
     return [name.removeprefix("base_model.model.") for name in names]
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether `model` is a `peft.PeftModel` (without importing peft when it is not installed)."""
-    return type(model).__module__.startswith("peft.")
-
-
 def adapt_to_instrument(
     pretrained: str | os.PathLike,
     instrument: str | Instrument,
@@ -484,46 +485,28 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-@contextlib.contextmanager
-def adapters_active(model: nn.Module) -> Iterator[None]:
-    """Switch PyTorch's fused `TransformerEncoderLayer` inference path off while a peft model runs, so the
-    adapters take part in evaluation (the fused path reads the base weights and skips them)."""
-    if not is_peft_model(model):
-        yield
-        return
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
+def write_finetuned(
+    model: nn.Module, folder: str | os.PathLike, report: AdaptationReport | None = None
+) -> None:
+    """Write the fine-tuned model with `save_pretrained` into the (new, empty) `folder`.
+
+    A LoRA model is written merged (a plain `SpecPTForRedshift` folder that `from_pretrained` loads), with its
+    adapter next to it in `lora_adapter/`. `report` goes to `adaptation.json`."""
+    folder = Path(folder)
+    merge_lora(model).save_pretrained(folder, safe_serialization=True)
+    if is_peft_model(model):
+        model.save_pretrained(folder / LORA_ADAPTER_DIR)
+    if report is not None:
+        _write_json(folder / ADAPTATION_NAME, report.to_dict())
 
 
 def save_finetuned(
     model: nn.Module, folder: str | os.PathLike, report: AdaptationReport | None = None
 ) -> Path:
-    """Write the fine-tuned model with `save_pretrained` into `folder` (replaced at once when it exists).
-
-    A LoRA model is saved merged (a plain `SpecPTForRedshift` folder that `from_pretrained` loads), with its
-    adapter next to it in `lora_adapter/`. `report` goes to `adaptation.json`."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        merge_lora(model).save_pretrained(tmp, safe_serialization=True)
-        if is_peft_model(model):
-            model.save_pretrained(tmp / LORA_ADAPTER_DIR)
-        if report is not None:
-            _write_json(tmp / ADAPTATION_NAME, report.to_dict())
-        old = folder.with_name(f".{folder.name}-old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    """`write_finetuned` into `folder`, replaced at once when it exists; return `folder`."""
+    with replaced_folder(folder) as tmp:
+        write_finetuned(model, tmp, report)
+    return Path(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -740,151 +723,21 @@ def check_data_grid(data_dir: str | os.PathLike, config: SpecPTConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FinetuneSettings:
-    """Optimisation settings of `finetune` (the model's freezing and LoRA are set when it is built)."""
-
-    max_steps: int = 500
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-    encoder_learning_rate: float | None = None
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    eval_steps: int | None = None
-    max_train_spectra: int | None = None
-    max_val_spectra: int | None = None
-    mixed_precision: str = "no"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"setting {name!r} must be > 0, got {getattr(self, name)!r}")
-        for name in ("encoder_learning_rate", "eval_steps", "max_train_spectra", "max_val_spectra"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"setting {name!r} must be > 0 or None, got {value!r}")
-        for name in ("weight_decay", "warmup_steps", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"setting {name!r} must be >= 0, got {getattr(self, name)!r}")
-
-
-@dataclass
-class FinetuneResult:
-    """The trained model (unwrapped; a peft model stays one), the validation history and the speed."""
-
-    model: nn.Module
-    steps: int
-    seconds: float
-    spectra_per_second: float
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def parameter_groups(model: nn.Module, settings: FinetuneSettings) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters: weight decay on matrices only; pretrained backbone weights
-    (`specpt.*`, not LoRA adapters) at `encoder_learning_rate` when it is set."""
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        name = name.removeprefix("base_model.model.")
-        backbone = name.startswith("specpt.") and "lora_" not in name
-        lr = (
-            settings.encoder_learning_rate
-            if backbone and settings.encoder_learning_rate
-            else settings.learning_rate
-        )
-        decay = settings.weight_decay if param.ndim >= 2 else 0.0
-        groups.setdefault((lr, decay), []).append(param)
-    if not groups:
-        raise ValueError("the model has no trainable parameter")
-    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
-
-
-def _cache_dir(data_dir: str | os.PathLike) -> str:
-    return str(Path(data_dir) / ".cache")
-
-
 def finetune(
-    model: nn.Module,
-    data_dir: str | os.PathLike,
-    settings: FinetuneSettings | None = None,
-    progress: bool = True,
-) -> FinetuneResult:
-    """Train `model` (from `adapt_to_instrument`) for `settings.max_steps` optimizer steps on the `train` split of
-    `data_dir` with Accelerate, validating every `eval_steps` and at the end (NMAD, eta on `validation`).
+    model: nn.Module, settings: TrainingSettings, report: AdaptationReport | None = None
+) -> TrainingResult:
+    """Train `model` (from `adapt_to_instrument`) with `specpt train`'s loop, stage 2 (`training_function`), on
+    `settings.data_dir` (checked against the model's grid); the folders `model/` and `best/` of
+    `settings.output_dir` are written by `write_finetuned` (a LoRA model merged, its adapter alongside, `report`
+    as `adaptation.json`).
 
-    Spectra outside the model's redshift range are dropped (as `specpt train` does)."""
-    from .training.data import build_dataloader, load_training_data
-    from .training.train import evaluate
-
-    settings = settings or FinetuneSettings()
-    config = redshift_config(model)
-    check_data_grid(data_dir, config)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
-    set_seed(settings.seed)
-    splits = load_training_data(
-        data_dir,
-        "redshift",
-        (config.z_min, config.z_max),
-        settings.max_train_spectra,
-        settings.max_val_spectra,
-        cache_dir=_cache_dir(data_dir),
-    )
-    pixels = len(splits["train"][0]["flux"])
-    if pixels != config.num_pixels:
-        raise ValueError(f"{data_dir}: spectra have {pixels} pixels, the model expects {config.num_pixels}")
-    train_dl = build_dataloader(
-        splits["train"], "redshift", settings.batch_size, train=True, seed=settings.seed
-    )
-    val_dl = build_dataloader(splits["validation"], "redshift", settings.batch_size, train=False)
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
-    scheduler = get_scheduler(
-        settings.lr_scheduler,
-        optimizer,
-        num_warmup_steps=settings.warmup_steps * accelerator.num_processes,
-        num_training_steps=settings.max_steps * accelerator.num_processes,
-    )
-    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, val_dl, scheduler
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    history: list[dict[str, float]] = []
-
-    def validate(step: int) -> None:
-        with adapters_active(accelerator.unwrap_model(model)):
-            metrics = evaluate(model, val_dl, accelerator, "redshift")
-        history.append({"step": step, **metrics})
-
-    step, epoch, started = 0, 0, time.perf_counter()
-    bar = tqdm(total=settings.max_steps, desc="fine-tune", unit="step", disable=not progress)
-    model.train()
-    while step < settings.max_steps:
-        for batch in train_dl:
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4g}")
-            if settings.eval_steps and step % settings.eval_steps == 0 and step < settings.max_steps:
-                validate(step)
-            if step >= settings.max_steps:
-                break
-        epoch += 1
-        if hasattr(train_dl, "set_epoch"):
-            train_dl.set_epoch(epoch)
-    bar.close()
-    seconds = time.perf_counter() - started
-    validate(step)
-    rate = step * settings.batch_size * accelerator.num_processes / max(seconds, 1e-9)
-    return FinetuneResult(accelerator.unwrap_model(model), step, seconds, rate, history)
+    Spectra outside the model's redshift range are dropped, as `specpt train` does."""
+    if settings.stage != "redshift":
+        raise ValueError(
+            f"fine-tuning trains a redshift model: setting 'stage' must be 'redshift', not {settings.stage!r}"
+        )
+    check_data_grid(settings.data_dir, redshift_config(model))
+    return training_function(settings, model, functools.partial(write_finetuned, report=report))
 
 
 @dataclass
@@ -914,7 +767,7 @@ def evaluate_redshifts(
     config = redshift_config(model)
     check_data_grid(data_dir, config)
     columns = ("flux", "ivar", "mask", "z", "target_class")
-    dataset = load_split(data_dir, split, columns, cache_dir=_cache_dir(data_dir))
+    dataset = load_split(data_dir, split, columns)
     dataset, dropped = filter_redshift_range(dataset, config.z_min, config.z_max)
     dataset = first_rows(dataset, max_spectra)
     if len(dataset) == 0:
@@ -961,8 +814,6 @@ def pretrain_mock_autoencoder(
     """Pretrain a SpecPT autoencoder (stage 1 of `specpt train`) on DESI-like mocks; return its model folder.
 
     Writes `{out_dir}/data` (DESI-grid Parquet shards of all four classes) and `{out_dir}/run`."""
-    from .training import TrainingSettings, training_function
-
     out = Path(out_dir)
     data = out / "data"
     write_instrument_dataset(
@@ -998,8 +849,6 @@ __all__ = [
     "LORA_FEED_FORWARD_MODULES",
     "LORA_TARGET_MODULES",
     "AdaptationReport",
-    "FinetuneResult",
-    "FinetuneSettings",
     "InstrumentSample",
     "SplitEvaluation",
     "adapt_to_instrument",
@@ -1017,5 +866,6 @@ __all__ = [
     "native_grid",
     "pretrain_mock_autoencoder",
     "save_finetuned",
+    "write_finetuned",
     "write_instrument_dataset",
 ]

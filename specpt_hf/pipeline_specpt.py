@@ -33,7 +33,8 @@ Call parameters: `batch_size` (spectra per model call, default 64), `return_embe
 `min_quality`, `min_coverage`, `max_anomaly` (the flag thresholds, see `FlagThresholds`).
 
 Shipping with a model: `pipe.save_pretrained(folder)` writes `custom_pipelines` into config.json and copies this
-file next to `modeling_specpt.py` and `configuration_specpt.py`, so that
+file and the files it imports relatively (`resampling.py`) next to `modeling_specpt.py` and
+`configuration_specpt.py`, so that
 `pipeline("spectrum-redshift", model=folder, trust_remote_code=True)` works where `specpt_hf` is not installed.
 Where `specpt_hf` is installed and the folder ships the pipeline, `transformers.pipeline` still asks for
 `trust_remote_code=True` (or `pipeline_class=SpecPTRedshiftPipeline`); `load_pipeline(folder)` uses this class
@@ -44,7 +45,7 @@ Short names: `specpt-desi` and `specpt-desi-autoencoder` (see `SHORT_NAMES`) wor
 strings before any of this code runs, so there use the repo id (`specpt/specpt-desi`) or a loaded model.
 
 This file is shipped as remote code: it imports only numpy, torch, astropy, huggingface_hub, transformers and the
-two model files next to it (plus `specpt_hf` for DESI files, when installed).
+files next to it (the two model files and `resampling.py`; plus `specpt_hf` for DESI files, when installed).
 """
 
 from __future__ import annotations
@@ -55,16 +56,15 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-import astropy.units as u
 import numpy as np
 import torch
-from astropy.nddata import StdDevUncertainty
 from huggingface_hub import is_offline_mode
 from transformers import Pipeline, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
+from .resampling import good_pixels, resample, spectrum_arrays
 
 try:  # DESI files are read by the package's reader; without it the pipeline takes arrays and Spectrum objects
     from specpt_hf.data.desi import desi_brz_wavelength, read_desi_spectra
@@ -75,7 +75,6 @@ logger = logging.get_logger(__name__)
 
 TASK = "spectrum-redshift"
 DEFAULT_BATCH_SIZE = 64
-FLUX_UNIT = u.Unit("1e-17 erg / (s cm2 Angstrom)")
 
 # Short model names -> Hub repo ids. `specpt-desi`: the redshift model trained on DESI EDR spectra;
 # `specpt-desi-autoencoder`: the pretrained autoencoder it starts from (also gives the anomaly score).
@@ -240,12 +239,6 @@ def same_grid(wave: np.ndarray, config: SpecPTConfig) -> bool:
     return bool(np.allclose(wave, model_wavelength(config), rtol=0.0, atol=1e-3 * config.wavelength_step))
 
 
-def _bin_edges(centres: np.ndarray) -> np.ndarray:
-    """Pixel edges [n + 1] from increasing centres [n]: midpoints, half a pixel beyond the ends."""
-    mid = 0.5 * (centres[1:] + centres[:-1])
-    return np.concatenate([[2 * centres[0] - mid[0]], mid, [2 * centres[-1] - mid[-1]]])
-
-
 def _check_wave(wave: Any, pixels: int) -> np.ndarray:
     wave = np.asarray(wave, dtype=np.float64)
     if wave.ndim != 1 or len(wave) != pixels or len(wave) < 2:
@@ -264,44 +257,11 @@ def resample_spectra(
     mask: np.ndarray | None,
     new_wave: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Flux-conserving resampling of `flux` [n, n_in] from pixel centres `wave` onto `new_wave` (Angstrom).
-
-    Each output pixel is the overlap-weighted mean of the good input pixels it overlaps; its variance is
-    sum(w^2 var) / (sum w)^2. Bad input pixels (mask True, ivar <= 0, NaN/inf) weigh 0. Output pixels not entirely
-    inside the input's coverage, or without any good input, are masked (the same rules as
-    `specpt_hf.data.instrument.resample`, kept here so the pipeline needs no other file).
-
-    Returns flux [n, n_out] float32 (0 where masked), ivar [n, n_out] float32 (None without input ivar) and
-    mask [n, n_out] bool (True = bad).
-    """
-    in_edges, out_edges = _bin_edges(wave), _bin_edges(np.asarray(new_wave, dtype=np.float64))
-    good = _good_pixels(flux, ivar, mask)  # [n, n_in]
-    n_in = len(wave)
-    first = np.clip(np.searchsorted(in_edges, out_edges[:-1], side="right") - 1, 0, n_in - 1)  # [n_out]
-    last = np.clip(np.searchsorted(in_edges, out_edges[1:], side="left") - 1, 0, n_in - 1)  # [n_out]
-    k = int(max(1, (last - first).max() + 1))
-    index = first[:, None] + np.arange(k)[None, :]  # [n_out, k]
-    beyond = index > last[:, None]
-    index = np.minimum(index, n_in - 1)
-    overlap = np.minimum(in_edges[index + 1], out_edges[1:, None]) - np.maximum(
-        in_edges[index], out_edges[:-1, None]
-    )
-    overlap = np.where(beyond, 0.0, np.clip(overlap, 0.0, None))  # [n_out, k], Angstrom
-
-    weight = overlap * good[:, index]  # [n, n_out, k]
-    wsum = weight.sum(-1)  # [n, n_out]
-    inside = (out_edges[:-1] >= in_edges[0] - 1e-9) & (out_edges[1:] <= in_edges[-1] + 1e-9)  # [n_out]
-    out_mask = ~((wsum > 0) & inside)  # [n, n_out]
-    safe = np.where(wsum > 0, wsum, 1.0)
-    values = np.where(good, flux, 0.0)[:, index]  # [n, n_out, k]
-    out_flux = np.where(out_mask, 0.0, (weight * values).sum(-1) / safe)
-    out_ivar = None
-    if ivar is not None:
-        variance = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0)[:, index]  # [n, n_out, k]
-        out_var = (weight**2 * variance).sum(-1) / safe**2
-        out_ivar = np.where(out_mask | (out_var <= 0), 0.0, 1.0 / np.where(out_var > 0, out_var, 1.0))
-        out_ivar = out_ivar.astype(np.float32)
-    return out_flux.astype(np.float32), out_ivar, out_mask
+    """`resample` (flux-conserving, inverse variance propagated, uncovered pixels masked) in the form the model
+    reads: flux [n, n_out] float32 (0 where masked), ivar [n, n_out] float32 (None without input ivar) and
+    mask [n, n_out] bool (True = bad)."""
+    out_flux, out_ivar, out_mask = resample(wave, flux, ivar, new_wave, mask=mask)
+    return out_flux.astype(np.float32), None if ivar is None else out_ivar.astype(np.float32), out_mask
 
 
 def to_model_grid(
@@ -327,17 +287,7 @@ def to_model_grid(
             f"`flux` has {flux.shape[1]} pixels but the model's grid has {config.num_pixels}; pass `wave` "
             "(Angstrom) to resample it"
         )
-    return flux, ivar, ~_good_pixels(flux, ivar, mask)
-
-
-def _good_pixels(flux: np.ndarray, ivar: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray:
-    """True where a pixel is usable: finite flux, not masked, and (with ivar) finite ivar > 0."""
-    good = np.isfinite(flux)
-    if mask is not None:
-        good &= ~np.asarray(mask, dtype=bool)
-    if ivar is not None:
-        good &= np.isfinite(ivar) & (ivar > 0)
-    return good
+    return flux, ivar, ~good_pixels(flux, ivar, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,7 +357,7 @@ def predict_spectra(
     thresholds = thresholds or FlagThresholds()
     flux = np.asarray(flux, dtype=np.float32)
     n = len(flux)
-    good = _good_pixels(flux, ivar, mask)  # [n, pixels]
+    good = good_pixels(flux, ivar, mask)  # [n, pixels]
     npixels = good.sum(axis=1).astype(np.int64)
     rows = np.flatnonzero(npixels > 0)
     out = {key: np.full(n, np.nan) for key in ("z", "zerr", "quality", "anomaly")}
@@ -471,44 +421,6 @@ def _run_models(
 
 def _is_spectrum(value: Any) -> bool:
     return hasattr(value, "spectral_axis") and hasattr(value, "flux")
-
-
-def spectrum_arrays(spectrum: Any) -> dict[str, np.ndarray | None]:
-    """wave (Angstrom, increasing), flux (1e-17 erg/s/cm2/A), ivar and mask from a `specutils.Spectrum`.
-
-    The flux may be in any spectral flux density (f_lambda or f_nu) or dimensionless (used as is); the uncertainty
-    of any astropy kind (converted through its standard deviation); the mask True = bad as in NDData.
-    """
-    wave = spectrum.spectral_axis.to(u.AA, equivalencies=u.spectral())
-    density = u.spectral_density(wave)
-    if spectrum.flux.unit.physical_type == "dimensionless":
-        flux, unit = spectrum.flux.value, None
-    else:
-        try:
-            flux, unit = spectrum.flux.to_value(FLUX_UNIT, equivalencies=density), FLUX_UNIT
-        except u.UnitConversionError as error:
-            raise ValueError(
-                f"Spectrum flux unit {spectrum.flux.unit} is not a spectral flux density"
-            ) from error
-    ivar = None
-    if spectrum.uncertainty is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            std = spectrum.uncertainty.represent_as(StdDevUncertainty)
-            sigma = std.quantity if std.unit is not None else std.array * spectrum.flux.unit
-            sigma = sigma.value if unit is None else sigma.to_value(unit, equivalencies=density)
-            ivar = np.where(
-                np.isfinite(sigma) & (sigma > 0), 1.0 / np.asarray(sigma, dtype=np.float64) ** 2, 0.0
-            )
-    mask = None if spectrum.mask is None else np.asarray(spectrum.mask, dtype=bool)
-    arrays = {
-        "wave": np.asarray(wave.value, dtype=np.float64),
-        "flux": np.asarray(flux),
-        "ivar": ivar,
-        "mask": mask,
-    }
-    if len(arrays["wave"]) > 1 and arrays["wave"][1] < arrays["wave"][0]:  # e.g. a frequency axis
-        arrays = {k: None if v is None else np.ascontiguousarray(v[..., ::-1]) for k, v in arrays.items()}
-    return arrays
 
 
 def _input_arrays(inputs: Any) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -52,3 +56,83 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The prelude of every `fresh_python` child: `report(data)` prints the child's answer for the parent, and with
+# `hide_specpt` a meta-path finder blocks every `specpt_hf` import (the package is installed editable, so dropping
+# sys.path entries alone would not hide it).
+_CHILD_PRELUDE = r"""
+import importlib.abc as _abc, json as _json, sys as _sys
+from pathlib import Path as _Path
+
+
+class _HideSpecPT(_abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "specpt_hf" or name.startswith("specpt_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+
+if HIDE_SPECPT:
+    _sys.meta_path.insert(0, _HideSpecPT())
+    _sys.path = [p for p in _sys.path if not (_Path(p or ".") / "specpt_hf").is_dir()]
+try:
+    import specpt_hf  # noqa: F401
+
+    _hidden = False
+except ModuleNotFoundError:
+    _hidden = True
+
+
+def report(data):
+    print("REPORT " + _json.dumps({**data, "specpt_hf_hidden": _hidden}))
+"""
+
+
+@pytest.fixture
+def fresh_python(tmp_path) -> Callable[..., dict]:
+    """`fresh_python(code, *args, env=None, hide_specpt=True)`: run `code` with `python -c` in a fresh process,
+    from an empty working directory, with an empty PYTHONPATH, a private transformers modules cache
+    (`HF_MODULES_CACHE`, so remote code is copied afresh) and one OpenMP thread; `env` adds variables (None
+    removes one). With `hide_specpt` the child cannot import `specpt_hf` (checked). `code` ends by calling
+    `report(dict)`; that dict is returned (with `specpt_hf_hidden`)."""
+
+    def run(
+        code: str,
+        *args: str,
+        env: dict[str, str | None] | None = None,
+        hide_specpt: bool = True,
+        timeout: float = 300,
+    ) -> dict:
+        workdir = tmp_path / "empty"
+        workdir.mkdir(exist_ok=True)
+        variables = {
+            **os.environ,
+            "PYTHONPATH": "",
+            "HF_MODULES_CACHE": str(tmp_path / "child_modules"),
+            "OMP_NUM_THREADS": "1",
+        }
+        for name, value in (env or {}).items():
+            if value is None:
+                variables.pop(name, None)
+            else:
+                variables[name] = value
+        prelude = f"HIDE_SPECPT = {bool(hide_specpt)}\n{_CHILD_PRELUDE}\n"
+        result = subprocess.run(
+            [sys.executable, "-c", prelude + code, *map(str, args)],
+            cwd=workdir,
+            env=variables,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert result.returncode == 0 and "REPORT " in result.stdout, (
+            result.stdout[-2000:] + result.stderr[-4000:]
+        )
+        answer = json.loads(result.stdout.rsplit("REPORT ", 1)[1].splitlines()[0])
+        problem = "was importable" if hide_specpt else "could not be imported"
+        assert answer["specpt_hf_hidden"] == hide_specpt, f"specpt_hf {problem} in the child process"
+        return answer
+
+    return run

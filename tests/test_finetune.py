@@ -21,7 +21,6 @@ from specpt_hf.finetune import (
     LORA_FEED_FORWARD_MODULES,
     LORA_TARGET_MODULES,
     MOCK_INFO_NAME,
-    FinetuneSettings,
     adapt_to_instrument,
     adapters_active,
     config_wavelength,
@@ -36,10 +35,12 @@ from specpt_hf.finetune import (
 )
 from specpt_hf.modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
 from specpt_hf.presets import create_model, preset_config
+from specpt_hf.training import TrainingSettings
+from specpt_hf.training import train as train_module
+from specpt_hf.training.data import build_dataloader, load_training_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = FinetuneSettings(max_steps=3, batch_size=8, warmup_steps=1, learning_rate=1e-2, seed=0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,6 +72,22 @@ def g141_data(pretrained, tmp_path_factory) -> Path:
         folder, "hst_g141", config_wavelength(model.config), splits, seed=3, progress=False
     )
     return folder
+
+
+def three_steps(data_dir: Path, output_dir: Path) -> TrainingSettings:
+    """Three optimizer steps of stage 2 on `data_dir` (validated at the last one)."""
+    return TrainingSettings(
+        stage="redshift",
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        max_steps=3,
+        batch_size=8,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -222,14 +239,15 @@ def test_existing_shards_are_not_overwritten_by_default(g141_data):
 
 
 @pytest.mark.parametrize("freeze, fixed", [("encoder", "specpt."), ("stem", "specpt.stem.")])
-def test_frozen_parts_stay_unchanged_after_training(pretrained, g141_data, freeze, fixed):
+def test_frozen_parts_stay_unchanged_after_training(pretrained, g141_data, tmp_path, freeze, fixed):
     model, _ = adapt_to_instrument(
         pretrained, "hst_g141", grid="native", freeze=freeze, head_preset="specpt-tiny"
     )
     before = state(model)
-    result = finetune(model, g141_data, STEPS, progress=False)
+    result = finetune(model, three_steps(g141_data, tmp_path / "run"))
     after = state(result.model)
-    assert result.steps == 3 and result.history[-1]["step"] == 3
+    assert result.step == 3 and result.history[-1]["step"] == 3 and "validation/nmad" in result.history[-1]
+    assert result.train_seconds > 0 and result.spectra_per_second > 0
     unchanged = {name for name in before if torch.equal(before[name], after[name])}
     assert {name for name in before if name.startswith(fixed)} <= unchanged
     assert any(name.startswith("head.") for name in set(before) - unchanged)
@@ -255,7 +273,7 @@ def test_lora_trains_adapters_and_the_new_head_only(pretrained, g141_data, tmp_p
     assert trainable and all("lora_" in name or ".modules_to_save." in name for name in trainable)
     base = {k: v for k, v in state(model).items() if "lora_" not in k and "modules_to_save" not in k}
 
-    result = finetune(model, g141_data, STEPS, progress=False)
+    result = finetune(model, three_steps(g141_data, tmp_path / "run"), report)
     after = state(result.model)
     for name, tensor in base.items():
         if (
@@ -281,14 +299,47 @@ def test_lora_trains_adapters_and_the_new_head_only(pretrained, g141_data, tmp_p
             without = peft_model(**inputs).logits
     torch.testing.assert_close(plain, adapted, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain, without, atol=1e-4)
+    # ... and so does the training loop's validation (at step 3, on the final weights)
+    settings = three_steps(g141_data, tmp_path / "check")
+    val = load_training_data(g141_data, "redshift", (merged.config.z_min, merged.config.z_max))["validation"]
+    loader = build_dataloader(val, "redshift", 8, train=False)
+    metrics = train_module.evaluate(merged, loader, train_module.make_accelerator(settings), "redshift")
+    for key in ("validation/loss", "validation/nmad"):  # skipping the adapters moves both by > 1e-5
+        assert result.history[-1][key] == pytest.approx(metrics[key], rel=1e-6), key
 
     folder = save_finetuned(peft_model, tmp_path / "lora", report)
-    assert (folder / "lora_adapter" / "adapter_config.json").is_file()
-    reloaded = SpecPTForRedshift.from_pretrained(folder).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, plain, rtol=1e-5, atol=1e-5)
+    # the training loop saved its model folder the same way: merged weights, the adapter, the adaptation report
+    for saved in (folder, result.model_dir):
+        assert (saved / "lora_adapter" / "adapter_config.json").is_file()
+        assert json.loads((saved / "adaptation.json").read_text())["lora_rank"] == 2
+        reloaded = SpecPTForRedshift.from_pretrained(saved).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**inputs).logits, plain, rtol=1e-5, atol=1e-5)
     metrics = evaluate_redshifts(peft_model, g141_data).metrics
     assert metrics["all"]["n"] == 8 and np.isfinite(metrics["all"]["nmad"])
+
+
+def test_encoder_learning_rate_reaches_the_backbone_but_not_the_adapters(pretrained, g141_data, tmp_path):
+    model, _ = adapt_to_instrument(
+        pretrained, "hst_g141", grid="native", freeze="none", lora_rank=2, head_preset="specpt-tiny"
+    )
+    settings = TrainingSettings(
+        **{**three_steps(g141_data, tmp_path).to_dict(), "learning_rate": 1e-3, "encoder_learning_rate": 1e-5}
+    )
+    lr = {
+        id(p): group["lr"]
+        for group in train_module.parameter_groups(model, settings)
+        for p in group["params"]
+    }
+    names = {name: lr.get(id(p)) for name, p in model.named_parameters()}
+    assert {name for name, value in names.items() if value is not None} == {
+        name for name, p in model.named_parameters() if p.requires_grad
+    }
+    backbone = {n for n, v in names.items() if ".specpt." in n and "lora_" not in n and v is not None}
+    assert backbone and all(".modules_to_save." in n for n in backbone)  # stem, pooler, final norm
+    assert {names[n] for n in backbone} == {1e-5}
+    assert {names[n] for n, v in names.items() if v is not None and n not in backbone} == {1e-3}
+    assert any("lora_" in n for n, v in names.items() if v == 1e-3)
 
 
 # --- the example script and the transfer benchmark -----------------------------------------------

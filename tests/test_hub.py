@@ -138,14 +138,14 @@ def test_release_recipe_end_to_end(hub, release, capsys):
     autoencoder_repo = f"{REPO}-autoencoder"
     files = hub.files(REPO)
     expected = {"README.md", "config.json", "model.safetensors", "training_settings.yaml"}
-    expected |= {"configuration_specpt.py", "modeling_specpt.py", "pipeline_specpt.py"}
+    expected |= {"configuration_specpt.py", "modeling_specpt.py", "pipeline_specpt.py", "resampling.py"}
     assert expected <= set(files), sorted(files)
     assert files["model.safetensors"].lfs_oid, "weights must travel as an LFS object"
     local = release / "runs" / "redshift" / "best" / "model.safetensors"
     assert hub.read_file(REPO, "model.safetensors") == local.read_bytes()
     ae_files = hub.files(autoencoder_repo)
     assert {"README.md", "config.json", "model.safetensors", "modeling_specpt.py"} <= set(ae_files)
-    assert "pipeline_specpt.py" not in ae_files
+    assert "pipeline_specpt.py" not in ae_files and "resampling.py" not in ae_files
     assert hub.read_file(REPO, "README.md") == (release / "hub" / "redshift" / "README.md").read_bytes()
     card = ModelCard(hub.read_file(REPO, "README.md").decode())
     assert card.data.base_model == autoencoder_repo
@@ -236,7 +236,7 @@ def test_model_card_md_is_the_generator_output_for_specpt_desi():
 
 
 CHILD_SPECPT = r"""
-import json, sys
+import sys
 import torch
 from specpt_hf import SpecPTForRedshift
 from huggingface_hub import constants
@@ -246,28 +246,11 @@ model = SpecPTForRedshift.from_pretrained(data["repo"]).eval()
 with torch.no_grad():
     out = model(**data["inputs"])
 same = {k: torch.allclose(out[k], v, atol=1e-6) for k, v in data["expected"].items()}
-print("REPORT " + json.dumps({"same": same, "endpoint": constants.ENDPOINT, "name_or_path": model.name_or_path}))
+report({"same": same, "endpoint": constants.ENDPOINT, "name_or_path": model.name_or_path})
 """
 
 CHILD_REMOTE_CODE = r"""
-import importlib.abc, json, sys
-from pathlib import Path
-
-
-class HideSpecPT(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "specpt_hf" or name.startswith("specpt_hf."):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return None
-
-
-sys.meta_path.insert(0, HideSpecPT())
-sys.path = [p for p in sys.path if not (Path(p or ".") / "specpt_hf").is_dir()]
-try:
-    import specpt_hf  # noqa: F401
-    hidden = False
-except ModuleNotFoundError:
-    hidden = True
+import sys
 
 import torch
 from transformers import AutoModel, pipeline
@@ -281,39 +264,18 @@ estimator = pipeline("spectrum-redshift", model=data["repo"], trust_remote_code=
 inputs = data["inputs"]
 first = {"flux": inputs["flux"][0].numpy(), "ivar": inputs["ivar"][0].numpy(), "mask": inputs["mask"][0].numpy()}
 z = estimator(first)["z"]
-report = {"hidden": hidden, "module": type(model).__module__, "same": same, "pipeline_z": z,
-          "pipeline_class": type(estimator).__name__}
-print("REPORT " + json.dumps(report))
+report({"module": type(model).__module__, "same": same, "pipeline_z": z, "pipeline_class": type(estimator).__name__})
 """
 
 
-def run_child(code: str, data_file: Path, hub: LocalHub, tmp_path: Path) -> dict:
-    """Run `code` in a fresh process whose Hub is the loopback one and whose caches are empty."""
-    workdir = tmp_path / "empty"
-    workdir.mkdir(exist_ok=True)
-    env = dict(
-        os.environ,
-        HF_ENDPOINT=hub.url,
-        HF_HOME=str(tmp_path / "child_home"),
-        HF_MODULES_CACHE=str(tmp_path / "child_modules"),
-        HF_HUB_DISABLE_XET="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH="",
-    )
-    env.pop("HF_TOKEN", None)  # the repo is public: downloads need no token
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(data_file)],
-        cwd=workdir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "REPORT " in result.stdout, (
-        result.stdout[-2000:] + result.stderr[-4000:]
-    )
-    return json.loads(result.stdout.rsplit("REPORT ", 1)[1].splitlines()[0])
+def hub_child_env(hub: LocalHub, tmp_path: Path) -> dict[str, str | None]:
+    """A child process whose Hub is the loopback one, with empty caches and no token (the repo is public)."""
+    return {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "child_home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": None,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -330,10 +292,10 @@ def expected_outputs(release, tmp_path_factory):
     return path, expected
 
 
-def test_from_pretrained_downloads_and_predicts_the_same(hub, expected_outputs, tmp_path):
+def test_from_pretrained_downloads_and_predicts_the_same(hub, expected_outputs, tmp_path, fresh_python):
     data_file, _ = expected_outputs
     before = len(hub.requests)
-    report = run_child(CHILD_SPECPT, data_file, hub, tmp_path)
+    report = fresh_python(CHILD_SPECPT, data_file, env=hub_child_env(hub, tmp_path), hide_specpt=False)
     assert report["endpoint"] == hub.url
     assert all(report["same"].values()), report
     downloads = [path for method, path, status in hub.requests[before:] if method == "GET" and status == 200]
@@ -343,10 +305,9 @@ def test_from_pretrained_downloads_and_predicts_the_same(hub, expected_outputs, 
     assert (tmp_path / "child_home" / "hub" / f"models--{REPO.replace('/', '--')}").is_dir()
 
 
-def test_auto_model_with_remote_code_without_specpt_hf(hub, expected_outputs, tmp_path):
+def test_auto_model_with_remote_code_without_specpt_hf(hub, expected_outputs, tmp_path, fresh_python):
     data_file, expected = expected_outputs
-    report = run_child(CHILD_REMOTE_CODE, data_file, hub, tmp_path)
-    assert report["hidden"], "specpt_hf was importable in the child process"
+    report = fresh_python(CHILD_REMOTE_CODE, data_file, env=hub_child_env(hub, tmp_path))
     assert report["module"].startswith("transformers_modules"), report["module"]
     assert all(report["same"].values()), report
     assert report["pipeline_class"] == "SpecPTRedshiftPipeline"

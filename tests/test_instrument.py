@@ -180,3 +180,22 @@ def test_resample_bad_arguments():
     with pytest.raises(ValueError, match="new_wave"):
         resample(wave, np.ones(10))
     assert len(bin_edges(wave)) == 11
+
+
+def test_resample_onto_an_instrument_and_from_a_frequency_axis():
+    from specutils import Spectrum
+
+    wave = np.linspace(4400.0, 9600.0, 2000)
+    flux = 2.0 + np.cos(wave / 40.0)
+    onto = resample(wave, flux, np.full_like(wave, 4.0), DEIMOS)  # the instrument's merged grid
+    expected = resample(wave, flux, np.full_like(wave, 4.0), DEIMOS.wave)
+    for a, b in zip(onto, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert onto[0].shape == (DEIMOS.n_pixels,) and not onto[2].all()
+
+    unit = 1e-17 * u.erg / u.s / u.cm**2 / u.AA
+    frequency = (wave * u.AA).to(u.THz, u.spectral())  # decreasing
+    spec = Spectrum(flux=(flux * unit)[::-1], spectral_axis=frequency[::-1])  # increasing frequency
+    np.testing.assert_allclose(
+        resample(spec, new_wave=DEIMOS.wave)[0], resample(wave, flux, None, DEIMOS.wave)[0], rtol=1e-6
+    )

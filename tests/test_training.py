@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from specpt_hf.data.builder import desi_features
-from specpt_hf.presets import preset_config
+from specpt_hf.presets import create_model, preset_config
 from specpt_hf.training import train as train_module
 from specpt_hf.training.data import SpectrumCollator, build_dataloader, load_training_data
 from specpt_hf.training.settings import SETTINGS_NAME, TrainingSettings, parse_settings
@@ -424,3 +424,29 @@ def test_epoch_mode_validates_each_epoch_and_resume_without_checkpoint_starts_af
     result = training_function(settings)
     assert result.step == 4 and (tmp_path / "fresh" / "model" / "model.safetensors").is_file()
     assert [r["step"] for r in result.history if "validation/loss" in r] == [2, 4]
+
+
+def test_a_model_given_by_the_caller_is_trained_and_saved(data_dir, tmp_path):
+    settings = stage1_settings(
+        data_dir, tmp_path / "given", max_steps=4, checkpointing_steps=None, report_to="none"
+    )
+    set_seed(3)
+    model = create_model("specpt-tiny", "autoencoder")
+    model.specpt.stem.requires_grad_(False)  # a partly frozen model: only the rest is optimised
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    groups = parameter_groups(model, settings)
+    assert sum(len(group["params"]) for group in groups) == sum(p.requires_grad for p in model.parameters())
+
+    result = training_function(settings, model=model)
+    assert result.model is model and result.step == 4
+    assert result.train_seconds > 0 and result.spectra_per_second > 0
+    changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed and not any(name.startswith("specpt.stem.") for name in changed)
+    saved = load_file(result.model_dir / "model.safetensors")
+    assert all(torch.equal(saved[name], model.state_dict()[name]) for name in saved)
+
+    with pytest.raises(ValueError, match="trains a SpecPTForSpectrumReconstruction, got a SpecPTForRedshift"):
+        training_function(settings, model=create_model("specpt-tiny", "redshift"))
+    redshift = TrainingSettings(**{**settings.to_dict(), "stage": "redshift", "pretrained_model": "x"})
+    with pytest.raises(ValueError, match="pretrained_model"):
+        training_function(redshift, model=create_model("specpt-tiny", "redshift"))

@@ -1,19 +1,21 @@
-"""Spectrograph descriptions (wavelength grid, line-spread function) and flux-conserving resampling.
+"""Spectrograph descriptions (wavelength grid, line-spread function) and resolution matrices.
 
 Every wavelength here is in vacuum Ångström, every flux density in 1e-17 erg/s/cm²/Å (DESI's unit),
-and every mask follows the project convention: True = bad pixel.
+and every mask follows the project convention: True = bad pixel. Flux-conserving resampling (`resample`,
+`bin_edges`) lives in `specpt_hf.resampling` and is re-exported here; `resample` takes an `Instrument` as
+`new_wave` (its merged grid).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 
+from specpt_hf.resampling import FLUX_UNIT, bin_edges, resample
+
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))  # 2.3548
-FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,119 +193,6 @@ def get_instrument(name: str | Instrument) -> Instrument:
         raise ValueError(f"unknown instrument {name!r}; known: {sorted(INSTRUMENTS)}") from None
 
 
-def bin_edges(centres: np.ndarray) -> np.ndarray:
-    """Pixel edges [n+1] from increasing pixel centres [n] (midpoints; half a pixel beyond the ends)."""
-    centres = np.asarray(centres, dtype=float)
-    if centres.ndim != 1 or len(centres) < 2 or np.any(np.diff(centres) <= 0):
-        raise ValueError("wavelengths must be a 1-D, strictly increasing array of at least 2 pixels")
-    mid = 0.5 * (centres[1:] + centres[:-1])
-    return np.concatenate([[2 * centres[0] - mid[0]], mid, [2 * centres[-1] - mid[-1]]])
-
-
-def _from_specutils(spectrum: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(wave Å, flux 1e-17 erg/s/cm²/Å, ivar, mask) from a `specutils.Spectrum` (flux of any spectral-density
-    unit; uncertainty of any astropy NDUncertainty kind; mask True = bad as in NDData)."""
-    import astropy.units as u
-    from astropy.nddata import StdDevUncertainty
-
-    wave = spectrum.spectral_axis.to(u.AA, equivalencies=u.spectral())
-    unit = u.Unit(FLUX_UNIT)
-    flux = spectrum.flux.to(unit, equivalencies=u.spectral_density(wave))
-    ivar = None
-    if spectrum.uncertainty is not None:
-        # via the standard deviation, a flux-like quantity that converts like the flux (f_nu -> f_lambda too)
-        std = spectrum.uncertainty.represent_as(StdDevUncertainty)
-        sigma = std.quantity if std.unit is not None else std.array * spectrum.flux.unit
-        sigma = np.asarray(sigma.to(unit, equivalencies=u.spectral_density(wave)).value, dtype=float)
-        with np.errstate(divide="ignore"):
-            ivar = np.where(np.isfinite(sigma) & (sigma > 0), 1.0 / sigma**2, 0.0)
-    mask = None if spectrum.mask is None else np.asarray(spectrum.mask, dtype=bool)
-    return np.asarray(wave.value, dtype=float), np.asarray(flux.value, dtype=float), ivar, mask
-
-
-def resample(
-    wave: Any,
-    flux: np.ndarray | None = None,
-    ivar: np.ndarray | None = None,
-    new_wave: np.ndarray | Instrument | None = None,
-    mask: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flux-conserving resampling onto `new_wave` (pixel centres, Å) with inverse variance propagated.
-
-    Each output pixel is the overlap-weighted mean of the good input pixels it overlaps (bin-edge
-    integration, so ∫ f dλ is conserved); its variance is that of a weighted sum,
-    Σ (w_j)² σ_j² / (Σ w_j)². Bad input pixels (mask True, ivar ≤ 0, non-finite) get weight 0.
-    Output pixels not entirely inside the input's coverage, or with no good input, are masked.
-
-    `specutils.manipulation.FluxConservingResampler` does the same bin-edge integration, but loops in
-    Python over output pixels one spectrum at a time, and lets one zero-ivar input pixel give infinite
-    variance to every output pixel it touches (no per-pixel weights for bad input), which would wipe out
-    whole coarse grism pixels; this version is vectorised over spectra and pixels and drops bad input.
-
-    Args:
-        wave: input pixel centres [n_in] (Å), or a `specutils.Spectrum` (then leave flux/ivar/mask out).
-        flux: [..., n_in] flux density (1e-17 erg/s/cm²/Å).
-        ivar: [..., n_in] inverse variance (None: all pixels weight-1 good, output ivar is 0).
-        new_wave: output pixel centres [n_out] (Å) or an `Instrument` (its merged grid).
-        mask: [..., n_in] bool or int, nonzero = bad.
-
-    Returns:
-        flux [..., n_out] float64, ivar [..., n_out] float64 (0 where masked), mask [..., n_out] bool.
-    """
-    if new_wave is None:
-        raise ValueError("resample: new_wave is required")
-    if not isinstance(wave, np.ndarray) and hasattr(wave, "spectral_axis"):
-        if flux is not None or ivar is not None or mask is not None:
-            raise ValueError("resample: pass either a specutils Spectrum or wave/flux/ivar arrays, not both")
-        wave, flux, ivar, mask = _from_specutils(wave)
-    if isinstance(new_wave, Instrument):
-        new_wave = new_wave.wave
-    if flux is None:
-        raise ValueError("resample: flux is required")
-    in_edges, out_edges = bin_edges(wave), bin_edges(np.asarray(new_wave, dtype=float))
-    flux = np.asarray(flux, dtype=float)
-    if flux.shape[-1] != len(in_edges) - 1:
-        raise ValueError(f"resample: flux has {flux.shape[-1]} pixels but wave has {len(in_edges) - 1}")
-    has_ivar = ivar is not None
-    ivar = np.ones_like(flux) if ivar is None else np.broadcast_to(np.asarray(ivar, dtype=float), flux.shape)
-    good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
-    if mask is not None:
-        good &= ~np.broadcast_to(np.asarray(mask).astype(bool), flux.shape)
-
-    weights, index = _overlap_matrix(in_edges, out_edges)  # [n_out, k] each
-    w = weights * good[..., index]  # [..., n_out, k]
-    f = np.where(good, flux, 0.0)[..., index]  # [..., n_out, k]
-    var = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0)[..., index]
-    wsum = w.sum(axis=-1)  # [..., n_out]
-    ok = wsum > 0
-    safe = np.where(ok, wsum, 1.0)
-    out_flux = np.where(ok, (w * f).sum(axis=-1) / safe, 0.0)
-    out_var = (w**2 * var).sum(axis=-1) / safe**2
-    inside = (out_edges[:-1] >= in_edges[0] - 1e-9) & (out_edges[1:] <= in_edges[-1] + 1e-9)  # [n_out]
-    out_mask = ~(ok & inside)
-    if has_ivar:
-        out_ivar = np.where(~out_mask & (out_var > 0), 1.0 / np.where(out_var > 0, out_var, 1.0), 0.0)
-    else:
-        out_ivar = np.zeros_like(out_flux)
-    out_flux = np.where(out_mask, 0.0, out_flux)
-    return out_flux, out_ivar, out_mask
-
-
-def _overlap_matrix(in_edges: np.ndarray, out_edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Overlap lengths (Å) of each output pixel with the input pixels it touches, as a dense band:
-    weights [n_out, k] and input indices [n_out, k] (k = the most input pixels one output pixel touches)."""
-    n_in = len(in_edges) - 1
-    first = np.clip(np.searchsorted(in_edges, out_edges[:-1], side="right") - 1, 0, n_in - 1)  # [n_out]
-    last = np.clip(np.searchsorted(in_edges, out_edges[1:], side="left") - 1, 0, n_in - 1)  # [n_out]
-    k = int(max(1, (last - first).max() + 1))
-    index = np.minimum(first[:, None] + np.arange(k)[None, :], n_in - 1)  # [n_out, k]
-    lo = np.maximum(in_edges[index], out_edges[:-1, None])
-    hi = np.minimum(in_edges[index + 1], out_edges[1:, None])
-    weights = np.clip(hi - lo, 0.0, None)
-    weights[first[:, None] + np.arange(k)[None, :] > last[:, None]] = 0.0  # beyond the last overlapping pixel
-    return weights, index
-
-
 def apply_resolution(data: np.ndarray, model: np.ndarray) -> np.ndarray:
     """Multiply spectra by band-diagonal resolution matrices stored in DESI's layout.
 
@@ -326,3 +215,20 @@ def apply_resolution(data: np.ndarray, model: np.ndarray) -> np.ndarray:
         else:
             out[..., -off:] += diag[..., : n_pix + off] * model[..., : n_pix + off]
     return out
+
+
+__all__ = [
+    "DEIMOS",
+    "DESI",
+    "FLUX_UNIT",
+    "FWHM_PER_SIGMA",
+    "HST_G102",
+    "HST_G141",
+    "INSTRUMENTS",
+    "Arm",
+    "Instrument",
+    "apply_resolution",
+    "bin_edges",
+    "get_instrument",
+    "resample",
+]

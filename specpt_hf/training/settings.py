@@ -75,6 +75,7 @@ class TrainingSettings:
     )
     logging_steps: int = _setting(10, "log the training loss every N optimizer steps")
     report_to: str = _setting("tensorboard", "Accelerate tracker name, or 'none'")
+    disable_tqdm: bool = _setting(False, "hide the progress bar")
     resume: bool = _setting(False, "continue from the newest checkpoint in {output_dir}/checkpoints")
 
     def __post_init__(self) -> None:

@@ -10,6 +10,10 @@ The same command runs on a laptop CPU and on many GPUs:
     specpt train --config examples/configs/specpt-small-autoencoder.yaml --data-dir data/specpt
     accelerate launch --config_file examples/accelerate/multi-gpu.yaml -m specpt_hf.cli train --config ...
 
+`training_function(settings, model=...)` trains a model built by the caller instead (a partly frozen or a
+peft/LoRA model, e.g. from `specpt_hf.finetune.adapt_to_instrument`), and `save_function=` changes how its model
+folders are written (`specpt_hf.finetune.write_finetuned`: LoRA merged, adapter alongside).
+
 Output folder: `checkpoints/step_{N}/` (full training state, `--resume` continues from the newest),
 `logs/` (TensorBoard), `model/` (final weights, `save_pretrained` format, with `training_settings.yaml`),
 and for stage 2 `best/` (the weights with the best validation NMAD).
@@ -17,12 +21,14 @@ and for stage 2 `best/` (the weights with the best validation NMAD).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,15 +71,22 @@ class TrainerState:
 
 @dataclass
 class TrainingResult:
-    """What a run produced: the trained model (final weights), its folders, the last optimizer step,
-    and every logged record."""
+    """What a run produced: the trained model (final weights; a peft model stays one), its folders, the last
+    optimizer step, every logged record, and the training time (validation and saving left out) and speed of
+    this run."""
 
-    model: PreTrainedModel
+    model: torch.nn.Module
     model_dir: Path
     best_dir: Path | None
     step: int
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    spectra_per_second: float = 0.0
+
+
+# Writes an (unwrapped) model into an empty folder; `training_function` uses `save_pretrained` without one.
+SaveFunction = Callable[[torch.nn.Module, Path], None]
 
 
 # --- model -----------------------------------------------------------------------------------------
@@ -106,16 +119,59 @@ def head_settings(preset: SpecPTForRedshiftConfig, pretrained_model: str) -> dic
     return {key: getattr(preset, key) for key in sorted(head_keys)}
 
 
-def parameter_groups(model: PreTrainedModel, settings: TrainingSettings) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices only; the encoder at `encoder_learning_rate` when set."""
-    encoder = {id(p) for p in model.base_model.parameters()} if settings.encoder_learning_rate else set()
+def check_model(model: torch.nn.Module, settings: TrainingSettings) -> None:
+    """ValueError unless a model given to `training_function` is the stage's kind (plain or peft-wrapped) and
+    the settings that say how to build a model (`pretrained_model`, `freeze_encoder`) are left unset."""
+    cls = model_class(settings.stage)
+    if type(getattr(model, "config", None)) is not cls.config_class:
+        raise ValueError(f"stage {settings.stage!r} trains a {cls.__name__}, got a {type(model).__name__}")
+    for name in ("pretrained_model", "freeze_encoder"):
+        if getattr(settings, name):
+            raise ValueError(
+                f"setting {name!r} builds the model; with a model given, build (or freeze) it so"
+            )
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a `peft.PeftModel` (without importing peft when it is not installed)."""
+    return type(model).__module__.startswith("peft.")
+
+
+@contextlib.contextmanager
+def adapters_active(model: torch.nn.Module) -> Iterator[None]:
+    """Switch PyTorch's fused `TransformerEncoderLayer` inference path off while a peft model runs, so its
+    adapters take part in evaluation (the fused path reads the base weights and skips them)."""
+    if not is_peft_model(model):
+        yield
+        return
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def parameter_groups(model: torch.nn.Module, settings: TrainingSettings) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: weight decay on matrices only; the pretrained backbone (the
+    base model's weights, not peft's LoRA adapters) at `encoder_learning_rate` when set."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    prefix = f"{base.base_model_prefix}."
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = settings.encoder_learning_rate if id(param) in encoder else settings.learning_rate
+        name = name.removeprefix("base_model.model.")  # peft's wrapping
+        backbone = name.startswith(prefix) and "lora_" not in name
+        lr = (
+            settings.encoder_learning_rate
+            if backbone and settings.encoder_learning_rate
+            else settings.learning_rate
+        )
         decay = settings.weight_decay if param.ndim >= 2 else 0.0
         groups.setdefault((lr, decay), []).append(param)
+    if not groups:
+        raise ValueError("the model has no trainable parameter")
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
@@ -126,18 +182,19 @@ def parameter_groups(model: PreTrainedModel, settings: TrainingSettings) -> list
 def evaluate(
     model: torch.nn.Module, dataloader: Any, accelerator: Accelerator, stage: str
 ) -> dict[str, float]:
-    """Validation loss, and for stage 2 NMAD / eta / bias over all processes' spectra."""
+    """Validation loss, and for stage 2 NMAD / eta / bias over all processes' spectra (peft adapters active)."""
     was_training = model.training
     model.eval()
     losses, z_pred, z_true = [], [], []
-    for batch in dataloader:
-        outputs = model(**batch)
-        batch_size = batch["labels"].shape[0]
-        losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(batch_size)))
-        if stage == "redshift":
-            pred, true = accelerator.gather_for_metrics((outputs.redshift.float(), batch["labels"]))
-            z_pred.append(pred)  # [batch]
-            z_true.append(true)  # [batch]
+    with adapters_active(accelerator.unwrap_model(model)):
+        for batch in dataloader:
+            outputs = model(**batch)
+            batch_size = batch["labels"].shape[0]
+            losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(batch_size)))
+            if stage == "redshift":
+                pred, true = accelerator.gather_for_metrics((outputs.redshift.float(), batch["labels"]))
+                z_pred.append(pred)  # [batch]
+                z_true.append(true)  # [batch]
     model.train(was_training)
     metrics = {"validation/loss": torch.cat(losses).mean().item()}
     if stage == "redshift":
@@ -174,22 +231,44 @@ def save_checkpoint(accelerator: Accelerator, settings: TrainingSettings, step: 
     return folder
 
 
-def save_model(
-    accelerator: Accelerator, model: torch.nn.Module, folder: Path, settings: TrainingSettings
-) -> None:
-    """`save_pretrained` (safetensors + config) plus the settings YAML, swapped into `folder` at once."""
-    state_dict = accelerator.get_state_dict(model)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        settings.save(tmp)
+@contextlib.contextmanager
+def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """A new empty folder next to `folder` to write into; on success it replaces `folder` at once (an old
+    `folder` is removed), on error it is removed and `folder` stays as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        yield tmp
         old = folder.with_name(f".{folder.name}-old")
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    folder: Path,
+    settings: TrainingSettings,
+    save_function: SaveFunction | None = None,
+) -> None:
+    """`save_pretrained` (safetensors + config), or `save_function(model, folder)` when given, plus the settings
+    YAML, swapped into `folder` at once."""
+    state_dict = accelerator.get_state_dict(model)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with replaced_folder(folder) as tmp:
+            unwrapped = accelerator.unwrap_model(model)
+            if save_function is None:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            else:
+                save_function(unwrapped, tmp)
+            settings.save(tmp)
     accelerator.wait_for_everyone()
 
 
@@ -231,8 +310,20 @@ def training_dataloaders(
     return loaders[0], loaders[1]
 
 
-def training_function(settings: TrainingSettings) -> TrainingResult:
+def training_function(
+    settings: TrainingSettings,
+    model: torch.nn.Module | None = None,
+    save_function: SaveFunction | None = None,
+) -> TrainingResult:
     """Train one stage as `settings` say; return the trained model and where it was saved.
+
+    Args:
+        settings: the run (data, optimisation, checkpoints, output folder).
+        model: train this model instead of `build_model(settings)`: e.g. a partially frozen model or a peft
+            (LoRA) model of the stage's kind. Only its trainable parameters are optimised; evaluation keeps peft
+            adapters active.
+        save_function: writes the model folders (`model/`, `best/`) instead of `save_pretrained`, as
+            `save_function(unwrapped_model, empty_folder)` (e.g. `specpt_hf.finetune.write_finetuned`).
 
     Accelerate fixes the mixed precision once per process: runs with different `mixed_precision` need
     separate processes.
@@ -240,7 +331,10 @@ def training_function(settings: TrainingSettings) -> TrainingResult:
     accelerator = make_accelerator(settings)
     out = Path(settings.output_dir)
     set_seed(settings.seed)
-    model = build_model(settings)
+    if model is None:
+        model = build_model(settings)
+    else:
+        check_model(model, settings)
     train_dl, val_dl = training_dataloaders(accelerator, settings, model.config)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
@@ -272,15 +366,26 @@ def training_function(settings: TrainingSettings) -> TrainingResult:
     hparams["num_processes"] = accelerator.num_processes
     accelerator.init_trackers(settings.stage, config=hparams)
 
-    loop = _Loop(accelerator, settings, model, optimizer, scheduler, train_dl, val_dl, state, max_steps)
+    loop = _Loop(
+        accelerator, settings, model, optimizer, scheduler, train_dl, val_dl, state, max_steps, save_function
+    )
     stopped_early = loop.run(steps_per_epoch)
 
-    save_model(accelerator, model, out / "model", settings)
+    save_model(accelerator, model, out / "model", settings, save_function)
     accelerator.end_training()
     best = out / "best" if settings.stage == "redshift" and (out / "best").is_dir() else None
     logger.info(f"model saved to {out / 'model'}", main_process_only=True)
     final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    return TrainingResult(final, out / "model", best, state.step, stopped_early, loop.history)
+    return TrainingResult(
+        final,
+        out / "model",
+        best,
+        state.step,
+        stopped_early,
+        loop.history,
+        loop.train_seconds,
+        loop.steps_run * loop.spectra_per_step / max(loop.train_seconds, 1e-9),
+    )
 
 
 def resume_from(accelerator: Accelerator, settings: TrainingSettings) -> Path | None:
@@ -308,25 +413,30 @@ class _Loop:
         val_dl: DataLoader,
         state: TrainerState,
         max_steps: int,
+        save_function: SaveFunction | None = None,
     ) -> None:
         self.accelerator, self.settings, self.model = accelerator, settings, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_dl, self.val_dl, self.state, self.max_steps = train_dl, val_dl, state, max_steps
+        self.save_function = save_function
         self.history: list[dict[str, float]] = []
         self.spectra_per_step = (
             settings.batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
         )
+        # optimizer steps of this run (not before a resume) and their time without validation and saving
+        self.steps_run, self.train_seconds, self.other_seconds = 0, 0.0, 0.0
 
     def run(self, steps_per_epoch: int) -> bool:
         """Train until `max_steps` or early stopping; return whether it stopped early."""
         state, accum = self.state, self.accelerator.gradient_accumulation_steps
+        first_step, started = state.step, time.perf_counter()
         self.model.train()
         self.progress = tqdm(
             total=self.max_steps,
             initial=state.step,
             desc=self.settings.stage,
             unit="step",
-            disable=not self.accelerator.is_local_main_process,
+            disable=self.settings.disable_tqdm or not self.accelerator.is_local_main_process,
         )
         self._reset_window()
         try:
@@ -342,6 +452,8 @@ class _Loop:
             return False
         finally:
             self.progress.close()
+            self.steps_run = state.step - first_step
+            self.train_seconds = time.perf_counter() - started - self.other_seconds
 
     def _after_step(self, steps_per_epoch: int) -> bool:
         """Validate and checkpoint when due (in that order, so a checkpoint holds the latest best);
@@ -352,7 +464,9 @@ class _Loop:
         stop = self._validate() if due or step == self.max_steps else False
         if self.settings.checkpointing_steps and step % self.settings.checkpointing_steps == 0:
             save_checkpoint(self.accelerator, self.settings, step)
-        self.window_start += time.perf_counter() - started  # the throughput counts training time only
+        elapsed = time.perf_counter() - started
+        self.window_start += elapsed  # the throughput counts training time only
+        self.other_seconds += elapsed
         return stop
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> bool:
@@ -400,7 +514,8 @@ class _Loop:
             if metrics["validation/nmad"] < state.best_nmad:
                 state.best_nmad, state.best_step = metrics["validation/nmad"], state.step
                 state.evals_without_improvement = 0
-                save_model(self.accelerator, self.model, Path(settings.output_dir) / "best", settings)
+                best = Path(settings.output_dir) / "best"
+                save_model(self.accelerator, self.model, best, settings, self.save_function)
             else:
                 state.evals_without_improvement += 1
                 patience = settings.early_stopping_patience
