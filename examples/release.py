@@ -61,7 +61,6 @@ from specpt_hf.data.mock import write_mock_release
 from specpt_hf.data.prepare import prepare_dataset
 from specpt_hf.data.redshifts import target_class_of
 from specpt_hf.evaluation.evaluate_model import evaluate_model
-from specpt_hf.evaluation.results import read_results_json, write_results_json
 from specpt_hf.hub import push_to_hub, write_repo_folder
 from specpt_hf.pipeline_specpt import SHORT_NAMES
 from specpt_hf.training.settings import TrainingSettings
@@ -70,7 +69,6 @@ from specpt_hf.training.train import training_function
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CLASSES = ("bgs", "elg", "lrg", "qso")
 STEPS = ("data", "prepare", "autoencoder", "redshift", "evaluate", "card", "push")
-RESULTS_KEYS = ("model_name", "task", "dataset", "catastrophic_threshold", "metrics", "model-index")
 
 
 def step(name: str, done: bool, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -187,14 +185,17 @@ def evaluate(args: argparse.Namespace, redshift: Path, autoencoder: Path, data: 
         name, kind = f"DESI-like mock ({', '.join(c.upper() for c in args.classes)})", "specpt-mock"
     else:
         name, kind = f"DESI EDR ({', '.join(c.upper() for c in args.classes)}, good redshifts)", "desi-edr"
-    evaluate_model(redshift, data, out, "test", autoencoder, dataset_name=name)
-    path = out / "results.json"
-    results = read_results_json(path)
-    extra = {key: value for key, value in results.items() if key not in RESULTS_KEYS}
-    write_results_json(
-        path, results["metrics"], args.repo_id.split("/")[-1], name, kind, dataset_split="test", extra=extra
+    evaluate_model(
+        redshift,
+        data,
+        out,
+        "test",
+        autoencoder,
+        dataset_name=name,
+        dataset_type=kind,
+        model_name=args.repo_id.split("/")[-1],
     )
-    return path
+    return out / "results.json"
 
 
 # --------------------------------------------------------------------------------------------- 6-7. card, push

@@ -141,6 +141,8 @@ def evaluate_model(
     autoencoder_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
     dataset_name: str = "DESI-like mock (specpt_hf.data.mock)",
+    dataset_type: str = "specpt-mock",
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model_dir` on `split` of the prepared data in `data_dir`; write everything to `out_dir`.
 
@@ -152,14 +154,14 @@ def evaluate_model(
     dataset = load_eval_split(data_dir, split)
     predictions = predict_split(model, dataset, batch_size)
     summary = summarize(predictions)
-    name = Path(model_dir).resolve().name
+    name = model_name or Path(model_dir).resolve().name
     summary["results_json"] = str(
         write_results_json(
             out / "results.json",
             summary["by_class"],
             model_name=name,
             dataset_name=dataset_name,
-            dataset_type="specpt-mock",
+            dataset_type=dataset_type,
             dataset_split=split,
             extra={key: value for key, value in summary.items() if key != "by_class"},
         )
