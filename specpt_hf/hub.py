@@ -55,7 +55,7 @@ from .modeling_specpt import (
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CARD_TEMPLATE = PACKAGE_DIR.parent / "MODEL_CARD.md"
+CARD_TEMPLATE = PACKAGE_DIR / "MODEL_CARD.md"  # a link to the top-level MODEL_CARD.md, copied into wheels
 CARD_TEMPLATE_ENV = "SPECPT_MODEL_CARD"
 PIPELINE_MODULE = "pipeline_specpt"
 SETTINGS_NAME = "training_settings.yaml"
