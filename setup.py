@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["specpt_hf", "specpt_hf.*"]),
     package_data={
-        "specpt_hf": ["py.typed", "evaluation/*.py", "evaluation/redshift_metrics/*.py", "data/resources/*"]
+        "specpt_hf": ["py.typed", "MODEL_CARD.md", "evaluation/redshift_metrics/*.py"]
     },
     install_requires=[
         "torch>=2.4",
@@ -32,9 +32,12 @@ setup(
     ],
     extras_require={
         "specutils": ["specutils>=1.12"],
-        "peft": ["peft>=0.13"],
+        "peft": ["peft>=0.21"],
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": ["pytest>=8", "ruff>=0.6", "specutils>=1.12", "tensorboard>=2.15", "peft>=0.13", "scipy>=1.11"],
+        # Redrock (DESI's template fitter) for benchmarks/; its DESI entry point also needs
+        # `pip install --no-deps desispec desitarget` (their own dependency trees are not needed).
+        "bench": ["redrock>=0.21,<0.22", "desiutil>=3.4", "fitsio>=1.2", "numba>=0.60", "h5py>=3.10"],
+        "dev": ["pytest>=8", "ruff>=0.6", "specutils>=1.12", "tensorboard>=2.15", "peft>=0.21", "scipy>=1.11"],
     },
     entry_points={"console_scripts": ["specpt=specpt_hf.cli:main"]},
     classifiers=[

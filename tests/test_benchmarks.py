@@ -1,0 +1,221 @@
+"""The benchmark scripts in benchmarks/: each one's --quick mode, plus the pieces they are built from.
+
+Redrock is optional (`pip install -e .[bench]` + `pip install --no-deps desispec desitarget`); without it the
+Redrock parts are skipped and the scripts are checked to report the skip.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import accuracy  # noqa: E402
+import redrock_templates  # noqa: E402
+import run_redrock  # noqa: E402
+import speed  # noqa: E402
+import train_specpt_small_cpu as recipe  # noqa: E402
+
+REDROCK_MISSING = run_redrock.redrock_missing()
+needs_redrock = pytest.mark.skipif(
+    REDROCK_MISSING is not None, reason=f"Redrock not installed: {REDROCK_MISSING}"
+)
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory) -> Path:
+    """Quick Redrock templates, built once for the module."""
+    folder = tmp_path_factory.mktemp("rrtemplates")
+    redrock_templates.build_templates(folder, **redrock_templates.QUICK_SETTINGS)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- templates
+
+
+def test_pca_basis_spans_the_generating_vectors():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3, 500))  # [3, m]
+    spectra = rng.normal(size=(40, 3)) @ vectors  # [40, m]
+    basis, power = redrock_templates.pca_basis(spectra.astype(np.float32), 3, chunk=128)
+    assert basis.shape == (3, 500)
+    np.testing.assert_allclose(np.linalg.norm(basis, axis=1), 1.0, rtol=1e-6)
+    projected = vectors @ basis.T @ basis  # projection onto the basis
+    np.testing.assert_allclose(projected, vectors, atol=1e-3 * np.abs(vectors).max())
+    assert power.sum() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="n_vectors"):
+        redrock_templates.pca_basis(spectra, 41)
+
+
+def test_template_files_have_redrock_layout_and_fit_new_mock_spectra(templates):
+    listed = (templates / redrock_templates.LIST_FILE).read_text().split()
+    assert [name for name in listed if name.endswith(".fits")] == [
+        "rrtemplate-GALAXY-None-vmock-1.fits",
+        "rrtemplate-QSO-None-vmock-1.fits",
+    ]
+    with fits.open(templates / "rrtemplate-GALAXY-None-vmock-1.fits") as hdul:
+        header, basis = hdul["BASIS_VECTORS"].header, hdul["BASIS_VECTORS"].data
+        assert (header["RRTYPE"], header["RRMETHOD"], header["LOGLAM"]) == ("GALAXY", "PCA", 0)
+        assert basis.shape == (redrock_templates.QUICK_SETTINGS["galaxy_vectors"], header["NAXIS1"])
+        wave = header["CRVAL1"] + header["CDELT1"] * np.arange(header["NAXIS1"])
+    # a fresh draw of the mock's galaxies (another seed) is reproduced by the basis to a few per cent
+    spectra = redrock_templates.rest_frame_spectra("elg", 20, seed=4321, wave=wave)
+    spectra /= np.median(spectra, axis=1, keepdims=True)
+
+    def relative_residual(vectors: np.ndarray) -> float:
+        coeff, *_ = np.linalg.lstsq(vectors.T, spectra.T, rcond=None)
+        residual = spectra - (vectors.T @ coeff).T
+        return float(np.sqrt((residual**2).mean() / (spectra**2).mean()))
+
+    assert relative_residual(basis) < 0.1
+    assert relative_residual(basis) < 0.5 * relative_residual(basis[:1])
+    with pytest.raises(ValueError, match="GALAXY and/or QSO"):
+        redrock_templates.build_templates(templates, types=["STAR"])
+
+
+@needs_redrock
+def test_redrock_reads_the_templates(templates):
+    from redrock.templates import Template
+
+    galaxy = Template(str(templates / "rrtemplate-GALAXY-None-vmock-1.fits"))
+    qso = Template(str(templates / "rrtemplate-QSO-None-vmock-1.fits"))
+    assert (galaxy.template_type, galaxy.method, galaxy.igm_model) == ("GALAXY", "PCA", "None")
+    assert (qso.template_type, qso.igm_model, qso.nbasis) == ("QSO", "Calura12", 3)
+    assert galaxy.wave[0] < 3600 / 2.7 and galaxy.wave[-1] > 9824 / 0.995  # DESI at -0.005 < z < 1.7
+    assert qso.wave[0] < 3600 / 7.0 and qso.wave[-1] > 9824 / 1.05  # DESI at 0.05 < z < 6
+
+
+# ----------------------------------------------------------------------------------------- redrock
+
+
+@needs_redrock
+def test_run_redrock_quick_fits_the_mock(tmp_path):
+    assert run_redrock.main(["--quick", "--out", str(tmp_path)]) == 0
+    timing = json.loads((tmp_path / "redrock_timing.json").read_text())
+    table = Table.read(tmp_path / "redrock.ecsv")
+    assert timing["n_spectra"] == len(table) == 4  # 3 targets + 1 sky fibre
+    assert timing["cpu_seconds"] > 0 and timing["cpu_core_seconds_per_spectrum"] > 0
+    assert np.isfinite(np.asarray(table["Z"])).all()
+    assert set(np.asarray(table["SPECTYPE"])) <= {"GALAXY", "QSO"}
+
+
+def test_run_redrock_rejects_bad_inputs(tmp_path, templates):
+    expected = FileNotFoundError if REDROCK_MISSING is None else run_redrock.RedrockError
+    with pytest.raises(expected):
+        run_redrock.run_redrock([tmp_path / "coadd-missing.fits"], tmp_path / "out", templates)
+    with pytest.raises(expected):
+        run_redrock.run_redrock(
+            [tmp_path / "coadd-missing.fits"], tmp_path / "out", tmp_path / "no-templates"
+        )
+    with pytest.raises(ValueError, match="n_processes"):
+        run_redrock.run_redrock([], tmp_path, templates, n_processes=0)
+    assert run_redrock.output_name(Path("coadd-sv3-dark-26001.fits")) == "redrock-sv3-dark-26001.fits"
+    cmd = run_redrock.rrdesi_command([Path("a.fits")], Path("o.fits"), 2, {"galaxy": "-0.005,1.7,3e-4"})
+    assert "--zscan-galaxy=-0.005,1.7,3e-4" in cmd and cmd[cmd.index("--mp") + 1] == "2"
+
+
+# ---------------------------------------------------------------------------------------- accuracy
+
+
+def test_accuracy_quick(tmp_path, templates):
+    assert accuracy.main(["--quick", "--out", str(tmp_path), "--templates", str(templates)]) == 0
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    untrained = "specpt-tiny (untrained)"
+    everything = results["metrics"]["subsets"]["all"][untrained]
+    assert {name: everything[name]["n"] for name in accuracy.CLASSES} == dict.fromkeys(accuracy.CLASSES, 6)
+    for name, h in results["hardness"].items():
+        p = h["snr_r_percentiles"]
+        assert 0 < p["p05"] <= p["p50"] <= p["p95"], name
+        assert 0.0 <= h["hard_fraction"] <= 1.0
+    assert {r["target_class"] for r in results["desi_reference_snr"]} <= {"bgs", "lrg", "elg", "qso", "other"}
+    predictions = Table.read(tmp_path / "predictions.ecsv")
+    assert len(predictions) == 24 and len(set(predictions["TARGETID"])) == 24
+    for name in ("accuracy_zz.png", "accuracy_vs_redshift.png", "snr_r.png", "accuracy.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    if REDROCK_MISSING is None:
+        assert results["methods"] == [untrained, "Redrock"]
+        common = results["metrics"]["subsets"]["common"]["Redrock"]["all"]
+        assert common["n"] == 24
+        # templates from the mock's own basis: Redrock finds most redshifts even on the coarse quick grid
+        assert common["nmad"] < 0.01 and common["eta"] <= 0.25
+        assert np.isfinite(np.asarray(predictions["Z_Redrock"])).all()
+    else:
+        assert results["methods"] == [untrained] and "redrock_skipped" in results
+
+
+def test_accuracy_refuses_training_seeds(tmp_path):
+    with pytest.raises(SystemExit):
+        accuracy.main(["--quick", "--out", str(tmp_path), "--seed", "1"])
+    with pytest.raises(SystemExit):
+        accuracy.main(["--out", str(tmp_path)])  # no --model
+
+
+# ------------------------------------------------------------------------------------------- speed
+
+
+def test_speed_quick(tmp_path, templates):
+    argv = [
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--templates",
+        str(templates),
+        "--max-scale",
+        "6",
+        "--threads",
+        "1",
+    ]
+    assert speed.main(argv) == 0
+    results = json.loads((tmp_path / "speed.json").read_text())
+    (row,) = results["specpt"]  # --threads 1: only the 1-thread run
+    assert row["preset"] == "specpt-tiny" and row["n_spectra"] == 12 and row["spectra_per_second"] > 0
+    (scale,) = results["scaling"]
+    assert scale["n_spectra"] == 6 and scale["peak_rss_mb"] >= scale["rss_after_warmup_mb"] > 0
+    sizes = {r["preset"]: r for r in results["size"]}
+    assert set(sizes) == set(speed.ALL_PRESETS)
+    assert sizes["specpt-paper"]["params_autoencoder"] > 1e9 > sizes["specpt-paper"]["params_redshift"]
+    assert 0 < sizes["specpt-tiny"]["flops_redshift"] < sizes["specpt-small"]["flops_redshift"]
+    assert sizes["specpt-paper"]["flops_redshift"] is None  # not counted in quick mode
+    if REDROCK_MISSING is None:
+        assert results["redrock"]["n_spectra"] == 4  # one fibre of each of the 4 files
+        (ratio,) = results["ratios"]
+        assert ratio["ratio_per_core"] > 0
+    else:
+        assert "redrock_skipped" in results and not results["ratios"]
+
+
+# ------------------------------------------------------------------------------------ training recipe
+
+
+def test_training_recipe_plan_fits_the_budget():
+    args = recipe.parse_args(["--work", "w"])
+    plan = recipe.make_plan(args)
+    total = plan.data_minutes + plan.ae_minutes + plan.rs_minutes
+    assert total <= 3 * 60 * 0.95 + 1e-6 and plan.ae_steps > 1000 and plan.rs_steps > plan.ae_steps
+    cmd = recipe.train_command(args, "redshift", plan.rs_steps, Path("w"))
+    assert "--resume" in cmd and cmd[cmd.index("--max-steps") + 1] == str(plan.rs_steps)
+    assert cmd[cmd.index("--pretrained-model") + 1] == str(Path("w") / "autoencoder" / "model")
+    assert Path(cmd[cmd.index("--config") + 1]).is_file()
+
+
+def test_training_recipe_quick_data_step_is_resumable(tmp_path, capsys):
+    argv = ["--work", str(tmp_path), "--quick", "--steps", "data"]
+    assert recipe.main(argv) == 0
+    shards = {
+        split: sorted((tmp_path / "data" / split).glob("*.parquet")) for split in ("train", "validation")
+    }
+    assert shards["train"] and all(p.name.startswith("chunk000-") for p in shards["train"])
+    assert not list(tmp_path.glob("mock-chunk*")) and not list(tmp_path.glob("prep-chunk*"))
+    before = {p: p.stat().st_mtime_ns for p in shards["train"]}
+    capsys.readouterr()
+    assert recipe.main(argv) == 0  # done chunks are skipped
+    assert "data chunk" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in shards["train"]} == before
