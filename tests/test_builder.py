@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 from astropy.io import fits
 from astropy.table import Table
@@ -19,6 +20,9 @@ from astropy.table import Table
 from specpt_hf.data.builder import (
     SPLITS,
     DesiEdrBuilder,
+    DesiSource,
+    batch_to_arrow,
+    collect_spectra_files,
     desi_features,
     examples_to_arrow,
     find_spectra_files,
@@ -26,7 +30,8 @@ from specpt_hf.data.builder import (
     redrock_path_for,
     split_for_targetid,
 )
-from specpt_hf.data.desi import DesiFormatError, read_desi_spectra
+from specpt_hf.data.desi import DesiFormatError, ReadStats, read_desi_spectra
+from specpt_hf.data.redshifts import JoinStats
 
 DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
 HEALPIX = "coadd-sv3-dark-26065.fits"
@@ -231,3 +236,71 @@ def test_builder_bad_file_fails_early_or_is_skipped(tmp_path):
 def test_builder_needs_data(tmp_path):
     with pytest.raises(ValueError, match="data_dir"):
         build(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+def _catalog(path: Path, ids: list[int]) -> Path:
+    n = len(ids)
+    rows = {
+        "TARGETID": np.array(ids, dtype=np.int64),
+        "SURVEY": np.array(["sv3"] * n),
+        "PROGRAM": np.array(["dark"] * n),
+        "Z": np.linspace(0.3, 0.9, n),
+        "ZERR": np.full(n, 1e-4),
+        "ZWARN": np.array([0, 4, 0][:n], dtype=np.int64),
+        "SPECTYPE": np.array(["GALAXY"] * n),
+        "DELTACHI2": np.full(n, 90.0),
+    }
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(Table(rows), name="ZCATALOG")]).writeto(path)
+    return path
+
+
+@pytest.mark.parametrize("target_class", ["all", "lrg", "elg"])
+@pytest.mark.parametrize("with_catalog", [False, True], ids=["redrock", "catalog"])
+def test_batches_hold_the_records_rows(tmp_path, target_class, with_catalog):
+    flat = tmp_path / "flat"
+    put(HEALPIX, flat)
+    put(TILE, flat)
+    catalog = _catalog(tmp_path / "zpix-sv3-dark.fits", [*LRG_IDS, ELG_ID]) if with_catalog else None
+    files = collect_spectra_files([flat])
+    source = DesiSource(files=files, catalog=catalog, target_class=target_class, chunk_size=2)
+    stats = [ReadStats(), JoinStats(), ReadStats(), JoinStats()]
+    examples = [record_to_example(r) for r in source.records(read_stats=stats[0], join_stats=stats[1])]
+    batches = list(source.batches(read_stats=stats[2], join_stats=stats[3]))
+    assert stats[0] == stats[2] and stats[1] == stats[3]
+    assert examples and sum(len(b["targetid"]) for b in batches) == len(examples)
+    features = desi_features()
+    expected = examples_to_arrow(examples, features)
+    got = pa.concat_tables([batch_to_arrow(b, features) for b in batches])
+    assert got.equals(expected)
+    # chunk_size=2: a file's spectra come in batches of at most two rows of that file
+    assert all(len(set(b["healpix"])) == 1 and len(b["targetid"]) <= 2 for b in batches)
+
+
+def test_batch_to_arrow_equals_examples_to_arrow():
+    rng = np.random.default_rng(5)
+    features = desi_features(n_pixels=13)  # not a multiple of 8: the bit-packed masks must line up
+    batch = {
+        "targetid": np.arange(5, dtype=np.int64),
+        "flux": rng.normal(size=(5, 13)).astype(np.float32),
+        "ivar": rng.random((5, 13)).astype(np.float64),  # converted to float32
+        "mask": rng.random((5, 13)) < 0.3,
+        "z": rng.random(5),
+        "zerr": rng.random(5),
+        "zwarn": np.array([0, 4, 0, 1, 0]),
+        "spectype": np.array(["GALAXY", "QSO", "STAR", "GALAXY", "QSO"]),
+        "target_class": np.array(["bgs", "elg", "lrg", "qso", "other"]),
+        "survey": np.array(["sv3"] * 5),
+        "program": np.array(["dark"] * 5),
+        "healpix": np.full(5, 26065),
+    }
+    examples = [{name: values[i] for name, values in batch.items()} for i in range(5)]
+    expected = examples_to_arrow([record_to_example(e) for e in examples], features)
+    got = batch_to_arrow(batch, features)
+    assert got.equals(expected) and got.schema.equals(features.arrow_schema)
+    assert got.column("mask").to_pylist() == batch["mask"].tolist()
+    assert batch_to_arrow(batch, features.arrow_schema).equals(got)
+    with pytest.raises(ValueError, match="flux: every row needs 13 values"):
+        batch_to_arrow({**batch, "flux": batch["flux"][:, :12]}, features)

@@ -15,12 +15,15 @@ from specpt_hf.data.desi import (
     DESI_N_PIXELS,
     DesiFormatError,
     ReadStats,
+    _merge_to_grid,
     arm_offsets,
     desi_brz_wavelength,
     inspect_desi_file,
     merge_arms,
     parse_desi_filename,
+    read_desi_chunks,
     read_desi_spectra,
+    read_table_columns,
 )
 
 DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
@@ -358,3 +361,167 @@ def test_copy_of_real_file_reads_identically(tmp_path):
     a, b = list(read_desi_spectra(HEALPIX_COADD)), list(read_desi_spectra(copy))
     assert [r["targetid"] for r in a] == [r["targetid"] for r in b]
     np.testing.assert_array_equal(a[0]["flux"], b[0]["flux"])
+
+
+# ----------------------------------------------------------------------------------------- fast paths
+
+
+def _same_column(ours: np.ndarray, theirs) -> bool:
+    theirs = np.asarray(theirs)
+    if theirs.dtype.kind in "SU":
+        return np.array_equal(np.char.strip(ours.astype(str)), np.char.strip(theirs.astype(str)))
+    native = theirs.dtype.newbyteorder("=")
+    return (
+        ours.dtype == native and ours.shape == theirs.shape and np.array_equal(ours, theirs, equal_nan=True)
+    )
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_table_columns_equal_astropy_on_real_files(path):
+    with fits.open(path) as hdul:
+        for hdu in hdul:
+            if not isinstance(hdu, fits.BinTableHDU) or isinstance(hdu, fits.CompImageHDU):
+                continue
+            names, values = read_table_columns(hdu, path)
+            assert names == tuple(hdu.data.dtype.names)
+            for name in names:
+                assert _same_column(values[name], hdu.data[name]), (hdu.name, name)
+            _, some = read_table_columns(hdu, path, ["TARGETID", "NOT_A_COLUMN"])
+            assert list(some) == (["TARGETID"] if "TARGETID" in names else [])
+
+
+def test_table_columns_equal_astropy_for_every_column_type(tmp_path):
+    n = 7
+    rng = np.random.default_rng(3)
+    columns = [
+        fits.Column("FLAG", "L", array=rng.random(n) < 0.5),
+        fits.Column("BYTE", "B", array=rng.integers(0, 255, n, dtype=np.uint8)),
+        fits.Column("SHORT", "I", array=rng.integers(-999, 999, n).astype(np.int16)),
+        fits.Column("INT", "J", array=rng.integers(-(2**30), 2**30, n).astype(np.int32)),
+        fits.Column("LONG", "K", array=rng.integers(-(2**62), 2**62, n)),
+        fits.Column(
+            "FLOAT", "E", array=np.where(np.arange(n) == 2, np.nan, rng.normal(size=n)).astype(np.float32)
+        ),
+        fits.Column("DOUBLE", "D", array=rng.normal(size=n)),
+        fits.Column("NAME", "8A", array=np.array(["TGT", "SKY", "", "TGT  ", "a", "bb", "x"])),
+        fits.Column("VECTOR", "3D", array=rng.normal(size=(n, 3))),
+        fits.Column("UNSIGNED", "K", bzero=2**63, array=np.arange(n, dtype=np.uint64) + 2**63 + 5),
+        fits.Column("SCALED", "J", array=np.arange(n, dtype=np.int32)),  # TSCAL/TZERO added below
+        fits.Column("MATRIX", "6E", dim="(3,2)", array=rng.normal(size=(n, 2, 3)).astype(np.float32)),
+        fits.Column("BITS", "11X", array=rng.random((n, 11)) < 0.5),
+        fits.Column("VARIABLE", "PJ()", array=[np.arange(i) for i in range(n)]),
+    ]
+    path = tmp_path / "table.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(columns, name="T")]).writeto(path)
+    index = 1 + [c.name for c in columns].index("SCALED")
+    fits.setval(path, f"TSCAL{index}", value=0.5, ext=1, after=f"TFORM{index}")
+    fits.setval(path, f"TZERO{index}", value=10.0, ext=1, after=f"TSCAL{index}")
+    with fits.open(path) as hdul:
+        assert hdul["T"].data["SCALED"][2] == 11.0
+        names, values = read_table_columns(hdul["T"], path)
+        assert names == tuple(c.name for c in columns)
+        for name in names:
+            if name == "VARIABLE":
+                assert all(
+                    np.array_equal(a, b) for a, b in zip(values[name], hdul["T"].data[name], strict=True)
+                )
+            else:
+                assert _same_column(values[name], hdul["T"].data[name]), name
+        assert values["NAME"].dtype.kind == "S" and values["FLAG"].dtype == bool
+
+
+def test_fast_merge_equals_merge_arms():
+    """The readers' merge gives `merge_arms`' flux, ivar and bad pixels to the bit, NaN/inf included."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n = int(rng.integers(1, 5))
+        offsets = {"b": 0, "r": int(rng.integers(5, 15)), "z": int(rng.integers(18, 30))}
+        flux, ivar, mask = {}, {}, {}
+        for arm in offsets:
+            length = int(rng.integers(3, 20))
+            flux[arm] = rng.normal(size=(n, length)).astype(">f4")
+            ivar[arm] = rng.choice([0.0, -1.0, 1.0, 2.5, 1e-3], size=(n, length)).astype(">f4")
+            mask[arm] = rng.choice([0, 0, 0, 1, 2**31 + 8], size=(n, length)).astype(np.uint32)
+            if trial % 2:
+                for values in (flux[arm], ivar[arm]):
+                    poison = rng.random(values.shape) < 0.1
+                    values[poison] = rng.choice([np.nan, np.inf, -np.inf], size=int(poison.sum()))
+        expected = merge_arms(flux, ivar, mask, offsets)
+        # the same masks as stored under BZERO = 2**31 (int32, a good pixel is -2**31)
+        stored = {arm: (m.astype(np.int64) - 2**31).astype(">i4") for arm, m in mask.items()}
+        for masks, zeros in ((mask, None), (stored, dict.fromkeys(offsets, -(2**31)))):
+            got_flux, got_ivar, got_bad, nonfinite = _merge_to_grid(flux, ivar, masks, offsets, zeros)
+            assert got_flux.tobytes() == expected.flux.tobytes(), trial  # -0.0 and 0.0 differ here
+            assert got_ivar.tobytes() == expected.ivar.tobytes(), trial
+            np.testing.assert_array_equal(got_bad, expected.bad)
+            np.testing.assert_array_equal(nonfinite, expected.nonfinite)
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_chunks_hold_the_records(path):
+    records, record_stats = list(read_desi_spectra(path, chunk_size=3, stats=(a := ReadStats()))), a
+    chunk_stats = ReadStats()
+    chunks = list(read_desi_chunks(path, chunk_size=3, stats=chunk_stats, columns=["SV3_DESI_TARGET"]))
+    assert chunk_stats == record_stats
+    assert sum(len(chunk) for chunk in chunks) == len(records)
+    i = 0
+    for chunk in chunks:
+        assert set(chunk.fibermap) <= {
+            "TARGETID",
+            "OBJTYPE",
+            "COADD_FIBERSTATUS",
+            "FIBERSTATUS",
+            "SV3_DESI_TARGET",
+        }
+        for j in range(len(chunk)):
+            record = records[i]
+            assert (chunk.rows[j], chunk.targetid[j], chunk.source) == (
+                record["row"],
+                record["targetid"],
+                path.name,
+            )
+            assert chunk.fibermap["SV3_DESI_TARGET"][j] == record["fibermap"]["SV3_DESI_TARGET"]
+            assert chunk.flux[j].tobytes() == record["flux"].tobytes()
+            np.testing.assert_array_equal(chunk.mask[j], record["mask"])
+            assert (chunk.survey, chunk.program, chunk.healpix) == (
+                record["survey"],
+                record["program"],
+                record["healpix"],
+            )
+            i += 1
+
+
+def _expected_records(path: Path) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """flux, ivar, bad per good row, merged with `merge_arms` from astropy's scaled arrays."""
+    arms = raw_arms(path)
+    offsets = arm_offsets({arm: arms[arm]["WAVELENGTH"] for arm in "brz"})
+    merged = merge_arms(*({a: arms[a][kind] for a in "brz"} for kind in ("FLUX", "IVAR", "MASK")), offsets)
+    return {row: (merged.flux[row], merged.ivar[row], merged.bad[row]) for row in expected_good_rows(path)}
+
+
+def test_unusual_scalings_read_as_astropy_scales_them(tmp_path):
+    def uint16_mask(hdul):  # stored int16 under BZERO = 32768: a good pixel is stored as -32768
+        mask = np.where(hdul["B_MASK"].data > 0, 7, 0).astype(np.uint16)
+        mask[4, 100:110] = 3
+        hdul["B_MASK"] = fits.ImageHDU(mask, name="B_MASK")
+
+    def scaled_flux(hdul):  # integers scaled to flux by BSCALE/BZERO: astropy applies them
+        hdu = fits.ImageHDU(hdul["R_FLUX"].data.astype(np.float32), name="R_FLUX")
+        hdu.scale("int16", bscale=0.01, bzero=5.0)
+        hdul["R_FLUX"] = hdu
+
+    for name, edit in (("coadd-sv3-dark-11.fits", uint16_mask), ("coadd-sv3-dark-12.fits", scaled_flux)):
+        path = rewrite(HEALPIX_COADD, tmp_path / name, edit)
+        expected = _expected_records(path)
+        records = {r["row"]: r for r in read_desi_spectra(path)}
+        assert sorted(records) == sorted(expected) == [2, 4]
+        for row, (flux, ivar, bad) in expected.items():
+            np.testing.assert_array_equal(records[row]["flux"], flux)
+            np.testing.assert_array_equal(records[row]["ivar"], ivar)
+            np.testing.assert_array_equal(records[row]["mask"], bad)
+        if edit is uint16_mask:
+            assert records[4]["mask"][100:110].all() and not records[4]["mask"][110]
+        else:
+            assert np.isclose(
+                records[4]["flux"][3000], raw_arms(HEALPIX_COADD)["r"]["FLUX"][4, 300], atol=0.006
+            )

@@ -5,19 +5,28 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 from astropy.table import Table
 from huggingface_hub import DatasetCard
 
-from specpt_hf.data.builder import desi_features, split_for_targetid
+from specpt_hf.data.builder import (
+    DesiSource,
+    collect_spectra_files,
+    desi_features,
+    examples_to_arrow,
+    record_to_example,
+    split_for_targetid,
+)
 from specpt_hf.data.desi import DesiFormatError, read_desi_spectra
-from specpt_hf.data.prepare import main, prepare_dataset
+from specpt_hf.data.prepare import ShardWriter, main, prepare_dataset
 
 DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
 HEALPIX = "coadd-sv3-dark-26065.fits"
@@ -173,3 +182,92 @@ def test_cli(flat, tmp_path, capsys):
     assert DatasetCard.load(out / "README.md").data.configs[0]["config_name"] == "lrg"
     with pytest.raises(SystemExit):
         main(["--out", str(out)])  # no inputs
+
+
+def _examples(n: int, n_pixels: int = 11) -> list[dict]:
+    rng = np.random.default_rng(n)
+    return [
+        {
+            "targetid": 100 + i,
+            "flux": rng.normal(size=n_pixels).astype(np.float32),
+            "ivar": rng.random(n_pixels).astype(np.float32),
+            "mask": rng.random(n_pixels) < 0.3,
+            "z": 0.1 * i,
+            "zerr": 1e-4,
+            "zwarn": i % 3,
+            "spectype": "GALAXY",
+            "target_class": "elg",
+            "survey": "sv3",
+            "program": "dark",
+            "healpix": 26065,
+        }
+        for i in range(n)
+    ]
+
+
+def _columns(examples: list[dict]) -> dict:
+    return {name: np.array([e[name] for e in examples]) for name in examples[0]}
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "thread"])
+def test_rows_and_batches_make_the_same_shards(tmp_path, threaded):
+    features = desi_features(n_pixels=11)
+    examples = _examples(23)
+    layouts = {}
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        for how in ("rows", "batches", "mixed"):
+            writer = ShardWriter(tmp_path / how, features, 10, 4, "snappy", executor if threaded else None)
+            if how == "rows":
+                for example in examples:
+                    writer.add(example)
+            elif how == "batches":
+                for start in (0, 3, 4, 13):  # batches of 3, 1, 9 and 10 rows
+                    stop = {0: 3, 3: 4, 4: 13, 13: 23}[start]
+                    writer.add_batch(_columns(examples[start:stop]))
+            else:
+                writer.add(examples[0])
+                writer.add_batch(_columns(examples[1:6]))
+                for example in examples[6:9]:
+                    writer.add(example)
+                writer.add_batch(_columns(examples[9:]))
+            writer.close()
+            shards = sorted((tmp_path / how).glob("*.parquet"))
+            assert writer.rows == 23 and [p.name for p in shards] == [p.name for p in writer.shards]
+            layouts[how] = [
+                (
+                    pq.read_table(p),
+                    [
+                        pq.read_metadata(p).row_group(i).num_rows
+                        for i in range(pq.read_metadata(p).num_row_groups)
+                    ],
+                )
+                for p in shards
+            ]
+    expected = examples_to_arrow(examples, features)
+    assert [len(t) for t, _ in layouts["rows"]] == [10, 10, 3]
+    assert all(max(groups) <= 4 for _, groups in layouts["rows"])
+    for how in ("batches", "mixed"):
+        assert [groups for _, groups in layouts[how]] == [groups for _, groups in layouts["rows"]]
+        for (ours, _), (theirs, _) in zip(layouts[how], layouts["rows"], strict=True):
+            assert ours.equals(theirs)
+    assert pa.concat_tables([t for t, _ in layouts["batches"]]).equals(expected)
+
+
+def test_prepared_rows_are_the_records_rows(flat, tmp_path):
+    """The batch path writes, split by split and in order, what the one-record-at-a-time path makes."""
+    out = tmp_path / "out"
+    summary = prepare_dataset([flat], out, fractions=(0.4, 0.3, 0.3), cuts=None, progress=False)
+    source = DesiSource(files=collect_spectra_files([flat]))
+    examples = [record_to_example(r) for r in source.records()]
+    assert summary.total_rows == len(examples) == 3
+    features = desi_features()
+    for split in ("train", "validation", "test"):
+        mine = [e for e in examples if split_for_targetid(e["targetid"], (0.4, 0.3, 0.3)) == split]
+        shards = sorted((out / split).glob("*.parquet"))
+        assert summary.rows[split] == len(mine)
+        if mine:
+            assert pa.concat_tables([pq.read_table(p) for p in shards]).equals(
+                examples_to_arrow(mine, features)
+            )
+        else:
+            assert not shards

@@ -16,6 +16,7 @@ from specpt_hf.data.redshifts import (
     ZWARN_NODATA,
     JoinStats,
     QualityCuts,
+    RedshiftJoin,
     join_redshifts,
     read_redrock,
     read_redshift_catalog,
@@ -325,3 +326,120 @@ def test_join_counts_mismatches_and_filters(tmp_path, caplog):
     assert other.other_class == 1
     with pytest.raises(ValueError, match="target_class"):
         list(join_redshifts(records, table, target_class="galaxies"))
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+def test_find_many_agrees_with_find(tmp_path):
+    rows = catalog_rows()
+    rows["SURVEY"][2] = ""  # a row of unknown survey matches any
+    table = read_redshift_catalog(write_catalog(tmp_path / "zall-pix-fuji.fits", rows))
+    ids = np.array([11, 12, 13, 99, 11, 12], dtype=np.int64)
+    for survey in ("", "sv1", "sv2", "sv3"):
+        for program in ("", "dark", "bright"):
+            expected = [table.find(int(t), survey, program) for t in ids]
+            assert table.find_many(ids, survey, program).tolist() == [
+                -1 if r is None else r for r in expected
+            ]
+
+
+def _reference_join(records, table, cuts, target_class):
+    """`join_redshifts`' rules one record at a time, written out: (targetid, row, class) kept, counts."""
+    good, kept, counts = table.quality(cuts), [], JoinStats()
+    for record in records:
+        counts.spectra += 1
+        row = table.find(record["targetid"], record.get("survey", ""), record.get("program", ""))
+        if row is None:
+            counts.without_redshift += 1
+            continue
+        name, passed = str(table.target_class[row]), bool(good[row])
+        if not name:
+            fibermap = {k: [v] for k, v in record["fibermap"].items()}
+            name = str(target_class_of(fibermap, record.get("survey"))[0])
+            passed = bool(table.quality(cuts, rows=np.array([row]), classes=np.array([name]))[0])
+        if target_class != "all" and name != target_class:
+            counts.other_class += 1
+        elif not passed:
+            counts.failed_cuts += 1
+        else:
+            counts.joined += 1
+            kept.append((record["targetid"], row, name))
+    return kept, counts
+
+
+@pytest.mark.parametrize("with_bits", [True, False], ids=["table-bits", "fibermap-bits"])
+def test_batch_join_follows_the_record_rules(tmp_path, with_bits):
+    path = DATA / "coadd-5-169-thru20210419.fits"
+    records = [*read_desi_spectra(HEALPIX_COADD), *read_desi_spectra(path)]
+    ids = np.array([r["targetid"] for r in records], dtype=np.int64)
+    n = len(ids) + 3
+    rows = {
+        "TARGETID": np.concatenate([ids, ids[:2], [5]]),  # the first two twice (sv1 and sv3), one stray
+        "SURVEY": np.array(["sv3"] * len(ids) + ["sv1", "sv1", "sv3"]),
+        "PROGRAM": np.array(["dark"] * n),
+        "Z": np.linspace(0.2, 1.8, n),
+        "ZERR": np.full(n, 1e-4),
+        "ZWARN": np.array([0, 4] + [0] * (n - 2), dtype=np.int64),
+        "SPECTYPE": np.array(["GALAXY"] * n),
+        "DELTACHI2": np.linspace(10.0, 90.0, n),
+        "ZCAT_PRIMARY": np.array([False, True] + [True] * (len(ids) - 2) + [True, False, True]),
+    }
+    if with_bits:
+        rows["SV3_DESI_TARGET"] = np.array([1, 2, 4] * n, dtype=np.int64)[:n]
+    table = read_redshift_catalog(write_catalog(tmp_path / "zpix-sv3-dark.fits", rows))
+    for target_class in ("all", "lrg", "elg"):
+        for cuts in (QualityCuts(), QualityCuts(enabled=False, primary_only=False)):
+            expected, expected_counts = _reference_join(records, table, cuts, target_class)
+            if target_class == "all" and not cuts.enabled:
+                assert len(expected) == len(records)  # the duplicated targets each found once
+            join = RedshiftJoin(table, cuts=cuts, target_class=target_class)
+            got = []
+            batches = [
+                [r for r in records if r["source"] == name] for name in (HEALPIX_COADD.name, path.name)
+            ]
+            for batch in batches:  # one batch per file: a file's spectra share survey and program
+                fibermap = {k: np.array([r["fibermap"][k] for r in batch]) for k in batch[0]["fibermap"]}
+                index, label_rows, classes = join.match(
+                    [r["targetid"] for r in batch], batch[0]["survey"], batch[0]["program"], fibermap
+                )
+                got += [
+                    (batch[i]["targetid"], int(r), str(c))
+                    for i, r, c in zip(index, label_rows, classes, strict=True)
+                ]
+            counts = join.finish()
+            assert got == expected and expected_counts.spectra == counts.spectra
+            assert {k: v for k, v in counts.as_dict().items() if k != "redshifts_without_spectrum"} == {
+                k: v for k, v in expected_counts.as_dict().items() if k != "redshifts_without_spectrum"
+            }
+            per_record = JoinStats()
+            joined = list(
+                join_redshifts(records, table, cuts=cuts, target_class=target_class, stats=per_record)
+            )
+            assert [(r["targetid"], r["target_class"]) for r in joined] == [(t, c) for t, _, c in expected]
+            assert per_record == counts
+    assert expected_counts.failed_cuts + expected_counts.other_class > 0
+
+
+def test_redrock_table_equals_the_whole_file_read(tmp_path):
+    """Only the needed columns are decoded, and they give what astropy's full read gives."""
+    path = write_redrock(
+        HEALPIX_COADD,
+        tmp_path / "redrock-sv3-dark-26065.fits",
+        z=[0.1, 0.2, 0.51, 0.3, 0.73],
+        zwarn=[0, 4, 0, 0, 1],
+    )
+    table = read_redrock(path)
+    with fits.open(path) as hdul:
+        redshifts, fibermap = hdul["REDSHIFTS"].data, hdul["FIBERMAP"].data
+        np.testing.assert_array_equal(table.targetid, redshifts["TARGETID"])
+        np.testing.assert_array_equal(table.z, redshifts["Z"])
+        np.testing.assert_array_equal(table.zerr, redshifts["ZERR"])
+        np.testing.assert_array_equal(table.zwarn, redshifts["ZWARN"])
+        np.testing.assert_array_equal(table.deltachi2, redshifts["DELTACHI2"])
+        assert table.spectype.tolist() == [s.strip() for s in redshifts["SPECTYPE"]]
+        columns = {name: fibermap[name] for name in fibermap.names}
+        assert table.target_class.tolist() == target_class_of(columns, "sv3").tolist()
+        assert table.is_target.tolist() == [o.strip() == "TGT" for o in fibermap["OBJTYPE"]]
+        np.testing.assert_array_equal(table.fiberstatus, fibermap["COADD_FIBERSTATUS"])
+    assert (table.survey.tolist(), table.program.tolist()) == (["sv3"] * 5, ["dark"] * 5)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain
@@ -37,13 +37,17 @@ from .desi import (
     DesiFormatError,
     ReadStats,
     Selector,
+    SpectraChunk,
     inspect_desi_file,
+    read_desi_chunks,
     read_desi_spectra,
 )
 from .redshifts import (
+    TARGET_BITS,
     TARGET_CLASSES,
     JoinStats,
     QualityCuts,
+    RedshiftJoin,
     RedshiftTable,
     join_redshifts,
     read_redrock,
@@ -127,22 +131,104 @@ def record_to_example(record: dict[str, Any]) -> dict[str, Any]:
 def examples_to_arrow(examples: Sequence[dict[str, Any]], features: datasets.Features) -> pa.Table:
     """Rows from `record_to_example` -> an Arrow table with `features`' schema (and its metadata)."""
     schema = features.arrow_schema
+    batch: dict[str, Any] = {}
+    for name in schema.names:
+        values = [example[name] for example in examples]
+        if pa.types.is_fixed_size_list(schema.field(name).type):
+            dtype = schema.field(name).type.value_type.to_pandas_dtype()
+            sizes = {np.shape(value) for value in values}
+            if len(sizes) > 1:
+                raise ValueError(f"{name}: every row needs {schema.field(name).type.list_size} values")
+            values = np.stack(values).astype(dtype, copy=False) if values else np.empty((0, 0), dtype)
+        batch[name] = values
+    return batch_to_arrow(batch, features, n_rows=len(examples))
+
+
+def batch_to_arrow(
+    batch: Mapping[str, Any], features: datasets.Features | pa.Schema, n_rows: int | None = None
+) -> pa.Table:
+    """Columns of rows (spectra as [n_rows, n_pixels] arrays) -> an Arrow table with `features`' schema.
+
+    The spectra are wrapped without copying where their dtype and layout already fit. `features`
+    may be given as its Arrow schema (`features.arrow_schema`, which takes time to build).
+    """
+    schema = features if isinstance(features, pa.Schema) else features.arrow_schema
+    n_rows = len(batch[schema.names[0]]) if n_rows is None else n_rows
     columns = []
     for name in schema.names:
         arrow_type = schema.field(name).type
-        values = [example[name] for example in examples]
         if pa.types.is_fixed_size_list(arrow_type):
             size = arrow_type.list_size
             dtype = arrow_type.value_type.to_pandas_dtype()
-            flat = np.stack(values).astype(dtype, copy=False).reshape(-1) if values else np.empty(0, dtype)
-            if flat.size != size * len(values):
+            values = np.ascontiguousarray(batch[name], dtype=dtype).reshape(-1)
+            if values.size != size * n_rows:
                 raise ValueError(f"{name}: every row needs {size} values")
-            columns.append(
-                pa.FixedSizeListArray.from_arrays(pa.array(flat, type=arrow_type.value_type), size)
-            )
+            if pa.types.is_boolean(arrow_type.value_type):  # Arrow's bit-packed layout, LSB first
+                bits = pa.py_buffer(np.packbits(values, bitorder="little"))
+                flat = pa.Array.from_buffers(pa.bool_(), values.size, [None, bits])
+            else:
+                flat = pa.array(values, type=arrow_type.value_type)
+            columns.append(pa.FixedSizeListArray.from_arrays(flat, size))
         else:
-            columns.append(pa.array(values, type=arrow_type))
+            columns.append(pa.array(batch[name], type=arrow_type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass
+class LabelledChunk:
+    """The spectra of a `SpectraChunk` that passed the redshift join.
+
+    `index` points into the chunk, `rows` into `table` (their labels), `classes` are their classes.
+    """
+
+    chunk: SpectraChunk
+    table: RedshiftTable
+    index: np.ndarray  # int64 [n], sorted
+    rows: np.ndarray  # int64 [n]
+    classes: np.ndarray  # str [n]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def targetid(self) -> np.ndarray:
+        return self.chunk.targetid[self.index]
+
+    def columns(self, subset: np.ndarray | None = None) -> dict[str, Any]:
+        """Dataset columns (`desi_features`) of these spectra, or of `subset` (indices) of them.
+
+        The spectra are the chunk's own arrays when every row is taken, else one copy.
+        """
+        index, rows, classes = self.index, self.rows, self.classes
+        if subset is not None:
+            index, rows, classes = index[subset], rows[subset], classes[subset]
+        chunk, table, n = self.chunk, self.table, len(index)
+
+        def take(values: np.ndarray) -> np.ndarray:
+            return values if n == len(chunk) else values[index]  # sorted and complete: every row
+
+        return {
+            "targetid": chunk.targetid[index],
+            "flux": take(chunk.flux),
+            "ivar": take(chunk.ivar),
+            "mask": take(chunk.mask),
+            "z": table.z[rows],
+            "zerr": table.zerr[rows],
+            "zwarn": table.zwarn[rows],
+            "spectype": table.spectype[rows].astype(str),
+            "target_class": classes.astype(str),
+            "survey": np.full(n, chunk.survey),
+            "program": np.full(n, chunk.program),
+            "healpix": np.full(n, chunk.healpix, dtype=np.int64),
+        }
+
+
+def label_chunk(chunk: SpectraChunk, join: RedshiftJoin) -> LabelledChunk | None:
+    """Join a chunk's spectra with their redshifts (`RedshiftJoin.match`); None if none is kept."""
+    index, rows, classes = join.match(
+        chunk.targetid, chunk.survey, chunk.program, chunk.fibermap, chunk.source
+    )
+    return LabelledChunk(chunk, join.table, index, rows, classes) if len(index) else None
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -279,6 +365,50 @@ class DesiSource:
         for path in bar:
             yield from self._join_redrock(path, select, read_stats, join_stats)
 
+    def batches(
+        self,
+        files: Sequence[Path] | None = None,
+        *,
+        select: Selector | None = None,
+        read_stats: ReadStats | None = None,
+        join_stats: JoinStats | None = None,
+        progress: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """The rows of `records` (same order, same counts) as batches of dataset columns.
+
+        Each batch is a dict of `desi_features` columns for up to `chunk_size` spectra of one file,
+        the spectra as [n, 7781] arrays (`batch_to_arrow` makes an Arrow table of it).
+        """
+        for labelled in self.labelled_chunks(
+            files, select=select, read_stats=read_stats, join_stats=join_stats, progress=progress
+        ):
+            yield labelled.columns()
+
+    def labelled_chunks(
+        self,
+        files: Sequence[Path] | None = None,
+        *,
+        select: Selector | None = None,
+        read_stats: ReadStats | None = None,
+        join_stats: JoinStats | None = None,
+        progress: bool = False,
+    ) -> Iterator[LabelledChunk]:
+        """`batches` before the columns are made: each chunk's spectra with their redshift rows."""
+        files = self.files if files is None else list(files)
+        bar = tqdm(files, desc="reading DESI files", unit="file", disable=not progress)
+        if self.catalog is not None:
+            join = RedshiftJoin(self.catalog_table, cuts=self.cuts, target_class=self.target_class)
+            for path in bar:
+                for chunk in self._read_chunks(path, select, read_stats):
+                    if (labelled := label_chunk(chunk, join)) is not None:
+                        yield labelled
+            local = join.finish()
+            if join_stats is not None:
+                join_stats.add(local)
+            return
+        for path in bar:
+            yield from self._join_redrock_chunks(path, select, read_stats, join_stats)
+
     @cached_property
     def catalog_table(self) -> RedshiftTable:
         """The redshift catalog, read once (each split's pass reuses it)."""
@@ -294,25 +424,60 @@ class DesiSource:
                 raise
             logger.warning("skipping the rest of a bad file: %s", error)
 
-    def _join_redrock(
-        self, path: Path, select: Selector | None, read_stats: ReadStats | None, join_stats: JoinStats | None
-    ) -> Iterator[dict[str, Any]]:
-        redrock = redrock_path_for(path)
+    def _read_chunks(
+        self, path: Path, select: Selector | None, stats: ReadStats | None
+    ) -> Iterator[SpectraChunk]:
         try:
-            table: RedshiftTable = read_redrock(redrock)
+            yield from read_desi_chunks(
+                path,
+                stats=stats,
+                select=select,
+                chunk_size=self.chunk_size,
+                columns=("TARGETID", *TARGET_BITS),
+            )
+        except DesiFormatError as error:
+            if not self.skip_bad_files:
+                raise
+            logger.warning("skipping the rest of a bad file: %s", error)
+
+    def _redrock_table(self, path: Path) -> RedshiftTable | None:
+        try:
+            return read_redrock(redrock_path_for(path))
         except (DesiFormatError, OSError) as error:
             if not self.skip_bad_files:
                 raise
             logger.warning("skipping %s: %s", path.name, error)
+            return None
+
+    def _join_redrock(
+        self, path: Path, select: Selector | None, read_stats: ReadStats | None, join_stats: JoinStats | None
+    ) -> Iterator[dict[str, Any]]:
+        table = self._redrock_table(path)
+        if table is None:
             return
         local = JoinStats()
         spectra = self._read(path, select, read_stats)
         yield from join_redshifts(spectra, table, cuts=self.cuts, target_class=self.target_class, stats=local)
+        self._end_redrock(path, local, join_stats)
+
+    def _join_redrock_chunks(
+        self, path: Path, select: Selector | None, read_stats: ReadStats | None, join_stats: JoinStats | None
+    ) -> Iterator[LabelledChunk]:
+        table = self._redrock_table(path)
+        if table is None:
+            return
+        join = RedshiftJoin(table, cuts=self.cuts, target_class=self.target_class)
+        for chunk in self._read_chunks(path, select, read_stats):
+            if (labelled := label_chunk(chunk, join)) is not None:
+                yield labelled
+        self._end_redrock(path, join.finish(), join_stats)
+
+    def _end_redrock(self, path: Path, local: JoinStats, join_stats: JoinStats | None) -> None:
         if join_stats is not None:
             join_stats.add(local)
         if local.spectra and local.without_redshift == local.spectra:
             error = DesiFormatError(
-                redrock,
+                redrock_path_for(path),
                 f"TARGETID mismatch: none of the {local.spectra} spectra of {path.name} has a row here",
             )
             if not self.skip_bad_files:
@@ -403,8 +568,12 @@ class DesiEdrBuilder(datasets.GeneratorBasedBuilder):
     def _generate_examples(self, source: DesiSource, files: list[Path], split: str):
         select = split_selector(split, self.config.fractions)
         read_stats, join_stats = ReadStats(), JoinStats()
-        for record in source.records(files, select=select, read_stats=read_stats, join_stats=join_stats):
-            yield f"{record['source']}:{record['row']}", record_to_example(record)
+        chunks = source.labelled_chunks(files, select=select, read_stats=read_stats, join_stats=join_stats)
+        for labelled in chunks:  # the rows of `source.records`, read a chunk at a time
+            columns = labelled.columns()
+            for i, row in enumerate(labelled.chunk.rows[labelled.index].tolist()):
+                example = record_to_example({name: values[i] for name, values in columns.items()})
+                yield f"{labelled.chunk.source}:{row}", example
         logger.info("%s split: read %s; joined %s", split, read_stats.as_dict(), join_stats.as_dict())
 
 
@@ -419,8 +588,11 @@ __all__ = [
     "TARGET_CONFIGS",
     "collect_spectra_files",
     "desi_features",
+    "LabelledChunk",
+    "batch_to_arrow",
     "examples_to_arrow",
     "find_spectra_files",
+    "label_chunk",
     "record_to_example",
     "redrock_path_for",
     "split_for_targetid",

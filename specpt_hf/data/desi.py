@@ -6,7 +6,9 @@ flux = Σ ivar·flux / Σ ivar with ivar set to 0 where the arm's mask is set, i
 integer masks are OR-ed and a pixel whose merged ivar is positive gets mask 0.
 
 Records are yielded one fiber at a time while the file is read in chunks of rows, so memory stays
-bounded whatever the size of the file. Each record is a dict (see ARCHITECTURE.md):
+bounded whatever the size of the file (`read_desi_chunks` gives the same spectra a chunk at a time,
+as 2-d arrays, to code that works on whole blocks such as `specpt prepare`). Each record is a dict
+(see ARCHITECTURE.md):
 
 - ``targetid`` (int), ``flux`` / ``ivar`` (float32 [7781]), ``mask`` (bool [7781], **True = bad pixel**:
   the merged DESI mask is non-zero or the merged ivar is 0),
@@ -16,11 +18,12 @@ bounded whatever the size of the file. Each record is a dict (see ARCHITECTURE.m
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -127,6 +130,25 @@ class MergedArms:
         return (self.mask != 0) | (self.ivar <= 0)
 
 
+@dataclass
+class SpectraChunk:
+    """The good spectra of a run of FIBERMAP rows of one file, merged; spectra are [n, 7781]."""
+
+    rows: np.ndarray  # int64 [n], FIBERMAP row of each spectrum
+    targetid: np.ndarray  # int64 [n]
+    flux: np.ndarray  # float32 [n, 7781]
+    ivar: np.ndarray  # float32 [n, 7781], 0 where unusable
+    mask: np.ndarray  # bool [n, 7781], True = bad pixel
+    fibermap: Mapping[str, np.ndarray]  # FIBERMAP columns read, each [n, ...]
+    survey: str
+    program: str
+    healpix: int
+    source: str  # file name
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 # ----------------------------------------------------------------------------------------- grid
 
 
@@ -213,6 +235,115 @@ def merge_arms(
     return MergedArms(out_flux, out_ivar, out_mask, nonfinite)
 
 
+@dataclass(frozen=True)
+class _GridLayout:
+    """Where each arm lands on the brz grid: copied runs, overlap runs, and uncovered pixels."""
+
+    copied: dict[str, list[tuple[int, int, int]]]  # arm -> (arm start, arm stop, grid start)
+    shared: dict[str, list[tuple[int, int, int]]]  # arm -> (arm start, arm stop, overlap column)
+    shared_pixels: np.ndarray  # grid pixels seen by more than one arm
+    uncovered: list[tuple[int, int]]  # grid runs seen by no arm
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_layout(placement: tuple[tuple[str, int, int], ...]) -> _GridLayout:
+    """Layout for arms given as (arm, grid offset, n pixels)."""
+    coverage = np.zeros(DESI_N_PIXELS, dtype=np.int8)
+    for _, start, length in placement:
+        coverage[start : start + length] += 1
+    shared_pixels = np.flatnonzero(coverage > 1)
+    copied: dict[str, list[tuple[int, int, int]]] = {}
+    shared: dict[str, list[tuple[int, int, int]]] = {}
+    for arm, start, length in placement:
+        copied[arm], shared[arm] = [], []
+        for a, b, is_shared in _runs(coverage[start : start + length] > 1):
+            if is_shared:
+                shared[arm].append((a, b, int(np.searchsorted(shared_pixels, start + a))))
+            else:
+                copied[arm].append((a, b, start + a))
+    uncovered = [(a, b) for a, b, empty in _runs(coverage == 0) if empty]
+    return _GridLayout(copied, shared, shared_pixels, uncovered)
+
+
+def _merge_to_grid(
+    flux: Mapping[str, np.ndarray],
+    ivar: Mapping[str, np.ndarray],
+    mask: Mapping[str, np.ndarray],
+    offsets: Mapping[str, int],
+    mask_zero: Mapping[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`merge_arms` for readers: flux, ivar, bad (bool, True = bad) and the NaN/inf counts.
+
+    The same arithmetic as `merge_arms` (equal to the bit), written straight into the output
+    arrays from the arms' (big-endian) arrays, without the merged integer mask. `mask_zero` is the
+    stored value of a zero (good) mask per arm when the masks come unscaled (BZERO not applied).
+    """
+    n_spectra = next(iter(flux.values())).shape[0]
+    layout = _grid_layout(tuple((arm, int(start), np.shape(flux[arm])[1]) for arm, start in offsets.items()))
+    out_flux = np.empty((n_spectra, DESI_N_PIXELS), dtype=np.float32)
+    out_ivar = np.empty((n_spectra, DESI_N_PIXELS), dtype=np.float32)
+    bad = np.empty((n_spectra, DESI_N_PIXELS), dtype=bool)
+    for a, b in layout.uncovered:
+        out_flux[:, a:b], out_ivar[:, a:b], bad[:, a:b] = 0, 0, True
+    n_shared = layout.shared_pixels.size
+    weight = np.zeros((n_spectra, n_shared), dtype=np.float64)  # Σ ivar in the overlaps
+    weighted = np.zeros((n_spectra, n_shared), dtype=np.float64)  # Σ ivar·flux
+    nonfinite = np.zeros(n_spectra, dtype=np.int64)
+    for arm in offsets:
+        zero = 0 if mask_zero is None else mask_zero[arm]
+        for a, b, g in layout.copied[arm]:
+            cols = slice(g, g + b - a)
+            nonfinite += _clean_into(
+                flux[arm][:, a:b],
+                ivar[arm][:, a:b],
+                mask[arm][:, a:b] == zero,
+                out_flux[:, cols],
+                out_ivar[:, cols],
+                bad[:, cols],
+            )
+        for a, b, k in layout.shared[arm]:
+            arm_flux, arm_ivar, _, bad_values = _clean_arm(
+                flux[arm][:, a:b], ivar[arm][:, a:b], mask[arm][:, a:b] != zero
+            )
+            nonfinite += bad_values
+            cols = slice(k, k + b - a)
+            weight[:, cols] += arm_ivar
+            weighted[:, cols] += arm_ivar.astype(np.float64) * arm_flux
+    if n_shared:
+        good = weight > 0
+        out_flux[:, layout.shared_pixels] = np.where(good, weighted / np.where(good, weight, 1.0), 0.0)
+        out_ivar[:, layout.shared_pixels] = weight
+        bad[:, layout.shared_pixels] = ~good
+    return out_flux, out_ivar, bad, nonfinite
+
+
+def _clean_into(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    clear: np.ndarray,
+    out_flux: np.ndarray,
+    out_ivar: np.ndarray,
+    bad: np.ndarray,
+) -> np.ndarray | int:
+    """`_clean_arm` written into output views: flux, ivar (0 where unusable) and bad; NaN/inf counts.
+
+    `clear` is True where the arm's mask is 0.
+    """
+    np.copyto(out_flux, flux)  # [n_spectra, n_run], native float32
+    np.copyto(out_ivar, ivar)
+    np.greater(out_ivar, 0, out=bad)  # usable so far; False for NaN
+    bad &= clear
+    bad_values: np.ndarray | int = 0
+    if not (np.isfinite(out_flux).all() and np.isfinite(out_ivar).all()):
+        finite = np.isfinite(out_flux) & np.isfinite(out_ivar)
+        bad_values = np.sum(~finite & clear & ~(out_ivar <= 0), axis=1)
+        bad &= finite
+        out_flux[~finite] = 0
+    np.logical_not(bad, out=bad)
+    np.copyto(out_ivar, 0, where=bad)
+    return bad_values
+
+
 def _clean_arm(
     flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -237,13 +368,16 @@ def _clean_arm(
 
 
 @contextmanager
-def open_desi_fits(path: str | os.PathLike, memmap: bool = False) -> Iterator[fits.HDUList]:
+def open_desi_fits(
+    path: str | os.PathLike, memmap: bool = False, *, do_not_scale_image_data: bool = False
+) -> Iterator[fits.HDUList]:
     """Open a FITS file read-only, loading every header and checking it is not truncated.
 
     Raises FileNotFoundError for a missing file and DesiFormatError for a corrupt or truncated one.
-    Spectra files are read without memmap: astropy refuses to memory-map scaled (BZERO) images such
-    as MASK, and `.section` reads only the rows asked for anyway. Large catalogs use `memmap=True`
-    so that only the columns used are read.
+    astropy refuses to memory-map scaled (BZERO) images such as MASK unless they are read as stored
+    (`do_not_scale_image_data`, astropy's option: no BSCALE/BZERO applied), which is how
+    `read_desi_chunks` maps the arrays; large catalogs use `memmap=True` so that only the columns
+    used are read.
     """
     path = Path(path)
     if not path.is_file():
@@ -253,7 +387,9 @@ def open_desi_fits(path: str | os.PathLike, memmap: bool = False) -> Iterator[fi
         warnings.simplefilter("ignore", AstropyUserWarning)
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         try:
-            hdul = fits.open(path, memmap=memmap, lazy_load_hdus=True)
+            hdul = fits.open(
+                path, memmap=memmap, lazy_load_hdus=True, do_not_scale_image_data=do_not_scale_image_data
+            )
             n_hdus = len(hdul)  # reads every header
         except (OSError, ValueError, TypeError, IndexError) as error:
             raise DesiFormatError(path, f"not a readable FITS file ({error})") from error
@@ -279,7 +415,35 @@ def _check_spans(hdul: fits.HDUList, n_hdus: int, size: int, path: Path) -> None
         logger.warning("%s: size %d is not a multiple of 2880 bytes; the file may be damaged", path, size)
 
 
-def _hdu(hdul: fits.HDUList, name: str, path: Path) -> Any:
+class _HduIndex:
+    """The HDUs of an open file by name, looked up as astropy does (first match wins).
+
+    Indexed once: astropy's lookup by name reads the name of every HDU before the one asked for,
+    which for a small file costs more than reading its arrays.
+    """
+
+    def __init__(self, hdul: fits.HDUList):
+        self.hdul = hdul
+        self.by_name: dict[str, Any] = {}
+        for hdu in hdul:
+            self.by_name.setdefault(str(hdu.name).strip().upper(), hdu)
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, int):
+            return self.hdul[key]
+        try:
+            return self.by_name[key.strip().upper()]
+        except KeyError:
+            raise KeyError(f"Extension {key!r} not found.") from None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.hdul)
+
+
+_Hdus = fits.HDUList | _HduIndex
+
+
+def _hdu(hdul: _Hdus, name: str, path: Path) -> Any:
     try:
         return hdul[name]
     except KeyError:
@@ -298,7 +462,7 @@ def _read(hdu: Any, rows: slice | None, path: Path) -> np.ndarray:
     return np.asarray(data)
 
 
-def _fibermap(hdul: fits.HDUList, path: Path) -> fits.FITS_rec:
+def _fibermap(hdul: _Hdus, path: Path) -> fits.FITS_rec:
     hdu = _hdu(hdul, "FIBERMAP", path)
     if not isinstance(hdu, fits.BinTableHDU):
         raise DesiFormatError(path, "FIBERMAP is not a binary table", hdu="FIBERMAP")
@@ -308,7 +472,165 @@ def _fibermap(hdul: fits.HDUList, path: Path) -> fits.FITS_rec:
     return data
 
 
-def _check_arm_shapes(hdul: fits.HDUList, arm: str, n_fibers: int, path: Path) -> int:
+# Binary-table columns read straight from the rows' bytes (FITS standard 4.0, section 7.3): bytes per
+# element and numpy type per TFORM code. Bit (X), complex (C, M) and variable-length (P, Q) columns,
+# and columns with TSCAL/TZERO/TDIM, are converted by astropy instead.
+_TFORM = re.compile(r"^\s*(?P<repeat>\d*)(?P<code>[LXBIJKAEDCMPQ])")
+_TFORM_BYTES = {
+    "L": 1,
+    "B": 1,
+    "I": 2,
+    "J": 4,
+    "K": 8,
+    "A": 1,
+    "E": 4,
+    "D": 8,
+    "C": 8,
+    "M": 16,
+    "P": 8,
+    "Q": 16,
+}
+_TFORM_TYPES = {"L": "u1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8", "A": "S"}
+
+
+@dataclass(frozen=True)
+class _TableColumn:
+    name: str
+    code: str
+    repeat: int
+    offset: int  # byte offset in a row
+    direct: bool  # readable without astropy's conversions
+
+
+def _table_layout(header: fits.Header) -> list[_TableColumn] | None:
+    """Every column of a binary table from its header, or None if the TFORMs do not add up to NAXIS1."""
+    columns, offset = [], 0
+    for i in range(1, int(header.get("TFIELDS", 0)) + 1):
+        match = _TFORM.match(str(header.get(f"TFORM{i}", "")))
+        if match is None:
+            return None
+        code, repeat = match["code"], int(match["repeat"] or 1)
+        width = (repeat + 7) // 8 if code == "X" else repeat * _TFORM_BYTES[code]
+        scaled = any(f"{key}{i}" in header for key in ("TSCAL", "TZERO", "TDIM"))
+        name = str(header.get(f"TTYPE{i}", "")).strip()
+        columns.append(
+            _TableColumn(name, code, repeat, offset, code in _TFORM_TYPES and repeat > 0 and not scaled)
+        )
+        offset += width
+    return columns if offset == int(header.get("NAXIS1", -1)) else None
+
+
+# Header keywords a table layout depends on; the layout is reused for a table whose cards for these
+# are byte-for-byte those of a table seen before (the FIBERMAPs of a release share their columns).
+_LAYOUT_KEYWORD = re.compile(rb"(?:TTYPE|TFORM|TSCAL|TZERO|TDIM)\d+ *$|(?:NAXIS1|TFIELDS|CONTINUE) *$")
+_LAYOUTS: dict[tuple[bytes, ...], list[_TableColumn] | None] = {}
+
+
+def _cached_layout(hdu: fits.BinTableHDU) -> list[_TableColumn] | None:
+    """`_table_layout` of a table HDU read from a file, cached by its column cards."""
+    info = hdu.fileinfo()
+    if info is None:
+        return _table_layout(hdu.header)
+    size = info["datLoc"] - info["hdrLoc"]
+    raw = info["file"].readarray(size=size, offset=info["hdrLoc"], dtype=np.uint8).tobytes()
+    key = tuple(raw[i : i + 80] for i in range(0, size, 80) if _LAYOUT_KEYWORD.match(raw[i : i + 8]))
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _table_layout(hdu.header)
+    return _LAYOUTS[key]
+
+
+def read_table_columns(
+    hdu: fits.BinTableHDU, path: str | os.PathLike, columns: Iterable[str] | None = None
+) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """A binary table's column names and the values of `columns` (default: all) that it has.
+
+    Only the columns asked for are decoded: astropy's table reading builds every column of a wide
+    table (a FIBERMAP has about 80) before giving any, which costs more than reading the spectra.
+    Values are those astropy gives, as native-endian numpy arrays ([n_rows] or [n_rows, ...]):
+    integers and floats, logical columns as bool, strings as bytes. Scaled (TSCAL/TZERO, unsigned),
+    TDIM-shaped, bit and variable-length columns are left to astropy.
+    """
+    path = Path(path)
+    layout = _cached_layout(hdu)
+    if layout is None:  # let astropy read (or reject) a table we do not lay out ourselves
+        data = _table_data(hdu, path)
+        names = tuple(data.dtype.names)
+        wanted = names if columns is None else [name for name in dict.fromkeys(columns) if name in names]
+        return names, {name: _native(data[name]) for name in wanted}
+    names = tuple(column.name for column in layout)
+    by_name = {column.name: column for column in reversed(layout)}  # the first of duplicate names
+    wanted = [
+        by_name[name] for name in dict.fromkeys(names if columns is None else columns) if name in by_name
+    ]
+    direct = [column for column in wanted if column.direct]
+    values = _direct_columns(hdu, path, direct) if direct else {}
+    if len(direct) < len(wanted):
+        data = _table_data(hdu, path)
+        values.update({c.name: _native(data[c.name]) for c in wanted if not c.direct})
+    return names, {column.name: values[column.name] for column in wanted}
+
+
+def _table_data(hdu: fits.BinTableHDU, path: Path) -> fits.FITS_rec:
+    """The table as astropy reads it (FITS_rec: columns scaled, logical as bool)."""
+    try:
+        data = hdu.data
+    except (OSError, ValueError, TypeError, IndexError, EOFError) as error:
+        raise DesiFormatError(path, f"cannot read data ({error})", hdu=hdu.name) from error
+    if data is None:
+        raise DesiFormatError(path, "HDU has no data", hdu=hdu.name)
+    return data
+
+
+def _direct_columns(hdu: fits.BinTableHDU, path: Path, columns: list[_TableColumn]) -> dict[str, np.ndarray]:
+    n_rows, row_bytes = int(hdu.header.get("NAXIS2", 0)), int(hdu.header["NAXIS1"])
+    info = hdu.fileinfo()
+    try:
+        raw = info["file"].readarray(size=n_rows * row_bytes, offset=info["datLoc"], dtype=np.uint8)
+    except (OSError, ValueError, EOFError) as error:
+        raise DesiFormatError(path, f"cannot read data ({error})", hdu=hdu.name) from error
+    if raw.size != n_rows * row_bytes:
+        raise DesiFormatError(
+            path, f"table data is truncated ({raw.size} of {n_rows * row_bytes} bytes)", hdu.name
+        )
+    record = np.dtype(
+        {
+            "names": [c.name for c in columns],
+            "formats": [_numpy_format(c) for c in columns],
+            "offsets": [c.offset for c in columns],
+            "itemsize": row_bytes,
+        }
+    )
+    rows = np.ndarray((n_rows,), dtype=record, buffer=raw)
+    values = {}
+    for column in columns:
+        field = rows[column.name]
+        if column.code == "L":
+            values[column.name] = field == ord("T")
+        elif column.code == "A":
+            values[column.name] = np.array(field)
+        else:
+            values[column.name] = _native(field)
+    return values
+
+
+def _numpy_format(column: _TableColumn) -> Any:
+    """The numpy format of a directly read column: bytes for strings, a sub-array for repeats."""
+    if column.code == "A":
+        return f"S{column.repeat}"
+    return (_TFORM_TYPES[column.code], (column.repeat,)) if column.repeat > 1 else _TFORM_TYPES[column.code]
+
+
+def _native(values: Any) -> np.ndarray:
+    """A native-endian copy of a column (plain ndarray)."""
+    values = np.asarray(values)
+    return (
+        values.astype(values.dtype.newbyteorder("=")) if values.dtype.byteorder == ">" else np.array(values)
+    )
+
+
+def _check_arm_shapes(hdul: _Hdus, arm: str, n_fibers: int, path: Path) -> int:
     prefix = arm.upper()
     wave_hdu = _hdu(hdul, f"{prefix}_WAVELENGTH", path)
     if len(wave_hdu.shape) != 1:
@@ -357,22 +679,28 @@ def inspect_desi_file(path: str | os.PathLike, *, targetids: bool = False) -> De
     With `targetids`, the FIBERMAP is read too and the TARGETIDs of the good fibers returned.
     """
     path = Path(path)
-    with open_desi_fits(path) as hdul:
+    with open_desi_fits(path) as opened:
+        hdul = _HduIndex(opened)
         info = _inspect_open(hdul, path)
         if targetids:
-            fibermap = _fibermap(hdul, path)
+            fibermap = _fibermap_columns(hdul, path, ())
             good = np.asarray(fibermap["TARGETID"], dtype=np.int64)[_fiber_selection(fibermap, ReadStats())]
             info = replace(info, targetids=good)
         return info
 
 
-def _inspect_open(hdul: fits.HDUList, path: Path) -> DesiFileInfo:
+def _inspect_open(hdul: _Hdus, path: Path) -> DesiFileInfo:
     hdu = _hdu(hdul, "FIBERMAP", path)
     if not isinstance(hdu, fits.BinTableHDU):
         raise DesiFormatError(path, "FIBERMAP is not a binary table", hdu="FIBERMAP")
     header = hdu.header  # column names from the header: parsing the table costs more than the check
-    names = tuple(
-        str(header.get(f"TTYPE{i}", "")).strip() for i in range(1, int(header.get("TFIELDS", 0)) + 1)
+    layout = _cached_layout(hdu)
+    names = (
+        tuple(column.name for column in layout)
+        if layout is not None
+        else tuple(
+            str(header.get(f"TTYPE{i}", "")).strip() for i in range(1, int(header.get("TFIELDS", 0)) + 1)
+        )
     )
     if "TARGETID" not in names:
         raise DesiFormatError(path, "FIBERMAP has no TARGETID column", hdu="FIBERMAP")
@@ -389,19 +717,18 @@ def _inspect_open(hdul: fits.HDUList, path: Path) -> DesiFileInfo:
 # ----------------------------------------------------------------------------------------- fibers
 
 
-def _fiber_selection(fibermap: fits.FITS_rec, stats: ReadStats) -> np.ndarray:
+def _fiber_selection(columns: Mapping[str, np.ndarray], stats: ReadStats) -> np.ndarray:
     """Rows to keep: assigned (TARGETID > 0), OBJTYPE == 'TGT', fiber status 0; drops are counted."""
-    names = fibermap.dtype.names
-    targetid = np.asarray(fibermap["TARGETID"], dtype=np.int64)
+    targetid = np.asarray(columns["TARGETID"], dtype=np.int64)
     unassigned = targetid <= 0
-    if "OBJTYPE" in names:
-        objtype = np.char.strip(np.asarray(fibermap["OBJTYPE"]).astype(str))
+    if "OBJTYPE" in columns:
+        objtype = np.char.strip(np.asarray(columns["OBJTYPE"]).astype(str))
         unassigned |= objtype == ""
         non_target = ~unassigned & (objtype != "TGT")
     else:
         non_target = np.zeros_like(unassigned)
-    status_column = next((c for c in _FIBERSTATUS_COLUMNS if c in names), None)
-    status = np.asarray(fibermap[status_column]) if status_column else np.zeros(len(targetid), np.int64)
+    status_column = next((c for c in _FIBERSTATUS_COLUMNS if c in columns), None)
+    status = np.asarray(columns[status_column]) if status_column else np.zeros(len(targetid), np.int64)
     bad_status = ~unassigned & ~non_target & (status != 0)
     stats.unassigned += int(unassigned.sum())
     stats.non_target += int(non_target.sum())
@@ -409,15 +736,16 @@ def _fiber_selection(fibermap: fits.FITS_rec, stats: ReadStats) -> np.ndarray:
     return ~(unassigned | non_target | bad_status)
 
 
-def _plain_rows(fibermap: fits.FITS_rec, rows: np.ndarray) -> list[dict[str, Any]]:
-    """FIBERMAP rows as dicts of plain Python values (str stripped)."""
-    columns = {}
-    for name in fibermap.dtype.names:
-        values = np.asarray(fibermap[name])[rows]
+def _plain_rows(columns: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """FIBERMAP rows (columns of equal length) as dicts of plain Python values (str stripped)."""
+    lists = {}
+    for name, values in columns.items():
+        values = np.asarray(values)
         if values.dtype.kind in "SU":
             values = np.char.strip(values.astype(str))
-        columns[name] = values.tolist()
-    return [{name: values[i] for name, values in columns.items()} for i in range(len(rows))]
+        lists[name] = values.tolist()
+    n = len(next(iter(lists.values()), []))
+    return [{name: values[i] for name, values in lists.items()} for i in range(n)]
 
 
 def _chunks(rows: np.ndarray, chunk_size: int) -> Iterator[np.ndarray]:
@@ -444,65 +772,161 @@ def read_desi_spectra(
     good fibers (rows it rejects are neither read nor merged). The file is read once, `chunk_size`
     rows at a time.
     """
+    for chunk in read_desi_chunks(path, stats=stats, select=select, chunk_size=chunk_size):
+        fibers = _plain_rows(chunk.fibermap)
+        provenance = {"survey": chunk.survey, "program": chunk.program, "healpix": chunk.healpix}
+        for i, fiber in enumerate(fibers):
+            yield {
+                "targetid": int(fiber["TARGETID"]),
+                "flux": chunk.flux[i],
+                "ivar": chunk.ivar[i],
+                "mask": chunk.mask[i],
+                **provenance,
+                "fibermap": fiber,
+                "source": chunk.source,
+                "row": int(chunk.rows[i]),
+            }
+
+
+def read_desi_chunks(
+    path: str | os.PathLike,
+    *,
+    stats: ReadStats | None = None,
+    select: Selector | None = None,
+    chunk_size: int = 256,
+    columns: Iterable[str] | None = None,
+) -> Iterator[SpectraChunk]:
+    """The spectra of `read_desi_spectra`, a `SpectraChunk` of up to `chunk_size` rows at a time.
+
+    `columns` names the FIBERMAP columns to carry (those the file has; TARGETID, OBJTYPE and the
+    fiber status are always read); the default is every column.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     path = Path(path)
     file_stats = ReadStats(files=1)
-    with open_desi_fits(path) as hdul:
+    # The arrays are read as stored, memory-mapped: merging reads them straight from the page cache
+    # (no copy into fresh memory first), and a good MASK pixel is the stored value of 0 (-2**31 under
+    # BZERO = 2**31) instead of astropy converting every value to uint32.
+    with open_desi_fits(path, memmap=True, do_not_scale_image_data=True) as opened:
+        hdul = _HduIndex(opened)
         info = _inspect_open(hdul, path)
-        fibermap = _fibermap(hdul, path)
-        if len(fibermap) != info.n_fibers:
-            raise DesiFormatError(path, f"{len(fibermap)} rows, header says {info.n_fibers}", hdu="FIBERMAP")
-        file_stats.fibers = info.n_fibers
-        keep = _fiber_selection(fibermap, file_stats)
-        targetid = np.asarray(fibermap["TARGETID"], dtype=np.int64)
-        if select is not None:
-            chosen = np.asarray(select(targetid), dtype=bool)
-            file_stats.not_selected = int((keep & ~chosen).sum())
-            keep &= chosen
-        provenance = {"survey": info.survey, "program": info.program, "healpix": info.healpix}
-        for rows in _chunks(np.flatnonzero(keep), chunk_size):
-            yield from _read_chunk(hdul, fibermap, rows, info, provenance, file_stats)
+        mask_zero = _stored_mask_zero(hdul)
+        if mask_zero is not None:
+            yield from _read_open(hdul, info, mask_zero, file_stats, select, chunk_size, columns)
+    if mask_zero is None:  # scaled FLUX/IVAR or an unusual MASK scaling: astropy scales everything
+        with open_desi_fits(path) as opened:
+            hdul = _HduIndex(opened)
+            info = _inspect_open(hdul, path)
+            yield from _read_open(hdul, info, None, file_stats, select, chunk_size, columns)
     _log_file(path, file_stats)
     if stats is not None:
         stats.add(file_stats)
 
 
-def _read_chunk(
-    hdul: fits.HDUList,
-    fibermap: fits.FITS_rec,
-    rows: np.ndarray,
+def _stored_mask_zero(hdul: _Hdus) -> dict[str, int] | None:
+    """Per arm, the stored MASK value that means 0 when images are read unscaled.
+
+    None if FLUX or IVAR are scaled, or a MASK is scaled other than by an integer BZERO.
+    """
+    zeros = {}
+    for arm in DESI_ARMS:
+        prefix = arm.upper()
+        for kind in ("FLUX", "IVAR"):
+            header = hdul[f"{prefix}_{kind}"].header
+            if header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0:
+                return None
+        header = hdul[f"{prefix}_MASK"].header
+        bscale, bzero, bitpix = header.get("BSCALE", 1), header.get("BZERO", 0), int(header.get("BITPIX", 0))
+        if bscale != 1 or bzero != int(bzero) or (bitpix < 0 and bzero != 0):
+            return None
+        if bitpix > 0:
+            limits = np.iinfo(np.uint8 if bitpix == 8 else np.dtype(f"i{bitpix // 8}"))
+            if not limits.min <= -int(bzero) <= limits.max:
+                return None
+        zeros[arm] = -int(bzero)
+    return zeros
+
+
+def _read_open(
+    hdul: _Hdus,
     info: DesiFileInfo,
-    provenance: dict[str, Any],
+    mask_zero: dict[str, int] | None,
+    file_stats: ReadStats,
+    select: Selector | None,
+    chunk_size: int,
+    columns: Iterable[str] | None,
+) -> Iterator[SpectraChunk]:
+    path = info.path
+    fibermap = _fibermap_columns(hdul, path, columns)
+    n_rows = len(fibermap["TARGETID"])
+    if n_rows != info.n_fibers:
+        raise DesiFormatError(path, f"{n_rows} rows, header says {info.n_fibers}", hdu="FIBERMAP")
+    file_stats.fibers = info.n_fibers
+    keep = _fiber_selection(fibermap, file_stats)
+    targetid = np.asarray(fibermap["TARGETID"], dtype=np.int64)
+    if select is not None:
+        chosen = np.asarray(select(targetid), dtype=bool)
+        file_stats.not_selected = int((keep & ~chosen).sum())
+        keep &= chosen
+    for rows in _chunks(np.flatnonzero(keep), chunk_size):
+        chunk = _read_chunk(hdul, rows, targetid, fibermap, info, mask_zero, file_stats)
+        if len(chunk):
+            yield chunk
+
+
+def _fibermap_columns(hdul: _Hdus, path: Path, columns: Iterable[str] | None) -> dict[str, np.ndarray]:
+    if columns is None:  # every column, exactly as astropy gives them
+        data = _fibermap(hdul, path)
+        return {name: np.asarray(data[name]) for name in data.dtype.names}
+    hdu = _hdu(hdul, "FIBERMAP", path)
+    if not isinstance(hdu, fits.BinTableHDU):
+        raise DesiFormatError(path, "FIBERMAP is not a binary table", hdu="FIBERMAP")
+    names, values = read_table_columns(hdu, path, ["TARGETID", "OBJTYPE", *_FIBERSTATUS_COLUMNS, *columns])
+    if "TARGETID" not in names:
+        raise DesiFormatError(path, "FIBERMAP has no TARGETID column", hdu="FIBERMAP")
+    return values
+
+
+def _read_chunk(
+    hdul: _Hdus,
+    rows: np.ndarray,
+    targetid: np.ndarray,
+    fibermap: Mapping[str, np.ndarray],
+    info: DesiFileInfo,
+    mask_zero: dict[str, int] | None,
     stats: ReadStats,
-) -> Iterator[dict[str, Any]]:
+) -> SpectraChunk:
     span = slice(int(rows[0]), int(rows[-1]) + 1)
-    local = rows - rows[0]
+    local = None if len(rows) == span.stop - span.start else rows - rows[0]
     arrays: dict[str, dict[str, np.ndarray]] = {"FLUX": {}, "IVAR": {}, "MASK": {}}
     for arm in DESI_ARMS:
         for kind, store in arrays.items():
-            store[arm] = _read(hdul[f"{arm.upper()}_{kind}"], span, info.path)[local]
-    merged = merge_arms(arrays["FLUX"], arrays["IVAR"], arrays["MASK"], info.arm_offsets)
-    bad = merged.bad  # [n_rows, 7781]
-    fibers = _plain_rows(fibermap, rows)
-    for i, row in enumerate(rows):
-        if merged.nonfinite[i]:
-            stats.nonfinite_spectra += 1
-            stats.nonfinite_pixels += int(merged.nonfinite[i])
-        if bad[i].all():
-            stats.no_data += 1
-            continue
-        stats.spectra += 1
-        yield {
-            "targetid": int(fibers[i]["TARGETID"]),
-            "flux": merged.flux[i],
-            "ivar": merged.ivar[i],
-            "mask": bad[i],
-            **provenance,
-            "fibermap": fibers[i],
-            "source": info.path.name,
-            "row": int(row),
-        }
+            data = _read(hdul[f"{arm.upper()}_{kind}"], span, info.path)
+            store[arm] = data if local is None else data[local]
+    flux, ivar, bad, nonfinite = _merge_to_grid(
+        arrays["FLUX"], arrays["IVAR"], arrays["MASK"], info.arm_offsets, mask_zero
+    )
+    stats.nonfinite_spectra += int(np.count_nonzero(nonfinite))
+    stats.nonfinite_pixels += int(nonfinite.sum())
+    usable = ~bad.all(axis=1)
+    n_usable = int(usable.sum())
+    stats.no_data += len(rows) - n_usable
+    stats.spectra += n_usable
+    if n_usable < len(rows):
+        rows, flux, ivar, bad = rows[usable], flux[usable], ivar[usable], bad[usable]
+    return SpectraChunk(
+        rows=rows,
+        targetid=targetid[rows],
+        flux=flux,
+        ivar=ivar,
+        mask=bad,
+        fibermap={name: values[rows] for name, values in fibermap.items()},
+        survey=info.survey,
+        program=info.program,
+        healpix=info.healpix,
+        source=info.path.name,
+    )
 
 
 def _log_file(path: Path, stats: ReadStats) -> None:

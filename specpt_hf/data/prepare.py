@@ -7,9 +7,10 @@ Output layout::
     OUT/validation/part-00000.parquet
     OUT/test/part-00000.parquet
 
-Spectra are streamed: a file is read a chunk of rows at a time and rows go to Parquet in row groups,
-so memory stays bounded. Every shard and the card are written to a temporary file and renamed.
-Read back with `datasets.load_dataset(OUT)` or `load_dataset("parquet", data_files=...)`.
+Spectra are streamed: a file is read a chunk of rows at a time, each chunk's labelled spectra go to
+their split as one block of columns, and each split's rows go to Parquet in row groups encoded on
+background threads, so memory stays bounded and encoding overlaps reading. Every shard and the card
+are written to a temporary file and renamed. Read back with `datasets.load_dataset(OUT)` or `load_dataset("parquet", data_files=...)`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
@@ -40,11 +42,11 @@ from .builder import (
     SPLITS,
     TARGET_CONFIGS,
     DesiSource,
+    batch_to_arrow,
     check_fractions,
     collect_spectra_files,
     desi_features,
     examples_to_arrow,
-    record_to_example,
     split_for_targetid,
 )
 from .desi import ReadStats
@@ -76,8 +78,10 @@ class PrepareSummary:
 class ShardWriter:
     """Writes one split's rows as Parquet shards of at most `shard_size` rows, each atomically.
 
-    With an `executor` (one worker thread), Parquet encoding runs while the next rows are read; at
-    most one row group per writer is in flight, so memory stays bounded.
+    Rows come one at a time (`add`) or as batches of columns (`add_batch`) and are written in row
+    groups of `row_group_size`, the same groups either way. With an `executor`, Parquet encoding runs
+    on its threads while the next rows are read (pyarrow releases the GIL); at most one write per
+    writer is in flight, so memory stays bounded.
     """
 
     def __init__(
@@ -93,24 +97,43 @@ class ShardWriter:
         self.executor = executor
         self._pending: Future | None = None
         self.features = features
+        self.schema = features.arrow_schema
         self.shard_size = shard_size
         self.row_group_size = min(row_group_size, shard_size)
         self.compression = compression
         self.buffer: list[dict[str, Any]] = []
         self.shards: list[Path] = []
         self.rows = 0
+        self._staged: list[pa.Table] = []  # rows not yet written, in order
+        self._staged_rows = 0
         self._writer: pq.ParquetWriter | None = None
         self._temp: Path | None = None
         self._rows_in_shard = 0
 
     def add(self, example: dict[str, Any]) -> None:
+        """Add one row (`record_to_example`)."""
         self.buffer.append(example)
-        if len(self.buffer) >= self.row_group_size:
-            self._flush()
+        if len(self.buffer) + self._staged_rows >= self.row_group_size:
+            self._stage_examples()
+            self._write_row_groups()
+
+    def add_batch(self, batch: Mapping[str, Any]) -> None:
+        """Add rows given as columns (`batch_to_arrow`); whole row groups are written at once."""
+        self._stage_examples()
+        self._stage(batch_to_arrow(batch, self.schema))
+        self._write_row_groups()
+
+    def flush(self) -> None:
+        """Write every row added so far (in the background with an executor)."""
+        self._stage_examples()
+        if self._staged:
+            table = pa.concat_tables(self._staged)
+            self._staged, self._staged_rows = [], 0
+            self._submit(table)
 
     def close(self) -> None:
         """Flush and finish the open shard (a split without rows gets no shard)."""
-        self._flush()
+        self.flush()
         self._wait()
         if self._writer is not None:
             self._finish()
@@ -125,17 +148,34 @@ class ShardWriter:
         if self._temp is not None:
             self._temp.unlink(missing_ok=True)
         self.buffer.clear()
+        self._staged, self._staged_rows = [], 0
 
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def _flush(self) -> None:
-        if not self.buffer:
+    def _stage(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._staged.append(table)
+            self._staged_rows += table.num_rows
+
+    def _stage_examples(self) -> None:
+        if self.buffer:
+            self._stage(examples_to_arrow(self.buffer, self.features))
+            self.buffer = []
+
+    def _write_row_groups(self) -> None:
+        """Write the whole row groups staged; keep the rest."""
+        if self._staged_rows < self.row_group_size:
             return
-        table = examples_to_arrow(self.buffer, self.features)
-        self.buffer = []
+        table = pa.concat_tables(self._staged)
+        full = table.num_rows - table.num_rows % self.row_group_size
+        rest = table.slice(full)
+        self._staged, self._staged_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        self._submit(table.slice(0, full))
+
+    def _submit(self, table: pa.Table) -> None:
         self._wait()
         if self.executor is None:
             self._write(table)
@@ -143,6 +183,11 @@ class ShardWriter:
             self._pending = self.executor.submit(self._write, table)
 
     def _write(self, table: pa.Table) -> None:
+        """Write `table` a row group at a time (row groups follow the rows' order, whatever the batches)."""
+        for start in range(0, table.num_rows, self.row_group_size):
+            self._write_group(table.slice(start, self.row_group_size))
+
+    def _write_group(self, table: pa.Table) -> None:
         while table.num_rows:
             if self._writer is None:
                 self._open()
@@ -158,7 +203,7 @@ class ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / SHARD_PATTERN.format(index=len(self.shards))
         self._temp = final.with_name(f".{final.name}.tmp")
-        schema = self.features.arrow_schema
+        schema = self.schema
         # Dictionary encoding and statistics only pay off for the scalar columns; on the 7781-long
         # float lists they cost half the write time for nothing.
         scalars = [f.name for f in schema if not pa.types.is_fixed_size_list(f.type)]
@@ -224,17 +269,22 @@ def prepare_dataset(
     _clear_outputs(out, overwrite)
     features = desi_features()
     read_stats, join_stats = ReadStats(), JoinStats()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as executor:
+    with ThreadPoolExecutor(max_workers=len(SPLITS), thread_name_prefix="parquet") as executor:
         writers = {
             split: ShardWriter(out / split, features, shard_size, row_group_size, compression, executor)
             for split in SPLITS
         }
         try:
-            for record in source.records(
+            labelled_chunks = source.labelled_chunks(
                 files, read_stats=read_stats, join_stats=join_stats, progress=progress
-            ):
-                example = record_to_example(record)
-                writers[split_for_targetid(example["targetid"], fractions)].add(example)
+            )
+            for labelled in labelled_chunks:  # one copy of the spectra: straight into their split
+                splits = np.array([split_for_targetid(t, fractions) for t in labelled.targetid.tolist()])
+                for split, writer in writers.items():
+                    if len(subset := np.flatnonzero(splits == split)):
+                        writer.add_batch(labelled.columns(subset))
+            for writer in writers.values():
+                writer.flush()  # the splits' last rows are encoded side by side
             for writer in writers.values():
                 writer.close()
         except BaseException:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 
-from .desi import DesiFormatError, file_provenance, open_desi_fits
+from .desi import DesiFormatError, file_provenance, open_desi_fits, read_table_columns
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,28 @@ class RedshiftTable:
             candidates = primaries if len(primaries) else candidates
         return int(candidates[0])
 
+    def find_many(self, targetid: np.ndarray, survey: str = "", program: str = "") -> np.ndarray:
+        """`find` for an array of TARGETIDs sharing one survey/program: int64 rows, -1 where none."""
+        if self._order is None:
+            self._order = np.argsort(self.targetid, kind="stable")
+        targetid = np.asarray(targetid, dtype=np.int64)
+        ordered = self.targetid[self._order]
+        lo = np.searchsorted(ordered, targetid, side="left")
+        count = np.searchsorted(ordered, targetid, side="right") - lo
+        rows = np.full(len(targetid), -1, dtype=np.int64)
+        single = np.flatnonzero(count == 1)  # the usual case, decided here as `find` would
+        candidates = self._order[lo[single]]
+        usable = np.ones(len(single), dtype=bool)
+        for key, value in (("survey", survey), ("program", program)):
+            if value:
+                known = getattr(self, key)[candidates]
+                usable &= (known == "") | (known == value)
+        rows[single[usable]] = candidates[usable]
+        for i in np.flatnonzero(count > 1):
+            found = self.find(int(targetid[i]), survey, program)
+            rows[i] = -1 if found is None else found
+        return rows
+
     def label(self, row: int) -> dict[str, Any]:
         """The label fields of one row as plain Python values."""
         return {
@@ -247,6 +270,22 @@ class RedshiftTable:
 
 
 # ----------------------------------------------------------------------------------------- readers
+
+# Every column `_table_from_columns` looks at; a Redrock file's other columns are not decoded.
+TABLE_COLUMNS = (
+    *REQUIRED_COLUMNS,
+    "SURVEY",
+    "PROGRAM",
+    "HEALPIX",
+    "ZCAT_PRIMARY",
+    "SV_PRIMARY",
+    "OBJTYPE",
+    "COADD_FIBERSTATUS",
+    "FIBERSTATUS",
+    "OII_FLUX",
+    "OII_FLUX_IVAR",
+    *TARGET_BITS,
+)
 
 
 def _strings(values: Any) -> np.ndarray:
@@ -293,13 +332,15 @@ def _table_from_columns(
     )
 
 
-def _table_hdu(hdul: Any, name: str, path: Path) -> Any:
+def _table_hdu(hdul: Any, name: str, path: Path, load: bool = True) -> Any:
+    """The table HDU `name`; with `load`, its data are read (and must be there)."""
     try:
         hdu = hdul[name]
     except KeyError:
         present = ", ".join(h.name for h in hdul)
         raise DesiFormatError(path, f"missing HDU; the file has: {present}", hdu=name) from None
-    if hdu.data is None or not hasattr(hdu, "columns"):
+    is_table = isinstance(hdu, (fits.BinTableHDU, fits.TableHDU))
+    if not is_table or (load and hdu.data is None):
         raise DesiFormatError(path, "expected a binary table", hdu=name)
     return hdu
 
@@ -314,10 +355,10 @@ def read_redrock(path: str | os.PathLike) -> RedshiftTable:
     """Read a Redrock file: REDSHIFTS joined row by row with its FIBERMAP (TARGETIDs must agree)."""
     path = Path(path)
     with open_desi_fits(path) as hdul:
-        redshifts = _table_hdu(hdul, "REDSHIFTS", path).data
-        _require(redshifts.dtype.names, REQUIRED_COLUMNS, path, "REDSHIFTS")
-        fibermap = _table_hdu(hdul, "FIBERMAP", path).data
-        _require(fibermap.dtype.names, ("TARGETID",), path, "FIBERMAP")
+        z_names, redshifts = _table_columns(hdul, "REDSHIFTS", path)
+        _require(z_names, REQUIRED_COLUMNS, path, "REDSHIFTS")
+        f_names, fibermap = _table_columns(hdul, "FIBERMAP", path)
+        _require(f_names, ("TARGETID",), path, "FIBERMAP")
         z_ids = np.asarray(redshifts["TARGETID"], dtype=np.int64)
         f_ids = np.asarray(fibermap["TARGETID"], dtype=np.int64)
         if len(z_ids) != len(f_ids) or not np.array_equal(z_ids, f_ids):
@@ -328,10 +369,21 @@ def read_redrock(path: str | os.PathLike) -> RedshiftTable:
             raise DesiFormatError(
                 path, f"TARGETID mismatch between REDSHIFTS and FIBERMAP ({detail})", "FIBERMAP"
             )
-        columns: dict[str, Any] = {name: fibermap[name] for name in fibermap.dtype.names}
-        columns.update({name: redshifts[name] for name in redshifts.dtype.names})
-        provenance = file_provenance(path, hdul[0].header, tuple(columns))
-        return _table_from_columns(columns, tuple(columns), provenance, path.name)
+        columns: dict[str, Any] = {**fibermap, **redshifts}
+        names = tuple(dict.fromkeys((*f_names, *z_names)))
+        provenance = file_provenance(path, hdul[0].header, names)
+        return _table_from_columns(columns, names, provenance, path.name)
+
+
+def _table_columns(hdul: Any, name: str, path: Path) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """Column names of a binary-table HDU and the values of the TABLE_COLUMNS it has."""
+    hdu = _table_hdu(hdul, name, path, load=False)
+    if not isinstance(hdu, fits.BinTableHDU):
+        data = hdu.data  # an ASCII table: astropy reads it whole
+        return tuple(data.dtype.names), {
+            c: np.asarray(data[c]) for c in TABLE_COLUMNS if c in data.dtype.names
+        }
+    return read_table_columns(hdu, path, TABLE_COLUMNS)
 
 
 def read_redshift_catalog(path: str | os.PathLike, hdu: str = "ZCATALOG") -> RedshiftTable:
@@ -383,6 +435,75 @@ class JoinStats:
         return asdict(self)
 
 
+class RedshiftJoin:
+    """Matches spectra to `table` by TARGETID a batch at a time, keeping `join_redshifts`' counts.
+
+    `match` gives, for a batch of spectra of one file, which of them are kept, their table rows
+    and classes; `finish` counts the good redshift rows no spectrum matched, logs, and returns the
+    `JoinStats`.
+    """
+
+    def __init__(self, table: RedshiftTable, *, cuts: QualityCuts | None = None, target_class: str = "all"):
+        if target_class != "all" and target_class not in TARGET_CLASSES:
+            raise ValueError(f"target_class must be 'all' or one of {TARGET_CLASSES}, got {target_class!r}")
+        self.table = table
+        self.cuts = cuts or QualityCuts()
+        self.target_class = target_class
+        self.stats = JoinStats()
+        self._good = table.quality(self.cuts)
+        self._seen = np.zeros(len(table), dtype=bool)
+
+    def match(
+        self,
+        targetid: np.ndarray,
+        survey: str = "",
+        program: str = "",
+        fibermap: Mapping[str, Any] | None = None,
+        source: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indices of the kept spectra in the batch, their table rows, their classes).
+
+        Spectra without a redshift row, failing the quality cuts, or of another class are dropped
+        and counted. Where the table has no targeting bits, the class comes from `fibermap`
+        (the spectra's FIBERMAP columns, [n] each).
+        """
+        table, stats = self.table, self.stats
+        targetid = np.asarray(targetid, dtype=np.int64)
+        rows = table.find_many(targetid, survey or "", program or "")
+        found = np.flatnonzero(rows >= 0)
+        stats.spectra += len(targetid)
+        stats.without_redshift += len(targetid) - len(found)
+        if logger.isEnabledFor(logging.DEBUG):
+            for value in targetid[rows < 0]:
+                logger.debug("TARGETID %d (%s) has no redshift", value, source)
+        rows = rows[found]
+        self._seen[rows] = True
+        classes = np.asarray(table.target_class[rows], dtype="<U5")
+        passed = self._good[rows]
+        fallback = np.flatnonzero(classes == "")  # the table has no targeting bits: use the FIBERMAP
+        if len(fallback):
+            columns = {
+                k: np.asarray(v)[found[fallback]] for k, v in (fibermap or {}).items() if k in TARGET_BITS
+            }
+            columns["TARGETID"] = targetid[found[fallback]]
+            classes[fallback] = target_class_of(columns, survey)
+            passed[fallback] = table.quality(self.cuts, rows=rows[fallback], classes=classes[fallback])
+        other = (classes != self.target_class) if self.target_class != "all" else np.zeros(len(rows), bool)
+        kept = ~other & passed
+        stats.other_class += int(other.sum())
+        stats.failed_cuts += int((~other & ~passed).sum())
+        stats.joined += int(kept.sum())
+        return found[kept], rows[kept], classes[kept]
+
+    def finish(self) -> JoinStats:
+        """Count the good science redshift rows that no spectrum matched, log, return the counts."""
+        table = self.table
+        science = (table.targetid > 0) & table.is_target & (table.fiberstatus == 0)
+        self.stats.redshifts_without_spectrum = int((~self._seen & science).sum())
+        _log_join(table.source, self.stats)
+        return self.stats
+
+
 def join_redshifts(
     records: Iterable[dict[str, Any]],
     table: RedshiftTable,
@@ -396,39 +517,16 @@ def join_redshifts(
     Spectra without a redshift row, failing the quality cuts, or of another class (`target_class`
     other than 'all') are skipped; every skip is counted in `stats` and logged, and so are the
     redshift rows of good science targets (TARGETID > 0, OBJTYPE 'TGT', fiber status 0) that no
-    spectrum matched.
+    spectrum matched. `RedshiftJoin` does the same for whole batches of spectra.
     """
-    if target_class != "all" and target_class not in TARGET_CLASSES:
-        raise ValueError(f"target_class must be 'all' or one of {TARGET_CLASSES}, got {target_class!r}")
-    cuts = cuts or QualityCuts()
-    local = JoinStats()
-    good = table.quality(cuts)
-    seen = np.zeros(len(table), dtype=bool)
+    join = RedshiftJoin(table, cuts=cuts, target_class=target_class)
     for record in records:
-        local.spectra += 1
-        row = table.find(record["targetid"], record.get("survey", ""), record.get("program", ""))
-        if row is None:
-            local.without_redshift += 1
-            logger.debug("TARGETID %d (%s) has no redshift", record["targetid"], record.get("source"))
-            continue
-        seen[row] = True
-        name = str(table.target_class[row])
-        passed = bool(good[row])
-        if not name:  # the table has no targeting bits: use the spectrum's FIBERMAP
-            fibermap = record.get("fibermap", {})
-            name = str(target_class_of({k: [v] for k, v in fibermap.items()}, record.get("survey"))[0])
-            passed = bool(table.quality(cuts, rows=np.array([row]), classes=np.array([name]))[0])
-        if target_class != "all" and name != target_class:
-            local.other_class += 1
-            continue
-        if not passed:
-            local.failed_cuts += 1
-            continue
-        local.joined += 1
-        yield {**record, **table.label(row), "target_class": name}
-    science = (table.targetid > 0) & table.is_target & (table.fiberstatus == 0)
-    local.redshifts_without_spectrum = int((~seen & science).sum())
-    _log_join(table.source, local)
+        fibermap = {k: [v] for k, v in record.get("fibermap", {}).items()}
+        survey, program = record.get("survey", ""), record.get("program", "")
+        _, rows, classes = join.match([record["targetid"]], survey, program, fibermap, record.get("source"))
+        if len(rows):
+            yield {**record, **table.label(int(rows[0])), "target_class": str(classes[0])}
+    local = join.finish()
     if stats is not None:
         stats.add(local)
 
