@@ -79,8 +79,19 @@ class DesiFormatError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+class Counts:
+    """Mixin for dataclasses of integer counters: add another instance field by field, or export as a dict."""
+
+    def add(self, other: Counts) -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
 @dataclass
-class ReadStats:
+class ReadStats(Counts):
     """Counts kept while reading; `read_desi_spectra` adds to the object it is given."""
 
     files: int = 0
@@ -93,13 +104,6 @@ class ReadStats:
     no_data: int = 0
     nonfinite_spectra: int = 0
     nonfinite_pixels: int = 0
-
-    def add(self, other: ReadStats) -> None:
-        for key, value in asdict(other).items():
-            setattr(self, key, getattr(self, key) + value)
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from astropy.io import fits
 
-from .desi import DesiFormatError, file_provenance, open_desi_fits, read_table_columns
+from .desi import Counts, DesiFormatError, file_provenance, open_desi_fits, read_table_columns
 
 logger = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def read_redshifts(path: str | os.PathLike) -> RedshiftTable:
 
 
 @dataclass
-class JoinStats:
+class JoinStats(Counts):
     """Counts kept by `join_redshifts`."""
 
     spectra: int = 0
@@ -426,13 +426,6 @@ class JoinStats:
     other_class: int = 0
     joined: int = 0
     redshifts_without_spectrum: int = 0
-
-    def add(self, other: JoinStats) -> None:
-        for key, value in asdict(other).items():
-            setattr(self, key, getattr(self, key) + value)
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class RedshiftJoin:
