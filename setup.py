@@ -11,9 +11,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["specpt_hf", "specpt_hf.*"]),
-    package_data={
-        "specpt_hf": ["py.typed", "MODEL_CARD.md", "evaluation/redshift_metrics/*.py"]
-    },
+    package_data={"specpt_hf": ["py.typed", "MODEL_CARD.md", "evaluation/redshift_metrics/*.py"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",
@@ -37,7 +35,14 @@ setup(
         # Redrock (DESI's template fitter) for benchmarks/; its DESI entry point also needs
         # `pip install --no-deps desispec desitarget` (their own dependency trees are not needed).
         "bench": ["redrock>=0.21,<0.22", "desiutil>=3.4", "fitsio>=1.2", "numba>=0.60", "h5py>=3.10"],
-        "dev": ["pytest>=8", "ruff>=0.6", "specutils>=1.12", "tensorboard>=2.15", "peft>=0.21", "scipy>=1.11"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "specutils>=1.12",
+            "tensorboard>=2.15",
+            "peft>=0.21",
+            "scipy>=1.11",
+        ],
     },
     entry_points={"console_scripts": ["specpt=specpt_hf.cli:main"]},
     classifiers=[

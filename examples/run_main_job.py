@@ -165,7 +165,16 @@ def run(out: Path, plan: dict[str, Any], seed: int = 0) -> Path:
     redshift = runs / "redshift" / "best"
     if not (redshift / "config.json").exists():
         step("train redshift head", train_stage, "redshift", plan, data, runs, autoencoder)
-    summary = step("evaluate", evaluate_model, redshift, data, out / "evaluation", "test", autoencoder)
+    summary = step(
+        "evaluate",
+        evaluate_model,
+        redshift,
+        data,
+        out / "evaluation",
+        "test",
+        autoencoder,
+        model_name=plan["preset"],
+    )
     real = step("predict real DESI", predict_real_desi, redshift)
     (out / "real_desi_predictions.json").write_text(json.dumps(real, indent=2), encoding="utf-8")
     return write_report(out, plan, summary, real, step.seconds)

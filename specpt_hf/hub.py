@@ -417,7 +417,7 @@ Without `specpt_hf` installed: `transformers.AutoModel.from_pretrained("{repo_id
 from transformers import pipeline
 
 estimator = pipeline("spectrum-redshift", model="{repo_id}", trust_remote_code=True)
-estimator("coadd-sv3-dark-26065.fits")                  # DESI coadd, (wave, flux, ivar) or a specutils Spectrum
+estimator("coadd-sv3-dark-26065.fits")  # DESI coadd, (wave, flux, ivar) or a specutils Spectrum
 """
         if has_pipeline
         else ""
@@ -433,9 +433,9 @@ estimator("coadd-sv3-dark-26065.fits")                  # DESI coadd, (wave, flu
 from specpt_hf import SpecPTForRedshift
 
 model = SpecPTForRedshift.from_pretrained("{repo_id}").eval()
-out = model(flux=flux, ivar=ivar, mask=mask)             # [batch, {folder.config.num_pixels}] each; mask True = bad
-out.redshift, out.redshift_err, out.quality               # [batch] each
-z_grid, p_z = model.redshift_pdf(out.logits)              # the full p(z)
+out = model(flux=flux, ivar=ivar, mask=mask)  # [batch, {folder.config.num_pixels}] each; mask True = bad
+out.redshift, out.redshift_err, out.quality  # [batch] each
+z_grid, p_z = model.redshift_pdf(out.logits)  # the full p(z)
 
 # without specpt_hf installed
 from transformers import AutoModel

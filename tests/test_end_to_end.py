@@ -74,7 +74,9 @@ def test_main_job_quick_writes_report(tmp_path, capsys):
     # a second run reuses every finished step and only re-evaluates
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert job.main(["--out", str(tmp_path), "--quick"]) == 0
-    assert json.loads((tmp_path / "timings.json").read_text())["mock DESI files"] == timings["mock DESI files"]
+    assert (
+        json.loads((tmp_path / "timings.json").read_text())["mock DESI files"] == timings["mock DESI files"]
+    )
 
 
 def _metric_entries(model_index_entry: dict) -> list[dict]:
