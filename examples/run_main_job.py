@@ -42,7 +42,7 @@ REAL_DESI_FILES = ("coadd-sv3-dark-26065.fits", "coadd-5-169-thru20210419.fits")
 # full job: sized to finish in under 20 minutes on 2 CPU cores; quick: a smoke run of every step
 PLANS = {
     "full": dict(
-        preset="specpt-small", n_per_class=1500, autoencoder_steps=600, redshift_steps=900, eval_steps=300
+        preset="specpt-small", n_per_class=2000, autoencoder_steps=600, redshift_steps=2000, eval_steps=400
     ),
     "quick": dict(preset="specpt-tiny", n_per_class=40, autoencoder_steps=4, redshift_steps=6, eval_steps=3),
 }
