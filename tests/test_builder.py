@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import os
 import shutil
 import subprocess
@@ -33,40 +32,8 @@ from specpt_hf.data.builder import (
 from specpt_hf.data.desi import DesiFormatError, ReadStats, read_desi_spectra
 from specpt_hf.data.redshifts import JoinStats
 
-DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
-HEALPIX = "coadd-sv3-dark-26065.fits"
-TILE = "coadd-5-169-thru20210419.fits"
-LRG_IDS = [39627866878511337, 39627866878514741]  # the good fibers of the healpix coadd (SV3 LRG bit)
-ELG_ID = 39633300968442591  # the good fiber of the tile coadd (SV3 ELG bits)
-
-
-def put(name: str, folder: Path, targetid_offset: int = 0) -> Path:
-    """Copy a real coadd into `folder` with a Redrock file next to it (Z from the row number)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    coadd = Path(shutil.copy(DATA / name, folder / name))
-    with fits.open(coadd) as hdul:
-        fibermap = Table(hdul["FIBERMAP"].data)
-        header = hdul[0].header
-    n = len(fibermap)
-    redshifts = Table(
-        {
-            "TARGETID": np.asarray(fibermap["TARGETID"], dtype=np.int64) + targetid_offset,
-            "Z": 0.1 + 0.1 * np.arange(n),
-            "ZERR": np.full(n, 3e-5),
-            "ZWARN": np.zeros(n, dtype=np.int64),
-            "SPECTYPE": np.array(["GALAXY"] * n, dtype="S6"),
-            "DELTACHI2": np.full(n, 200.0),
-        }
-    )
-    fibermap["TARGETID"] = redshifts["TARGETID"]
-    fits.HDUList(
-        [
-            fits.PrimaryHDU(header=header),
-            fits.BinTableHDU(redshifts, name="REDSHIFTS"),
-            fits.BinTableHDU(fibermap, name="FIBERMAP"),
-        ]
-    ).writeto(redrock_path_for(coadd))
-    return coadd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from desi_files import DATA, ELG_ID, HEALPIX, LRG_IDS, TILE, put, records_one_at_a_time  # noqa: E402
 
 
 def build(tmp_path: Path, config: str = "all", **kwargs) -> DesiEdrBuilder:
@@ -267,7 +234,7 @@ def test_batches_hold_the_records_rows(tmp_path, target_class, with_catalog):
     files = collect_spectra_files([flat])
     source = DesiSource(files=files, catalog=catalog, target_class=target_class, chunk_size=2)
     stats = [ReadStats(), JoinStats(), ReadStats(), JoinStats()]
-    examples = [record_to_example(r) for r in source.records(read_stats=stats[0], join_stats=stats[1])]
+    examples = [record_to_example(r) for r in records_one_at_a_time(source, stats[0], stats[1])]
     batches = list(source.batches(read_stats=stats[2], join_stats=stats[3]))
     assert stats[0] == stats[2] and stats[1] == stats[3]
     assert examples and sum(len(b["targetid"]) for b in batches) == len(examples)

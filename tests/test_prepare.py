@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
-import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,8 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from astropy.io import fits
-from astropy.table import Table
 from huggingface_hub import DatasetCard
 
 from specpt_hf.data.builder import (
@@ -28,39 +25,8 @@ from specpt_hf.data.builder import (
 from specpt_hf.data.desi import DesiFormatError, read_desi_spectra
 from specpt_hf.data.prepare import ShardWriter, main, prepare_dataset
 
-DATA = Path(str(importlib.resources.files("specutils") / "io/default_loaders/tests/desi_test_data"))
-HEALPIX = "coadd-sv3-dark-26065.fits"
-TILE = "coadd-5-169-thru20210419.fits"
-LRG_IDS = [39627866878511337, 39627866878514741]
-ELG_ID = 39633300968442591
-
-
-def put(name: str, folder: Path) -> Path:
-    """Copy a real coadd into `folder` with a Redrock file next to it (Z = 0.1 + 0.1 * row)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    coadd = Path(shutil.copy(DATA / name, folder / name))
-    with fits.open(coadd) as hdul:
-        fibermap = Table(hdul["FIBERMAP"].data)
-        header = hdul[0].header
-    n = len(fibermap)
-    redshifts = Table(
-        {
-            "TARGETID": np.asarray(fibermap["TARGETID"], dtype=np.int64),
-            "Z": 0.1 + 0.1 * np.arange(n),
-            "ZERR": np.full(n, 3e-5),
-            "ZWARN": np.zeros(n, dtype=np.int64),
-            "SPECTYPE": np.array(["GALAXY"] * n, dtype="S6"),
-            "DELTACHI2": np.full(n, 200.0),
-        }
-    )
-    fits.HDUList(
-        [
-            fits.PrimaryHDU(header=header),
-            fits.BinTableHDU(redshifts, name="REDSHIFTS"),
-            fits.BinTableHDU(fibermap, name="FIBERMAP"),
-        ]
-    ).writeto(coadd.with_name(name.replace("coadd-", "redrock-")))
-    return coadd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from desi_files import ELG_ID, HEALPIX, LRG_IDS, TILE, put, records_one_at_a_time  # noqa: E402
 
 
 @pytest.fixture
@@ -258,7 +224,7 @@ def test_prepared_rows_are_the_records_rows(flat, tmp_path):
     out = tmp_path / "out"
     summary = prepare_dataset([flat], out, fractions=(0.4, 0.3, 0.3), cuts=None, progress=False)
     source = DesiSource(files=collect_spectra_files([flat]))
-    examples = [record_to_example(r) for r in source.records()]
+    examples = [record_to_example(r) for r in records_one_at_a_time(source)]
     assert summary.total_rows == len(examples) == 3
     features = desi_features()
     for split in ("train", "validation", "test"):

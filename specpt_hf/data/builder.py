@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from .desi import (
     SpectraChunk,
     inspect_desi_file,
     read_desi_chunks,
-    read_desi_spectra,
 )
 from .redshifts import (
     TARGET_BITS,
@@ -49,7 +47,6 @@ from .redshifts import (
     QualityCuts,
     RedshiftJoin,
     RedshiftTable,
-    join_redshifts,
     read_redrock,
     read_redshifts,
 )
@@ -344,27 +341,6 @@ class DesiSource:
             logger.warning("skipping bad file: %s", message)
         return good
 
-    def records(
-        self,
-        files: Sequence[Path] | None = None,
-        *,
-        select: Selector | None = None,
-        read_stats: ReadStats | None = None,
-        join_stats: JoinStats | None = None,
-        progress: bool = False,
-    ) -> Iterator[dict[str, Any]]:
-        """Labelled spectrum records from `files` (default: all), joined with their redshifts."""
-        files = self.files if files is None else list(files)
-        bar = tqdm(files, desc="reading DESI files", unit="file", disable=not progress)
-        cls = self.target_class
-        if self.catalog is not None:
-            table = self.catalog_table
-            spectra = chain.from_iterable(self._read(path, select, read_stats) for path in bar)
-            yield from join_redshifts(spectra, table, cuts=self.cuts, target_class=cls, stats=join_stats)
-            return
-        for path in bar:
-            yield from self._join_redrock(path, select, read_stats, join_stats)
-
     def batches(
         self,
         files: Sequence[Path] | None = None,
@@ -374,7 +350,7 @@ class DesiSource:
         join_stats: JoinStats | None = None,
         progress: bool = False,
     ) -> Iterator[dict[str, Any]]:
-        """The rows of `records` (same order, same counts) as batches of dataset columns.
+        """The labelled spectra of `files` (default: all) as batches of dataset columns.
 
         Each batch is a dict of `desi_features` columns for up to `chunk_size` spectra of one file,
         the spectra as [n, 7781] arrays (`batch_to_arrow` makes an Arrow table of it).
@@ -416,14 +392,6 @@ class DesiSource:
             raise ValueError("catalog: no redshift catalog was given")
         return read_redshifts(self.catalog)
 
-    def _read(self, path: Path, select: Selector | None, stats: ReadStats | None) -> Iterator[dict[str, Any]]:
-        try:
-            yield from read_desi_spectra(path, stats=stats, select=select, chunk_size=self.chunk_size)
-        except DesiFormatError as error:
-            if not self.skip_bad_files:
-                raise
-            logger.warning("skipping the rest of a bad file: %s", error)
-
     def _read_chunks(
         self, path: Path, select: Selector | None, stats: ReadStats | None
     ) -> Iterator[SpectraChunk]:
@@ -448,17 +416,6 @@ class DesiSource:
                 raise
             logger.warning("skipping %s: %s", path.name, error)
             return None
-
-    def _join_redrock(
-        self, path: Path, select: Selector | None, read_stats: ReadStats | None, join_stats: JoinStats | None
-    ) -> Iterator[dict[str, Any]]:
-        table = self._redrock_table(path)
-        if table is None:
-            return
-        local = JoinStats()
-        spectra = self._read(path, select, read_stats)
-        yield from join_redshifts(spectra, table, cuts=self.cuts, target_class=self.target_class, stats=local)
-        self._end_redrock(path, local, join_stats)
 
     def _join_redrock_chunks(
         self, path: Path, select: Selector | None, read_stats: ReadStats | None, join_stats: JoinStats | None
@@ -569,7 +526,7 @@ class DesiEdrBuilder(datasets.GeneratorBasedBuilder):
         select = split_selector(split, self.config.fractions)
         read_stats, join_stats = ReadStats(), JoinStats()
         chunks = source.labelled_chunks(files, select=select, read_stats=read_stats, join_stats=join_stats)
-        for labelled in chunks:  # the rows of `source.records`, read a chunk at a time
+        for labelled in chunks:  # read a chunk at a time, yielded a row at a time
             columns = labelled.columns()
             for i, row in enumerate(labelled.chunk.rows[labelled.index].tolist()):
                 example = record_to_example({name: values[i] for name, values in columns.items()})
