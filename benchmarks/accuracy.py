@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py --model runs/specpt-small-redshift/best --out runs/benchmarks/accuracy
     python benchmarks/accuracy.py --model A B --out OUT --redrock-per-class 0     # two models; Redrock on all
+    python benchmarks/accuracy.py --out OUT --redrock-per-class 500 --resume     # Redrock only, resumable
     python benchmarks/accuracy.py --quick --out /tmp/accuracy                    # an untrained tiny model
 
 The test set is written by the mock generator with its own seed (101) and healpix range (30000+), never the
@@ -9,7 +10,9 @@ training seeds (0: `make main`, 1: benchmarks/train_specpt_small_cpu.py): --n-pe
 BGS, LRG, ELG, QSO (5,000 by default), in files of 500. Every model given by --model predicts all of them
 through `specpt predict` (catalogs kept as specpt-{k}.fits); Redrock (templates from redrock_templates.py,
 its default redshift grids, --mp processes) fits the first --redrock-per-class of each class (rounded up
-to whole files; 0 = all: ~1.2 CPU-core-seconds per spectrum).
+to whole files; 0 = all: ~1.2 CPU-core-seconds per spectrum). Without --model only Redrock runs; with
+--resume, Redrock outputs already in OUT/redrock are read back instead of fitted again (so Redrock can run
+ahead of, or be interrupted and continue apart from, the models; its times then cover the new fits only).
 Metrics (`specpt_hf.evaluation.metrics`: NMAD, η = |Δz|/(1+z) > 0.15, bias, σ68) are computed against
 the mock's true redshifts:
 
@@ -495,7 +498,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", nargs="+", help="SpecPTForRedshift folder(s) (required unless --quick)")
+    parser.add_argument("--model", nargs="+", help="SpecPTForRedshift folder(s) (none: Redrock only)")
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder (the test set is cached in it)"
     )
@@ -510,13 +513,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--mp", type=int, default=os.cpu_count() or 1, help="Redrock processes")
     parser.add_argument("--no-redrock", action="store_true", help="SpecPT only")
+    parser.add_argument(
+        "--resume", action="store_true", help="read back Redrock outputs already in OUT/redrock"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="6 spectra per class, coarse Redrock grid")
     args = parser.parse_args(argv)
     if args.quick:
         args.n_per_class, args.redrock_per_class, args.batch_size = 6, 0, 16
-    elif not args.model:
-        parser.error("--model is required (or --quick)")
+    elif not args.model and args.no_redrock:
+        parser.error("nothing to run: give --model, or leave out --no-redrock")
     if args.seed in (0, 1):
         parser.error("seeds 0 and 1 are the training seeds; the test set needs another")
     for name in ("n_per_class", "batch_size", "mp"):
@@ -536,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     per_class = make_test_set(args.test_dir or out / "testset", args.n_per_class, args.seed, spf)
     coadds = [p for name in CLASSES for p in per_class[name]]
     truth = read_truth(coadds)
-    specpt = run_specpt(args.model or [None], coadds, args.batch_size, out)
+    specpt = run_specpt(args.model or ([None] if args.quick else []), coadds, args.batch_size, out)
     results: dict[str, Any] = {
         "machine": machine_info("cpu"),
         "quick": args.quick,
@@ -559,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.mp,
                 QUICK_ZSCAN if args.quick else None,
                 combined=args.quick,
+                reuse=args.resume,
             )
             redrock = run.redshifts
             results["redrock"] = run.summary()

@@ -67,6 +67,7 @@ class RedrockRun:
     cpu_seconds: float  # user + system time of the rrdesi processes and their workers
     max_rss_mb: float  # largest resident set of any rrdesi process
     n_processes: int
+    n_reused: int = 0  # spectra read back from an earlier run's outputs (not in the times)
     files: list[Path] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
 
@@ -75,24 +76,30 @@ class RedrockRun:
         return len(self.redshifts)
 
     @property
+    def n_timed(self) -> int:
+        """Spectra fitted in this run (the times cover these)."""
+        return self.n_spectra - self.n_reused
+
+    @property
     def cpu_seconds_per_spectrum(self) -> float:
-        return self.cpu_seconds / max(self.n_spectra, 1)
+        return self.cpu_seconds / self.n_timed if self.n_timed else float("nan")
 
     @property
     def spectra_per_second(self) -> float:
-        return self.n_spectra / self.wall_seconds if self.wall_seconds > 0 else float("nan")
+        return self.n_timed / self.wall_seconds if self.n_timed and self.wall_seconds > 0 else float("nan")
 
     def summary(self) -> dict:
         return {
             "n_files": len(self.files),
             "n_spectra": self.n_spectra,
+            "n_reused": self.n_reused,
             "n_processes": self.n_processes,
             "wall_seconds": self.wall_seconds,
             "cpu_seconds": self.cpu_seconds,
             "cpu_core_seconds_per_spectrum": self.cpu_seconds_per_spectrum,
             "spectra_per_second": self.spectra_per_second,
-            "spectra_per_second_per_core": self.n_spectra / self.cpu_seconds
-            if self.cpu_seconds
+            "spectra_per_second_per_core": self.n_timed / self.cpu_seconds
+            if self.cpu_seconds and self.n_timed
             else float("nan"),
             "max_rss_mb": self.max_rss_mb,
         }
@@ -176,12 +183,15 @@ def run_redrock(
     extra_args: Sequence[str] = (),
     combined: bool = False,
     progress: bool = True,
+    reuse: bool = False,
 ) -> RedrockRun:
     """Run `rrdesi` on each coadd (one process tree per file, `n_processes` workers); time the whole.
 
     Writes `redrock-*.fits` and `rrdesi-*.log` into `out_dir`; with `combined`, one rrdesi run fits
-    all files into `redrock-combined.fits` (one start-up and template rebinning for all). Raises `RedrockError` when Redrock is
-    missing or a run fails (with the end of its log), `FileNotFoundError` for a missing input.
+    all files into `redrock-combined.fits` (one start-up and template rebinning for all). With `reuse`, an
+    output already in `out_dir` is read back instead of fitted again (resuming an interrupted run; the times
+    cover only what this run fitted). Raises `RedrockError` when Redrock is missing or a run fails (with the end
+    of its log), `FileNotFoundError` for a missing input.
     """
     if n_processes < 1:
         raise ValueError(f"n_processes must be >= 1, got {n_processes}")
@@ -198,11 +208,16 @@ def run_redrock(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = _environment(template_dir)
-    outputs, tables = [], []
+    outputs, tables, reused = [], [], 0
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     groups = [(files, out / COMBINED_NAME)] if combined else [([f], out / output_name(f)) for f in files]
     for group, target in tqdm(groups, desc="redrock", unit="run", disable=not progress):
+        if reuse and (earlier := _read_earlier(target)) is not None:
+            outputs.append(target)
+            tables.append(earlier)
+            reused += len(earlier)
+            continue
         log = log_path(target)
         with open(log, "w", encoding="utf-8") as handle:
             done = subprocess.run(
@@ -228,9 +243,18 @@ def run_redrock(
         cpu_seconds=cpu,
         max_rss_mb=after.ru_maxrss / 1024.0,  # Linux: KiB
         n_processes=n_processes,
+        n_reused=reused,
         files=files,
         outputs=outputs,
     )
+
+
+def _read_earlier(target: Path) -> Table | None:
+    """An earlier run's complete output (None when missing or unreadable, e.g. cut off mid-write)."""
+    try:
+        return read_redshifts(target) if target.is_file() else None
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def write_run(run: RedrockRun, out_dir: str | os.PathLike) -> tuple[Path, Path]:

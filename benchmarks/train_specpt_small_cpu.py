@@ -20,7 +20,7 @@ Steps and wall-clock plan (`--hours 3` on 2 cores; printed at the start, rates a
 2. stage 1, autoencoder: `examples/configs/specpt-small-autoencoder.yaml` (bf16 autocast, batch 32,
    lr 5e-4 cosine), `--max-steps` from its share of the remaining time at --ae-rate spectra/s.
 3. stage 2, redshift: `examples/configs/specpt-small-redshift.yaml` on the stage-1 model (encoder
-   fine-tuned at lr/10), validation every 1000 steps on 1000 spectra, early stopping after 6.
+   fine-tuned at the head's rate), validation every 1000 steps on 1000 spectra, early stopping after 6.
 
 The stage shares (40 % / 60 % of what the data step leaves, minus 5 % for validation and checkpoints) and
 rates (75 / 90 spectra/s: `benchmarks/train_throughput.py`, specpt-small, bf16, this 2-core machine) set

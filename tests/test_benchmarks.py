@@ -147,6 +147,17 @@ def test_accuracy_quick(tmp_path, templates):
         # templates from the mock's own basis: Redrock finds most redshifts even on the coarse quick grid
         assert common["nmad"] < 0.01 and common["eta"] <= 0.25
         assert np.isfinite(np.asarray(predictions["Z_Redrock"])).all()
+        # --resume reads the Redrock output back instead of fitting again; its times cover no spectrum
+        argv = ["--quick", "--out", str(tmp_path), "--templates", str(templates), "--resume"]
+        assert accuracy.main(argv) == 0
+        again = json.loads((tmp_path / "accuracy.json").read_text())
+        assert (
+            again["redrock"]["n_reused"] == again["redrock"]["n_spectra"] == results["redrock"]["n_spectra"]
+        )
+        assert (
+            again["metrics"]["subsets"]["common"]["Redrock"]
+            == results["metrics"]["subsets"]["common"]["Redrock"]
+        )
     else:
         assert results["methods"] == [untrained] and "redrock_skipped" in results
 
@@ -155,7 +166,7 @@ def test_accuracy_refuses_training_seeds(tmp_path):
     with pytest.raises(SystemExit):
         accuracy.main(["--quick", "--out", str(tmp_path), "--seed", "1"])
     with pytest.raises(SystemExit):
-        accuracy.main(["--out", str(tmp_path)])  # no --model
+        accuracy.main(["--out", str(tmp_path), "--no-redrock"])  # neither a model nor Redrock
 
 
 # ------------------------------------------------------------------------------------------- speed
