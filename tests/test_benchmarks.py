@@ -135,6 +135,9 @@ def test_accuracy_quick(tmp_path, templates):
         p = h["snr_r_percentiles"]
         assert 0 < p["p05"] <= p["p50"] <= p["p95"], name
         assert 0.0 <= h["hard_fraction"] <= 1.0
+        d, m = h["depth_percentiles"], h["magnitude_percentiles"]
+        assert 0.3 < d["p05"] <= d["p50"] <= d["p95"] < 3.0, name  # EFFTIME near the program's DESI goal
+        assert 10.0 < m["p05"] <= m["p95"] < 30.0 and 0.0 <= h["within_desi_limit"] <= 1.0, name
     assert {r["target_class"] for r in results["desi_reference_snr"]} <= {"bgs", "lrg", "elg", "qso", "other"}
     predictions = Table.read(tmp_path / "predictions.ecsv")
     assert len(predictions) == 24 and len(set(predictions["TARGETID"])) == 24
