@@ -228,6 +228,25 @@ def _group_metrics(z_pred: np.ndarray, z_true: np.ndarray, classes: np.ndarray) 
     return metrics.metrics_by_group(z_pred, z_true, classes, overall_key="all") if len(z_true) else {}
 
 
+def _own_confident(table: Table, method: str) -> dict[str, Any]:
+    """A method's metrics on its own confident spectra (SpecPT: ZWARN = 0; Redrock: `redrock_confident`),
+    out of every spectrum it fitted, with the confident fraction per class."""
+    fitted = np.isfinite(np.asarray(table[f"Z_{method}"]))
+    good = redrock_confident(table) if method == "Redrock" else np.asarray(table[f"ZWARN_{method}"]) == 0
+    classes = np.asarray(table["TARGET_CLASS"])
+    sel = fitted & good
+    fraction = {"all": float(good[fitted].mean())} if fitted.any() else {}
+    for name in CLASSES:
+        if (mine := fitted & (classes == name)).any():
+            fraction[name] = float(good[mine].mean())
+    return {
+        "fraction": fraction,
+        "metrics": _group_metrics(
+            np.asarray(table[f"Z_{method}"])[sel], np.asarray(table["Z"])[sel], classes[sel]
+        ),
+    }
+
+
 def evaluate(table: Table, methods: Sequence[str]) -> dict[str, Any]:
     """Metrics of every method on the `common`, `confident`, `ordinary`, `hard` and `all` subsets."""
     z_true, classes, hard = (np.asarray(table[c]) for c in ("Z", "TARGET_CLASS", "HARD"))
@@ -258,6 +277,7 @@ def evaluate(table: Table, methods: Sequence[str]) -> dict[str, Any]:
             for name in CLASSES
             if (fitted & (classes == name)).any()
         }
+    out["own_confident"] = {method: _own_confident(table, method) for method in methods}
     if "confident" in subsets:
         out["redrock_confident_fraction"] = {
             name: float(subsets["confident"][fitted & (classes == name)].mean())
@@ -412,6 +432,26 @@ def markdown(results: dict[str, Any]) -> str:
                         f"| {_f(m['bias'], '+.5f')} | {_f(m['sigma68'], '.5f')} |"
                     )
         lines.append("")
+    lines += [
+        "## Each method's own confident spectra",
+        "",
+        "SpecPT: ZWARN = 0 (no flag bit set); Redrock: ZWARN = 0 and DELTACHI2 above the class cut. Out of every "
+        "spectrum the method fitted.",
+        "",
+        "| class | method | confident | n | NMAD | η (%) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("all", *CLASSES):
+        for method in methods:
+            own = results["metrics"]["own_confident"][method]
+            m = own["metrics"].get(name)
+            if name in own["fraction"]:
+                n, nmad, eta = (m["n"], m["nmad"], 100 * m["eta"]) if m else (0, float("nan"), float("nan"))
+                lines.append(
+                    f"| {name} | {method} | {100 * own['fraction'][name]:.1f} % | {n} | {_f(nmad, '.5f')} "
+                    f"| {_f(eta, '.2f')} |"
+                )
+    lines.append("")
     if "redrock_confident_fraction" in results["metrics"]:
         lines += [
             "Redrock confident fraction (ZWARN = 0, DELTACHI2 above the class cut) and SPECTYPE right:",
@@ -506,7 +546,8 @@ def run_specpt(
 
 
 def join_predictions(truth: Table, specpt: dict[str, dict], redrock: Table | None) -> Table:
-    """Truth rows with Z_{method} (NaN where a method did not fit) and Redrock's ZWARN, DELTACHI2, SPECTYPE."""
+    """Truth rows with Z_{method} (NaN where a method did not fit), each SpecPT model's ZWARN_{method} and
+    Redrock's ZWARN, DELTACHI2, SPECTYPE."""
     table = truth.copy()
     index = {int(t): i for i, t in enumerate(np.asarray(table["TARGETID"]))}
     for label, result in specpt.items():
@@ -515,6 +556,11 @@ def join_predictions(truth: Table, specpt: dict[str, dict], redrock: Table | Non
             if int(t) in index:
                 z[index[int(t)]] = value
         table[f"Z_{label}"] = z
+        zwarn = np.full(len(table), -1)
+        for t, value in zip(result["columns"]["targetid"], result["columns"]["zwarn"], strict=True):
+            if int(t) in index:
+                zwarn[index[int(t)]] = value
+        table[f"ZWARN_{label}"] = zwarn
     if redrock is not None:
         z, zwarn, dchi2 = np.full(len(table), np.nan), np.full(len(table), -1), np.full(len(table), np.nan)
         spectype = np.full(len(table), "", dtype="U6")

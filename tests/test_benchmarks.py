@@ -139,6 +139,10 @@ def test_accuracy_quick(tmp_path, templates):
         assert 0.3 < d["p05"] <= d["p50"] <= d["p95"] < 3.0, name  # EFFTIME near the program's DESI goal
         assert 10.0 < m["p05"] <= m["p95"] < 30.0 and 0.0 <= h["within_desi_limit"] <= 1.0, name
     assert {r["target_class"] for r in results["desi_reference_snr"]} <= {"bgs", "lrg", "elg", "qso", "other"}
+    for method in results["methods"]:  # each method's own confident spectra: the fraction and the n agree
+        own = results["metrics"]["own_confident"][method]
+        assert 0.0 <= own["fraction"]["all"] <= 1.0
+        assert own["metrics"].get("all", {"n": 0})["n"] == round(24 * own["fraction"]["all"]), method
     predictions = Table.read(tmp_path / "predictions.ecsv")
     assert len(predictions) == 24 and len(set(predictions["TARGETID"])) == 24
     for name in ("accuracy_zz.png", "accuracy_vs_redshift.png", "snr_r.png", "accuracy.md"):
