@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from astropy.io import fits
 from tqdm.auto import tqdm
 
+from specpt_hf.atomic import atomic_write
 from specpt_hf.data import mock
 from specpt_hf.data.instrument import Arm
 
@@ -196,22 +196,6 @@ def template_filename(rrtype: str) -> str:
     return f"rrtemplate-{rrtype}-None-v{VERSION}.fits"
 
 
-def atomic_write_bytes(path: Path, write) -> Path:
-    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def build_templates(
     out_dir: str | os.PathLike,
     *,
@@ -244,11 +228,11 @@ def build_templates(
         del spectra
         hdul = template_hdulist(spec, basis, power, seed)
         path = out / template_filename(rrtype)
-        atomic_write_bytes(path, lambda tmp, h=hdul: h.writeto(tmp, overwrite=True, checksum=True))
+        atomic_write(path, lambda tmp, h=hdul: h.writeto(tmp, overwrite=True, checksum=True))
         paths.append(path)
     listing = "# Redrock templates built by benchmarks/redrock_templates.py from the mock physics\n"
     listing += "".join(f"{p.name}\n" for p in paths)
-    atomic_write_bytes(out / LIST_FILE, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8"))
+    atomic_write(out / LIST_FILE, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8"))
     return paths
 
 

@@ -32,7 +32,9 @@ from astropy.table import Table, vstack
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from redrock_templates import QUICK_SETTINGS, atomic_write_bytes, build_templates  # noqa: E402
+from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
+
+from specpt_hf.atomic import atomic_write  # noqa: E402
 
 REDSHIFT_COLUMNS = ("TARGETID", "Z", "ZERR", "ZWARN", "SPECTYPE", "DELTACHI2", "CHI2", "NPIXELS")
 # Coarse redshift grids for --quick only (10x Redrock's default steps).
@@ -260,11 +262,11 @@ def _read_earlier(target: Path) -> Table | None:
 def write_run(run: RedrockRun, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """`redrock.ecsv` (all REDSHIFTS rows) and `redrock_timing.json` in `out_dir`, written atomically."""
     out = Path(out_dir)
-    table_path = atomic_write_bytes(
+    table_path = atomic_write(
         out / "redrock.ecsv", lambda tmp: run.redshifts.write(tmp, format="ascii.ecsv", overwrite=True)
     )
     text = json.dumps({**run.summary(), "files": [str(p) for p in run.files]}, indent=2) + "\n"
-    timing_path = atomic_write_bytes(
+    timing_path = atomic_write(
         out / "redrock_timing.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
     )
     return table_path, timing_path

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from specpt_hf.atomic import atomic_write_text
 from specpt_hf.data.instrument import get_instrument
 from specpt_hf.finetune import (
     FREEZE_CHOICES,
@@ -88,22 +88,7 @@ class Run:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """JSON written atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8"
-    ) as tmp:
-        json.dump(data, tmp, indent=2)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8"
-    ) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def build_model(args: argparse.Namespace, pretrained: str, run: Run) -> tuple[Any, Any]:
@@ -337,7 +322,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
     }
     write_json(out / "transfer.json", result)
-    write_text(out / "transfer.md", markdown_table(summary, header))
+    atomic_write_text(out / "transfer.md", markdown_table(summary, header))
     plot(summary, out / "transfer.png", "SpecPT transfer: pretrained start vs from scratch")
     print(markdown_table(summary, header))
     print(f"wrote {out / 'transfer.json'}, {out / 'transfer.md'}, {out / 'transfer.png'}")

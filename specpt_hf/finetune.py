@@ -51,7 +51,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
+from .atomic import atomic_write_text, replaced_folder
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .data.instrument import DESI, INSTRUMENTS, Instrument, get_instrument
 from .evaluation.metrics import metrics_by_group
@@ -75,7 +75,6 @@ from .training.train import (
     TrainingResult,
     adapters_active,
     is_peft_model,
-    replaced_folder,
     training_function,
 )
 
@@ -515,13 +514,7 @@ def save_finetuned(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8"
-    ) as tmp:
-        json.dump(data, tmp, indent=2)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _class_counts(classes: Mapping[str, float], n: int) -> dict[str, int]:

@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from transformers.dynamic_module_utils import get_relative_imports
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .atomic import FILE_MODE, replaced_folder
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .evaluation.results import METRIC_NAMES, eval_results, read_results_json
 from .modeling_specpt import (
@@ -612,9 +613,7 @@ def write_repo_folder(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with replaced_folder(out) as tmp:
         for file in folder.weight_files:
             shutil.copy2(file, tmp / file.name)
         for name, source in code_files(modules, folder.path).items():
@@ -626,34 +625,9 @@ def write_repo_folder(
         )
         card.save(tmp / "README.md")
         for file in tmp.iterdir():
-            os.chmod(file, 0o644)
-        os.chmod(tmp, 0o755)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.chmod(file, FILE_MODE)
     logger.info("wrote repo folder %s for %s", out, repo_id)
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`, moving an existing `out` aside first and deleting it after."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old / out.name, out)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------- upload
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

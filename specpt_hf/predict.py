@@ -55,6 +55,7 @@ from astropy.io import fits
 from astropy.table import Table
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write, atomic_write_text
 from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
 from .inference import InferenceStats, batched, predict_batch
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
@@ -155,16 +156,6 @@ def catalog_format(out: Path, fmt: str | None) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """`write(tmp_path)` then rename onto `path` (same folder); the temporary file never survives a failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_npz(path: Path, columns: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
         np.savez(handle, **columns)
@@ -199,7 +190,7 @@ class ProgressStore:
 
     def _write_manifest(self) -> None:
         text = json.dumps({"settings": self.settings, "files": self.files}, indent=1)
-        _atomic_write_bytes(self.folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write_text(self.folder / MANIFEST, text)
 
     def done(self, path: Path) -> bool:
         """Whether `path` (unchanged since) was finished earlier."""
@@ -213,7 +204,7 @@ class ProgressStore:
         part = None
         if columns is not None:
             part = f"part-{index:06d}.npz"
-            _atomic_write_bytes(self.folder / part, lambda tmp: _save_npz(tmp, columns))
+            atomic_write(self.folder / part, lambda tmp: _save_npz(tmp, columns))
         self.files[str(path)] = {**_file_key(path), "part": part, "stats": stats}
         self._write_manifest()
 
@@ -546,7 +537,7 @@ def write_catalog(table: Table, out: str | os.PathLike, fmt: str) -> Path:
         else:
             raise ValueError(f"unknown catalog format {fmt!r}")
 
-    _atomic_write_bytes(out, write)
+    atomic_write(out, write)
     return out
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Mapping
 from functools import cache, lru_cache
 from pathlib import Path
@@ -34,6 +33,7 @@ from astropy.io import fits
 from astropy.table import Table
 from tqdm.auto import tqdm
 
+from specpt_hf.atomic import atomic_write
 from specpt_hf.data.instrument import DESI, FWHM_PER_SIGMA, Arm, Instrument, apply_resolution, get_instrument
 
 C_KMS = 299792.458
@@ -1240,18 +1240,8 @@ def _redshifts(
 
 
 def _atomic_writeto(hdul: fits.HDUList, path: Path) -> None:
-    """Write next to `path` under a temporary name, then rename: never a half-written file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        hdul.writeto(tmp, overwrite=True, checksum=True)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write `hdul` (with checksums) atomically: never a half-written file under `path`."""
+    atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True, checksum=True))
 
 
 def _primary(survey: str, program: str, healpix: int, seed: int) -> fits.PrimaryHDU:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from ..atomic import atomic_write_text
 from .builder import (
     CITATION,
     DEFAULT_FRACTIONS,
@@ -411,11 +412,7 @@ def write_dataset_card(
     info = datasets.DatasetInfo(features=desi_features(), splits=splits)
     datasets.info.DatasetInfosDict({target_class: info}).to_dataset_card_data(card_data)
     card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n{_card_body(rows, target_class, cuts, fractions)}")
-    path = out / "README.md"
-    temp = out / ".README.md.tmp"
-    temp.write_text(str(card), encoding="utf-8")
-    os.replace(temp, path)
-    return path
+    return atomic_write_text(out / "README.md", str(card))
 
 
 # ----------------------------------------------------------------------------------------- CLI

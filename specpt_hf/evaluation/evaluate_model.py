@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..inference import predict_batches
 from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
 from ..training.data import split_files
@@ -182,10 +183,7 @@ def write_predictions_csv(predictions: dict[str, np.ndarray], path: Path) -> Pat
     """One row per spectrum, written atomically."""
     from astropy.table import Table
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    Table(predictions).write(tmp, format="ascii.csv", overwrite=True)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: Table(predictions).write(tmp, format="ascii.csv", overwrite=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..atomic import atomic_write
 from .metrics import (
     CATASTROPHIC_THRESHOLD,
     _as_1d,
@@ -74,25 +74,7 @@ def _figure(path: str | os.PathLike, **kwargs) -> Iterator[Figure]:
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write `fig` as a PNG to `path` atomically and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", facecolor="white")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", facecolor="white"))
 
 
 def class_colors(names: Sequence[str]) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from numbers import Number
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from huggingface_hub import EvalResult
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
+from ..atomic import atomic_write_text
 from .metrics import CATASTROPHIC_THRESHOLD
 
 TASK_TYPE = "redshift-estimation"
@@ -166,18 +166,7 @@ def write_results_json(
         raise ValueError(f"extra must not redefine {sorted(clash)}")
     payload.update(_json_safe(dict(extra or {})))
     text = json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def read_results_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 from transformers import HfArgumentParser
+
+from specpt_hf.atomic import atomic_write_text
 
 SETTINGS_NAME = "training_settings.yaml"
 # transformers.SchedulerType values that need nothing beyond warm-up and total steps.
@@ -124,16 +125,9 @@ class TrainingSettings:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the settings as `training_settings.yaml` into `folder` (atomically); return the file."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         text = "# settings of the `specpt train` run that produced this folder\n"
         text += yaml.safe_dump(self.to_dict(), sort_keys=False)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8"
-        ) as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, folder / SETTINGS_NAME)
-        return folder / SETTINGS_NAME
+        return atomic_write_text(Path(folder) / SETTINGS_NAME, text)
 
 
 def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel, get_scheduler
 
+from specpt_hf.atomic import replaced_folder
 from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from specpt_hf.evaluation.metrics import redshift_metrics
 from specpt_hf.presets import model_class, preset_config
@@ -229,25 +229,6 @@ def save_checkpoint(accelerator: Accelerator, settings: TrainingSettings, step: 
         for old in checkpoint_dirs(settings.output_dir)[: -settings.checkpoints_total_limit]:
             shutil.rmtree(old)
     return folder
-
-
-@contextlib.contextmanager
-def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
-    """A new empty folder next to `folder` to write into; on success it replaces `folder` at once (an old
-    `folder` is removed), on error it is removed and `folder` stays as it was."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        yield tmp
-        old = folder.with_name(f".{folder.name}-old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_model(
