@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -265,6 +266,13 @@ def test_resumed_run_ends_with_the_same_weights(stage1, data_dir, tmp_path, monk
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    # the history survives the interruption: the uninterrupted run's records (timings aside), also on disk
+    on_disk = json.loads((tmp_path / "run" / train_module.HISTORY_NAME).read_text())
+    assert on_disk == result.history
+    for mine, theirs in zip(result.history, uninterrupted.history, strict=True):
+        assert mine.keys() == theirs.keys()
+        for key in mine.keys() - {"train/spectra_per_second"}:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (mine["step"], key)
 
 
 def test_two_processes_give_the_same_loss_curve_shape(stage1, data_dir, tmp_path):

@@ -15,13 +15,15 @@ peft/LoRA model, e.g. from `specpt_hf.finetune.adapt_to_instrument`), and `save_
 folders are written (`specpt_hf.finetune.write_finetuned`: LoRA merged, adapter alongside).
 
 Output folder: `checkpoints/step_{N}/` (full training state, `--resume` continues from the newest),
-`logs/` (TensorBoard), `model/` (final weights, `save_pretrained` format, with `training_settings.yaml`),
-and for stage 2 `best/` (the weights with the best validation NMAD).
+`logs/` (TensorBoard), `training_history.json` (every logged record: loss, learning rate, validation
+metrics; kept across resumes), `model/` (final weights, `save_pretrained` format, with
+`training_settings.yaml`), and for stage 2 `best/` (the weights with the best validation NMAD).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel, get_scheduler
 
-from specpt_hf.atomic import replaced_folder
+from specpt_hf.atomic import atomic_write_text, replaced_folder
 from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from specpt_hf.evaluation.metrics import redshift_metrics
 from specpt_hf.presets import model_class, preset_config
@@ -50,6 +52,7 @@ from specpt_hf.training.settings import TrainingSettings, parse_settings
 logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
+HISTORY_NAME = "training_history.json"
 
 
 @dataclass
@@ -60,6 +63,9 @@ class TrainerState:
     best_nmad: float = math.inf
     best_step: int = -1
     evals_without_improvement: int = 0
+    history: list[dict[str, float]] = field(
+        default_factory=list
+    )  # every logged record, resumed runs included
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -363,7 +369,7 @@ def training_function(
         best,
         state.step,
         stopped_early,
-        loop.history,
+        state.history,
         loop.train_seconds,
         loop.steps_run * loop.spectra_per_step / max(loop.train_seconds, 1e-9),
     )
@@ -400,7 +406,6 @@ class _Loop:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_dl, self.val_dl, self.state, self.max_steps = train_dl, val_dl, state, max_steps
         self.save_function = save_function
-        self.history: list[dict[str, float]] = []
         self.spectra_per_step = (
             settings.batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
         )
@@ -510,7 +515,10 @@ class _Loop:
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.accelerator.log(metrics, step=self.state.step)
-        self.history.append({"step": self.state.step, **metrics})
+        self.state.history.append({"step": self.state.step, **metrics})
+        if self.accelerator.is_main_process:
+            path = Path(self.settings.output_dir) / HISTORY_NAME
+            atomic_write_text(path, json.dumps(self.state.history, indent=1) + "\n")
 
     def _reset_window(self) -> None:
         self.window_loss = torch.zeros((), device=self.accelerator.device)
