@@ -9,8 +9,9 @@ The test set is written by the mock generator with its own seed (101) and healpi
 training seeds (0: `make main`, 1: benchmarks/train_specpt_small_cpu.py): --n-per-class spectra of each of
 BGS, LRG, ELG, QSO (5,000 by default), in files of 500. Every model given by --model predicts all of them
 through `specpt predict` (catalogs kept as specpt-{k}.fits); Redrock (templates from redrock_templates.py,
-its default redshift grids, --mp processes) fits the first --redrock-per-class of each class (rounded up
-to whole files; 0 = all: ~1.2 CPU-core-seconds per spectrum). Without --model only Redrock runs; with
+its default redshift grids, --mp processes) fits the first --redrock-per-class of each class (whole files;
+below one file, the first --redrock-per-class fibers of the class's first file, `rrdesi --ntargets`, the
+sky fibers among them included; 0 = all: ~1.2 CPU-core-seconds per spectrum). Without --model only Redrock runs; with
 --resume, Redrock outputs already in OUT/redrock are read back instead of fitted again (so Redrock can run
 ahead of, or be interrupted and continue apart from, the models; its times then cover the new fits only).
 Metrics (`specpt_hf.evaluation.metrics`: NMAD, η = |Δz|/(1+z) > 0.15, bias, σ68) are computed against
@@ -644,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             build_templates(templates, **(QUICK_SETTINGS if args.quick else {}))
         n_files = math.ceil(args.redrock_per_class / spf) if args.redrock_per_class else None
         files = [p for name in CLASSES for p in per_class[name][:n_files]]
+        per_file = ("--ntargets", str(args.redrock_per_class)) if 0 < args.redrock_per_class < spf else ()
         try:
             run = run_redrock(
                 files,
@@ -651,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                 templates,
                 args.mp,
                 QUICK_ZSCAN if args.quick else None,
+                per_file,
                 combined=args.quick,
                 reuse=args.resume,
             )
