@@ -33,7 +33,7 @@ import numpy as np
 from astropy.io import fits
 from tqdm.auto import tqdm
 
-from specpt_hf.atomic import atomic_write
+from specpt_hf.atomic import atomic_write, atomic_write_text
 from specpt_hf.data import mock
 from specpt_hf.data.instrument import Arm
 
@@ -232,7 +232,7 @@ def build_templates(
         paths.append(path)
     listing = "# Redrock templates built by benchmarks/redrock_templates.py from the mock physics\n"
     listing += "".join(f"{p.name}\n" for p in paths)
-    atomic_write(out / LIST_FILE, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8"))
+    atomic_write_text(out / LIST_FILE, listing)
     return paths
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
 from run_redrock import QUICK_ZSCAN, RedrockError, log_path, redrock_missing, run_redrock  # noqa: E402
 
-from specpt_hf.atomic import atomic_write  # noqa: E402
+from specpt_hf.atomic import atomic_write_text  # noqa: E402
 
 CLASSES = ("bgs", "lrg", "elg", "qso")
 SPEED_SEED = 202  # mock seed of the speed inputs (training recipes use 0 and 1)
@@ -558,13 +558,8 @@ def machine_info(device: str) -> dict[str, str]:
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    json_path = atomic_write(
-        out / "speed.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8"),
-    )
-    md_path = atomic_write(
-        out / "speed.md", lambda tmp: Path(tmp).write_text(markdown(results), encoding="utf-8")
-    )
+    json_path = atomic_write_text(out / "speed.json", json.dumps(results, indent=2, default=str) + "\n")
+    md_path = atomic_write_text(out / "speed.md", markdown(results))
     return json_path, md_path
 
 

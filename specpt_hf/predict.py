@@ -529,11 +529,11 @@ def write_catalog(table: Table, out: str | os.PathLike, fmt: str) -> Path:
             hdu.name = "REDSHIFTS"
             primary = fits.PrimaryHDU()
             primary.header.update({key: value for key, value in table.meta.items()})
-            fits.HDUList([primary, hdu]).writeto(tmp)
+            fits.HDUList([primary, hdu]).writeto(tmp, overwrite=True)
         elif fmt == "parquet":
-            table.write(tmp, format="parquet")
+            table.write(tmp, format="parquet", overwrite=True)
         elif fmt == "csv":
-            table.write(tmp, format="ascii.ecsv", delimiter=",")
+            table.write(tmp, format="ascii.ecsv", delimiter=",", overwrite=True)
         else:
             raise ValueError(f"unknown catalog format {fmt!r}")
 
