@@ -438,6 +438,7 @@ class _Loop:
             return False
         finally:
             self.progress.close()
+            self._write_history()
             self.steps_run = state.step - first_step
             self.train_seconds = time.perf_counter() - started - self.other_seconds
 
@@ -495,6 +496,7 @@ class _Loop:
         settings, state = self.settings, self.state
         metrics = evaluate(self.model, self.val_dl, self.accelerator, settings.stage)
         self._log(metrics)
+        self._write_history()
         stop = False
         if settings.stage == "redshift":
             if metrics["validation/nmad"] < state.best_nmad:
@@ -516,6 +518,9 @@ class _Loop:
     def _log(self, metrics: dict[str, float]) -> None:
         self.accelerator.log(metrics, step=self.state.step)
         self.state.history.append({"step": self.state.step, **metrics})
+
+    def _write_history(self) -> None:
+        """`training_history.json`: written at each validation and at the end, not at every log line."""
         if self.accelerator.is_main_process:
             path = Path(self.settings.output_dir) / HISTORY_NAME
             atomic_write_text(path, json.dumps(self.state.history, indent=1) + "\n")
