@@ -239,6 +239,9 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             Largest offset, in bin widths, that the `pz` head may add to a bin centre.
         redshift_nll_weight (`float`, *optional*, defaults to 1.0):
             Weight of the Gaussian NLL of the in-bin residual relative to the bin cross-entropy.
+        redshift_label_sigma (`float`, *optional*, defaults to 0.0):
+            Width, in bin widths, of the Gaussian soft target of the bin cross-entropy, centred on the true
+            ln(1 + z): a near miss then costs less than a far one. 0 puts the whole target on the true bin.
         quality_window (`int`, *optional*, defaults to 2):
             The quality score is the p(z) mass within +-`quality_window` bins of the peak.
         freeze_encoder (`bool`, *optional*, defaults to `False`):
@@ -261,6 +264,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         head_dropout: float = 0.1,
         redshift_offset_bound: float = 1.0,
         redshift_nll_weight: float = 1.0,
+        redshift_label_sigma: float = 0.0,
         quality_window: int = 2,
         # fine-tuning
         freeze_encoder: bool = False,
@@ -274,6 +278,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self.head_dropout = float(head_dropout)
         self.redshift_offset_bound = float(redshift_offset_bound)
         self.redshift_nll_weight = float(redshift_nll_weight)
+        self.redshift_label_sigma = float(redshift_label_sigma)
         self.quality_window = int(quality_window)
         self.freeze_encoder = bool(freeze_encoder)
         super().__init__(**kwargs)
@@ -292,8 +297,15 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         )
         if self.head_hidden_size < 2:
             raise ValueError(f"`head_hidden_size` must be >= 2, got {self.head_hidden_size}")
-        if self.head_num_blocks < 0 or self.quality_window < 0 or self.redshift_nll_weight < 0:
-            raise ValueError("`head_num_blocks`, `quality_window` and `redshift_nll_weight` must be >= 0")
+        if (
+            min(
+                self.head_num_blocks, self.quality_window, self.redshift_nll_weight, self.redshift_label_sigma
+            )
+            < 0
+        ):
+            raise ValueError(
+                "`head_num_blocks`, `quality_window`, `redshift_nll_weight` and `redshift_label_sigma` must be >= 0"
+            )
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout}")
 

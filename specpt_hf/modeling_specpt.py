@@ -642,9 +642,9 @@ class SpecPTRedshiftOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
-            `pz` head: cross-entropy of the true ln(1 + z) bin + `redshift_nll_weight` x Gaussian NLL (up to a
-            constant, in bin widths) of the true in-bin residual under the TRUE bin's offset and sigma. Both
-            act on du = dz / (1 + z). `paper` head: mean |z_pred - z| / (1 + z).
+            `pz` head: cross-entropy of the true ln(1 + z) bin (soft with `redshift_label_sigma`) +
+            `redshift_nll_weight` x Gaussian NLL (up to a constant, in bin widths) of the true in-bin residual
+            under the TRUE bin's offset and sigma. Both act on du = dz / (1 + z). `paper` head: mean |z_pred - z| / (1 + z).
         redshift (`torch.FloatTensor` of shape `(batch,)`):
             Point estimate: centre of the most probable bin + its offset (`pz`), or the Softplus output (`paper`).
         redshift_err (`torch.FloatTensor` of shape `(batch,)`, *optional*):
@@ -889,7 +889,8 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
     def _pz_loss(
         self, labels: torch.Tensor, logits: torch.Tensor, offsets: torch.Tensor, log_sigma: torch.Tensor
     ) -> torch.Tensor:
-        """Cross-entropy of the true bin + weighted Gaussian NLL of the in-bin residual (teacher forcing)."""
+        """Cross-entropy of the true bin (a Gaussian soft target with `redshift_label_sigma` > 0) + weighted
+        Gaussian NLL of the in-bin residual (teacher forcing)."""
         width = self.config.redshift_bin_width
         u = torch.log1p(labels)  # [batch]
         position = (u - math.log1p(self.config.z_min)) / width  # [batch], in bin widths
@@ -898,7 +899,19 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         offset = offsets.gather(1, true_bin[:, None])[:, 0]  # [batch]
         log_s = log_sigma.gather(1, true_bin[:, None])[:, 0]  # [batch]
         nll = 0.5 * ((residual - offset) * torch.exp(-log_s)) ** 2 + log_s  # [batch]
-        return F.cross_entropy(logits, true_bin) + self.config.redshift_nll_weight * nll.mean()
+        return F.cross_entropy(logits, self._bin_target(position, true_bin)) + (
+            self.config.redshift_nll_weight * nll.mean()
+        )
+
+    def _bin_target(self, position: torch.Tensor, true_bin: torch.Tensor) -> torch.Tensor:
+        """The true bin [batch], or with `redshift_label_sigma` > 0 a Gaussian over the bin centres centred on
+        `position` (in bin widths) [batch, bins]."""
+        sigma = self.config.redshift_label_sigma
+        if sigma == 0:
+            return true_bin
+        centers = torch.arange(self.config.num_redshift_bins, device=position.device) + 0.5  # [bins]
+        distance = (centers[None] - position[:, None]) / sigma  # [batch, bins]
+        return torch.softmax(-0.5 * distance**2, dim=-1)  # [batch, bins]
 
     def forward(
         self,

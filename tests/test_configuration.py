@@ -80,6 +80,7 @@ def test_round_trip_through_json(tmp_path):
         (SpecPTForRedshiftConfig, {"z_min": 1.0, "z_max": 0.5}, "z_max"),
         (SpecPTForRedshiftConfig, {"num_redshift_bins": 1}, "num_redshift_bins"),
         (SpecPTForRedshiftConfig, {"redshift_offset_bound": 0.0}, "redshift_offset_bound"),
+        (SpecPTForRedshiftConfig, {"redshift_label_sigma": -1.0}, "redshift_label_sigma"),
     ],
 )
 def test_invalid_values_raise(cls, kwargs, field):

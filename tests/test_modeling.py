@@ -219,6 +219,33 @@ def test_pz_loss_prefers_the_true_bin():
     )
 
 
+def test_soft_bin_target_is_a_gaussian_centred_on_the_true_redshift():
+    _, model = tiny_model("redshift", redshift_label_sigma=1.5)
+    position = torch.tensor([7.3, 8.0])  # true ln(1 + z), in bin widths
+    target = model._bin_target(position, position.floor().long())  # [2, bins]
+    centers = torch.arange(model.config.num_redshift_bins) + 0.5
+    assert torch.allclose(target.sum(-1), torch.ones(2))
+    assert torch.allclose((target * centers).sum(-1), position, atol=1e-3)
+    assert (
+        target[0].argmax() == 7 and target[0, 6] > target[0, 9]
+    )  # peak in the true bin, falls off with distance
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_soft_labels_make_a_near_miss_cheaper_than_a_far_one(sigma):
+    _, model = tiny_model("redshift", redshift_label_sigma=sigma)
+    labels = torch.tensor([0.5])
+    true_bin = int(math.log1p(0.5) / model.config.redshift_bin_width)
+    offsets, log_sigma = torch.zeros(1, 16), torch.zeros(1, 16)
+    near, far = torch.zeros(1, 16), torch.zeros(1, 16)
+    near[0, true_bin + 1], far[0, true_bin - 5] = 5.0, 5.0
+    gap = model._pz_loss(labels, far, offsets, log_sigma) - model._pz_loss(labels, near, offsets, log_sigma)
+    if sigma == 0:  # one-hot: any wrong bin costs the same
+        assert abs(gap) < 1e-5
+    else:
+        assert gap > 1.0
+
+
 @pytest.mark.parametrize("head_type", ["pz", "paper"])
 def test_redshift_model_learns(head_type, spectra_factory):
     """A few optimiser steps on four fixed spectra lower the loss substantially."""
