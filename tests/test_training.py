@@ -458,3 +458,38 @@ def test_a_model_given_by_the_caller_is_trained_and_saved(data_dir, tmp_path):
     redshift = TrainingSettings(**{**settings.to_dict(), "stage": "redshift", "pretrained_model": "x"})
     with pytest.raises(ValueError, match="pretrained_model"):
         training_function(redshift, model=create_model("specpt-tiny", "redshift"))
+
+
+def test_head_ablation_trains_each_variant_from_the_same_autoencoder(data_dir, stage1, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import head_ablation
+
+    _, pretrained = stage1
+    out = tmp_path / "ablation"
+    argv = ["--data", str(data_dir), "--autoencoder", str(pretrained.model_dir), "--out", str(out)]
+    argv += ["--preset", "specpt-tiny", "--quick", "--no-progress", "--mixed-precision", "no"]
+    variants = [
+        "--variant",
+        "one-hot",
+        "redshift_label_sigma=0",
+        "--variant",
+        "soft",
+        "redshift_label_sigma=1.5",
+    ]
+    assert head_ablation.main(argv + variants) == 0
+
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["variants"] == {
+        "one-hot": {"redshift_label_sigma": 0},
+        "soft": {"redshift_label_sigma": 1.5},
+    }
+    for name, sigma in (("one-hot", 0.0), ("soft", 1.5)):
+        steps = [r["step"] for r in report["history"][name] if "validation/nmad" in r]
+        assert steps == [3, 6]
+        assert json.loads((out / name / "model" / "config.json").read_text())["redshift_label_sigma"] == sigma
+    assert (out / "ablation.md").read_text().count("| soft |") == 2
+
+    with pytest.raises(SystemExit):
+        head_ablation.main(argv + ["--variant", "bad", "redshift_label_sigma"])
+    with pytest.raises(SystemExit):
+        head_ablation.main(argv + ["--variant", "a", "--variant", "a"])
