@@ -7,6 +7,7 @@ Redrock parts are skipped and the scripts are checked to report the skip.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,14 +16,18 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from specpt_hf.presets import count_parameters, preset_config
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
+import prepare_rate  # noqa: E402
 import redrock_templates  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
 import train_specpt_small_cpu as recipe  # noqa: E402
+import train_throughput  # noqa: E402
 
 REDROCK_MISSING = run_redrock.redrock_missing()
 needs_redrock = pytest.mark.skipif(
@@ -208,6 +213,33 @@ def test_speed_quick(tmp_path, templates):
         assert ratio["ratio_per_core"] > 0
     else:
         assert "redrock_skipped" in results and not results["ratios"]
+
+
+# ------------------------------------------------------------------------- preparation and training rates
+
+
+def test_prepare_rate_quick_compares_prepare_with_the_raw_read(capsys):
+    assert prepare_rate.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    fibers, written = (int(n) for n in re.search(r"(\d+) fibers, (\d+) spectra written", out).groups())
+    assert 0 < written <= fibers
+    assert float(re.search(r"prepare / raw rate: ([\d.]+) \(best passes\)", out).group(1)) > 0
+
+
+def test_train_throughput_quick_times_the_training_step(tmp_path):
+    argv = ["--quick", "--presets", "specpt-tiny", "--stages", "redshift", "--precisions", "fp32"]
+    assert train_throughput.main([*argv, "--json", str(tmp_path / "rows.json")]) == 0
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert (row["preset"], row["stage"], row["precision"], row["batch_size"]) == (
+        "specpt-tiny",
+        "redshift",
+        "fp32",
+        16,
+    )
+    assert row["parameters"] == count_parameters(preset_config("specpt-tiny", "redshift"), "redshift")
+    assert row["spectra_per_second"] == pytest.approx(16 / (row["step_ms"] / 1e3))
+    with pytest.raises(SystemExit):  # the 1.12 B-parameter paper autoencoder is refused on the CPU
+        train_throughput.parse_args(["--presets", "specpt-paper"])
 
 
 # ------------------------------------------------------------------------------------ training recipe
