@@ -91,9 +91,13 @@ def load_redshift_model(preset: str | None = None, model_dir: str | os.PathLike 
 
 
 def model_label(path: str | os.PathLike) -> str:
-    """`runs/specpt-small-redshift/best` -> `specpt-small-redshift/best`; other folders by their name."""
-    p = Path(path).resolve()
-    return f"{p.parent.name}/{p.name}" if p.name in {"best", "model"} else p.name
+    """A model folder named from its run: `runs/specpt-small-redshift/best` -> `specpt-small-redshift/best`,
+    `runs/specpt-small-cpu/redshift/best` -> `specpt-small-cpu/redshift/best`, `my-model` -> `my-model`."""
+    parts = Path(path).resolve().parts
+    start = len(parts) - 1
+    while start > 0 and parts[start] in {"best", "model", "redshift", "autoencoder"}:
+        start -= 1
+    return "/".join(parts[start:])
 
 
 def iter_records(files: Iterable[Path], limit: int | None = None) -> Iterator[dict[str, Any]]:

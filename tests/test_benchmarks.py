@@ -184,6 +184,12 @@ def test_accuracy_refuses_training_seeds(tmp_path):
 # ------------------------------------------------------------------------------------------- speed
 
 
+def test_model_labels_name_the_run():
+    assert speed.model_label("runs/specpt-small-redshift/best") == "specpt-small-redshift/best"
+    assert speed.model_label("runs/specpt-small-cpu/redshift/best") == "specpt-small-cpu/redshift/best"
+    assert speed.model_label("runs/my-model") == "my-model"
+
+
 def test_speed_quick(tmp_path, templates):
     argv = [
         "--quick",
