@@ -65,7 +65,7 @@ PRESETS: dict[str, Preset] = {
             num_heads=4,
             ffn_dim=512,
         ),
-        dict(num_redshift_bins=256, head_hidden_size=256, head_num_blocks=1, redshift_label_sigma=1.0),
+        dict(num_redshift_bins=256, head_hidden_size=256, head_num_blocks=1),
     ),
     "specpt-base": Preset(
         "GPU scale: 487 tokens of 16 pixels, 8 layers of width 512 (~2 spectra/s training on 2 CPU cores, bf16)",
@@ -79,7 +79,7 @@ PRESETS: dict[str, Preset] = {
             num_heads=8,
             ffn_dim=2048,
         ),
-        dict(num_redshift_bins=512, head_hidden_size=512, head_num_blocks=2, redshift_label_sigma=1.0),
+        dict(num_redshift_bins=512, head_hidden_size=512, head_num_blocks=2),
     ),
     "specpt-paper": Preset(
         "the published SpecPT structure (one token per spectrum, ~1.12 B parameters)",
