@@ -58,7 +58,7 @@ from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
 from run_redrock import QUICK_ZSCAN, RedrockError, redrock_missing, run_redrock  # noqa: E402
 from speed import load_redshift_model, machine_info, model_label, predict_coadds  # noqa: E402
 
-from specpt_hf.atomic import atomic_write, atomic_write_text  # noqa: E402
+from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.data.mock import DELTACHI2_CUT, HARD_FLAGS, write_mock_release  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 
@@ -129,8 +129,8 @@ def make_test_set(
             root, dict.fromkeys(CLASSES, n_per_class), seed, spectra_per_file, first_healpix=TEST_HEALPIX
         )
         coadds = [str(p.relative_to(root)) for p in paths if p.name.startswith("coadd-")]
-        atomic_write_text(manifest.with_name("files.json"), json.dumps(coadds))
-        atomic_write_text(manifest, json.dumps(wanted))
+        atomic_write_json(manifest.with_name("files.json"), coadds)
+        atomic_write_json(manifest, wanted)
     coadds = [root / p for p in json.loads((root / "files.json").read_text())]
     per_class = {name: [] for name in CLASSES}
     for path in coadds:  # write_mock_release goes class by class, files in order
@@ -676,8 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         str(plot_snr(truth, results["desi_reference_snr"], out / "snr_r.png")),
     ]
     atomic_write(out / "predictions.ecsv", lambda tmp: table.write(tmp, format="ascii.ecsv", overwrite=True))
-    json_text = json.dumps(results, indent=2, default=str) + "\n"
-    atomic_write_text(out / "accuracy.json", json_text)
+    atomic_write_json(out / "accuracy.json", results, default=str)
     md = markdown(results)
     atomic_write_text(out / "accuracy.md", md)
     print(md)

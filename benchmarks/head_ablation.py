@@ -16,14 +16,13 @@ hold the table.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from specpt_hf.atomic import atomic_write_text
+from specpt_hf.atomic import atomic_write_json, atomic_write_text
 
 METRICS = ("validation/nmad", "validation/eta", "validation/bias")
 
@@ -146,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {name: overrides for name, overrides in args.variants}
     atomic_write_text(args.out / "ablation.md", f"{markdown}\n")
-    atomic_write_text(
-        args.out / "ablation.json",
-        json.dumps({"variants": settings, "steps": args.steps, "history": results}, indent=1) + "\n",
+    atomic_write_json(
+        args.out / "ablation.json", {"variants": settings, "steps": args.steps, "history": results}, indent=1
     )
     print(f"wrote {args.out / 'ablation.md'}")
     return 0

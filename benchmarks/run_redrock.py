@@ -16,7 +16,6 @@ Needs the `bench` extra: `pip install -e .[bench]` and `pip install --no-deps de
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
 
-from specpt_hf.atomic import atomic_write, atomic_write_text  # noqa: E402
+from specpt_hf.atomic import atomic_write, atomic_write_json  # noqa: E402
 
 REDSHIFT_COLUMNS = ("TARGETID", "Z", "ZERR", "ZWARN", "SPECTYPE", "DELTACHI2", "CHI2", "NPIXELS")
 # Coarse redshift grids for --quick only (10x Redrock's default steps).
@@ -265,8 +264,9 @@ def write_run(run: RedrockRun, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     table_path = atomic_write(
         out / "redrock.ecsv", lambda tmp: run.redshifts.write(tmp, format="ascii.ecsv", overwrite=True)
     )
-    text = json.dumps({**run.summary(), "files": [str(p) for p in run.files]}, indent=2) + "\n"
-    timing_path = atomic_write_text(out / "redrock_timing.json", text)
+    timing_path = atomic_write_json(
+        out / "redrock_timing.json", {**run.summary(), "files": [str(p) for p in run.files]}
+    )
     return table_path, timing_path
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import multiprocessing
 import os
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
 from run_redrock import QUICK_ZSCAN, RedrockError, log_path, redrock_missing, run_redrock  # noqa: E402
 
-from specpt_hf.atomic import atomic_write_text  # noqa: E402
+from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 CLASSES = ("bgs", "lrg", "elg", "qso")
 SPEED_SEED = 202  # mock seed of the speed inputs (training recipes use 0 and 1)
@@ -562,7 +561,7 @@ def machine_info(device: str) -> dict[str, str]:
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    json_path = atomic_write_text(out / "speed.json", json.dumps(results, indent=2, default=str) + "\n")
+    json_path = atomic_write_json(out / "speed.json", results, default=str)
     md_path = atomic_write_text(out / "speed.md", markdown(results))
     return json_path, md_path
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from specpt_hf.atomic import atomic_write_text
+from specpt_hf.atomic import atomic_write_json, atomic_write_text
 from specpt_hf.data.instrument import get_instrument
 from specpt_hf.finetune import (
     FREEZE_CHOICES,
@@ -85,10 +85,6 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.instrument}-{self.grid}-n{self.n_train}-{self.start}-seed{self.seed}"
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def build_model(args: argparse.Namespace, pretrained: str, run: Run) -> tuple[Any, Any]:
@@ -179,7 +175,7 @@ def do_run(args: argparse.Namespace, pretrained: str, run: Run, data_dir: Path) 
         "loaded_tensors": len(report.loaded),
         "trainable_parameters": report.trainable_parameters,
     }
-    write_json(path, record)
+    atomic_write_json(path, record)
     return record
 
 
@@ -321,7 +317,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "runs": records,
         "seconds": time.perf_counter() - started,
     }
-    write_json(out / "transfer.json", result)
+    atomic_write_json(out / "transfer.json", result)
     atomic_write_text(out / "transfer.md", markdown_table(summary, header))
     plot(summary, out / "transfer.png", "SpecPT transfer: pretrained start vs from scratch")
     print(markdown_table(summary, header))

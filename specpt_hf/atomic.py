@@ -8,6 +8,7 @@ destination is left as it was.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -42,6 +43,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically; return `path`."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: object, indent: int = 2, **dumps_kwargs: object) -> Path:
+    """Write `data` as JSON (`json.dumps(data, indent=indent, **dumps_kwargs)` + newline) atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n")
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
-from .atomic import atomic_write_text, replaced_folder
+from .atomic import atomic_write_json, replaced_folder
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .data.instrument import DESI, INSTRUMENTS, Instrument, get_instrument
 from .evaluation.metrics import metrics_by_group
@@ -496,7 +496,7 @@ def write_finetuned(
     if is_peft_model(model):
         model.save_pretrained(folder / LORA_ADAPTER_DIR)
     if report is not None:
-        _write_json(folder / ADAPTATION_NAME, report.to_dict())
+        atomic_write_json(folder / ADAPTATION_NAME, report.to_dict())
 
 
 def save_finetuned(
@@ -511,10 +511,6 @@ def save_finetuned(
 # ----------------------------------------------------------------------------------------------------------------
 # Mock data for an instrument, as Parquet shards in the project layout
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _class_counts(classes: Mapping[str, float], n: int) -> dict[str, int]:
@@ -672,7 +668,9 @@ def write_instrument_dataset(
         "linear": bool(np.allclose(np.diff(grid), np.diff(grid)[0], rtol=1e-6)),
     }
     info = {"instrument": instrument.name, "seed": seed, "classes": classes, "requested": dict(splits)}
-    _write_json(out / MOCK_INFO_NAME, {**info, **grid_values, "rows": rows, "dropped_no_coverage": dropped})
+    atomic_write_json(
+        out / MOCK_INFO_NAME, {**info, **grid_values, "rows": rows, "dropped_no_coverage": dropped}
+    )
     return rows
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import stat
 
 import pytest
 
-from specpt_hf.atomic import atomic_write, atomic_write_text, replaced_folder
+from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text, replaced_folder
 
 
 def test_atomic_write_replaces_the_file(tmp_path):
@@ -16,6 +18,17 @@ def test_atomic_write_replaces_the_file(tmp_path):
     assert path.read_text() == "second"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_write_json_passes_the_dumps_options(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write_json(path, {"z": 0.5, "name": "Hα"}, ensure_ascii=False)
+    assert json.loads(path.read_text(encoding="utf-8")) == {"z": 0.5, "name": "Hα"}
+    assert "Hα" in path.read_text(encoding="utf-8") and path.read_text().endswith("}\n")
+    with pytest.raises(ValueError):  # a failed dump leaves nothing behind
+        atomic_write_json(path, {"z": math.nan}, allow_nan=False)
+    assert json.loads(path.read_text(encoding="utf-8"))["z"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 from huggingface_hub import EvalResult
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_json
 from .metrics import CATASTROPHIC_THRESHOLD
 
 TASK_TYPE = "redshift-estimation"
@@ -165,8 +165,7 @@ def write_results_json(
     if clash:
         raise ValueError(f"extra must not redefine {sorted(clash)}")
     payload.update(_json_safe(dict(extra or {})))
-    text = json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    return atomic_write_text(path, text)
+    return atomic_write_json(path, payload, ensure_ascii=False, allow_nan=False)
 
 
 def read_results_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -23,7 +23,6 @@ metrics; kept across resumes), `model/` (final weights, `save_pretrained` format
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -42,7 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel, get_scheduler
 
-from specpt_hf.atomic import atomic_write_text, replaced_folder
+from specpt_hf.atomic import atomic_write_json, replaced_folder
 from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from specpt_hf.evaluation.metrics import redshift_metrics
 from specpt_hf.presets import model_class, preset_config
@@ -523,7 +522,7 @@ class _Loop:
         """`training_history.json`: written at each validation and at the end, not at every log line."""
         if self.accelerator.is_main_process:
             path = Path(self.settings.output_dir) / HISTORY_NAME
-            atomic_write_text(path, json.dumps(self.state.history, indent=1) + "\n")
+            atomic_write_json(path, self.state.history, indent=1)
 
     def _reset_window(self) -> None:
         self.window_loss = torch.zeros((), device=self.accelerator.device)
