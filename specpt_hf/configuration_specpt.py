@@ -35,6 +35,12 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"`{name}` must be > 0, got {value!r}")
 
 
+def _check_nonnegative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+
+
 class SpecPTConfig(PretrainedConfig):
     r"""
     Configuration of a SpecPT backbone and autoencoder ([`SpecPTModel`], [`SpecPTForSpectrumReconstruction`]).
@@ -297,15 +303,12 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         )
         if self.head_hidden_size < 2:
             raise ValueError(f"`head_hidden_size` must be >= 2, got {self.head_hidden_size}")
-        if (
-            min(
-                self.head_num_blocks, self.quality_window, self.redshift_nll_weight, self.redshift_label_sigma
-            )
-            < 0
-        ):
-            raise ValueError(
-                "`head_num_blocks`, `quality_window`, `redshift_nll_weight` and `redshift_label_sigma` must be >= 0"
-            )
+        _check_nonnegative(
+            head_num_blocks=self.head_num_blocks,
+            quality_window=self.quality_window,
+            redshift_nll_weight=self.redshift_nll_weight,
+            redshift_label_sigma=self.redshift_label_sigma,
+        )
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout}")
 

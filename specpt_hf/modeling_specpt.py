@@ -644,7 +644,8 @@ class SpecPTRedshiftOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
             `pz` head: cross-entropy of the true ln(1 + z) bin (soft with `redshift_label_sigma`) +
             `redshift_nll_weight` x Gaussian NLL (up to a constant, in bin widths) of the true in-bin residual
-            under the TRUE bin's offset and sigma. Both act on du = dz / (1 + z). `paper` head: mean |z_pred - z| / (1 + z).
+            under the TRUE bin's offset and sigma. Both act on du = dz / (1 + z).
+            `paper` head: mean |z_pred - z| / (1 + z).
         redshift (`torch.FloatTensor` of shape `(batch,)`):
             Point estimate: centre of the most probable bin + its offset (`pz`), or the Softplus output (`paper`).
         redshift_err (`torch.FloatTensor` of shape `(batch,)`, *optional*):
