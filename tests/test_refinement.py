@@ -1,0 +1,149 @@
+"""Template chi^2 refinement: spectra synthesised from a rest-frame basis at known redshifts are recovered."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from specpt_hf.refinement import RestFrameTemplates, build_templates, chi2_scan, refine_redshifts
+
+WAVELENGTH = np.arange(3600.0, 9824.0, 0.8)  # DESI's coadd grid [pixels]
+LINES = (3727.0, 4861.3, 4958.9, 5006.8, 6562.8, 6583.4)  # [O II], Hbeta, [O III], Halpha, [N II]
+
+
+def _true_templates() -> RestFrameTemplates:
+    """Continuum slope + 4000 A break + two line families on a rest ln(lambda) grid."""
+    step = 0.8 / 9824.0
+    start = math.log(1800.0)
+    log_wave = start + step * np.arange(int((math.log(9824.0) - start) / step) + 1)
+    wave = np.exp(log_wave)
+    lines = [np.exp(-0.5 * ((wave - c) / 2.0) ** 2) for c in LINES]
+    basis = np.stack(
+        [
+            np.ones_like(wave),
+            wave / 5000.0,
+            1.0 / (1.0 + np.exp(-(wave - 4000.0) / 20.0)),
+            lines[0] + lines[4] + 0.3 * lines[5],
+            lines[1] + 0.3 * lines[2] + lines[3],
+        ]
+    )
+    return RestFrameTemplates(start, step, torch.from_numpy(basis.astype(np.float32)))
+
+
+def _spectra(
+    templates: RestFrameTemplates, z: np.ndarray, seed: int = 0, noise: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy spectra [n, pixels] of random positive combinations of the basis at redshifts `z`; ivar [n, pixels]."""
+    rng = np.random.default_rng(seed)
+    log_rest = templates.log_wavelength.numpy()
+    basis = templates.basis.numpy().astype(np.float64)
+    coeff = rng.uniform([1.0, 0.0, 0.5, 2.0, 1.0], [2.0, 1.0, 1.5, 6.0, 4.0], size=(len(z), len(basis)))
+    flux = np.stack(
+        [
+            sum(
+                c * np.interp(np.log(WAVELENGTH) - np.log1p(zi), log_rest, b)
+                for c, b in zip(ci, basis, strict=True)
+            )
+            for zi, ci in zip(z, coeff, strict=True)
+        ]
+    )
+    flux += rng.normal(0.0, noise, flux.shape)
+    return flux.astype(np.float32), np.full(flux.shape, noise**-2, dtype=np.float32)
+
+
+def _refine(templates, flux, ivar, guess, **kwargs):
+    candidates = torch.log1p(torch.as_tensor(guess, dtype=torch.float64))[:, None]
+    return refine_redshifts(
+        templates,
+        torch.from_numpy(WAVELENGTH),
+        torch.from_numpy(flux),
+        torch.from_numpy(ivar),
+        candidates,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def templates() -> RestFrameTemplates:
+    return _true_templates()
+
+
+def test_recovers_known_redshifts_from_a_guess_a_bin_away(templates):
+    z = np.array([0.05, 0.21, 0.48, 0.83])
+    flux, ivar = _spectra(templates, z)
+    result = _refine(templates, flux, ivar, z + 0.006 * (1 + z))  # one p(z) bin off
+    error = (result.redshift.numpy() - z) / (1 + z)
+    assert np.abs(error).max() < 2e-5, error
+    assert (result.redshift_err.numpy() > 0).all() and (result.redshift_err.numpy() < 1e-3).all()
+    assert (result.delta_chi2.numpy() > 9).all()
+
+
+def test_one_pixel_shift_moves_z_by_one_pixel(templates):
+    pixel = 0.8 / 6000.0  # Delta ln(lambda) of one pixel at 6000 A
+    z = np.array([0.3])
+    flux, ivar = _spectra(templates, z, noise=0.01)
+    shifted, _ = _spectra(templates, np.expm1(np.log1p(z) + pixel), noise=0.01)  # same seed: same galaxy
+    result = _refine(
+        templates, np.concatenate([flux, shifted]), np.concatenate([ivar, ivar]), np.array([0.3, 0.3])
+    )
+    du = np.diff(np.log1p(result.redshift.numpy().astype(np.float64)))[0]
+    assert du == pytest.approx(pixel, rel=0.1)
+
+
+def test_masked_pixels_weigh_nothing(templates):
+    z = np.array([0.4])
+    flux, ivar = _spectra(templates, z)
+    reference = _refine(templates, flux, ivar, z)
+    flux[:, 2000:2600] = 1e6  # garbage under ivar = 0
+    ivar[:, 2000:2600] = 0.0
+    flux[:, 10] = np.nan
+    ivar[:, 10] = 0.0
+    masked = _refine(templates, flux, ivar, z)
+    assert abs(float(masked.redshift[0] - reference.redshift[0])) < 2e-5 * 1.4
+    assert int(masked.npixels[0]) == int(reference.npixels[0]) - 601
+
+
+def test_batch_independence(templates):
+    z = np.array([0.1, 0.6, 0.9])
+    flux, ivar = _spectra(templates, z, seed=3)
+    together = _refine(templates, flux, ivar, z).redshift
+    alone = torch.cat(
+        [_refine(templates, flux[i : i + 1], ivar[i : i + 1], z[i : i + 1]).redshift for i in range(3)]
+    )
+    torch.testing.assert_close(together, alone)
+
+
+def test_chi2_minimum_at_the_truth_and_reduced_chi2_near_one(templates):
+    z = np.array([0.25])
+    flux, ivar = _spectra(templates, z)
+    u = torch.log1p(torch.tensor([[0.25 - 0.01, 0.25, 0.25 + 0.01]], dtype=torch.float64))
+    chi2, coeff, npixels = chi2_scan(
+        templates, torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar), u
+    )
+    assert int(chi2.argmin()) == 1
+    assert float(chi2[0, 1] / npixels[0, 1]) == pytest.approx(1.0, abs=0.05)
+    assert coeff.shape == (1, 3, 5)
+
+
+def test_built_templates_recover_redshifts(templates):
+    rng = np.random.default_rng(7)
+    z_train = rng.uniform(0.05, 0.9, 120)
+    flux, ivar = _spectra(templates, z_train, seed=1)
+    learned = build_templates(WAVELENGTH, flux, ivar, z_train, num_vectors=6)
+    assert learned.basis.shape[0] == 6
+    assert learned.log_wavelength_start == pytest.approx(math.log(3600.0 / (1 + z_train.max())))
+    z = np.array([0.15, 0.55])
+    test_flux, test_ivar = _spectra(templates, z, seed=2)
+    result = _refine(learned, test_flux, test_ivar, z + 0.005)
+    error = (result.redshift.numpy() - z) / (1 + z)
+    assert np.abs(error).max() < 5e-5, error
+
+
+def test_build_templates_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="do not match"):
+        build_templates(WAVELENGTH, np.ones((3, 10)), np.ones((3, 10)), np.zeros(3))
+    with pytest.raises(ValueError, match="num_vectors"):
+        build_templates(WAVELENGTH[:10], np.ones((3, 10)), np.ones((3, 10)), np.zeros(3), num_vectors=4)
