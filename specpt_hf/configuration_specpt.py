@@ -22,6 +22,7 @@ NORMALIZATIONS = ("median", "none")
 POOLINGS = ("attention", "mean")
 RECONSTRUCTION_LOSSES = ("chi2", "l1")
 HEAD_TYPES = ("pz", "paper")
+REFINEMENTS = ("none", "peaks", "peaks+wide")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -254,6 +255,30 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             Freeze the backbone (`model.specpt`): no gradients, and it stays in eval mode (dropout off,
             BatchNorm statistics fixed) when the model is put in training mode. Applied at construction and
             again after `from_pretrained` loads the weights.
+        refinement (`str`, *optional*, defaults to `"peaks+wide"`):
+            Template chi^2 refinement of the `pz` head's redshift when the model has rest-frame templates
+            (`templates.safetensors`, see `specpt_hf.refinement`): `"none"` keeps the network's redshift;
+            `"peaks"` scans chi^2(z) around the `refinement_modes` strongest p(z) modes; `"peaks+wide"` also
+            scans the whole redshift range for spectra with a flat or multi-modal p(z)
+            (quality < `refinement_wide_quality`) or a poor best fit (reduced chi^2 > `refinement_wide_chi2`).
+        refinement_modes (`int`, *optional*, defaults to 3):
+            Distinct p(z) modes (at least 2 x `refinement_window` bins apart) scanned per spectrum.
+        refinement_window (`float`, *optional*, defaults to 2.0):
+            Half-width of the scan around each mode, in p(z) bins.
+        refinement_coarse_step (`float`, *optional*, defaults to 4e-4):
+            Step of the coarse chi^2 grid in ln(1 + z) (120 km/s).
+        refinement_fine_step (`float`, *optional*, defaults to 4e-5):
+            Step of the fine grid (+-2 coarse steps around the best coarse trial, native pixels) in ln(1 + z).
+        refinement_rebin (`int`, *optional*, defaults to 3):
+            Pixels summed (inverse-variance weighted) into one for the coarse scan; the fine scan and the
+            parabola use the native pixels.
+        refinement_wide_quality (`float`, *optional*, defaults to 0.3):
+            `peaks+wide`: p(z) quality below which the whole range is scanned.
+        refinement_wide_chi2 (`float`, *optional*, defaults to 2.0):
+            `peaks+wide`: best reduced chi^2 above which the whole range is scanned.
+        templates (`dict`, *optional*):
+            Description of the model folder's templates (file, spectral types, vectors, rest-frame range); set
+            by `SpecPTForRedshift.set_templates`, None for a model without templates.
     """
 
     model_type = "specpt_redshift"
@@ -274,6 +299,16 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         quality_window: int = 2,
         # fine-tuning
         freeze_encoder: bool = False,
+        # template refinement
+        refinement: str = "peaks+wide",
+        refinement_modes: int = 3,
+        refinement_window: float = 2.0,
+        refinement_coarse_step: float = 4e-4,
+        refinement_fine_step: float = 4e-5,
+        refinement_rebin: int = 3,
+        refinement_wide_quality: float = 0.3,
+        refinement_wide_chi2: float = 2.0,
+        templates: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.head_type = head_type
@@ -287,6 +322,15 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self.redshift_label_sigma = float(redshift_label_sigma)
         self.quality_window = int(quality_window)
         self.freeze_encoder = bool(freeze_encoder)
+        self.refinement = refinement
+        self.refinement_modes = int(refinement_modes)
+        self.refinement_window = float(refinement_window)
+        self.refinement_coarse_step = float(refinement_coarse_step)
+        self.refinement_fine_step = float(refinement_fine_step)
+        self.refinement_rebin = int(refinement_rebin)
+        self.refinement_wide_quality = float(refinement_wide_quality)
+        self.refinement_wide_chi2 = float(refinement_wide_chi2)
+        self.templates = templates
         super().__init__(**kwargs)
         self.head_hidden_size = int(self.d_model if head_hidden_size is None else head_hidden_size)
         self._validate_head()
@@ -311,6 +355,27 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         )
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout}")
+        self._validate_refinement()
+
+    def _validate_refinement(self) -> None:
+        _check_choice("refinement", self.refinement, REFINEMENTS)
+        _check_positive(
+            refinement_modes=self.refinement_modes,
+            refinement_window=self.refinement_window,
+            refinement_coarse_step=self.refinement_coarse_step,
+            refinement_fine_step=self.refinement_fine_step,
+            refinement_rebin=self.refinement_rebin,
+            refinement_wide_chi2=self.refinement_wide_chi2,
+        )
+        if not 0.0 <= self.refinement_wide_quality <= 1.0:
+            raise ValueError(
+                f"`refinement_wide_quality` must be in [0, 1], got {self.refinement_wide_quality}"
+            )
+        if self.refinement_fine_step > self.refinement_coarse_step:
+            raise ValueError(
+                f"`refinement_fine_step` ({self.refinement_fine_step}) must not exceed `refinement_coarse_step` "
+                f"({self.refinement_coarse_step})"
+            )
 
     @property
     def redshift_bin_width(self) -> float:

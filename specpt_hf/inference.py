@@ -34,7 +34,11 @@ PREDICTION_COLUMNS = {
     "quality": "quality",
     "zwarn": "zwarn",
     "npixels": "npixels",
+    "z_net": "z_net",
+    "zerr_net": "zerr_net",
 }
+# with template refinement also
+REFINEMENT_COLUMNS = ("chi2", "deltachi2", "spectype", "coeff", "npixels_fit")
 
 
 @dataclass
@@ -67,8 +71,8 @@ def predict_batch(
     """Run `model` on one batch (`flux`, optional `ivar` and `mask`, [batch, pixels] on the model's grid).
 
     Returns numpy columns for the spectra with a usable pixel: `z_pred`, `zerr_pred`, `quality` (NaN where the head
-    gives none), `zwarn` (`SpecPTZwarn` bits), `npixels`, `anomaly` (with an autoencoder) and the passthrough
-    fields present in `batch`.
+    gives none), `zwarn` (`SpecPTZwarn` bits), `npixels`, `z_net`, `zerr_net`, the `REFINEMENT_COLUMNS` when the
+    model refines, `anomaly` (with an autoencoder) and the passthrough fields present in `batch`.
     """
     ivar = batch.get("ivar")
     mask = batch.get("mask")
@@ -82,6 +86,7 @@ def predict_batch(
     )
     keep = result["npixels"] > 0
     columns = {name: result[key][keep] for name, key in PREDICTION_COLUMNS.items()}
+    columns.update({key: result[key][keep] for key in REFINEMENT_COLUMNS if key in result})
     if autoencoder is not None:
         columns["anomaly"] = result["anomaly"][keep]
     columns.update({key: np.asarray(batch[key])[keep] for key in PASSTHROUGH_FIELDS if key in batch})

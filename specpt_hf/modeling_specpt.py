@@ -9,15 +9,20 @@ finite. Each spectrum is divided by its own scale (`config.normalization`) compu
 bad pixels are set to 0 before any layer sees them: the flux at bad pixels cannot change any output (it may
 even be NaN). No layer mixes spectra of a batch, except BatchNorm of the `paper` layout in training mode.
 
-This file is shipped in saved model folders for `trust_remote_code`; it imports only torch, transformers and
-the configuration file next to it.
+[`SpecPTForRedshift`] refines its redshift with a template chi^2 scan when it has rest-frame templates
+(`templates.safetensors` in the model folder, `specpt_hf.refinement`; `config.refinement`).
+
+This file is shipped in saved model folders for `trust_remote_code`; it imports only torch, transformers, the
+configuration file and the refinement module next to it (and what they import).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
+from .refinement import (
+    RefinementResult,
+    RestFrameTemplates,
+    describe_templates,
+    load_templates,
+    pz_modes,
+    refine_redshifts,
+    save_templates,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -41,6 +55,9 @@ _LOG_SIGMA_MIN = math.log(0.02)
 _LOG_SIGMA_MAX = math.log(20.0)
 # Smallest flux scale accepted by the normalisation before falling back.
 _MIN_SCALE = 1e-12
+TEMPLATES_NAME = "templates.safetensors"
+# from_pretrained keywords that locate files in a folder or Hub repo (passed on to `cached_file`)
+_FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -661,6 +678,17 @@ class SpecPTRedshiftOutput(ModelOutput):
             Per-bin ln(sigma) of u = ln(1 + z), sigma in bin widths.
         embedding (`torch.FloatTensor` of shape `(batch, d_model)`):
             The head's per-spectrum representation the prediction is made from.
+
+        With template refinement (eval mode, templates present, `config.refinement` not `"none"`), `redshift` and
+        `redshift_err` are the chi^2 fit's (parabola at the minimum, Delta chi^2 = 1) and these are set too:
+        redshift_net, redshift_err_net (`(batch,)`): the network's own estimates.
+        chi2 (`(batch,)`): best chi^2 over the spectrum's good pixels (outside the templates: model 0).
+        delta_chi2 (`(batch,)`): chi^2 of the best fit at least 1000 km/s away (any template set) minus the best.
+        coeff (`(batch, vectors)`): template coefficients of the best fit (zero-padded across template sets).
+        spectype (`torch.LongTensor` of shape `(batch,)`): index of the winning set in `config.templates`.
+        npixels_fit (`torch.LongTensor` of shape `(batch,)`): good pixels inside the winning templates' range.
+        wide (`torch.BoolTensor` of shape `(batch,)`): whether the whole redshift range was scanned.
+        chi2_scan_z, chi2_scan (`(batch, trials)`): the coarse chi^2(z) samples (redshift, chi^2).
     """
 
     loss: torch.FloatTensor | None = None
@@ -671,6 +699,16 @@ class SpecPTRedshiftOutput(ModelOutput):
     offsets: torch.FloatTensor | None = None
     log_sigma: torch.FloatTensor | None = None
     embedding: torch.FloatTensor | None = None
+    redshift_net: torch.FloatTensor | None = None
+    redshift_err_net: torch.FloatTensor | None = None
+    chi2: torch.FloatTensor | None = None
+    delta_chi2: torch.FloatTensor | None = None
+    coeff: torch.FloatTensor | None = None
+    spectype: torch.LongTensor | None = None
+    npixels_fit: torch.LongTensor | None = None
+    wide: torch.BoolTensor | None = None
+    chi2_scan_z: torch.FloatTensor | None = None
+    chi2_scan: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -812,8 +850,65 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         self.head = (
             SpecPTPaperRedshiftHead(config) if config.head_type == "paper" else SpecPTRedshiftPzHead(config)
         )
+        self.templates: dict[str, RestFrameTemplates] | None = None
         self.post_init()
         self._after_loading()
+
+    # --- templates ------------------------------------------------------------------------------------------------
+    def set_templates(self, templates: dict[str, RestFrameTemplates] | None) -> None:
+        """Attach rest-frame template sets by spectral type (e.g. GALAXY, QSO; None removes them) and describe
+        them in `config.templates`; `save_pretrained` writes them to `templates.safetensors`."""
+        self.templates = dict(templates) if templates else None
+        self.config.templates = describe_templates(self.templates, TEMPLATES_NAME) if self.templates else None
+
+    @property
+    def refines(self) -> bool:
+        """Whether inference refines the redshift (templates present, `config.refinement` not `"none"`)."""
+        return (
+            self.templates is not None and self.config.refinement != "none" and self.config.head_type == "pz"
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, plus `templates.safetensors` when the model has templates (written
+        first, so `push_to_hub=True` uploads it too)."""
+        if self.templates:
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            save_templates(Path(save_directory) / TEMPLATES_NAME, self.templates)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """`SpecPTPreTrainedModel.from_pretrained`, then the templates `config.templates` describes (a folder or
+        repo without them loads too, network-only, and says so)."""
+        file_kwargs = {key: kwargs[key] for key in _FILE_KWARGS if key in kwargs}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._load_templates(pretrained_model_name_or_path, file_kwargs)
+        return loaded
+
+    def _load_templates(self, source: Any, file_kwargs: dict[str, Any]) -> None:
+        described = self.config.templates
+        if not described:
+            logger.warning(
+                f"{source}: no rest-frame templates, so redshifts are the network's alone (no chi^2 refinement); "
+                "add them with `specpt templates`"
+            )
+            return
+        path = cached_file(
+            str(source), described["file"], _raise_exceptions_for_missing_entries=False, **file_kwargs
+        )
+        if path is None:
+            raise OSError(
+                f"{source}: config.json describes templates in {described['file']}, but that file is missing; "
+                "copy it next to config.json or rebuild it with `specpt templates`"
+            )
+        templates = load_templates(path)
+        if sorted(templates) != sorted(described["spectypes"]):
+            raise OSError(
+                f"{path}: holds template sets {sorted(templates)}, config.json describes "
+                f"{sorted(described['spectypes'])}"
+            )
+        self.templates = {name: templates[name] for name in described["spectypes"]}
 
     # --- freezing -------------------------------------------------------------------------------------------------
     def _after_loading(self) -> None:
@@ -868,6 +963,73 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         redshift = torch.expm1(u_hat).clamp(self.config.z_min, self.config.z_max)  # [batch]
         redshift_err = (1.0 + redshift) * torch.sqrt(sigma**2 + local_var)  # [batch]
         return redshift, redshift_err, quality.clamp(0.0, 1.0)
+
+    def _refine(
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        wavelength: torch.Tensor | None,
+        logits: torch.Tensor,
+        offsets: torch.Tensor,
+        quality: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Template chi^2 refinement around the p(z) modes (and over the whole range for the `wide` spectra)."""
+        config = self.config
+        width = config.redshift_bin_width
+        spectra = prepare_spectra(config, flux, ivar, mask, wavelength)  # float32, normalised
+        centers = self.redshift_bin_centers(flux.device).double()  # [bins]
+        peaks = pz_modes(
+            torch.softmax(logits.float(), -1),
+            config.refinement_modes,
+            max(1, math.ceil(2 * config.refinement_window)),
+        )  # [batch, modes]
+        candidates = centers[peaks] + offsets.float().gather(1, peaks).double() * width  # [batch, modes]
+        settings = {
+            "half_width": config.refinement_window * width,
+            "u_range": (math.log1p(config.z_min), math.log1p(config.z_max)),
+            "rebin": config.refinement_rebin,
+            "fine_step": config.refinement_fine_step,
+        }
+        wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
+        if config.refinement == "peaks+wide":
+            wide = quality < config.refinement_wide_quality
+        args = (self.templates, spectra.wavelength)
+        with torch.autocast(device_type=flux.device.type, enabled=False):
+            result = refine_redshifts(
+                *args, spectra.flux, spectra.ivar, candidates, everywhere=wide, **settings
+            )
+            if config.refinement == "peaks+wide":
+                poor = ~wide & (result.chi2 / spectra.good.sum(1).clamp(min=1) > config.refinement_wide_chi2)
+                rows = poor.nonzero()[:, 0]
+                if len(rows):
+                    wave = (
+                        spectra.wavelength if spectra.wavelength.shape[0] == 1 else spectra.wavelength[rows]
+                    )
+                    again = refine_redshifts(
+                        self.templates,
+                        wave,
+                        spectra.flux[rows],
+                        spectra.ivar[rows],
+                        candidates[rows],
+                        everywhere=torch.ones_like(rows, dtype=torch.bool),
+                        **settings,
+                    )
+                    better = again.chi2 < result.chi2[rows]
+                    result = _replace_rows(result, rows[better], again, better)
+                    wide = wide.index_fill(0, rows[better], True)
+        return {
+            "redshift": result.redshift.clamp(config.z_min, config.z_max),
+            "redshift_err": result.redshift_err,
+            "chi2": result.chi2,
+            "delta_chi2": result.delta_chi2,
+            "coeff": result.coeff,
+            "spectype": result.spectype,
+            "npixels_fit": result.npixels,
+            "wide": wide,
+            "chi2_scan_z": torch.expm1(result.scan_u).float().expand(len(flux), -1),
+            "chi2_scan": result.scan_chi2.float(),
+        }
 
     def _check_labels(self, labels: Any, batch: int) -> torch.Tensor:
         labels = _check_tensor("labels", labels)
@@ -945,17 +1107,43 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._pz_loss(labels.to(logits.device), logits, offsets, log_sigma)
+        refined = {}
+        if self.refines and not self.training:
+            refined = self._refine(flux, ivar, mask, wavelength, logits, offsets, quality)
+            refined.update(redshift_net=redshift, redshift_err_net=redshift_err)
         output = SpecPTRedshiftOutput(
             loss=loss,
-            redshift=redshift,
-            redshift_err=redshift_err,
+            redshift=refined.pop("redshift", redshift),
+            redshift_err=refined.pop("redshift_err", redshift_err),
             quality=quality,
             logits=logits,
             offsets=offsets,
             log_sigma=log_sigma,
             embedding=embedding,
+            **refined,
         )
         return output if return_dict else output.to_tuple()
+
+
+def _replace_rows(
+    result: RefinementResult, rows: torch.Tensor, other: RefinementResult, keep: torch.Tensor
+) -> RefinementResult:
+    """`result` with its `rows` set from the `keep` rows of `other` (the scan grid is shared)."""
+    fields = {"scan_u": result.scan_u}
+    for name in (
+        "redshift",
+        "redshift_err",
+        "chi2",
+        "delta_chi2",
+        "coeff",
+        "npixels",
+        "spectype",
+        "scan_chi2",
+    ):
+        values = getattr(result, name).clone()
+        values[rows] = getattr(other, name)[keep].to(values.dtype)
+        fields[name] = values
+    return RefinementResult(**fields)
 
 
 __all__ = [

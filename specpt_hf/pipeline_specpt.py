@@ -90,8 +90,10 @@ class SpecPTZwarn(enum.IntFlag):
 
     Bit positions follow Redrock's ZWARN where the meaning corresponds, so `ZWARN == 0` cuts read the same:
 
-    - bit 1 `LITTLE_COVERAGE` (Redrock: same): fewer than `min_coverage` of the model's pixels are good.
-    - bit 2 `LOW_QUALITY` (Redrock: SMALL_DELTA_CHI2): `quality` (p(z) mass near the peak) below `min_quality`.
+    - bit 1 `LITTLE_COVERAGE` (Redrock: same): fewer than `min_coverage` of the model's pixels are good, or (with
+      refinement) fewer than `min_coverage` of the good pixels lie inside the winning templates' rest range.
+    - bit 2 `LOW_QUALITY` (Redrock: SMALL_DELTA_CHI2): `quality` (p(z) mass near the peak) below `min_quality`;
+      with template refinement, as in Redrock, DELTACHI2 below `min_delta_chi2` (alias `SMALL_DELTA_CHI2`).
     - bit 4 `ANOMALOUS` (Redrock: MANY_OUTLIERS): the autoencoder's reduced chi^2 exceeds `max_anomaly`
       (only set when an autoencoder is used).
     - bit 5 `AT_Z_LIMIT` (Redrock: Z_FITLIMIT): z within one p(z) bin of the model's z_min or z_max.
@@ -100,6 +102,7 @@ class SpecPTZwarn(enum.IntFlag):
 
     LITTLE_COVERAGE = 1 << 1
     LOW_QUALITY = 1 << 2
+    SMALL_DELTA_CHI2 = 1 << 2  # alias: the bit's meaning with template refinement
     ANOMALOUS = 1 << 4
     AT_Z_LIMIT = 1 << 5
     NODATA = 1 << 9
@@ -118,11 +121,14 @@ class FlagThresholds:
         min_quality (`float`, defaults to 0.5): `LOW_QUALITY` below this quality.
         min_coverage (`float`, defaults to 0.5): `LITTLE_COVERAGE` below this fraction of good model pixels.
         max_anomaly (`float`, defaults to 5.0): `ANOMALOUS` above this reduced chi^2 of the reconstruction.
+        min_delta_chi2 (`float`, defaults to 9.0): with refinement, `SMALL_DELTA_CHI2` below this DELTACHI2
+            (Redrock's default).
     """
 
     min_quality: float = 0.5
     min_coverage: float = 0.5
     max_anomaly: float = 5.0
+    min_delta_chi2: float = 9.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_quality <= 1.0 or not 0.0 <= self.min_coverage <= 1.0:
@@ -131,6 +137,8 @@ class FlagThresholds:
             )
         if not self.max_anomaly > 0:
             raise ValueError(f"`max_anomaly` must be > 0, got {self.max_anomaly}")
+        if not self.min_delta_chi2 >= 0:
+            raise ValueError(f"`min_delta_chi2` must be >= 0, got {self.min_delta_chi2}")
 
     def as_dict(self) -> dict[str, float]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -310,16 +318,25 @@ def zwarn_flags(
     npixels: np.ndarray,
     anomaly: np.ndarray,
     thresholds: FlagThresholds,
+    delta_chi2: np.ndarray | None = None,
+    npixels_fit: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`SpecPTZwarn` bit mask [n] (int64) from the predictions and the thresholds (NaN never sets a bit)."""
+    """`SpecPTZwarn` bit mask [n] (int64) from the predictions and the thresholds (NaN never sets a bit);
+    `delta_chi2` and `npixels_fit` come from template refinement (None: network-only)."""
     with np.errstate(invalid="ignore"):
         u_z = np.log1p(z)
         edge = (u_z - math.log1p(config.z_min) < config.redshift_bin_width) | (
             math.log1p(config.z_max) - u_z < config.redshift_bin_width
         )
+        coverage = npixels < thresholds.min_coverage * config.num_pixels
+        if npixels_fit is not None:
+            coverage |= npixels_fit < thresholds.min_coverage * npixels
+        ambiguous = (
+            quality < thresholds.min_quality if delta_chi2 is None else delta_chi2 < thresholds.min_delta_chi2
+        )
         bits = [
-            (npixels < thresholds.min_coverage * config.num_pixels, SpecPTZwarn.LITTLE_COVERAGE),
-            (quality < thresholds.min_quality, SpecPTZwarn.LOW_QUALITY),
+            (coverage, SpecPTZwarn.LITTLE_COVERAGE),
+            (ambiguous, SpecPTZwarn.LOW_QUALITY),
             (anomaly > thresholds.max_anomaly, SpecPTZwarn.ANOMALOUS),
             (edge, SpecPTZwarn.AT_Z_LIMIT),
             (npixels == 0, SpecPTZwarn.NODATA),
@@ -351,8 +368,10 @@ def predict_spectra(
     Spectra without a usable pixel are not passed to the models: they get NaN and the NODATA bit.
 
     Returns numpy arrays [n]: `z`, `zerr`, `quality` (float64, NaN where the head gives none), `npixels` (int64),
-    `anomaly` (float64, NaN without autoencoder or ivar), `zwarn` (int64, `SpecPTZwarn`); optionally `embedding`
-    [n, d] and `reconstruction` [n, pixels] (float32, flux units; needs the autoencoder).
+    `anomaly` (float64, NaN without autoencoder or ivar), `zwarn` (int64, `SpecPTZwarn`), `z_net`, `zerr_net`
+    (the network's own; equal to `z`, `zerr` without refinement); with template refinement (`model.refines`)
+    also `chi2`, `deltachi2` (float64), `spectype` (str), `npixels_fit` (int64) and `coeff` [n, vectors];
+    optionally `embedding` [n, d] and `reconstruction` [n, pixels] (float32, flux units; needs the autoencoder).
     """
     thresholds = thresholds or FlagThresholds()
     flux = np.asarray(flux, dtype=np.float32)
@@ -360,8 +379,14 @@ def predict_spectra(
     good = good_pixels(flux, ivar, mask)  # [n, pixels]
     npixels = good.sum(axis=1).astype(np.int64)
     rows = np.flatnonzero(npixels > 0)
-    out = {key: np.full(n, np.nan) for key in ("z", "zerr", "quality", "anomaly")}
+    out = {key: np.full(n, np.nan) for key in ("z", "zerr", "quality", "anomaly", "z_net", "zerr_net")}
     out["npixels"] = npixels
+    if model.refines:
+        out.update({key: np.full(n, np.nan) for key in ("chi2", "deltachi2")})
+        out["spectype"] = np.full(n, "", dtype="U8")
+        out["npixels_fit"] = np.zeros(n, dtype=np.int64)
+        vectors = max(info["num_vectors"] for info in model.config.templates["spectypes"].values())
+        out["coeff"] = np.full((n, vectors), np.nan, dtype=np.float32)
     if return_embedding:
         out["embedding"] = np.full((n, model.config.d_model), np.nan, dtype=np.float32)
     if return_reconstruction:
@@ -374,7 +399,16 @@ def predict_spectra(
         _run_models(
             model, autoencoder, flux[rows], None if ivar is None else ivar[rows], good[rows], rows, out
         )
-    out["zwarn"] = zwarn_flags(model.config, out["z"], out["quality"], npixels, out["anomaly"], thresholds)
+    out["zwarn"] = zwarn_flags(
+        model.config,
+        out["z"],
+        out["quality"],
+        npixels,
+        out["anomaly"],
+        thresholds,
+        out.get("deltachi2"),
+        out.get("npixels_fit"),
+    )
     return out
 
 
@@ -396,6 +430,17 @@ def _run_models(
     out["z"][rows] = _numpy(result.redshift, len(rows))
     out["zerr"][rows] = _numpy(result.redshift_err, len(rows))
     out["quality"][rows] = _numpy(result.quality, len(rows))
+    refined = result.redshift_net is not None
+    out["z_net"][rows] = _numpy(result.redshift_net if refined else result.redshift, len(rows))
+    out["zerr_net"][rows] = _numpy(result.redshift_err_net if refined else result.redshift_err, len(rows))
+    if refined:
+        out["chi2"][rows] = _numpy(result.chi2, len(rows))
+        out["deltachi2"][rows] = _numpy(result.delta_chi2, len(rows))
+        out["npixels_fit"][rows] = result.npixels_fit.cpu().numpy()
+        out["spectype"][rows] = np.asarray(list(model.config.templates["spectypes"]))[
+            result.spectype.cpu().numpy()
+        ]
+        out["coeff"][rows] = result.coeff.float().cpu().numpy()
     if "embedding" in out:
         out["embedding"][rows] = result.embedding.float().cpu().numpy()
     if autoencoder is None:
@@ -611,10 +656,11 @@ class SpecPTRedshiftPipeline(Pipeline):
 
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         columns = outputs["columns"]
-        scalars = ["z", "zerr", "quality", "zwarn", "npixels"] + (
+        scalars = ["z", "zerr", "quality", "zwarn", "npixels", "z_net", "zerr_net"] + (
             ["anomaly"] if self.autoencoder is not None else []
         )
-        arrays = [key for key in ("embedding", "reconstruction") if key in columns]
+        scalars += [key for key in ("chi2", "deltachi2", "spectype", "npixels_fit") if key in columns]
+        arrays = [key for key in ("embedding", "reconstruction", "coeff") if key in columns]
         results = []
         for i, meta in enumerate(outputs["meta"]):
             row = {**meta, **{key: columns[key][i].item() for key in scalars}}

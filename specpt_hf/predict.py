@@ -56,6 +56,7 @@ from astropy.table import Table
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text
+from .configuration_specpt import REFINEMENTS
 from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
 from .inference import InferenceStats, batched, predict_batch
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
@@ -80,8 +81,14 @@ CATALOG_COLUMNS: dict[str, tuple[str, str]] = {
     "Z": ("z_pred", "float64"),
     "ZERR": ("zerr_pred", "float64"),
     "ZWARN": ("zwarn", "int64"),
-    "QUALITY": ("quality", "float32"),
+    "CHI2": ("chi2", "float64"),
+    "DELTACHI2": ("deltachi2", "float64"),
+    "COEFF": ("coeff", "float32"),
+    "SPECTYPE": ("spectype", "str"),
     "NPIXELS": ("npixels", "int32"),
+    "Z_NET": ("z_net", "float64"),
+    "ZERR_NET": ("zerr_net", "float64"),
+    "QUALITY": ("quality", "float32"),
     "ANOMALY": ("anomaly", "float32"),
     "SURVEY": ("survey", "str"),
     "PROGRAM": ("program", "str"),
@@ -337,6 +344,7 @@ def predict_catalog(
     resume: bool = False,
     thresholds: FlagThresholds | None = None,
     progress: bool = True,
+    refine: str | None = None,
 ) -> PredictSummary:
     """Predict every usable spectrum of `files` and write one catalog to `out` (see the module docstring).
 
@@ -347,6 +355,8 @@ def predict_catalog(
         batch_size: spectra per model call. device: "auto" (default: CUDA when available), "cpu", "cuda:0", ...
         resume: continue from `<out>.progress/` (files already done are not read again).
         thresholds: the ZWARN thresholds.
+        refine: `none`, `peaks` or `peaks+wide` in place of the model's `config.refinement` (refinement needs
+            the model's templates; `none` gives the network-only catalog).
 
     Raises:
         FileNotFoundError / ValueError / OSError for bad arguments, models or settings that differ from the
@@ -362,6 +372,10 @@ def predict_catalog(
     device = _resolve_device(device)
     model, model_ref = _load(model, "redshift")
     model = model.to(device).eval()
+    if refine is not None:
+        if refine not in REFINEMENTS:
+            raise ValueError(f"`refine` must be one of {REFINEMENTS}, got {refine!r}")
+        model.config.refinement = refine
     ae_ref = None
     if autoencoder is not None:
         autoencoder, ae_ref = _load(autoencoder, "autoencoder")
@@ -500,6 +514,8 @@ def _catalog_meta(
         "MINQUAL": thresholds.min_quality,
         "MINCOV": thresholds.min_coverage,
         "MAXANOM": thresholds.max_anomaly,
+        "MINDCHI2": thresholds.min_delta_chi2,
+        "REFINE": model.config.refinement if model.refines else "none",
         "NFILES": summary.files,
         "NEMPTY": len(summary.empty),
         "NFAILED": len(summary.failed),
@@ -511,8 +527,8 @@ def _catalog_meta(
 def _catalog_table(parts: list[dict[str, np.ndarray]], with_anomaly: bool, meta: dict[str, Any]) -> Table:
     table = Table(meta=meta)
     for name, (key, dtype) in CATALOG_COLUMNS.items():
-        if name == "ANOMALY" and not with_anomaly:
-            continue
+        if (name == "ANOMALY" and not with_anomaly) or key not in parts[0]:
+            continue  # ANOMALY needs an autoencoder; CHI2 ... SPECTYPE need template refinement
         values = np.concatenate([part[key] for part in parts])
         table[name] = values.astype(str) if dtype == "str" else values.astype(dtype)
     return table
@@ -577,6 +593,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-anomaly", type=float, default=defaults.max_anomaly, help="ANOMALOUS above this"
     )
+    parser.add_argument(
+        "--min-delta-chi2",
+        type=float,
+        default=defaults.min_delta_chi2,
+        help="SMALL_DELTA_CHI2 below this (with refinement)",
+    )
+    parser.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        help="template chi^2 refinement (default: the model's config.refinement; needs its templates)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-file details")
@@ -593,7 +620,9 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
-        thresholds = FlagThresholds(args.min_quality, args.min_coverage, args.max_anomaly)
+        thresholds = FlagThresholds(
+            args.min_quality, args.min_coverage, args.max_anomaly, args.min_delta_chi2
+        )
         summary = predict_catalog(
             args.files,
             args.out,
@@ -605,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             thresholds=thresholds,
             progress=not args.no_progress,
+            refine=args.refine,
         )
     except (OSError, ValueError) as error:
         logger.error("specpt predict: %s", error)

@@ -13,10 +13,16 @@ weigh nothing and are counted in `RefinementResult.npixels`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_write
 
 SPEED_OF_LIGHT_KMS = 299_792.458
 _SCAN_ELEMENTS = 2**24  # template samples per chunk of the chi^2 scan (bounds its memory)
@@ -35,6 +41,7 @@ class RestFrameTemplates:
     log_wavelength_start: float
     log_wavelength_step: float
     basis: torch.Tensor
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived tables, by device
 
     @property
     def log_wavelength(self) -> torch.Tensor:
@@ -54,6 +61,9 @@ class RefinementResult:
         delta_chi2: chi^2 of the best trial at least `exclusion_kms` away minus the best chi^2 (inf without one).
         coeff (`(batch, vectors)`): the template coefficients at the best trial.
         npixels: pixels that entered the fit at the best trial (ivar > 0 and inside the templates' grid).
+        spectype: index of the winning template set.
+        scan_u (`(trials,)`), scan_chi2 (`(batch, trials)`): the coarse chi^2(z) curve, lowest over the sets
+            (u = ln(1 + z); binned pixels).
     """
 
     redshift: torch.Tensor
@@ -62,6 +72,9 @@ class RefinementResult:
     delta_chi2: torch.Tensor
     coeff: torch.Tensor
     npixels: torch.Tensor
+    spectype: torch.Tensor
+    scan_u: torch.Tensor
+    scan_chi2: torch.Tensor
 
 
 def _spectrum_norm(flux: np.ndarray, good: np.ndarray) -> np.ndarray:
@@ -127,31 +140,63 @@ def build_templates(
     mean = (rest_weight * rest_flux).sum(0) / np.maximum(rest_weight.sum(0), 1e-30)  # [grid]
     filled = np.where(covered, rest_flux, mean)
     for _ in range(iterations + 1):
-        _, _, vt = np.linalg.svd(filled, full_matrices=False)
-        basis = vt[:num_vectors]  # [vectors, grid]
+        basis = _principal_components(filled, num_vectors)  # [vectors, grid]
         coeff = _weighted_coefficients(basis, rest_flux, rest_weight)  # [n, vectors]
         filled = np.where(covered, rest_flux, coeff @ basis)
     basis = np.where(covered.any(0), basis, 0.0)
     return RestFrameTemplates(float(grid[0]), step, torch.from_numpy(basis.astype(np.float32)))
 
 
+def _principal_components(data: np.ndarray, num_vectors: int) -> np.ndarray:
+    """The leading right singular vectors [vectors, grid] of `data` [n, grid], from the eigenvectors of the
+    n x n Gram matrix (n spectra << grid points)."""
+    values, vectors = np.linalg.eigh(data @ data.T)  # ascending
+    top = vectors[:, ::-1][:, :num_vectors] / np.sqrt(np.maximum(values[::-1][:num_vectors], 1e-300))
+    return top.T @ data  # [vectors, grid], orthonormal rows
+
+
 def _weighted_coefficients(basis: np.ndarray, flux: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """Least-squares coefficients [n, vectors] of each row of `flux` on `basis` under `weight` [n, grid]."""
-    a = np.einsum("kg,ng,lg->nkl", basis, weight, basis) + 1e-9 * np.eye(len(basis))  # [n, k, k]
-    b = np.einsum("kg,ng,ng->nk", basis, weight, flux)  # [n, k]
+    weighted = weight[:, None, :] * basis[None]  # [n, k, grid]
+    a = weighted @ basis.T + 1e-9 * np.eye(len(basis))  # [n, k, k]
+    b = (weighted @ flux[:, :, None])[..., 0]  # [n, k]
     return np.linalg.solve(a, b[..., None])[..., 0]
+
+
+def _interpolation_table(templates: RestFrameTemplates, device: torch.device) -> torch.Tensor:
+    """[grid, 2 x vectors]: each grid point's basis values and the slopes to the next point (cached)."""
+    key = ("table", str(device))
+    if key not in templates.cache:
+        values = templates.basis.T.float()  # [grid, k]
+        slopes = torch.diff(values, dim=0, append=values[-1:])  # [grid, k]
+        templates.cache[key] = torch.cat([values, slopes], 1).contiguous().to(device)
+    return templates.cache[key]
 
 
 def _sample_basis(templates: RestFrameTemplates, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear interpolation of the basis at rest ln(lambda) [...]: values [..., vectors] and inside-grid mask."""
-    basis = templates.basis.to(log_rest.device)  # [k, grid]
+    table = _interpolation_table(templates, log_rest.device)  # [grid, 2k]
+    grid, k = table.shape[0], table.shape[1] // 2
     position = (log_rest - templates.log_wavelength_start) / templates.log_wavelength_step  # [...]
-    inside = (position >= 0) & (position <= basis.shape[1] - 1)
-    position = position.clamp(0, basis.shape[1] - 1.000001)
-    left = position.floor().long()
-    frac = (position - left).float()[..., None]  # [..., 1]
-    values = basis.T[left] * (1 - frac) + basis.T[left + 1] * frac  # [..., k]
-    return values, inside
+    inside = (position >= 0) & (position <= grid - 1)
+    position = position.clamp(0, grid - 1).float()
+    left = position.floor()
+    rows = torch.index_select(table, 0, left.long().flatten()).view(*left.shape, 2 * k)  # [..., 2k]
+    return torch.addcmul(rows[..., :k], rows[..., k:], (position - left)[..., None]), inside
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Coefficients [..., k] of the normal equations a [..., k, k] x = b [..., k] (float64; a tiny ridge keeps
+    trials without coverage solvable, with coefficients ~0)."""
+    ridge = 1e-9 * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)  # [...]
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(a + ridge[..., None, None] * eye, b)
+
+
+def _good_weight(flux: torch.Tensor, ivar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (ivar, 0 at bad pixels) and flux (0 at bad pixels), float64 [batch, pixels]."""
+    weight = torch.where(torch.isfinite(flux) & torch.isfinite(ivar) & (ivar > 0), ivar, 0.0).double()
+    return weight, torch.where(weight > 0, flux, 0.0).double()
 
 
 def chi2_scan(
@@ -161,7 +206,9 @@ def chi2_scan(
     ivar: torch.Tensor,
     trial_u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """chi^2 of the best linear template fit at each trial u = ln(1 + z).
+    """chi^2 of the best linear template fit at each trial u = ln(1 + z), on the spectrum's own pixels, over every
+    good pixel: a pixel whose rest wavelength falls outside the templates' grid counts with a model of 0, so
+    trials stay comparable.
 
     Args:
         wavelength: observed wavelengths [pixels] or [batch, pixels], Angstrom.
@@ -173,8 +220,9 @@ def chi2_scan(
     """
     batch, pixels = flux.shape
     log_wave = torch.log(wavelength.to(torch.float64)).expand(batch, pixels)  # [batch, pixels]
-    weight = torch.where(torch.isfinite(flux) & (ivar > 0), ivar, 0.0).float()  # [batch, pixels]
-    flux = torch.where(weight > 0, flux, 0.0).float()  # [batch, pixels]
+    weight, flux = _good_weight(flux, ivar)  # [batch, pixels]
+    total = (weight * flux**2).sum(-1)  # [batch]: every good pixel, fitted or not
+    weight, flux = weight.float(), flux.float()
     chunk = max(1, _SCAN_ELEMENTS // (batch * pixels * templates.basis.shape[0]))
     parts = []
     for trials in trial_u.split(chunk, dim=1):  # [batch, t]
@@ -182,17 +230,95 @@ def chi2_scan(
         values, inside = _sample_basis(templates, log_rest)  # [batch, t, pixels, k], [batch, t, pixels]
         w = weight[:, None, :] * inside  # [batch, t, pixels]
         weighted = values * w[..., None]  # [batch, t, pixels, k]
-        a = torch.einsum("btpk,btpl->btkl", weighted, values).double()  # [batch, t, k, k]
-        b = torch.einsum("btpk,bp->btk", weighted, flux).double()  # [batch, t, k]
-        a = a + 1e-9 * a.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(
-            a.shape[-1], dtype=a.dtype, device=a.device
-        )
-        coeff = torch.linalg.solve(a, b)  # [batch, t, k]
-        total = (w * flux[:, None, :] ** 2).sum(-1, dtype=torch.float64)  # [batch, t], fitted pixels only
-        chi2 = total - (b * coeff).sum(-1)  # [batch, t]
+        a = (weighted.transpose(-1, -2) @ values).double()  # [batch, t, k, k]
+        b = (weighted.transpose(-1, -2) @ flux[:, None, :, None])[..., 0].double()  # [batch, t, k]
+        coeff = _solve(a, b)  # [batch, t, k]
+        chi2 = total[:, None] - (b * coeff).sum(-1)  # [batch, t]
         parts.append((chi2, coeff.float(), (w > 0).sum(-1)))
     chi2, coeff, npixels = (torch.cat(part, dim=1) for part in zip(*parts, strict=True))
     return chi2, coeff, npixels
+
+
+def _coarse_basis(templates: RestFrameTemplates, rebin: int) -> tuple[torch.Tensor, float, float]:
+    """The basis averaged over `rebin` grid points [k, coarse grid] (float64), its first ln(lambda) and step."""
+    k, grid = templates.basis.shape
+    n = grid // rebin
+    basis = templates.basis.double()[:, : n * rebin].reshape(k, n, rebin).mean(-1)  # [k, n]
+    start = templates.log_wavelength_start + (rebin - 1) / 2 * templates.log_wavelength_step
+    return basis, start, rebin * templates.log_wavelength_step
+
+
+def _template_spectra(
+    templates: RestFrameTemplates, rebin: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """rfft [k(k+1)/2 + k, length // 2 + 1] of the products basis_k x basis_l (k <= l), then of basis_k, on the
+    coarse grid (cached per rebin, FFT length and device)."""
+    key = ("fft", rebin, length, str(device))
+    if key not in templates.cache:
+        basis, _, _ = _coarse_basis(templates, rebin)  # [k, n]
+        upper = torch.triu_indices(len(basis), len(basis))  # [2, k(k+1)/2]
+        signals = torch.cat([basis[upper[0]] * basis[upper[1]], basis])  # [k(k+1)/2 + k, n]
+        templates.cache[key] = torch.fft.rfft(signals.float().to(device), n=length)
+    return templates.cache[key]
+
+
+def chi2_curve(
+    templates: RestFrameTemplates,
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    u_range: tuple[float, float],
+    rebin: int = 3,
+    trials: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """chi^2(z) of the best linear template fit at every step of `rebin` template grid points over
+    u = ln(1 + z) in `u_range`, for each spectrum at once: the spectrum is binned onto the templates' coarse
+    ln(lambda) grid (inverse-variance weighted) and the normal equations of all trial redshifts come from
+    FFT cross-correlations (float32) of its weights with the basis products.
+
+    Args:
+        trials: [batch, t] indices into the u grid: solve only there (default: everywhere).
+
+    Returns:
+        u [grid] (float64) and chi2 [batch, grid or t] (float64; pixels outside the templates count with model 0).
+    """
+    basis, start, step = _coarse_basis(templates, rebin)  # [k, n]
+    k, n_rest = basis.shape
+    batch, pixels = flux.shape
+    device = flux.device
+    weight, flux = _good_weight(flux, ivar)  # [batch, pixels]
+    log_wave = torch.log(wavelength.to(device, torch.float64)).expand(batch, pixels)
+    index = torch.round((log_wave - start) / step).long()  # [batch, pixels], on the templates' coarse grid
+    first = int(index.min())
+    n_obs = int(index.max()) - first + 1
+    binned_w = torch.zeros(batch, n_obs, dtype=torch.float64, device=device).scatter_add_(
+        1, index - first, weight
+    )
+    binned_wf = torch.zeros_like(binned_w).scatter_add_(1, index - first, weight * flux)  # [batch, n_obs]
+    total = (binned_wf**2 / binned_w.clamp(min=1e-300)).sum(-1)  # [batch]
+
+    length = 1 << (n_obs + n_rest - 1).bit_length()  # no circular wrap-around
+    spectra = _template_spectra(templates, rebin, length, device)  # [m, length // 2 + 1], complex64
+    r = torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1, device=device)  # [grid]
+    lag = (first - r) % length  # [grid]: observed bin i meets template bin i + first - r
+    lag = lag.expand(batch, -1) if trials is None else lag[trials]  # [batch, t]
+    upper = torch.triu_indices(k, k, device=device)
+    pairs = len(upper[0])
+    chi2 = []
+    chunk = max(1, _SCAN_ELEMENTS // (len(spectra) * length))
+    for rows in torch.arange(batch, device=device).split(chunk):
+        x = torch.fft.rfft(torch.stack([binned_w[rows], binned_wf[rows]], 1).float(), n=length)  # [b, 2, f]
+        products = torch.cat(
+            [x[:, :1].conj() * spectra[None, :pairs], x[:, 1:].conj() * spectra[None, pairs:]], 1
+        )  # [b, m, f]
+        corr = torch.fft.irfft(products, n=length)  # [b, m, length]
+        corr = corr.gather(2, lag[rows, None].expand(-1, len(spectra), -1)).double()  # [b, m, t]
+        a = torch.zeros(len(rows), lag.shape[1], k, k, dtype=torch.float64, device=device)
+        a[:, :, upper[0], upper[1]] = corr[:, :pairs].transpose(1, 2)
+        a[:, :, upper[1], upper[0]] = corr[:, :pairs].transpose(1, 2)
+        b = corr[:, pairs:].transpose(1, 2)  # [b, t, k]
+        chi2.append(total[rows, None] - (b * _solve(a, b)).sum(-1))
+    return r.double() * step, torch.cat(chi2)
 
 
 def _parabola(
@@ -212,52 +338,173 @@ def _parabola(
     return u_best, sigma, vertex
 
 
-def refine_redshifts(
+def _searched_curve(
     templates: RestFrameTemplates,
     wavelength: torch.Tensor,
     flux: torch.Tensor,
     ivar: torch.Tensor,
+    u_range: tuple[float, float],
+    rebin: int,
+    searched: torch.Tensor,
+) -> torch.Tensor:
+    """[`chi2_curve`] solved only at the `searched` trials ([batch, grid] bool), inf elsewhere [batch, grid]."""
+    count = searched.sum(1)  # [batch]
+    trials = torch.sort(searched.float(), dim=1, descending=True, stable=True).indices[
+        :, : int(count.max())
+    ]  # [batch, t]
+    _, chi2 = chi2_curve(templates, wavelength, flux, ivar, u_range, rebin, trials)  # [batch, t]
+    valid = torch.arange(trials.shape[1], device=flux.device)[None] < count[:, None]  # [batch, t]
+    full = torch.full(searched.shape, math.inf, dtype=chi2.dtype, device=flux.device)
+    return full.scatter(1, trials, torch.where(valid, chi2, math.inf))
+
+
+def refine_redshifts(
+    template_sets: dict[str, RestFrameTemplates],
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
     candidates: torch.Tensor,
-    half_width: float = 0.02,
-    coarse_step: float = 3e-4,
-    fine_step: float = 2e-5,
+    half_width: float,
+    u_range: tuple[float, float],
+    everywhere: torch.Tensor | None = None,
+    rebin: int = 3,
+    fine_step: float = 5e-5,
     exclusion_kms: float = 1000.0,
 ) -> RefinementResult:
-    """Scan chi^2(z) over +-`half_width` in u around each candidate, then a fine grid (+-2 coarse steps, step
-    `fine_step`) around the best coarse trial and a parabola at its minimum.
+    """Redshifts from chi^2(z): the coarse curve of every template set over `u_range` ([`chi2_curve`]), its
+    lowest point within +-`half_width` of a candidate (or anywhere, for rows with `everywhere`), then a fine grid
+    (+-1.5 coarse steps, step `fine_step`) on the spectrum's own pixels with the winning set and a parabola.
 
     Args:
+        template_sets: rest-frame bases by spectral type (e.g. GALAXY, QSO).
         wavelength: [pixels] or [batch, pixels], Angstrom; flux, ivar: [batch, pixels].
         candidates: candidate u = ln(1 + z) per spectrum [batch, modes] (e.g. the p(z) peaks).
+        half_width: half-width in u of the window searched around each candidate.
+        u_range: (lowest, highest) u of the coarse curve.
+        everywhere: [batch] bool, rows whose minimum may lie anywhere in `u_range`.
     """
     if candidates.dim() != 2 or candidates.shape[0] != flux.shape[0]:
         raise ValueError(f"`candidates` must be [batch, modes], got {tuple(candidates.shape)}")
-    device = flux.device
-    offsets = torch.arange(-half_width, half_width + coarse_step / 2, coarse_step, device=device)  # [g]
-    coarse_u = (candidates.to(torch.float64)[..., None] + offsets.double()).flatten(1)  # [batch, modes * g]
-    coarse_chi2, _, _ = chi2_scan(templates, wavelength, flux, ivar, coarse_u)  # [batch, modes * g]
-    best = coarse_chi2.argmin(1)  # [batch]
-    u_coarse = coarse_u.gather(1, best[:, None])  # [batch, 1]
+    steps = {t.log_wavelength_step for t in template_sets.values()}
+    if len(steps) != 1:
+        raise ValueError(f"template sets must share one ln(lambda) step, got {sorted(steps)}")
+    step = rebin * steps.pop()
+    scan_u = torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1).double() * step
+    scan_u = scan_u.to(flux.device)  # [grid], the grid of `chi2_curve`
+    near = ((scan_u[None, None] - candidates.double()[..., None]).abs() <= half_width).any(1)  # [batch, grid]
+    if everywhere is not None:
+        near |= everywhere[:, None]
+    scan = torch.stack(
+        [_searched_curve(t, wavelength, flux, ivar, u_range, rebin, near) for t in template_sets.values()]
+    )  # [sets, batch, grid]
+    scan_chi2, spectype = scan.min(0)  # [batch, grid], inf outside the searched trials
+    best = scan_chi2.argmin(1)  # [batch]
+    u_coarse = scan_u[best]  # [batch]
+    winner = spectype.gather(1, best[:, None])[:, 0]  # [batch]
 
-    fine_offsets = torch.arange(
-        -2 * coarse_step, 2 * coarse_step + fine_step / 2, fine_step, device=device
-    ).double()  # [f]
-    fine_u = u_coarse + fine_offsets  # [batch, f]
-    fine_chi2, fine_coeff, fine_npix = chi2_scan(templates, wavelength, flux, ivar, fine_u)  # [batch, f], ...
+    n_fine = math.ceil(1.5 * step / fine_step)
+    fine_u = u_coarse[:, None] + fine_step * torch.arange(
+        -n_fine, n_fine + 1, device=flux.device
+    )  # [batch, f]
+    vectors = max(t.basis.shape[0] for t in template_sets.values())
+    fine_chi2 = torch.zeros_like(fine_u)  # [batch, f]
+    fine_coeff = torch.zeros(*fine_u.shape, vectors, device=flux.device)  # [batch, f, vectors]
+    fine_npix = torch.zeros_like(fine_u, dtype=torch.long)  # [batch, f]
+    for i, t in enumerate(template_sets.values()):  # each spectrum with its winning set only
+        rows = (winner == i).nonzero()[:, 0]
+        if len(rows):
+            wave = wavelength if wavelength.dim() == 1 or wavelength.shape[0] == 1 else wavelength[rows]
+            chi2_t, coeff_t, npix_t = chi2_scan(t, wave, flux[rows], ivar[rows], fine_u[rows])
+            fine_chi2[rows], fine_npix[rows] = chi2_t, npix_t
+            fine_coeff[rows, :, : coeff_t.shape[-1]] = coeff_t
     fine_best = fine_chi2.argmin(1)  # [batch]
     u_best, sigma_u, chi2 = _parabola(fine_u, fine_chi2, fine_best)
-
-    far = (coarse_u - u_best[:, None]).abs() > exclusion_kms / SPEED_OF_LIGHT_KMS  # [batch, modes * g]
-    second = torch.where(far, coarse_chi2, math.inf).min(1).values  # [batch]
+    rows = torch.arange(flux.shape[0], device=flux.device)
     z = torch.expm1(u_best)
+    far = (scan_u[None] - u_best[:, None]).abs() > exclusion_kms / SPEED_OF_LIGHT_KMS  # [batch, grid]
+    second = torch.where(far, scan_chi2, math.inf).min(1).values  # [batch]
     return RefinementResult(
         redshift=z.float(),
         redshift_err=((1 + z) * sigma_u).float(),
         chi2=chi2.float(),
-        delta_chi2=(second - chi2).float(),
-        coeff=fine_coeff.gather(1, fine_best[:, None, None].expand(-1, 1, fine_coeff.shape[-1]))[:, 0],
-        npixels=fine_npix.gather(1, fine_best[:, None])[:, 0],
+        delta_chi2=(second - scan_chi2.min(1).values).float(),
+        coeff=fine_coeff[rows, fine_best],
+        npixels=fine_npix[rows, fine_best],
+        spectype=winner,
+        scan_u=scan_u,
+        scan_chi2=scan_chi2,
     )
 
 
-__all__ = ["RefinementResult", "RestFrameTemplates", "build_templates", "chi2_scan", "refine_redshifts"]
+def pz_modes(probability: torch.Tensor, modes: int, separation: int) -> torch.Tensor:
+    """Indices [batch, modes] of the `modes` highest p(z) bins at least `separation` bins apart (greedy: the
+    highest bin, then the highest outside +-separation of those taken, ...); probability [batch, bins]."""
+    index = torch.arange(probability.shape[1], device=probability.device)  # [bins]
+    left = probability.clone()
+    picked = []
+    for _ in range(min(modes, probability.shape[1])):
+        peak = left.argmax(1)  # [batch]
+        picked.append(peak)
+        left = left.masked_fill((index[None] - peak[:, None]).abs() < separation, -math.inf)
+    return torch.stack(picked, 1)  # [batch, modes]
+
+
+def save_templates(path: str | Path, template_sets: dict[str, RestFrameTemplates]) -> None:
+    """Write template sets to a safetensors file atomically (`{name}.basis` tensors; grids in the metadata)."""
+    tensors = {f"{name}.basis": t.basis.float().contiguous() for name, t in template_sets.items()}
+    metadata = {"spectypes": ",".join(template_sets)}
+    for name, t in template_sets.items():
+        metadata[f"{name}.log_wavelength_start"] = repr(t.log_wavelength_start)
+        metadata[f"{name}.log_wavelength_step"] = repr(t.log_wavelength_step)
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_templates(path: str | Path) -> dict[str, RestFrameTemplates]:
+    """Template sets from a file written by [`save_templates`]; a clear OSError when it is missing or broken."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            names = [name for name in metadata.get("spectypes", "").split(",") if name]
+            sets = {
+                name: RestFrameTemplates(
+                    float(metadata[f"{name}.log_wavelength_start"]),
+                    float(metadata[f"{name}.log_wavelength_step"]),
+                    f.get_tensor(f"{name}.basis"),
+                )
+                for name in names
+            }
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise OSError(
+            f"{path}: not a readable template file ({error}); rebuild it with `specpt templates`"
+        ) from error
+    if not sets:
+        raise OSError(f"{path}: holds no template sets (metadata 'spectypes' is empty)")
+    return sets
+
+
+def describe_templates(template_sets: dict[str, RestFrameTemplates], file: str) -> dict[str, Any]:
+    """The `config.templates` entry: file name and, per set, vectors and rest-frame range in Angstrom."""
+    spectypes = {}
+    for name, t in template_sets.items():
+        grid = t.log_wavelength
+        spectypes[name] = {
+            "num_vectors": int(t.basis.shape[0]),
+            "rest_wavelength_min": round(float(np.exp(grid[0])), 2),
+            "rest_wavelength_max": round(float(np.exp(grid[-1])), 2),
+            "log_wavelength_step": t.log_wavelength_step,
+        }
+    return {"file": file, "spectypes": spectypes}
+
+
+__all__ = [
+    "RefinementResult",
+    "RestFrameTemplates",
+    "build_templates",
+    "chi2_curve",
+    "chi2_scan",
+    "describe_templates",
+    "load_templates",
+    "pz_modes",
+    "refine_redshifts",
+    "save_templates",
+]

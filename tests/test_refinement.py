@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from specpt_hf.refinement import RestFrameTemplates, build_templates, chi2_scan, refine_redshifts
+from specpt_hf.refinement import (
+    RestFrameTemplates,
+    build_templates,
+    chi2_curve,
+    chi2_scan,
+    load_templates,
+    pz_modes,
+    refine_redshifts,
+    save_templates,
+)
 
 WAVELENGTH = np.arange(3600.0, 9824.0, 0.8)  # DESI's coadd grid [pixels]
 LINES = (3727.0, 4861.3, 4958.9, 5006.8, 6562.8, 6583.4)  # [O II], Hbeta, [O III], Halpha, [N II]
@@ -56,8 +65,9 @@ def _spectra(
 
 def _refine(templates, flux, ivar, guess, **kwargs):
     candidates = torch.log1p(torch.as_tensor(guess, dtype=torch.float64))[:, None]
+    kwargs = {"half_width": 0.0126, "u_range": (0.0, math.log(2.0)), **kwargs}
     return refine_redshifts(
-        templates,
+        {"GALAXY": templates},
         torch.from_numpy(WAVELENGTH),
         torch.from_numpy(flux),
         torch.from_numpy(ivar),
@@ -147,3 +157,54 @@ def test_build_templates_rejects_mismatched_inputs():
         build_templates(WAVELENGTH, np.ones((3, 10)), np.ones((3, 10)), np.zeros(3))
     with pytest.raises(ValueError, match="num_vectors"):
         build_templates(WAVELENGTH[:10], np.ones((3, 10)), np.ones((3, 10)), np.zeros(3), num_vectors=4)
+
+
+def test_fft_curve_matches_the_direct_fit(templates):
+    """The FFT chi^2(z) on binned pixels has its minimum where the native-pixel scan has it."""
+    z = np.array([0.37])
+    flux, ivar = _spectra(templates, z, seed=4)
+    wave, flux_t, ivar_t = torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar)
+    u, chi2 = chi2_curve(templates, wave, flux_t, ivar_t, (0.2, 0.4), rebin=3)
+    assert abs(float(u[chi2[0].argmin()]) - math.log1p(0.37)) <= 1.5 * float(u[1] - u[0])
+    direct, _, _ = chi2_scan(templates, wave, flux_t, ivar_t, u[None, ::40])
+    curve = chi2[0, ::40]
+    assert torch.corrcoef(torch.stack([curve, direct[0]]))[0, 1] > 0.99
+
+
+def test_wide_scan_finds_a_redshift_far_from_the_guess(templates):
+    z = np.array([0.62])
+    flux, ivar = _spectra(templates, z, seed=5)
+    near_only = _refine(templates, flux, ivar, np.array([0.2]))
+    wide = _refine(templates, flux, ivar, np.array([0.2]), everywhere=torch.tensor([True]))
+    assert abs(float(near_only.redshift[0]) - 0.62) > 0.1
+    assert abs(float(wide.redshift[0]) - 0.62) < 2e-5 * 1.62
+    assert float(wide.chi2[0]) < float(near_only.chi2[0])
+
+
+def test_two_template_sets_pick_the_one_that_fits(templates):
+    z = np.array([0.3])
+    flux, ivar = _spectra(templates, z, seed=6)
+    wrong = RestFrameTemplates(
+        templates.log_wavelength_start, templates.log_wavelength_step, templates.basis[:2].clone()
+    )
+    candidates = torch.log1p(torch.tensor([[0.3]], dtype=torch.float64))
+    args = (torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar), candidates)
+    result = refine_redshifts({"POOR": wrong, "GOOD": templates}, *args, half_width=0.01, u_range=(0.0, 0.7))
+    assert int(result.spectype[0]) == 1
+    assert result.coeff.shape == (1, 5)
+
+
+def test_pz_modes_are_distinct_peaks():
+    probability = torch.tensor([[0.0, 0.1, 0.5, 0.3, 0.0, 0.0, 0.05, 0.2, 0.0, 0.0]])
+    assert pz_modes(probability, 2, 2).tolist() == [[2, 7]]
+
+
+def test_templates_round_trip_and_broken_file(templates, tmp_path):
+    path = tmp_path / "templates.safetensors"
+    save_templates(path, {"GALAXY": templates})
+    loaded = load_templates(path)["GALAXY"]
+    torch.testing.assert_close(loaded.basis, templates.basis)
+    assert loaded.log_wavelength_start == templates.log_wavelength_start
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(OSError, match="templates.safetensors.*specpt templates"):
+        load_templates(path)

@@ -1,0 +1,159 @@
+"""`specpt templates`: rest-frame templates for a redshift model, learned from its labelled training shards.
+
+    specpt templates DATA_DIR --model MODEL_DIR            # writes MODEL_DIR/templates.safetensors
+    specpt templates DATA_DIR --model MODEL_DIR --galaxy-vectors 10 --qso-vectors 6 --max-per-type 3000
+
+One basis per spectral type (GALAXY, QSO: the shards' `spectype`, on real data Redrock's labels) by weighted
+EM-PCA (`specpt_hf.refinement.build_templates`) of the `train` split's spectra with `zwarn == 0`, each shifted
+to its rest frame on a ln(lambda) grid as fine as the observed pixels. The model folder's config.json then
+describes them (`templates`), and `SpecPTForRedshift.from_pretrained` loads them: inference refines the network's
+redshift by chi^2 (`config.refinement`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write_text
+from .configuration_specpt import SpecPTForRedshiftConfig
+from .modeling_specpt import TEMPLATES_NAME
+from .pipeline_specpt import model_wavelength
+from .refinement import RestFrameTemplates, build_templates, describe_templates, save_templates
+from .training.data import split_files
+
+logger = logging.getLogger(__name__)
+
+SPECTYPES = ("GALAXY", "QSO")
+COLUMNS = ["flux", "ivar", "mask", "z", "zwarn", "spectype"]
+
+
+def read_labelled(
+    data_dir: str | os.PathLike, split: str, max_per_type: int, seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """Up to `max_per_type` spectra of each spectral type with `zwarn == 0` from a split's shards, drawn at
+    random (`seed`): per type `flux`, `ivar` ([n, pixels], ivar 0 at masked pixels) and `z` [n]."""
+    labels = [
+        pq.read_table(file, columns=["z", "zwarn", "spectype"]) for file in split_files(data_dir, split)
+    ]
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, list[tuple[int, int]]] = {}
+    for spectype in SPECTYPES:
+        rows = [
+            (f, int(r))
+            for f, table in enumerate(labels)
+            for r in np.flatnonzero(
+                (np.asarray(table["spectype"]) == spectype) & (np.asarray(table["zwarn"]) == 0)
+            )
+        ]
+        if rows:
+            pick = rng.choice(len(rows), size=min(max_per_type, len(rows)), replace=False)
+            chosen[spectype] = sorted(rows[i] for i in pick)
+    files = split_files(data_dir, split)
+    out: dict[str, dict[str, list[np.ndarray]]] = {t: {"flux": [], "ivar": [], "z": []} for t in chosen}
+    for f, file in enumerate(tqdm(files, desc="reading shards", unit="file")):
+        wanted = {t: [r for g, r in rows if g == f] for t, rows in chosen.items()}
+        if not any(wanted.values()):
+            continue
+        table = pq.read_table(file, columns=["flux", "ivar", "mask", "z"])
+        for spectype, rows in wanted.items():
+            if not rows:
+                continue
+            part = table.take(rows)
+            flux = np.asarray(part["flux"].combine_chunks().flatten()).reshape(len(rows), -1)
+            ivar = np.asarray(part["ivar"].combine_chunks().flatten()).reshape(len(rows), -1)
+            mask = np.asarray(part["mask"].combine_chunks().flatten()).reshape(len(rows), -1)
+            out[spectype]["flux"].append(flux)
+            out[spectype]["ivar"].append(np.where(mask, 0.0, ivar).astype(np.float32))
+            out[spectype]["z"].append(np.asarray(part["z"]))
+    return {t: {key: np.concatenate(values) for key, values in parts.items()} for t, parts in out.items()}
+
+
+def fit_templates(
+    data_dir: str | os.PathLike,
+    config: SpecPTForRedshiftConfig,
+    num_vectors: dict[str, int],
+    max_per_type: int = 3000,
+    split: str = "train",
+    seed: int = 0,
+) -> dict[str, RestFrameTemplates]:
+    """One rest-frame basis per spectral type present in the split, on the model's wavelength grid."""
+    wavelength = model_wavelength(config)
+    spectra = read_labelled(data_dir, split, max_per_type, seed)
+    if not spectra:
+        raise ValueError(f"{Path(data_dir) / split}: no spectra with zwarn == 0 and spectype in {SPECTYPES}")
+    templates = {}
+    for spectype, arrays in spectra.items():
+        if arrays["flux"].shape[1] != len(wavelength):
+            raise ValueError(
+                f"{Path(data_dir) / split}: spectra have {arrays['flux'].shape[1]} pixels, the model's grid "
+                f"{len(wavelength)}"
+            )
+        vectors = min(num_vectors[spectype], len(arrays["z"]))
+        logger.info("%s: %d vectors from %d spectra", spectype, vectors, len(arrays["z"]))
+        templates[spectype] = build_templates(
+            wavelength, arrays["flux"], arrays["ivar"], arrays["z"], vectors
+        )
+    return templates
+
+
+def add_templates(model_dir: str | os.PathLike, templates: dict[str, RestFrameTemplates]) -> Path:
+    """Write `templates.safetensors` into a redshift model folder and describe it in its config.json (both
+    written atomically)."""
+    model_dir = Path(model_dir)
+    config = SpecPTForRedshiftConfig.from_pretrained(model_dir)
+    save_templates(model_dir / TEMPLATES_NAME, templates)
+    config.templates = describe_templates(templates, TEMPLATES_NAME)
+    atomic_write_text(model_dir / "config.json", config.to_json_string())
+    return model_dir / TEMPLATES_NAME
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specpt templates",
+        description="Rest-frame templates for a redshift model (see specpt_hf.templates).",
+    )
+    parser.add_argument("data_dir", type=Path, help="prepared dataset (Parquet shards under train/)")
+    parser.add_argument("--model", required=True, type=Path, help="SpecPTForRedshift folder to add them to")
+    parser.add_argument("--split", default="train", help="split to learn from (default: train)")
+    parser.add_argument("--galaxy-vectors", type=int, default=10, help="GALAXY basis size (default 10)")
+    parser.add_argument("--qso-vectors", type=int, default=6, help="QSO basis size (default 6)")
+    parser.add_argument("--max-per-type", type=int, default=3000, help="spectra per type (default 3000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random draw of spectra")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for name in ("galaxy_vectors", "qso_vectors", "max_per_type"):
+        if getattr(args, name) < 1:
+            _parser().error(f"--{name.replace('_', '-')} must be >= 1")
+    if not (args.model / "config.json").is_file():
+        _parser().error(f"--model {args.model}: no config.json (not a model folder)")
+    try:
+        config = SpecPTForRedshiftConfig.from_pretrained(args.model)
+        vectors = {"GALAXY": args.galaxy_vectors, "QSO": args.qso_vectors}
+        templates = fit_templates(args.data_dir, config, vectors, args.max_per_type, args.split, args.seed)
+        path = add_templates(args.model, templates)
+    except (OSError, ValueError) as error:
+        logger.error("specpt templates: %s", error)
+        return 1
+    described = describe_templates(templates, TEMPLATES_NAME)["spectypes"]
+    for name, info in described.items():
+        print(
+            f"{name}: {info['num_vectors']} vectors, rest {info['rest_wavelength_min']:.0f}-"
+            f"{info['rest_wavelength_max']:.0f} A"
+        )
+    print(f"wrote {path} and described it in {args.model / 'config.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
