@@ -534,14 +534,23 @@ def run_specpt(
     models: Sequence[str | None], coadds: Sequence[Path], batch_size: int, out_dir: Path
 ) -> dict[str, dict]:
     """`specpt predict` catalogs (`specpt-{k}.fits` in `out_dir`) of every model (None: an untrained
-    specpt-tiny) on every coadd, with the wall time."""
+    specpt-tiny) on every coadd, with the wall time. A model with templates runs twice: network-only
+    (`{label} network`, refinement none) and refined (`{label} refined`, its config's refinement)."""
     out = {}
     for k, model_dir in enumerate(models):
         label = model_label(model_dir) if model_dir else "specpt-tiny (untrained)"
         model = load_redshift_model("specpt-tiny", model_dir)
-        start = time.perf_counter()
-        columns = predict_coadds(model, coadds, out_dir / f"specpt-{k}.fits", batch_size)
-        out[label] = {"columns": columns, "seconds": time.perf_counter() - start}
+        refined = model.config.refinement
+        variants = (
+            {f"{label} network": "none", f"{label} refined": refined} if model.refines else {label: None}
+        )
+        for name, refine in variants.items():
+            if refine is not None:
+                model.config.refinement = refine
+            start = time.perf_counter()
+            catalog = out_dir / f"specpt-{k}{'-' + refine.replace('+', '-') if refine else ''}.fits"
+            columns = predict_coadds(model, coadds, catalog, batch_size)
+            out[name] = {"columns": columns, "seconds": time.perf_counter() - start}
     return out
 
 

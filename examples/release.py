@@ -27,7 +27,9 @@ Steps, each skipped when its output exists (so a stopped run continues where it 
    TARGETID-hash splits), joined into `{out}/data/train-set/{split}/`;
 3. pretrain the autoencoder, 4. train the redshift model (`specpt_hf.training`, settings from
    `examples/configs/{preset}-{stage}.yaml`, `--resume` from the newest checkpoint);
-5. evaluate on the test split (`specpt_hf.evaluation.evaluate_model`);
+5. rest-frame templates for the redshift model's chi^2 refinement, from the training split
+   (`specpt_hf.templates`: GALAXY and QSO bases in `templates.safetensors`, described in its config.json);
+   then evaluate on the test split (`specpt_hf.evaluation.evaluate_model`);
 6. write both repo folders with their model cards (`specpt_hf.hub.write_repo_folder`);
 7. push them (`specpt_hf.hub.push_to_hub`): `{repo_id}-autoencoder`, then `{repo_id}`. A push whose folder is
    unchanged since the last successful push of this run is skipped.
@@ -49,6 +51,7 @@ import numpy as np
 from accelerate import PartialState
 from astropy.table import Table
 
+from specpt_hf.configuration_specpt import SpecPTForRedshiftConfig
 from specpt_hf.data.builder import SPLITS
 from specpt_hf.data.download import (
     DownloadReport,
@@ -62,13 +65,15 @@ from specpt_hf.data.prepare import prepare_dataset
 from specpt_hf.data.redshifts import target_class_of
 from specpt_hf.evaluation.evaluate_model import evaluate_model
 from specpt_hf.hub import push_to_hub, write_repo_folder
+from specpt_hf.modeling_specpt import TEMPLATES_NAME
 from specpt_hf.pipeline_specpt import SHORT_NAMES
+from specpt_hf.templates import add_templates, fit_templates
 from specpt_hf.training.settings import TrainingSettings
 from specpt_hf.training.train import training_function
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CLASSES = ("bgs", "elg", "lrg", "qso")
-STEPS = ("data", "prepare", "autoencoder", "redshift", "evaluate", "card", "push")
+STEPS = ("data", "prepare", "autoencoder", "redshift", "templates", "evaluate", "card", "push")
 
 
 def step(name: str, done: bool, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -179,6 +184,12 @@ def train_stage(
 # --------------------------------------------------------------------------------------------- 5. evaluate
 
 
+def build_model_templates(model: Path, data: Path) -> Path:
+    """GALAXY and QSO rest-frame templates from the training split, added to the redshift model folder."""
+    config = SpecPTForRedshiftConfig.from_pretrained(model)
+    return add_templates(model, fit_templates(data, config, {"GALAXY": 10, "QSO": 6}))
+
+
 def evaluate(args: argparse.Namespace, redshift: Path, autoencoder: Path, data: Path, out: Path) -> Path:
     """Metrics on the test split; results.json names the data set the way the model card shows it."""
     if args.mock:
@@ -261,7 +272,11 @@ def run(args: argparse.Namespace) -> int:
         step(
             "train redshift model", done, train_stage, args, "redshift", data / "train-set", runs, autoencoder
         )
-    if not state.is_main_process or last < STEPS.index("evaluate"):
+    if not state.is_main_process or last < STEPS.index("templates"):
+        return 0
+    done = (redshift / TEMPLATES_NAME).exists()
+    step("templates", done, build_model_templates, redshift, data / "train-set")
+    if last < STEPS.index("evaluate"):
         return 0
     results = evaluation / "results.json"
     done = results.exists()

@@ -620,6 +620,14 @@ def write_repo_folder(
             shutil.copy2(source, tmp / name)
         if settings is not None:
             shutil.copy2(folder.path / SETTINGS_NAME, tmp / SETTINGS_NAME)
+        templates = (folder.config_dict.get("templates") or {}).get("file")
+        if templates:  # the refinement's rest-frame templates (described in config.json)
+            if not (folder.path / templates).is_file():
+                raise ModelFolderError(
+                    f"{folder.path / templates}: missing, but config.json describes templates in it "
+                    "(rebuild it with `specpt templates`)"
+                )
+            shutil.copy2(folder.path / templates, tmp / templates)
         (tmp / "config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )

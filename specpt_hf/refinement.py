@@ -187,10 +187,11 @@ def _sample_basis(templates: RestFrameTemplates, log_rest: torch.Tensor) -> tupl
 
 def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Coefficients [..., k] of the normal equations a [..., k, k] x = b [..., k] (float64; a tiny ridge keeps
-    trials without coverage solvable, with coefficients ~0)."""
+    trials with little coverage solvable; a trial whose system stays singular gets coefficients 0, no fit)."""
     ridge = 1e-9 * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)  # [...]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve(a + ridge[..., None, None] * eye, b)
+    coeff, info = torch.linalg.solve_ex(a + ridge[..., None, None] * eye, b)
+    return torch.where((info == 0)[..., None] & torch.isfinite(coeff), coeff, 0.0)
 
 
 def _good_weight(flux: torch.Tensor, ivar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -246,7 +246,7 @@ model = SpecPTForRedshift.from_pretrained(data["repo"]).eval()
 with torch.no_grad():
     out = model(**data["inputs"])
 same = {k: torch.allclose(out[k], v, atol=1e-6) for k, v in data["expected"].items()}
-report({"same": same, "endpoint": constants.ENDPOINT, "name_or_path": model.name_or_path})
+report({"same": same, "endpoint": constants.ENDPOINT, "name_or_path": model.name_or_path, "refines": model.refines})
 """
 
 CHILD_REMOTE_CODE = r"""
@@ -264,7 +264,8 @@ estimator = pipeline("spectrum-redshift", model=data["repo"], trust_remote_code=
 inputs = data["inputs"]
 first = {"flux": inputs["flux"][0].numpy(), "ivar": inputs["ivar"][0].numpy(), "mask": inputs["mask"][0].numpy()}
 z = estimator(first)["z"]
-report({"module": type(model).__module__, "same": same, "pipeline_z": z, "pipeline_class": type(estimator).__name__})
+report({"module": type(model).__module__, "same": same, "pipeline_z": z, "pipeline_class": type(estimator).__name__,
+        "refines": model.refines})
 """
 
 
@@ -286,7 +287,8 @@ def expected_outputs(release, tmp_path_factory):
     model = SpecPTForRedshift.from_pretrained(release / "runs" / "redshift" / "best").eval()
     with torch.no_grad():
         out = model(**inputs)
-    expected = {key: out[key] for key in ("redshift", "redshift_err", "quality", "logits")}
+    assert model.refines  # the release recipe added templates
+    expected = {key: out[key] for key in ("redshift", "redshift_err", "quality", "logits", "chi2")}
     path = tmp_path_factory.mktemp("expected") / "data.pt"
     torch.save({"repo": REPO, "inputs": inputs, "expected": expected}, path)
     return path, expected
@@ -298,6 +300,7 @@ def test_from_pretrained_downloads_and_predicts_the_same(hub, expected_outputs, 
     report = fresh_python(CHILD_SPECPT, data_file, env=hub_child_env(hub, tmp_path), hide_specpt=False)
     assert report["endpoint"] == hub.url
     assert all(report["same"].values()), report
+    assert report["refines"], "the templates did not come back from the Hub"
     downloads = [path for method, path, status in hub.requests[before:] if method == "GET" and status == 200]
     assert any(
         path.startswith(f"/{REPO}/resolve/") and path.endswith("/model.safetensors") for path in downloads
@@ -310,6 +313,7 @@ def test_auto_model_with_remote_code_without_specpt_hf(hub, expected_outputs, tm
     report = fresh_python(CHILD_REMOTE_CODE, data_file, env=hub_child_env(hub, tmp_path))
     assert report["module"].startswith("transformers_modules"), report["module"]
     assert all(report["same"].values()), report
+    assert report["refines"]
     assert report["pipeline_class"] == "SpecPTRedshiftPipeline"
     assert report["pipeline_z"] == pytest.approx(float(expected["redshift"][0]), abs=1e-5)
 

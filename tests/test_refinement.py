@@ -19,7 +19,7 @@ from specpt_hf.refinement import (
     save_templates,
 )
 
-WAVELENGTH = np.arange(3600.0, 9824.0, 0.8)  # DESI's coadd grid [pixels]
+WAVELENGTH = 3600.0 + 0.8 * np.arange(7781)  # DESI's coadd grid [pixels]
 LINES = (3727.0, 4861.3, 4958.9, 5006.8, 6562.8, 6583.4)  # [O II], Hbeta, [O III], Halpha, [N II]
 
 
@@ -208,3 +208,80 @@ def test_templates_round_trip_and_broken_file(templates, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(OSError, match="templates.safetensors.*specpt templates"):
         load_templates(path)
+
+
+# ---------------------------------------------------------------------------------------------- in the model
+
+
+@pytest.fixture
+def tiny_model():
+    from specpt_hf import create_model
+
+    torch.manual_seed(0)
+    return create_model("specpt-tiny", "redshift", refinement_wide_quality=1.0).eval()  # untrained: scan all
+
+
+def _model_inputs(templates, z, seed=0):
+    flux, ivar = _spectra(templates, z, seed=seed)
+    return {"flux": torch.from_numpy(flux), "ivar": torch.from_numpy(ivar)}
+
+
+def test_model_refines_with_its_templates_and_none_is_todays_output(templates, tiny_model):
+    z = np.array([0.12, 0.47])
+    inputs = _model_inputs(templates, z)
+    with torch.no_grad():
+        network = tiny_model(**inputs)
+        tiny_model.set_templates({"GALAXY": templates})
+        refined = tiny_model(**inputs)
+        tiny_model.config.refinement = "none"
+        off = tiny_model(**inputs)
+    assert network.chi2 is None and off.chi2 is None
+    for key in ("redshift", "redshift_err", "quality", "logits"):
+        torch.testing.assert_close(off[key], network[key], rtol=0, atol=0)
+    torch.testing.assert_close(refined.redshift_net, network.redshift, rtol=0, atol=0)
+    error = (refined.redshift.numpy() - z) / (1 + z)
+    assert np.abs(error).max() < 2e-5, error
+    assert refined.spectype.tolist() == [0, 0] and refined.wide.all()
+    assert refined.chi2_scan.shape == refined.chi2_scan_z.shape and refined.chi2_scan.shape[0] == 2
+
+
+def test_templates_travel_with_the_model_folder(templates, tiny_model, tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    from specpt_hf import SpecPTForRedshift
+    from specpt_hf.modeling_specpt import logger
+
+    tiny_model.save_pretrained(tmp_path / "plain")
+    with CaptureLogger(logger) as captured:
+        plain = SpecPTForRedshift.from_pretrained(tmp_path / "plain")
+    assert not plain.refines and "no rest-frame templates" in captured.out
+
+    tiny_model.set_templates({"GALAXY": templates})
+    tiny_model.save_pretrained(tmp_path / "with")
+    assert (tmp_path / "with" / "templates.safetensors").is_file()
+    loaded = SpecPTForRedshift.from_pretrained(tmp_path / "with").eval()
+    assert loaded.refines and loaded.config.templates["spectypes"]["GALAXY"]["num_vectors"] == 5
+    inputs = _model_inputs(templates, np.array([0.3]), seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).redshift, tiny_model(**inputs).redshift)
+
+    (tmp_path / "with" / "templates.safetensors").unlink()
+    with pytest.raises(OSError, match="with: config.json describes templates in templates.safetensors"):
+        SpecPTForRedshift.from_pretrained(tmp_path / "with")
+
+
+def test_spectra_outside_the_templates_get_little_coverage(templates, tiny_model):
+    from specpt_hf.pipeline_specpt import SpecPTZwarn, predict_spectra
+
+    keep = (templates.log_wavelength < math.log(3300.0)).numpy()  # rest range 1800-3300 A only
+    narrow = RestFrameTemplates(
+        templates.log_wavelength_start,
+        templates.log_wavelength_step,
+        templates.basis[:, : int(keep.sum())].clone(),
+    )
+    tiny_model.set_templates({"GALAXY": narrow})
+    flux, ivar = _spectra(templates, np.array([0.1]))  # rest 3270-8930 A: almost all outside
+    out = predict_spectra(tiny_model, flux, ivar)
+    assert out["npixels_fit"][0] < 0.5 * out["npixels"][0]
+    assert out["zwarn"][0] & SpecPTZwarn.LITTLE_COVERAGE
+    assert np.isfinite(out["chi2"][0]) and out["spectype"][0] == "GALAXY"

@@ -58,6 +58,10 @@ def summarize(predictions: dict[str, np.ndarray]) -> dict[str, Any]:
     classes = predictions["target_class"].astype(str)
     summary: dict[str, Any] = {
         "by_class": metrics.metrics_by_group(z_pred, z_true, classes, overall_key="all"),
+        # the network's own redshifts (the same as by_class without template refinement)
+        "by_class_network": metrics.metrics_by_group(
+            predictions["z_net"], z_true, classes, overall_key="all"
+        ),
         "by_redshift_bin": metrics.metrics_by_redshift_bin(
             z_pred, z_true, np.array([0, 0.3, 0.6, 1.0, 1.6, 4.0])
         ),
@@ -180,10 +184,11 @@ def evaluate_model(
 
 
 def write_predictions_csv(predictions: dict[str, np.ndarray], path: Path) -> Path:
-    """One row per spectrum, written atomically."""
+    """One row per spectrum (its scalar columns: not the template coefficients), written atomically."""
     from astropy.table import Table
 
-    return atomic_write(path, lambda tmp: Table(predictions).write(tmp, format="ascii.csv", overwrite=True))
+    table = Table({key: value for key, value in predictions.items() if np.ndim(value) == 1})
+    return atomic_write(path, lambda tmp: table.write(tmp, format="ascii.csv", overwrite=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,185 @@
+"""The refinement's frontier: modes K and window W (p(z) bins) against NMAD, catastrophic rate and speed.
+
+    python benchmarks/refinement_frontier.py --model runs/specpt-small-cpu/redshift/best \
+        --test-dir runs/benchmarks/accuracy/testset --out runs/benchmarks/frontier
+    python benchmarks/refinement_frontier.py --quick --out /tmp/frontier     # seconds: untrained tiny model
+
+The model (with its `templates.safetensors`, `specpt templates`) runs `specpt predict` (`predict_catalog`) on the
+first `--files-per-class` coadd files of each class of the accuracy test set (seed 101, `accuracy.py`), once per
+setting: network-only (`none`), `peaks` with each (K, W), and `peaks+wide` at the config's K and W. Speed is
+spectra per CPU-second (user + system of all threads) with `--threads` torch threads, end to end (read, network,
+refinement, catalog), next to Redrock's per-core rate from benchmarks/results/speed/speed.json (same machine
+type; `--redrock-rate` overrides it). Writes frontier.json, frontier.md and frontier.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import CLASSES, make_test_set, read_truth  # noqa: E402
+from speed import _cpu_seconds, load_redshift_model, machine_info, model_label, predict_coadds  # noqa: E402
+
+from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from specpt_hf.evaluation import metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = [("none", 0, 0.0), ("peaks", 1, 1.0), ("peaks", 1, 2.0), ("peaks", 3, 2.0), ("peaks", 3, 4.0)]
+
+
+def redrock_rate(path: Path = REPO / "benchmarks" / "results" / "speed" / "speed.json") -> float | None:
+    """Redrock's spectra per CPU-core-second, end to end, from a speed.py result (None without one)."""
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["redrock"].get("spectra_per_second_per_core")
+
+
+def run_setting(
+    model: Any, coadds: list[Path], truth: Any, out: Path, refine: str, modes: int, window: float
+):
+    """One `specpt predict` run under a refinement setting: metrics per class and spectra per CPU-second."""
+    model.config.refinement = refine
+    if modes:
+        model.config.refinement_modes, model.config.refinement_window = modes, window
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    columns = predict_coadds(model, coadds, out / f"catalog-{refine}-{modes}-{window:g}.fits", batch_size=64)
+    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+    index = {int(t): i for i, t in enumerate(np.asarray(truth["TARGETID"]))}
+    rows = np.array([index[int(t)] for t in columns["targetid"]])
+    z_true = np.asarray(truth["Z"])[rows]
+    classes = np.asarray(truth["TARGET_CLASS"]).astype(str)[rows]
+    by_class = metrics.metrics_by_group(columns["z_pred"], z_true, classes, overall_key="all")
+    good = columns["zwarn"] == 0
+    return {
+        "refinement": refine,
+        "modes": modes,
+        "window_bins": window,
+        "n": int(len(rows)),
+        "cpu_seconds": cpu,
+        "wall_seconds": wall,
+        "spectra_per_cpu_second": len(rows) / cpu,
+        "by_class": {name: {k: by_class[name][k] for k in ("n", "nmad", "eta")} for name in by_class},
+        "zwarn0_fraction": {name: float(good[classes == name].mean()) for name in CLASSES if name in classes},
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rate = result["redrock_spectra_per_core_second"]
+    lines = [
+        f"# Refinement frontier: {result['model']}",
+        "",
+        f"{result['n_per_class']} test spectra per class (accuracy test set, seed 101), {result['threads']} torch "
+        f"thread(s); Redrock: {rate if rate is None else f'{rate:.3f}'} spectra per core-second "
+        "(benchmarks/results/speed). NMAD and η (|Δz|/(1+z) > 0.15) per class.",
+        "",
+        "| refinement | K | W (bins) | spectra / CPU-s | × Redrock per core | "
+        + " | ".join(f"{c.upper()} NMAD | {c.upper()} η (%)" for c in CLASSES)
+        + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in CLASSES) + " |",
+    ]
+    for row in result["settings"]:
+        ratio = f"{row['spectra_per_cpu_second'] / rate:.0f}" if rate else "—"
+        cells = []
+        for name in CLASSES:
+            m = row["by_class"].get(name)
+            cells += [f"{m['nmad']:.5f}", f"{100 * m['eta']:.2f}"] if m else ["—", "—"]
+        k, w = (row["modes"], f"{row['window_bins']:g}") if row["modes"] else ("—", "—")
+        lines.append(
+            f"| {row['refinement']} | {k} | {w} | {row['spectra_per_cpu_second']:.1f} | {ratio} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """NMAD per class against spectra per CPU-second, one point per setting."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for name in CLASSES:
+        points = [(r["spectra_per_cpu_second"], r["by_class"][name]["nmad"]) for r in result["settings"]]
+        ax.plot(*zip(*points, strict=True), "o-", label=name.upper(), ms=4)
+    for r in result["settings"]:
+        label = (
+            "net" if r["refinement"] == "none" else f"{r['refinement']} K{r['modes']} W{r['window_bins']:g}"
+        )
+        ax.annotate(label, (r["spectra_per_cpu_second"], r["by_class"]["all"]["nmad"]), fontsize=6)
+    if result["redrock_spectra_per_core_second"] and result["threads"] == 1:
+        ax.axvline(
+            100 * result["redrock_spectra_per_core_second"], ls="--", c="k", lw=0.8, label="100× Redrock"
+        )
+    ax.set(xscale="log", yscale="log", xlabel="spectra per CPU-second", ylabel="NMAD")
+    ax.legend(fontsize=7)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="SpecPTForRedshift folder with templates")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--test-dir", type=Path, help="accuracy.py's test set (default: OUT/testset)")
+    parser.add_argument("--files-per-class", type=int, default=1, help="500 spectra each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the per-core rate)")
+    parser.add_argument("--redrock-rate", type=float, help="Redrock spectra per core-second")
+    parser.add_argument(
+        "--quick", action="store_true", help="untrained specpt-tiny + learned templates, 6 per class"
+    )
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n_per_class = 6 if args.quick else 5000
+    per_class = make_test_set(
+        args.test_dir or args.out / "testset", n_per_class, spectra_per_file=6 if args.quick else 500
+    )
+    coadds = [p for name in CLASSES for p in per_class[name][: args.files_per_class]]
+    truth = read_truth(coadds)
+    model = load_redshift_model("specpt-tiny", args.model)
+    if args.quick:
+        model.set_templates(quick_templates(coadds, truth, model))
+    if not model.refines:
+        parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    wide = ("peaks+wide", model.config.refinement_modes, model.config.refinement_window)
+    result = {
+        "machine": machine_info("cpu"),
+        "model": model_label(args.model) if args.model else "specpt-tiny (untrained)",
+        "threads": args.threads,
+        "n_per_class": len(truth) // len(CLASSES),
+        "redrock_spectra_per_core_second": args.redrock_rate or redrock_rate(),
+        "settings": [run_setting(model, coadds, truth, args.out, *s) for s in [*SETTINGS, wide]],
+    }
+    atomic_write_json(args.out / "frontier.json", result)
+    atomic_write_text(args.out / "frontier.md", markdown(result))
+    plot(result, args.out / "frontier.png")
+    print(markdown(result))
+    return 0
+
+
+def quick_templates(coadds: list[Path], truth: Any, model: Any) -> dict:
+    """Templates learned from the quick test files themselves (a smoke test, not a measurement)."""
+    from specpt_hf.data.desi import read_desi_spectra
+    from specpt_hf.pipeline_specpt import model_wavelength
+    from specpt_hf.refinement import build_templates
+
+    records = [r for path in coadds for r in read_desi_spectra(path)]
+    flux = np.stack([r["flux"] for r in records])
+    ivar = np.stack([np.where(r["mask"], 0.0, r["ivar"]) for r in records])
+    z_of = dict(zip(np.asarray(truth["TARGETID"]).tolist(), np.asarray(truth["Z"]), strict=True))
+    z = np.array([z_of[int(r["targetid"])] for r in records])
+    return {"GALAXY": build_templates(model_wavelength(model.config), flux, ivar, z, num_vectors=4)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
