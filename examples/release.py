@@ -51,7 +51,6 @@ import numpy as np
 from accelerate import PartialState
 from astropy.table import Table
 
-from specpt_hf.configuration_specpt import SpecPTForRedshiftConfig
 from specpt_hf.data.builder import SPLITS
 from specpt_hf.data.download import (
     DownloadReport,
@@ -67,7 +66,7 @@ from specpt_hf.evaluation.evaluate_model import evaluate_model
 from specpt_hf.hub import push_to_hub, write_repo_folder
 from specpt_hf.modeling_specpt import TEMPLATES_NAME
 from specpt_hf.pipeline_specpt import SHORT_NAMES
-from specpt_hf.templates import add_templates, fit_templates
+from specpt_hf.templates import build_model_templates
 from specpt_hf.training.settings import TrainingSettings
 from specpt_hf.training.train import training_function
 
@@ -182,12 +181,6 @@ def train_stage(
 
 
 # --------------------------------------------------------------------------------------------- 5. evaluate
-
-
-def build_model_templates(model: Path, data: Path) -> Path:
-    """GALAXY and QSO rest-frame templates from the training split, added to the redshift model folder."""
-    config = SpecPTForRedshiftConfig.from_pretrained(model)
-    return add_templates(model, fit_templates(data, config, {"GALAXY": 10, "QSO": 6}))
 
 
 def evaluate(args: argparse.Namespace, redshift: Path, autoencoder: Path, data: Path, out: Path) -> Path:

@@ -31,6 +31,7 @@ from .training.data import split_files
 logger = logging.getLogger(__name__)
 
 SPECTYPES = ("GALAXY", "QSO")
+DEFAULT_VECTORS = {"GALAXY": 10, "QSO": 6}
 COLUMNS = ["flux", "ivar", "mask", "z", "zwarn", "spectype"]
 
 
@@ -114,6 +115,21 @@ def add_templates(model_dir: str | os.PathLike, templates: dict[str, RestFrameTe
     return model_dir / TEMPLATES_NAME
 
 
+def build_model_templates(
+    model_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    num_vectors: dict[str, int] | None = None,
+    max_per_type: int = 3000,
+    split: str = "train",
+    seed: int = 0,
+) -> dict[str, RestFrameTemplates]:
+    """Learn templates from `data_dir`'s labelled `split` on the model's grid and add them to `model_dir`."""
+    config = SpecPTForRedshiftConfig.from_pretrained(model_dir)
+    templates = fit_templates(data_dir, config, num_vectors or DEFAULT_VECTORS, max_per_type, split, seed)
+    add_templates(model_dir, templates)
+    return templates
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specpt templates",
@@ -138,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "config.json").is_file():
         _parser().error(f"--model {args.model}: no config.json (not a model folder)")
     try:
-        config = SpecPTForRedshiftConfig.from_pretrained(args.model)
         vectors = {"GALAXY": args.galaxy_vectors, "QSO": args.qso_vectors}
-        templates = fit_templates(args.data_dir, config, vectors, args.max_per_type, args.split, args.seed)
-        path = add_templates(args.model, templates)
+        templates = build_model_templates(
+            args.model, args.data_dir, vectors, args.max_per_type, args.split, args.seed
+        )
     except (OSError, ValueError) as error:
         logger.error("specpt templates: %s", error)
         return 1
@@ -151,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {info['num_vectors']} vectors, rest {info['rest_wavelength_min']:.0f}-"
             f"{info['rest_wavelength_max']:.0f} A"
         )
-    print(f"wrote {path} and described it in {args.model / 'config.json'}")
+    print(f"wrote {args.model / TEMPLATES_NAME} and described it in {args.model / 'config.json'}")
     return 0
 
 
