@@ -265,13 +265,12 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             Distinct p(z) modes (at least 2 x `refinement_window` bins apart) scanned per spectrum.
         refinement_window (`float`, *optional*, defaults to 2.0):
             Half-width of the scan around each mode, in p(z) bins.
-        refinement_coarse_step (`float`, *optional*, defaults to 4e-4):
-            Step of the coarse chi^2 grid in ln(1 + z) (120 km/s).
-        refinement_fine_step (`float`, *optional*, defaults to 4e-5):
-            Step of the fine grid (+-2 coarse steps around the best coarse trial, native pixels) in ln(1 + z).
         refinement_rebin (`int`, *optional*, defaults to 3):
-            Pixels summed (inverse-variance weighted) into one for the coarse scan; the fine scan and the
-            parabola use the native pixels.
+            The coarse chi^2(z) curve bins the spectrum onto the templates' ln(lambda) grid coarsened by this
+            factor (3: steps of 2.4e-4 in ln(1 + z), 73 km/s, for DESI templates) and has one trial per bin.
+        refinement_fine_step (`float`, *optional*, defaults to 5e-5):
+            Step in ln(1 + z) of the fine scan (+-1 coarse step around the best coarse trial, on the spectrum's
+            own pixels) whose parabola gives the redshift.
         refinement_wide_quality (`float`, *optional*, defaults to 0.3):
             `peaks+wide`: p(z) quality below which the whole range is scanned.
         refinement_wide_chi2 (`float`, *optional*, defaults to 2.0):
@@ -303,8 +302,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement: str = "peaks+wide",
         refinement_modes: int = 3,
         refinement_window: float = 2.0,
-        refinement_coarse_step: float = 4e-4,
-        refinement_fine_step: float = 4e-5,
+        refinement_fine_step: float = 5e-5,
         refinement_rebin: int = 3,
         refinement_wide_quality: float = 0.3,
         refinement_wide_chi2: float = 2.0,
@@ -325,7 +323,6 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self.refinement = refinement
         self.refinement_modes = int(refinement_modes)
         self.refinement_window = float(refinement_window)
-        self.refinement_coarse_step = float(refinement_coarse_step)
         self.refinement_fine_step = float(refinement_fine_step)
         self.refinement_rebin = int(refinement_rebin)
         self.refinement_wide_quality = float(refinement_wide_quality)
@@ -362,7 +359,6 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         _check_positive(
             refinement_modes=self.refinement_modes,
             refinement_window=self.refinement_window,
-            refinement_coarse_step=self.refinement_coarse_step,
             refinement_fine_step=self.refinement_fine_step,
             refinement_rebin=self.refinement_rebin,
             refinement_wide_chi2=self.refinement_wide_chi2,
@@ -370,11 +366,6 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         if not 0.0 <= self.refinement_wide_quality <= 1.0:
             raise ValueError(
                 f"`refinement_wide_quality` must be in [0, 1], got {self.refinement_wide_quality}"
-            )
-        if self.refinement_fine_step > self.refinement_coarse_step:
-            raise ValueError(
-                f"`refinement_fine_step` ({self.refinement_fine_step}) must not exceed `refinement_coarse_step` "
-                f"({self.refinement_coarse_step})"
             )
 
     @property

@@ -249,6 +249,11 @@ def _coarse_basis(templates: RestFrameTemplates, rebin: int) -> tuple[torch.Tens
     return basis, start, rebin * templates.log_wavelength_step
 
 
+def _fft_length(n: int) -> int:
+    """The smallest 2^a 3^b >= n (fast FFT sizes)."""
+    return min(2**a * 3**b for a in range(n.bit_length() + 1) for b in range(4) if 2**a * 3**b >= n)
+
+
 def _template_spectra(
     templates: RestFrameTemplates, rebin: int, length: int, device: torch.device
 ) -> torch.Tensor:
@@ -298,7 +303,7 @@ def chi2_curve(
     binned_wf = torch.zeros_like(binned_w).scatter_add_(1, index - first, weight * flux)  # [batch, n_obs]
     total = (binned_wf**2 / binned_w.clamp(min=1e-300)).sum(-1)  # [batch]
 
-    length = 1 << (n_obs + n_rest - 1).bit_length()  # no circular wrap-around
+    length = _fft_length(n_obs + n_rest - 1)  # no circular wrap-around
     spectra = _template_spectra(templates, rebin, length, device)  # [m, length // 2 + 1], complex64
     r = torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1, device=device)  # [grid]
     lag = (first - r) % length  # [grid]: observed bin i meets template bin i + first - r
@@ -374,7 +379,7 @@ def refine_redshifts(
 ) -> RefinementResult:
     """Redshifts from chi^2(z): the coarse curve of every template set over `u_range` ([`chi2_curve`]), its
     lowest point within +-`half_width` of a candidate (or anywhere, for rows with `everywhere`), then a fine grid
-    (+-1.5 coarse steps, step `fine_step`) on the spectrum's own pixels with the winning set and a parabola.
+    (+-1 coarse step, step `fine_step`) on the spectrum's own pixels with the winning set and a parabola.
 
     Args:
         template_sets: rest-frame bases by spectral type (e.g. GALAXY, QSO).
@@ -403,7 +408,7 @@ def refine_redshifts(
     u_coarse = scan_u[best]  # [batch]
     winner = spectype.gather(1, best[:, None])[:, 0]  # [batch]
 
-    n_fine = math.ceil(1.5 * step / fine_step)
+    n_fine = math.ceil(step / fine_step)
     fine_u = u_coarse[:, None] + fine_step * torch.arange(
         -n_fine, n_fine + 1, device=flux.device
     )  # [batch, f]
