@@ -268,7 +268,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_rebin (`int`, *optional*, defaults to 3):
             The coarse chi^2(z) curve bins the spectrum onto the templates' ln(lambda) grid coarsened by this
             factor (3: steps of 2.4e-4 in ln(1 + z), 73 km/s, for DESI templates) and has one trial per bin.
-        refinement_fine_step (`float`, *optional*, defaults to 5e-5):
+        refinement_fine_step (`float`, *optional*, defaults to 1e-4):
             Step in ln(1 + z) of the fine scan (+-1 coarse step around the best coarse trial, on the spectrum's
             own pixels) whose parabola gives the redshift.
         refinement_wide_quality (`float`, *optional*, defaults to 0.3):
@@ -302,7 +302,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement: str = "peaks+wide",
         refinement_modes: int = 3,
         refinement_window: float = 2.0,
-        refinement_fine_step: float = 5e-5,
+        refinement_fine_step: float = 1e-4,
         refinement_rebin: int = 3,
         refinement_wide_quality: float = 0.3,
         refinement_wide_chi2: float = 2.0,

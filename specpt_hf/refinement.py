@@ -374,7 +374,7 @@ def refine_redshifts(
     u_range: tuple[float, float],
     everywhere: torch.Tensor | None = None,
     rebin: int = 3,
-    fine_step: float = 5e-5,
+    fine_step: float = 1e-4,
     exclusion_kms: float = 1000.0,
 ) -> RefinementResult:
     """Redshifts from chi^2(z): the coarse curve of every template set over `u_range` ([`chi2_curve`]), its
