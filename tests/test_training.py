@@ -249,8 +249,8 @@ def test_resumed_run_ends_with_the_same_weights(stage1, data_dir, tmp_path, monk
     class Interrupted(Exception):
         pass
 
-    def save_then_stop(accelerator, run_settings, step):
-        real_save(accelerator, run_settings, step)
+    def save_then_stop(accelerator, run_settings, step, *objects):
+        real_save(accelerator, run_settings, step, *objects)
         raise Interrupted(step)  # the run dies right after its first checkpoint (step 6, mid-epoch)
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)

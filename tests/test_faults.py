@@ -1,0 +1,153 @@
+"""Nothing lost, nothing silent: each probe builds its bad input, checks the refusal or recovery and that
+nothing was lost (input bytes unchanged, earlier outputs intact)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from specpt_hf.data.mock import write_mock_release
+from specpt_hf.data.prepare import prepare_dataset
+from specpt_hf.training import train as train_module
+from specpt_hf.training.checkpoint import checkpoint_dirs
+from specpt_hf.training.settings import TrainingSettings
+from specpt_hf.training.train import training_function
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_datasets_cache(tmp_path_factory):
+    """The Arrow cache of the Parquet shards goes to a temporary folder, not the user's cache."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        patch.setenv("HF_DATASETS_CACHE", str(cache))
+        yield
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `folder`."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """A small mock release (coadd + redrock files)."""
+    root = tmp_path_factory.mktemp("raw")
+    write_mock_release(root, {"elg": 30, "lrg": 30}, seed=5, spectra_per_file=30, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "parquet"
+    prepare_dataset([raw], out, fractions=(0.6, 0.2, 0.2), progress=False)
+    return out
+
+
+def settings_for(data_dir: Path, output_dir: Path, **overrides) -> TrainingSettings:
+    values = dict(
+        stage="autoencoder",
+        preset="specpt-tiny",
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        batch_size=8,
+        max_steps=4,
+        eval_steps=2,
+        logging_steps=2,
+        checkpointing_steps=2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=3,
+    )
+    return TrainingSettings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> TrainingSettings:
+    """A finished tiny autoencoder run with checkpoints at steps 2 and 4."""
+    settings = settings_for(data_dir, tmp_path_factory.mktemp("run") / "out")
+    training_function(settings)
+    return settings
+
+
+def copy_run(settings: TrainingSettings, to: Path, keep_step: int = 2) -> TrainingSettings:
+    """A copy of a run's output folder holding only its checkpoint `step_{keep_step}`, set to resume."""
+    shutil.copytree(settings.output_dir, to)
+    for folder in (to / "checkpoints").iterdir():
+        if folder.name != f"step_{keep_step}":
+            shutil.rmtree(folder)
+    shutil.rmtree(to / "model")
+    return TrainingSettings(**{**settings.to_dict(), "output_dir": str(to), "resume": True})
+
+
+class Payload:
+    """Unpickling it creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+# --- 1. no code execution on resume ---------------------------------------------------------------------
+
+
+def test_resume_never_unpickles_a_planted_file(trained, tmp_path):
+    resumed = copy_run(trained, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    marker = tmp_path / "payload_ran"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+        torch.save(Payload(marker), checkpoint / name)
+    result = training_function(resumed)
+    assert not marker.exists()
+    assert result.step == 4 and result.history[0]["step"] == 2  # resumed at step 2, history kept
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+# --- 2. a checkpoint killed mid-save does not block resuming ------------------------------------------------
+
+
+@pytest.mark.parametrize("partial", ["empty", "no_state"])
+def test_resume_skips_an_incomplete_newest_checkpoint(trained, tmp_path, partial, caplog):
+    resumed = copy_run(trained, tmp_path / "run")
+    good = tmp_path / "run" / "checkpoints" / "step_2"
+    bad = good.with_name("step_3")
+    if partial == "empty":
+        bad.mkdir()
+    else:  # killed before its last file
+        shutil.copytree(good, bad)
+        (bad / "trainer_state.json").unlink()
+    before = digest(good)
+    with caplog.at_level("WARNING"):
+        result = training_function(resumed)
+    assert f"skipping incomplete checkpoint {bad}" in caplog.text
+    assert result.step == 4 and result.history[0]["step"] == 2  # from step_2, not afresh
+    assert digest(good) == before or not good.exists()
+    assert [p.name for p in checkpoint_dirs(resumed.output_dir)][-1] == "step_4"
+
+
+def test_checkpoint_is_written_aside_and_renamed(trained, tmp_path, monkeypatch):
+    """A save that dies midway leaves no `step_N` folder (only a hidden temporary one is removed)."""
+    settings = settings_for(Path(trained.data_dir), tmp_path / "run", max_steps=2)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for a kill between two files
+
+    monkeypatch.setattr("specpt_hf.training.checkpoint.np.savez", die)
+    with pytest.raises(KeyboardInterrupt):
+        training_function(settings)
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    assert train_module.checkpoint_dirs(tmp_path / "run") == []
