@@ -13,10 +13,13 @@ import pytest
 import torch
 
 from specpt_hf.data.mock import write_mock_release
-from specpt_hf.data.prepare import prepare_dataset
+from specpt_hf.data.prepare import ShardWriter, prepare_dataset
+from specpt_hf.evaluation.evaluate_model import load_eval_split
 from specpt_hf.training import train as train_module
 from specpt_hf.training.checkpoint import checkpoint_dirs
+from specpt_hf.training.data import load_training_data
 from specpt_hf.training.settings import TrainingSettings
+from specpt_hf.training.train import main as train_main
 from specpt_hf.training.train import training_function
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -151,3 +154,41 @@ def test_checkpoint_is_written_aside_and_renamed(trained, tmp_path, monkeypatch)
         training_function(settings)
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
     assert train_module.checkpoint_dirs(tmp_path / "run") == []
+
+
+# --- 3. a dataset folder is complete or absent ------------------------------------------------------------
+
+
+def test_shards_without_their_card_are_refused(data_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(data_dir, partial)
+    (partial / "README.md").unlink()  # a prepare killed before its last file
+    before = digest(partial)
+    with pytest.raises(FileNotFoundError, match=rf"{partial}: no README\.md, so not a complete dataset"):
+        load_training_data(partial, "autoencoder")
+    with pytest.raises(FileNotFoundError, match=rf"{partial}: no README\.md"):
+        load_eval_split(partial, "validation")
+    assert train_main(["--data-dir", str(partial), "--output-dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out" / "model").exists()
+    assert digest(partial) == before
+
+
+def test_a_failed_overwrite_leaves_the_previous_dataset(raw, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "parquet"
+    shutil.copytree(data_dir, out)
+    before = digest(out)
+    real_add = ShardWriter.add_batch
+    calls = []
+
+    def fail_midway(self, batch):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        real_add(self, batch)
+
+    monkeypatch.setattr(ShardWriter, "add_batch", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset([raw], out, shard_size=1, chunk_size=8, overwrite=True, progress=False)
+    assert len(calls) > 1  # it failed after writing shards
+    assert digest(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

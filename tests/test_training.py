@@ -88,6 +88,7 @@ def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(7)
     write_split(root / "train", N_TRAIN, rng, n_far=N_FAR)
     write_split(root / "validation", N_VAL, rng)
+    (root / "README.md").write_text("---\n---\n# test spectra\n")  # the card: the folder is complete
     return root
 
 
