@@ -9,11 +9,15 @@ import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from astropy.io import fits
 
-from specpt_hf.data.mock import write_mock_release
+from specpt_hf.data.mock import write_mock_healpix, write_mock_release
 from specpt_hf.data.prepare import ShardWriter, prepare_dataset
+from specpt_hf.data.redshifts import QualityCuts
 from specpt_hf.evaluation.evaluate_model import load_eval_split
 from specpt_hf.training import train as train_module
 from specpt_hf.training.checkpoint import checkpoint_dirs
@@ -192,3 +196,27 @@ def test_a_failed_overwrite_leaves_the_previous_dataset(raw, data_dir, tmp_path,
     assert len(calls) > 1  # it failed after writing shards
     assert digest(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# --- 4. duplicated TARGETIDs are never joined to a label ----------------------------------------------------
+
+
+def test_duplicate_targetids_in_a_coadd_get_no_label(tmp_path, caplog):
+    coadd, redrock = write_mock_healpix(tmp_path / "raw", "elg", 12, seed=2, survey="sv3", healpix=26065)
+    with fits.open(coadd, mode="update") as hdul:
+        fibermap = hdul["FIBERMAP"].data
+        targets = np.flatnonzero(np.char.strip(fibermap["OBJTYPE"].astype(str)) == "TGT")
+        first, second = targets[:2]
+        fibermap["TARGETID"][second] = fibermap["TARGETID"][first]  # two spectra, one TARGETID
+        duplicated = int(fibermap["TARGETID"][first])
+    before = digest(tmp_path / "raw")
+    with caplog.at_level("WARNING"):
+        summary = prepare_dataset([tmp_path / "raw"], tmp_path / "out", cuts=QualityCuts(enabled=False))
+    assert f"{coadd.name}: 2 spectra share their TARGETID" in caplog.text
+    assert summary.join_stats.duplicate_targetid == 2
+    rows = [r for p in sorted((tmp_path / "out").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert duplicated not in {r["targetid"] for r in rows}
+    truth = fits.getdata(redrock, "REDSHIFTS")
+    z_of = dict(zip(truth["TARGETID"].tolist(), truth["Z"].tolist(), strict=True))
+    assert rows and all(r["z"] == z_of[r["targetid"]] for r in rows)  # every label is the spectrum's own
+    assert digest(tmp_path / "raw") == before
