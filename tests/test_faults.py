@@ -17,8 +17,12 @@ from astropy.io import fits
 
 from specpt_hf.data.mock import write_mock_healpix, write_mock_release
 from specpt_hf.data.prepare import ShardWriter, prepare_dataset
+from specpt_hf.data.prepare import main as prepare_main
 from specpt_hf.data.redshifts import QualityCuts
 from specpt_hf.evaluation.evaluate_model import load_eval_split
+from specpt_hf.evaluation.evaluate_model import main as evaluate_main
+from specpt_hf.evaluation.results import write_results_json
+from specpt_hf.hub import main as push_main
 from specpt_hf.training import train as train_module
 from specpt_hf.training.checkpoint import checkpoint_dirs
 from specpt_hf.training.data import load_training_data
@@ -220,3 +224,62 @@ def test_duplicate_targetids_in_a_coadd_get_no_label(tmp_path, caplog):
     z_of = dict(zip(truth["TARGETID"].tolist(), truth["Z"].tolist(), strict=True))
     assert rows and all(r["z"] == z_of[r["targetid"]] for r in rows)  # every label is the spectrum's own
     assert digest(tmp_path / "raw") == before
+
+
+# --- 5. a model of the wrong kind is refused ----------------------------------------------------------------
+
+
+def test_evaluate_refuses_an_autoencoder_folder(trained, data_dir, tmp_path, capsys):
+    autoencoder = Path(trained.output_dir) / "model"
+    before = digest(autoencoder)
+    out = tmp_path / "evaluation"
+    code = evaluate_main(["--model", str(autoencoder), "--data", str(data_dir), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == (
+        f"specpt evaluate: {autoencoder}: config.json has model_type 'specpt', "
+        "a SpecPTForRedshift needs 'specpt_redshift'\n"
+    )
+    assert not out.exists() and digest(autoencoder) == before
+
+
+def test_push_refuses_redshift_results_on_an_autoencoder(trained, tmp_path, capsys):
+    autoencoder = Path(trained.output_dir) / "model"
+    results = tmp_path / "results.json"
+    metrics = {"n": 10, "nmad": 0.01, "eta": 0.02, "bias": 0.0}
+    write_results_json(results, {"all": metrics}, "tiny", "mock", "specpt-mock", dataset_split="test")
+    before = digest(autoencoder)
+    out = tmp_path / "repo"
+    argv = [
+        str(autoencoder),
+        "--repo-id",
+        "me/tiny",
+        "--results",
+        str(results),
+        "--out",
+        str(out),
+        "--dry-run",
+    ]
+    assert push_main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{autoencoder}: holds a 'specpt' model, not a 'specpt_redshift' one" in err
+    assert not out.exists() and digest(autoencoder) == before
+
+
+# --- 6. expected errors are one line, the traceback on request -----------------------------------------------
+
+
+def test_prepare_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nowhere"
+    argv = [str(missing), "--out", str(tmp_path / "out"), "--no-progress"]
+    monkeypatch.delenv("SPECPT_DEBUG", raising=False)
+    assert prepare_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("specpt prepare: ") and str(missing) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        prepare_main([*argv, "--debug"])
+    monkeypatch.setenv("SPECPT_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        prepare_main(argv)
+    assert not (tmp_path / "out").exists()

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..atomic import atomic_write_text, replaced_folder
+from ..cli import run_reporting_errors
 from .builder import (
     CITATION,
     DEFAULT_FRACTIONS,
@@ -475,14 +476,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or SPECPT_DEBUG=1)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`specpt prepare`; an expected error is one line on stderr and exit status 1 (`--debug`: traceback)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    return run_reporting_errors("prepare", lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     cuts = QualityCuts(enabled=not args.no_quality_cuts, primary_only=not args.all_spectra)
     summary = prepare_dataset(
         args.inputs,
