@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Callable
 
 # sub-command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -18,6 +20,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("specpt_hf.hub", "write a model repo folder with its card and upload it to the Hub"),
     "presets": ("specpt_hf.presets", "list the named model presets"),
 }
+
+
+DEBUG_VARIABLE = "SPECPT_DEBUG"  # =1: expected errors show their traceback, as with --debug
+EXPECTED_ERRORS = (OSError, ValueError)
+
+
+def run_reporting_errors(command: str, run: Callable[[], int], debug: bool = False) -> int:
+    """`run()`, with an expected error (OSError, ValueError) printed as one line `specpt COMMAND: message`
+    on stderr and exit status 1; with `debug` or SPECPT_DEBUG=1 the error is raised (traceback)."""
+    try:
+        return run()
+    except EXPECTED_ERRORS as err:
+        if debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"specpt {command}: {message or type(err).__name__}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

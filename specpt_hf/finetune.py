@@ -574,15 +574,6 @@ def _same_grid(a: np.ndarray, b: np.ndarray) -> bool:
     return len(a) == len(b) and np.allclose(a, b, rtol=0.0, atol=1e-6 * float(np.max(np.abs(a))))
 
 
-def _prepare_folder(out: Path, overwrite: bool) -> None:
-    existing = [path for split in SPLITS for path in (out / split).glob("*.parquet")]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out}: already holds {len(existing)} Parquet shards (use overwrite=True)")
-    for path in existing:
-        path.unlink()
-    (out / MOCK_INFO_NAME).unlink(missing_ok=True)
-
-
 def read_mock_info(data_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The `mock_info.json` of a folder written by `write_instrument_dataset` (None when there is none)."""
     path = Path(data_dir) / MOCK_INFO_NAME
@@ -623,7 +614,8 @@ def write_instrument_dataset(
         `mock_info.json`).
     """
     from .data.builder import desi_features, record_to_example
-    from .data.prepare import ShardWriter
+    from .data.prepare import ShardWriter, check_output_folder, write_dataset_card
+    from .data.redshifts import QualityCuts
 
     instrument = get_instrument(instrument)
     classes = dict(classes or instrument_sample(instrument).classes)
@@ -632,45 +624,49 @@ def write_instrument_dataset(
         raise ValueError(f"`splits` must map {SPLITS} to counts >= 0, got {dict(splits)}")
     grid = instrument.wave if wavelength is None else np.asarray(wavelength, dtype=float)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _prepare_folder(out, overwrite)
-    features = desi_features(len(grid))
-    rows, dropped = {}, {}
-    for split_code, split in enumerate(SPLITS):
-        n_split = int(splits.get(split, 0))
-        if not n_split:
-            continue
-        writer = ShardWriter(out / split, features, shard_size, min(256, shard_size), "snappy")
-        rows[split], dropped[split] = 0, 0
-        chunks = range(math.ceil(n_split / chunk_size))
-        try:
-            for k in tqdm(chunks, desc=f"{instrument.name} {split}", unit="chunk", disable=not progress):
-                n = min(chunk_size, n_split - k * chunk_size)
-                data = mock_chunk(instrument, classes, n, _derived_seed(seed, split_code, k), grid)
-                for i in range(n):
-                    if data["mask"][i].all():
-                        dropped[split] += 1
-                        continue
-                    index = k * chunk_size + i
-                    targetid = (
-                        _MOCK_TARGETID_BIT | _instrument_code(instrument) << 48 | split_code << 40 | index
-                    )
-                    writer.add(record_to_example(_record(data, i, targetid, instrument)))
-                    rows[split] += 1
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-    grid_values = {
-        "wavelength_start": float(grid[0]),
-        "wavelength_step": float(np.median(np.diff(grid))),
-        "num_pixels": len(grid),
-        "linear": bool(np.allclose(np.diff(grid), np.diff(grid)[0], rtol=1e-6)),
-    }
-    info = {"instrument": instrument.name, "seed": seed, "classes": classes, "requested": dict(splits)}
-    atomic_write_json(
-        out / MOCK_INFO_NAME, {**info, **grid_values, "rows": rows, "dropped_no_coverage": dropped}
-    )
+    check_output_folder(out, overwrite)
+    with replaced_folder(out) as tmp:  # complete or absent: written aside, the card last, then renamed
+        features = desi_features(len(grid))
+        rows, dropped = {}, {}
+        for split_code, split in enumerate(SPLITS):
+            n_split = int(splits.get(split, 0))
+            if not n_split:
+                continue
+            writer = ShardWriter(tmp / split, features, shard_size, min(256, shard_size), "snappy")
+            rows[split], dropped[split] = 0, 0
+            chunks = range(math.ceil(n_split / chunk_size))
+            try:
+                for k in tqdm(chunks, desc=f"{instrument.name} {split}", unit="chunk", disable=not progress):
+                    n = min(chunk_size, n_split - k * chunk_size)
+                    data = mock_chunk(instrument, classes, n, _derived_seed(seed, split_code, k), grid)
+                    for i in range(n):
+                        if data["mask"][i].all():
+                            dropped[split] += 1
+                            continue
+                        index = k * chunk_size + i
+                        targetid = (
+                            _MOCK_TARGETID_BIT | _instrument_code(instrument) << 48 | split_code << 40 | index
+                        )
+                        writer.add(record_to_example(_record(data, i, targetid, instrument)))
+                        rows[split] += 1
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        grid_values = {
+            "wavelength_start": float(grid[0]),
+            "wavelength_step": float(np.median(np.diff(grid))),
+            "num_pixels": len(grid),
+            "linear": bool(np.allclose(np.diff(grid), np.diff(grid)[0], rtol=1e-6)),
+        }
+        info = {"instrument": instrument.name, "seed": seed, "classes": classes, "requested": dict(splits)}
+        atomic_write_json(
+            tmp / MOCK_INFO_NAME, {**info, **grid_values, "rows": rows, "dropped_no_coverage": dropped}
+        )
+        body = f"\n# Mock {instrument.name} spectra\n\nWritten by `specpt_hf.finetune.write_instrument_dataset`.\n"
+        write_dataset_card(
+            tmp, rows=rows, target_class="all", cuts=QualityCuts(enabled=False), features=features, body=body
+        )
     return rows
 
 

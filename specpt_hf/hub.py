@@ -594,6 +594,12 @@ def write_repo_folder(
     repo_id = _check_repo_id(repo_id)
     folder = check_model_folder(model_dir)
     results = read_results_json(results_json) if results_json is not None else None
+    if results is not None and folder.config.model_type != SpecPTForRedshiftConfig.model_type:
+        raise ModelFolderError(
+            f"{folder.path}: holds a {folder.config.model_type!r} model, not a "
+            f"{SpecPTForRedshiftConfig.model_type!r} one; the redshift results of {results_json} belong on a "
+            "redshift model's card"
+        )
     settings = _read_settings(folder.path)
     pipelines = pipeline_info() if folder.config.model_type == SpecPTForRedshiftConfig.model_type else {}
     config = repo_config(folder, pipelines)

@@ -88,6 +88,7 @@ def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(7)
     write_split(root / "train", N_TRAIN, rng, n_far=N_FAR)
     write_split(root / "validation", N_VAL, rng)
+    (root / "README.md").write_text("---\n---\n# test spectra\n")  # the card: the folder is complete
     return root
 
 
@@ -249,8 +250,8 @@ def test_resumed_run_ends_with_the_same_weights(stage1, data_dir, tmp_path, monk
     class Interrupted(Exception):
         pass
 
-    def save_then_stop(accelerator, run_settings, step):
-        real_save(accelerator, run_settings, step)
+    def save_then_stop(accelerator, run_settings, step, *objects):
+        real_save(accelerator, run_settings, step, *objects)
         raise Interrupted(step)  # the run dies right after its first checkpoint (step 6, mid-epoch)
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)

@@ -223,7 +223,7 @@ class LabelledChunk:
 def label_chunk(chunk: SpectraChunk, join: RedshiftJoin) -> LabelledChunk | None:
     """Join a chunk's spectra with their redshifts (`RedshiftJoin.match`); None if none is kept."""
     index, rows, classes = join.match(
-        chunk.targetid, chunk.survey, chunk.program, chunk.fibermap, chunk.source
+        chunk.targetid, chunk.survey, chunk.program, chunk.fibermap, chunk.source, chunk.shared_targetid
     )
     return LabelledChunk(chunk, join.table, index, rows, classes) if len(index) else None
 

@@ -148,6 +148,9 @@ class SpectraChunk:
     program: str
     healpix: int
     source: str  # file name
+    # bool [n]: the TARGETID is on another FIBERMAP row of the same file too (which spectrum is that target's
+    # is ambiguous, so the redshift join labels neither); None: not known (all unique)
+    shared_targetid: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -869,6 +872,8 @@ def _read_open(
     file_stats.fibers = info.n_fibers
     keep = _fiber_selection(fibermap, file_stats)
     targetid = np.asarray(fibermap["TARGETID"], dtype=np.int64)
+    _, inverse, counts = np.unique(targetid, return_inverse=True, return_counts=True)
+    shared = counts[inverse] > 1  # [rows]
     if select is not None:
         chosen = np.asarray(select(targetid), dtype=bool)
         file_stats.not_selected = int((keep & ~chosen).sum())
@@ -876,6 +881,7 @@ def _read_open(
     for rows in _chunks(np.flatnonzero(keep), chunk_size):
         chunk = _read_chunk(hdul, rows, targetid, fibermap, info, mask_zero, file_stats)
         if len(chunk):
+            chunk.shared_targetid = shared[chunk.rows]
             yield chunk
 
 

@@ -9,8 +9,9 @@ Output layout::
 
 Spectra are streamed: a file is read a chunk of rows at a time, each chunk's labelled spectra go to
 their split as one block of columns, and each split's rows go to Parquet in row groups encoded on
-background threads, so memory stays bounded and encoding overlaps reading. Every shard and the card
-are written to a temporary file and renamed. Read back with `datasets.load_dataset(OUT)` or `load_dataset("parquet", data_files=...)`.
+background threads, so memory stays bounded and encoding overlaps reading. The whole folder is written
+aside, the card last, and renamed onto OUT when complete: OUT is a whole dataset or absent (readers refuse
+a folder without its README.md). Read back with `datasets.load_dataset(OUT)` or `load_dataset("parquet", data_files=...)`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, replaced_folder
+from ..cli import run_reporting_errors
 from .builder import (
     CITATION,
     DEFAULT_FRACTIONS,
@@ -223,12 +225,14 @@ class ShardWriter:
         self._writer, self._temp = None, None
 
 
-def _clear_outputs(out_dir: Path, overwrite: bool) -> None:
+def check_output_folder(out_dir: Path, overwrite: bool) -> None:
+    """FileExistsError naming `out_dir` when it exists, is not empty and `overwrite` is off (the whole folder
+    is replaced by the new dataset)."""
+    if overwrite or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
     existing = [p for split in SPLITS for p in (out_dir / split).glob("*.parquet")]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir}: already holds {len(existing)} Parquet shards (use overwrite)")
-    for path in existing:
-        path.unlink()
+    what = f"already holds {len(existing)} Parquet shards" if existing else "is not empty"
+    raise FileExistsError(f"{out_dir}: {what} (use overwrite to replace the folder)")
 
 
 def prepare_dataset(
@@ -251,6 +255,10 @@ def prepare_dataset(
 
     `inputs` are folders (release layout or flat; their coadd-* files are used) or coadd/spectra
     files. Redshifts come from the `redrock-*` file next to each, or from `catalog`.
+
+    The dataset is complete or absent: it is written into a temporary folder next to `out_dir`, the card
+    (README.md) last, and renamed onto `out_dir` at the end; on any error (or a kill) `out_dir` keeps what it
+    held. `overwrite` replaces the whole folder; without it a non-empty `out_dir` is a FileExistsError.
     """
     if shard_size < 1 or row_group_size < 1:
         raise ValueError(f"shard_size and row_group_size must be >= 1, got {shard_size}, {row_group_size}")
@@ -266,8 +274,37 @@ def prepare_dataset(
     )
     files = [info.path for info in source.check()]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out, overwrite)
+    check_output_folder(out, overwrite)
+    with replaced_folder(out) as tmp:
+        rows, shards, read_stats, join_stats = _write_splits(
+            source, files, tmp, shard_size, row_group_size, compression, fractions, progress
+        )
+        write_dataset_card(tmp, rows=rows, target_class=target_class, cuts=source.cuts, fractions=fractions)
+    summary = PrepareSummary(
+        out_dir=out,
+        files=len(files),
+        rows=rows,
+        shards={split: [out / p.relative_to(tmp) for p in paths] for split, paths in shards.items()},
+        read_stats=read_stats,
+        join_stats=join_stats,
+        seconds=time.perf_counter() - start,
+    )
+    logger.info("wrote %d rows %s to %s in %.1f s", summary.total_rows, rows, out, summary.seconds)
+    return summary
+
+
+def _write_splits(
+    source: DesiSource,
+    files: list[Path],
+    out: Path,
+    shard_size: int,
+    row_group_size: int,
+    compression: str,
+    fractions: Sequence[float],
+    progress: bool,
+) -> tuple[dict[str, int], dict[str, list[Path]], ReadStats, JoinStats]:
+    """Stream the labelled spectra of `files` into Parquet shards under `out/{split}`; return the rows and
+    shards per split and the read / join statistics. ValueError when no spectrum passed the selection."""
     features = desi_features()
     read_stats, join_stats = ReadStats(), JoinStats()
     with ThreadPoolExecutor(max_workers=len(SPLITS), thread_name_prefix="parquet") as executor:
@@ -298,18 +335,7 @@ def prepare_dataset(
             f"no spectrum passed the selection in {len(files)} files; read {read_stats.as_dict()}, "
             f"joined {join_stats.as_dict()}"
         )
-    write_dataset_card(out, rows=rows, target_class=target_class, cuts=source.cuts, fractions=fractions)
-    summary = PrepareSummary(
-        out_dir=out,
-        files=len(files),
-        rows=rows,
-        shards={split: writer.shards for split, writer in writers.items()},
-        read_stats=read_stats,
-        join_stats=join_stats,
-        seconds=time.perf_counter() - start,
-    )
-    logger.info("wrote %d rows %s to %s in %.1f s", summary.total_rows, rows, out, summary.seconds)
-    return summary
+    return rows, {split: writer.shards for split, writer in writers.items()}, read_stats, join_stats
 
 
 # ----------------------------------------------------------------------------------------- card
@@ -385,10 +411,13 @@ def write_dataset_card(
     target_class: str,
     cuts: QualityCuts,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    features: datasets.Features | None = None,
+    body: str | None = None,
 ) -> Path:
     """Write `README.md` with Hub metadata (configs, dataset_info, license, tags) atomically.
 
-    Only splits with rows are listed (`datasets` refuses a declared split without data).
+    Only splits with rows are listed (`datasets` refuses a declared split without data). `features`
+    (default: `desi_features()`) and `body` (default: the DESI EDR text) serve other spectra's folders.
     """
     out = Path(out_dir)
     present = [split for split in SPLITS if rows.get(split)]
@@ -409,9 +438,10 @@ def write_dataset_card(
     splits = datasets.SplitDict()
     for split in present:
         splits.add(datasets.SplitInfo(name=split, num_examples=rows[split]))
-    info = datasets.DatasetInfo(features=desi_features(), splits=splits)
+    info = datasets.DatasetInfo(features=features or desi_features(), splits=splits)
     datasets.info.DatasetInfosDict({target_class: info}).to_dataset_card_data(card_data)
-    card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n{_card_body(rows, target_class, cuts, fractions)}")
+    text = _card_body(rows, target_class, cuts, fractions) if body is None else body
+    card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n{text}")
     return atomic_write_text(out / "README.md", str(card))
 
 
@@ -441,17 +471,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip-bad-files", action="store_true", help="log and skip bad files instead of failing"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the --out folder (once the new one is complete)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or SPECPT_DEBUG=1)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`specpt prepare`; an expected error is one line on stderr and exit status 1 (`--debug`: traceback)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    return run_reporting_errors("prepare", lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     cuts = QualityCuts(enabled=not args.no_quality_cuts, primary_only=not args.all_spectra)
     summary = prepare_dataset(
         args.inputs,

@@ -426,6 +426,7 @@ class JoinStats(Counts):
     other_class: int = 0
     joined: int = 0
     redshifts_without_spectrum: int = 0
+    duplicate_targetid: int = 0  # spectra sharing their TARGETID with another spectrum of their file
 
 
 class RedshiftJoin:
@@ -445,6 +446,7 @@ class RedshiftJoin:
         self.stats = JoinStats()
         self._good = table.quality(self.cuts)
         self._seen = np.zeros(len(table), dtype=bool)
+        self._duplicates: dict[str, int] = {}  # spectrum file -> spectra with a shared TARGETID
 
     def match(
         self,
@@ -453,19 +455,30 @@ class RedshiftJoin:
         program: str = "",
         fibermap: Mapping[str, Any] | None = None,
         source: str | None = None,
+        shared_targetid: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(indices of the kept spectra in the batch, their table rows, their classes).
 
         Spectra without a redshift row, failing the quality cuts, or of another class are dropped
         and counted. Where the table has no targeting bits, the class comes from `fibermap`
         (the spectra's FIBERMAP columns, [n] each).
+
+        Spectra flagged in `shared_targetid` ([n] bool: their TARGETID is on another row of their file
+        too) are never labelled: which of them is the target the redshift belongs to cannot be told, so
+        all of them are dropped, counted as `duplicate_targetid` and reported per file by `finish` (a
+        warning naming the file and the count) rather than the whole file refused.
         """
         table, stats = self.table, self.stats
         targetid = np.asarray(targetid, dtype=np.int64)
         rows = table.find_many(targetid, survey or "", program or "")
-        found = np.flatnonzero(rows >= 0)
+        shared = np.zeros(len(targetid), bool) if shared_targetid is None else np.asarray(shared_targetid)
+        if n_shared := int(shared.sum()):
+            key = source or table.source
+            self._duplicates[key] = self._duplicates.get(key, 0) + n_shared
+        found = np.flatnonzero((rows >= 0) & ~shared)
         stats.spectra += len(targetid)
-        stats.without_redshift += len(targetid) - len(found)
+        stats.duplicate_targetid += n_shared
+        stats.without_redshift += len(targetid) - len(found) - n_shared
         if logger.isEnabledFor(logging.DEBUG):
             for value in targetid[rows < 0]:
                 logger.debug("TARGETID %d (%s) has no redshift", value, source)
@@ -494,6 +507,13 @@ class RedshiftJoin:
         science = (table.targetid > 0) & table.is_target & (table.fiberstatus == 0)
         self.stats.redshifts_without_spectrum = int((~self._seen & science).sum())
         _log_join(table.source, self.stats)
+        for source, count in self._duplicates.items():
+            logger.warning(
+                "%s: %d spectra share their TARGETID with another spectrum of the file: not labelled "
+                "(which one is the target is ambiguous)",
+                source,
+                count,
+            )
         return self.stats
 
 

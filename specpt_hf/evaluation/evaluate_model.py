@@ -19,8 +19,10 @@ import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..atomic import atomic_write
+from ..cli import run_reporting_errors
 from ..inference import predict_batches
 from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
 from ..training.data import split_files
@@ -31,6 +33,17 @@ logger = logging.getLogger(__name__)
 
 EVAL_COLUMNS = ("targetid", "flux", "ivar", "mask", "z", "target_class")
 N_RECONSTRUCTIONS = 4
+
+
+def check_model_type(model_dir: str | os.PathLike, cls: type[PreTrainedModel]) -> None:
+    """ValueError naming `model_dir` unless its config.json is of `cls`'s model type (`from_pretrained` would
+    otherwise build the missing parts, e.g. a redshift head, at random)."""
+    model_type = PretrainedConfig.get_config_dict(str(model_dir))[0].get("model_type")
+    expected = cls.config_class.model_type
+    if model_type != expected:
+        raise ValueError(
+            f"{model_dir}: config.json has model_type {model_type!r}, a {cls.__name__} needs {expected!r}"
+        )
 
 
 def load_eval_split(data_dir: str | os.PathLike, split: str = "test") -> datasets.Dataset:
@@ -153,10 +166,13 @@ def evaluate_model(
 
     Returns the summary (see `summarize`) with the paths of the files written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_model_type(model_dir, SpecPTForRedshift)
+    if autoencoder_dir is not None:
+        check_model_type(autoencoder_dir, SpecPTForSpectrumReconstruction)
     model = SpecPTForRedshift.from_pretrained(model_dir)
     dataset = load_eval_split(data_dir, split)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     predictions = predict_split(model, dataset, batch_size)
     summary = summarize(predictions)
     name = model_name or Path(model_dir).resolve().name
@@ -192,6 +208,7 @@ def write_predictions_csv(predictions: dict[str, np.ndarray], path: Path) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`specpt evaluate`; an expected error is one line on stderr and exit status 1 (`--debug`: traceback)."""
     parser = argparse.ArgumentParser(prog="specpt evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="folder of a SpecPTForRedshift model")
     parser.add_argument("--data", required=True, help="prepared data folder ({data}/{split}/*.parquet)")
@@ -199,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--autoencoder", help="folder of the stage-1 autoencoder, for reconstruction plots")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or SPECPT_DEBUG=1)"
+    )
     args = parser.parse_args(argv)
+    return run_reporting_errors("evaluate", lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     summary = evaluate_model(args.model, args.data, args.out, args.split, args.autoencoder, args.batch_size)
     for name, values in summary["by_class"].items():
         print(f"{name:>5}: n={values['n']:<6} NMAD={values['nmad']:.5f}  eta={100 * values['eta']:.2f}%")

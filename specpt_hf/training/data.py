@@ -2,6 +2,7 @@
 
 The shards are the ones `specpt prepare` writes, `{data_dir}/{split}/*.parquet`, one spectrum record per
 row (see ARCHITECTURE.md): `flux`, `ivar` (float32 lists), `mask` (bool list, True = bad pixel), `z`, ...
+A folder without its dataset card (`{data_dir}/README.md`, written last) is refused as partial.
 """
 
 from __future__ import annotations
@@ -18,19 +19,32 @@ from torch.utils.data import DataLoader
 
 logger = logging.getLogger(__name__)
 
+DATASET_CARD = "README.md"  # written last by `specpt prepare`: a folder without it is partial
 SPECTRUM_COLUMNS = ("flux", "ivar", "mask")
 STAGE_COLUMNS = {"autoencoder": SPECTRUM_COLUMNS, "redshift": (*SPECTRUM_COLUMNS, "z")}
 
 
 def split_files(data_dir: str | os.PathLike, split: str) -> list[str]:
-    """The Parquet shards of one split, sorted; `FileNotFoundError` naming the folder if there are none."""
+    """The Parquet shards of one split, sorted; `FileNotFoundError` naming the folder if there are none or
+    if `data_dir` lacks its dataset card (`README.md`, written last: without it the dataset is partial)."""
     folder = Path(data_dir) / split
     files = sorted(str(path) for path in folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(
             f"no Parquet shards for split {split!r}: {folder}/*.parquet (run `specpt prepare`)"
         )
+    check_complete(data_dir)
     return files
+
+
+def check_complete(data_dir: str | os.PathLike) -> None:
+    """`FileNotFoundError` naming `data_dir` unless it holds its dataset card, `README.md`."""
+    card = Path(data_dir) / DATASET_CARD
+    if not card.is_file():
+        raise FileNotFoundError(
+            f"{data_dir}: no {DATASET_CARD}, so not a complete dataset (an interrupted `specpt prepare`?); "
+            "run `specpt prepare` again"
+        )
 
 
 def load_split(

@@ -14,7 +14,8 @@ The same command runs on a laptop CPU and on many GPUs:
 peft/LoRA model, e.g. from `specpt_hf.finetune.adapt_to_instrument`), and `save_function=` changes how its model
 folders are written (`specpt_hf.finetune.write_finetuned`: LoRA merged, adapter alongside).
 
-Output folder: `checkpoints/step_{N}/` (full training state, `--resume` continues from the newest),
+Output folder: `checkpoints/step_{N}/` (full training state without pickles, written aside and renamed into
+place, see `specpt_hf.training.checkpoint`; `--resume` continues from the newest complete one),
 `logs/` (TensorBoard), `training_history.json` (every logged record: loss, learning rate, validation
 metrics; kept across resumes), `model/` (final weights, `save_pretrained` format, with
 `training_settings.yaml`), and for stage 2 `best/` (the weights with the best validation NMAD).
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import sys
 import time
@@ -45,18 +45,24 @@ from specpt_hf.atomic import atomic_write_json, replaced_folder
 from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from specpt_hf.evaluation.metrics import redshift_metrics
 from specpt_hf.presets import model_class, preset_config
+from specpt_hf.training.checkpoint import (
+    CHECKPOINT_PREFIX,
+    checkpoint_dirs,
+    load_training_state,
+    newest_checkpoint,
+    save_training_state,
+)
 from specpt_hf.training.data import build_dataloader, load_training_data
 from specpt_hf.training.settings import TrainingSettings, parse_settings
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "step_"
 HISTORY_NAME = "training_history.json"
 
 
 @dataclass
 class TrainerState:
-    """Loop counters saved with every checkpoint (`accelerator.register_for_checkpointing`)."""
+    """Loop counters saved with every checkpoint (as JSON, `trainer_state.json`)."""
 
     step: int = 0
     best_nmad: float = math.inf
@@ -216,23 +222,22 @@ def evaluate(
 # --- checkpoints and model folders -----------------------------------------------------------------
 
 
-def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """`{output_dir}/checkpoints/step_{N}` folders, oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-
-def save_checkpoint(accelerator: Accelerator, settings: TrainingSettings, step: int) -> Path:
-    """`save_state` into `checkpoints/step_{step}`, then drop the oldest beyond the limit."""
+def save_checkpoint(
+    accelerator: Accelerator,
+    settings: TrainingSettings,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+) -> Path:
+    """Write `checkpoints/step_{step}` (aside, then renamed into place), then drop the oldest beyond the limit."""
     folder = Path(settings.output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(folder))
-    accelerator.wait_for_everyone()
+    save_training_state(accelerator, folder, model, optimizer, scheduler, state.state_dict())
     if accelerator.is_main_process and settings.checkpoints_total_limit:
         for old in checkpoint_dirs(settings.output_dir)[: -settings.checkpoints_total_limit]:
             shutil.rmtree(old)
+    accelerator.wait_for_everyone()
     return folder
 
 
@@ -343,9 +348,8 @@ def training_function(
     max_steps = settings.max_steps or settings.num_epochs * steps_per_epoch
 
     state = TrainerState()
-    accelerator.register_for_checkpointing(state)
     if settings.resume:
-        resume_from(accelerator, settings)
+        resume_from(accelerator, settings, model, optimizer, scheduler, state)
     if accelerator.is_main_process:
         settings.save(out)
     hparams = {k: v for k, v in settings.to_dict().items() if v is not None}
@@ -374,15 +378,25 @@ def training_function(
     )
 
 
-def resume_from(accelerator: Accelerator, settings: TrainingSettings) -> Path | None:
-    """`load_state` from the newest checkpoint (model, optimizer, scheduler, RNGs, sampler, loop counters)."""
-    found = checkpoint_dirs(settings.output_dir)
-    if not found:
-        logger.warning(f"--resume: no checkpoint in {settings.output_dir}/checkpoints, starting afresh")
+def resume_from(
+    accelerator: Accelerator,
+    settings: TrainingSettings,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+) -> Path | None:
+    """Load the newest complete checkpoint (model, optimizer, scheduler, RNGs, loop counters) without
+    unpickling anything; incomplete checkpoint folders are skipped with a warning."""
+    found = newest_checkpoint(settings.output_dir)
+    if found is None:
+        logger.warning(
+            f"--resume: no complete checkpoint in {settings.output_dir}/checkpoints, starting afresh"
+        )
         return None
-    accelerator.load_state(str(found[-1]))
-    logger.info(f"resumed from {found[-1]}", main_process_only=True)
-    return found[-1]
+    state.load_state_dict(load_training_state(accelerator, found, model, optimizer, scheduler))
+    logger.info(f"resumed from {found}", main_process_only=True)
+    return found
 
 
 class _Loop:
@@ -449,7 +463,9 @@ class _Loop:
         due = step % eval_steps == 0 if eval_steps else step % steps_per_epoch == 0
         stop = self._validate() if due or step == self.max_steps else False
         if self.settings.checkpointing_steps and step % self.settings.checkpointing_steps == 0:
-            save_checkpoint(self.accelerator, self.settings, step)
+            save_checkpoint(
+                self.accelerator, self.settings, step, self.model, self.optimizer, self.scheduler, self.state
+            )
         elapsed = time.perf_counter() - started
         self.window_start += elapsed  # the throughput counts training time only
         self.other_seconds += elapsed

@@ -1,0 +1,285 @@
+"""Nothing lost, nothing silent: each probe builds its bad input, checks the refusal or recovery and that
+nothing was lost (input bytes unchanged, earlier outputs intact)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from astropy.io import fits
+
+from specpt_hf.data.mock import write_mock_healpix, write_mock_release
+from specpt_hf.data.prepare import ShardWriter, prepare_dataset
+from specpt_hf.data.prepare import main as prepare_main
+from specpt_hf.data.redshifts import QualityCuts
+from specpt_hf.evaluation.evaluate_model import load_eval_split
+from specpt_hf.evaluation.evaluate_model import main as evaluate_main
+from specpt_hf.evaluation.results import write_results_json
+from specpt_hf.hub import main as push_main
+from specpt_hf.training import train as train_module
+from specpt_hf.training.checkpoint import checkpoint_dirs
+from specpt_hf.training.data import load_training_data
+from specpt_hf.training.settings import TrainingSettings
+from specpt_hf.training.train import main as train_main
+from specpt_hf.training.train import training_function
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_datasets_cache(tmp_path_factory):
+    """The Arrow cache of the Parquet shards goes to a temporary folder, not the user's cache."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        patch.setenv("HF_DATASETS_CACHE", str(cache))
+        yield
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `folder`."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """A small mock release (coadd + redrock files)."""
+    root = tmp_path_factory.mktemp("raw")
+    write_mock_release(root, {"elg": 30, "lrg": 30}, seed=5, spectra_per_file=30, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "parquet"
+    prepare_dataset([raw], out, fractions=(0.6, 0.2, 0.2), progress=False)
+    return out
+
+
+def settings_for(data_dir: Path, output_dir: Path, **overrides) -> TrainingSettings:
+    values = dict(
+        stage="autoencoder",
+        preset="specpt-tiny",
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        batch_size=8,
+        max_steps=4,
+        eval_steps=2,
+        logging_steps=2,
+        checkpointing_steps=2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=3,
+    )
+    return TrainingSettings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> TrainingSettings:
+    """A finished tiny autoencoder run with checkpoints at steps 2 and 4."""
+    settings = settings_for(data_dir, tmp_path_factory.mktemp("run") / "out")
+    training_function(settings)
+    return settings
+
+
+def copy_run(settings: TrainingSettings, to: Path, keep_step: int = 2) -> TrainingSettings:
+    """A copy of a run's output folder holding only its checkpoint `step_{keep_step}`, set to resume."""
+    shutil.copytree(settings.output_dir, to)
+    for folder in (to / "checkpoints").iterdir():
+        if folder.name != f"step_{keep_step}":
+            shutil.rmtree(folder)
+    shutil.rmtree(to / "model")
+    return TrainingSettings(**{**settings.to_dict(), "output_dir": str(to), "resume": True})
+
+
+class Payload:
+    """Unpickling it creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+# --- 1. no code execution on resume ---------------------------------------------------------------------
+
+
+def test_resume_never_unpickles_a_planted_file(trained, tmp_path):
+    resumed = copy_run(trained, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    marker = tmp_path / "payload_ran"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+        torch.save(Payload(marker), checkpoint / name)
+    result = training_function(resumed)
+    assert not marker.exists()
+    assert result.step == 4 and result.history[0]["step"] == 2  # resumed at step 2, history kept
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+# --- 2. a checkpoint killed mid-save does not block resuming ------------------------------------------------
+
+
+@pytest.mark.parametrize("partial", ["empty", "no_state"])
+def test_resume_skips_an_incomplete_newest_checkpoint(trained, tmp_path, partial, caplog):
+    resumed = copy_run(trained, tmp_path / "run")
+    good = tmp_path / "run" / "checkpoints" / "step_2"
+    bad = good.with_name("step_3")
+    if partial == "empty":
+        bad.mkdir()
+    else:  # killed before its last file
+        shutil.copytree(good, bad)
+        (bad / "trainer_state.json").unlink()
+    before = digest(good)
+    with caplog.at_level("WARNING"):
+        result = training_function(resumed)
+    assert f"skipping incomplete checkpoint {bad}" in caplog.text
+    assert result.step == 4 and result.history[0]["step"] == 2  # from step_2, not afresh
+    assert digest(good) == before or not good.exists()
+    assert [p.name for p in checkpoint_dirs(resumed.output_dir)][-1] == "step_4"
+
+
+def test_checkpoint_is_written_aside_and_renamed(trained, tmp_path, monkeypatch):
+    """A save that dies midway leaves no `step_N` folder (only a hidden temporary one is removed)."""
+    settings = settings_for(Path(trained.data_dir), tmp_path / "run", max_steps=2)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for a kill between two files
+
+    monkeypatch.setattr("specpt_hf.training.checkpoint.np.savez", die)
+    with pytest.raises(KeyboardInterrupt):
+        training_function(settings)
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    assert train_module.checkpoint_dirs(tmp_path / "run") == []
+
+
+# --- 3. a dataset folder is complete or absent ------------------------------------------------------------
+
+
+def test_shards_without_their_card_are_refused(data_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(data_dir, partial)
+    (partial / "README.md").unlink()  # a prepare killed before its last file
+    before = digest(partial)
+    with pytest.raises(FileNotFoundError, match=rf"{partial}: no README\.md, so not a complete dataset"):
+        load_training_data(partial, "autoencoder")
+    with pytest.raises(FileNotFoundError, match=rf"{partial}: no README\.md"):
+        load_eval_split(partial, "validation")
+    assert train_main(["--data-dir", str(partial), "--output-dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out" / "model").exists()
+    assert digest(partial) == before
+
+
+def test_a_failed_overwrite_leaves_the_previous_dataset(raw, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "parquet"
+    shutil.copytree(data_dir, out)
+    before = digest(out)
+    real_add = ShardWriter.add_batch
+    calls = []
+
+    def fail_midway(self, batch):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        real_add(self, batch)
+
+    monkeypatch.setattr(ShardWriter, "add_batch", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset([raw], out, shard_size=1, chunk_size=8, overwrite=True, progress=False)
+    assert len(calls) > 1  # it failed after writing shards
+    assert digest(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# --- 4. duplicated TARGETIDs are never joined to a label ----------------------------------------------------
+
+
+def test_duplicate_targetids_in_a_coadd_get_no_label(tmp_path, caplog):
+    coadd, redrock = write_mock_healpix(tmp_path / "raw", "elg", 12, seed=2, survey="sv3", healpix=26065)
+    with fits.open(coadd, mode="update") as hdul:
+        fibermap = hdul["FIBERMAP"].data
+        targets = np.flatnonzero(np.char.strip(fibermap["OBJTYPE"].astype(str)) == "TGT")
+        first, second = targets[:2]
+        fibermap["TARGETID"][second] = fibermap["TARGETID"][first]  # two spectra, one TARGETID
+        duplicated = int(fibermap["TARGETID"][first])
+    before = digest(tmp_path / "raw")
+    with caplog.at_level("WARNING"):
+        summary = prepare_dataset([tmp_path / "raw"], tmp_path / "out", cuts=QualityCuts(enabled=False))
+    assert f"{coadd.name}: 2 spectra share their TARGETID" in caplog.text
+    assert summary.join_stats.duplicate_targetid == 2
+    rows = [r for p in sorted((tmp_path / "out").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert duplicated not in {r["targetid"] for r in rows}
+    truth = fits.getdata(redrock, "REDSHIFTS")
+    z_of = dict(zip(truth["TARGETID"].tolist(), truth["Z"].tolist(), strict=True))
+    assert rows and all(r["z"] == z_of[r["targetid"]] for r in rows)  # every label is the spectrum's own
+    assert digest(tmp_path / "raw") == before
+
+
+# --- 5. a model of the wrong kind is refused ----------------------------------------------------------------
+
+
+def test_evaluate_refuses_an_autoencoder_folder(trained, data_dir, tmp_path, capsys):
+    autoencoder = Path(trained.output_dir) / "model"
+    before = digest(autoencoder)
+    out = tmp_path / "evaluation"
+    code = evaluate_main(["--model", str(autoencoder), "--data", str(data_dir), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == (
+        f"specpt evaluate: {autoencoder}: config.json has model_type 'specpt', "
+        "a SpecPTForRedshift needs 'specpt_redshift'\n"
+    )
+    assert not out.exists() and digest(autoencoder) == before
+
+
+def test_push_refuses_redshift_results_on_an_autoencoder(trained, tmp_path, capsys):
+    autoencoder = Path(trained.output_dir) / "model"
+    results = tmp_path / "results.json"
+    metrics = {"n": 10, "nmad": 0.01, "eta": 0.02, "bias": 0.0}
+    write_results_json(results, {"all": metrics}, "tiny", "mock", "specpt-mock", dataset_split="test")
+    before = digest(autoencoder)
+    out = tmp_path / "repo"
+    argv = [
+        str(autoencoder),
+        "--repo-id",
+        "me/tiny",
+        "--results",
+        str(results),
+        "--out",
+        str(out),
+        "--dry-run",
+    ]
+    assert push_main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{autoencoder}: holds a 'specpt' model, not a 'specpt_redshift' one" in err
+    assert not out.exists() and digest(autoencoder) == before
+
+
+# --- 6. expected errors are one line, the traceback on request -----------------------------------------------
+
+
+def test_prepare_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nowhere"
+    argv = [str(missing), "--out", str(tmp_path / "out"), "--no-progress"]
+    monkeypatch.delenv("SPECPT_DEBUG", raising=False)
+    assert prepare_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("specpt prepare: ") and str(missing) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        prepare_main([*argv, "--debug"])
+    monkeypatch.setenv("SPECPT_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        prepare_main(argv)
+    assert not (tmp_path / "out").exists()
