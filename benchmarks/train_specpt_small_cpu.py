@@ -20,7 +20,9 @@ Steps and wall-clock plan (`--hours 3` on 2 cores; printed at the start, rates a
 2. stage 1, autoencoder: `examples/configs/specpt-small-autoencoder.yaml` (bf16 autocast, batch 32,
    lr 5e-4 cosine), `--max-steps` from its share of the remaining time at --ae-rate spectra/s.
 3. stage 2, redshift: `examples/configs/specpt-small-redshift.yaml` on the stage-1 model (encoder
-   fine-tuned at the head's rate), validation every 1000 steps on 1000 spectra, early stopping after 6.
+   fine-tuned at the head's rate), validation every 1000 steps on 1000 spectra, early stopping after 6;
+4. templates: GALAXY and QSO rest-frame bases from the training split added to the model folder
+   (`specpt_hf.templates.build_model_templates`, ~3 min), so the benchmarks refine its redshifts.
 
 The stage shares (25 % / 75 % of what the data step leaves, minus 5 % for validation and checkpoints: the
 redshift head gains more from steps than the autoencoder) and rates (100 / 105 spectra/s: specpt-small, bf16,
@@ -56,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_SEED = 1  # never 101 (accuracy test set) or 202 (speed inputs)
 CLASSES = ("bgs", "lrg", "elg", "qso")
 CHUNK_PER_CLASS = 2500  # spectra per class per chunk: ~4.3 GB of coadds on disk at a time
-STEPS = ("data", "autoencoder", "redshift")
+STEPS = ("data", "autoencoder", "redshift", "templates")
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run] data chunk {chunk + 1}/{plan.chunks}: {per_class} spectra per class", flush=True)
         make_chunk(work, chunk, per_class, args.jobs, progress=not args.quick)
         marker.touch()
+    if "data" in args.steps and not (work / "data" / "README.md").is_file():
+        from specpt_hf.data.prepare import write_shards_card
+
+        write_shards_card(work / "data", "+".join(CLASSES))  # last: the folder is complete
     print(f"[done] data in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     try:
         for stage, steps in (("autoencoder", plan.ae_steps), ("redshift", plan.rs_steps)):
@@ -294,10 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as err:
         print(f"error: {err}; run the same command again to resume", file=sys.stderr)
         return 1
-    if "redshift" not in args.steps:
-        return 0
     best = work / "redshift" / "best"
     model = best if best.is_dir() else work / "redshift" / "model"
+    if "templates" in args.steps and (model / "config.json").is_file():
+        from specpt_hf.modeling_specpt import TEMPLATES_NAME
+        from specpt_hf.templates import build_model_templates
+
+        if not (model / TEMPLATES_NAME).is_file():
+            print(f"[run] templates: GALAXY and QSO rest-frame bases from {work / 'data'}", flush=True)
+            build_model_templates(model, work / "data")
+    if "redshift" not in args.steps:
+        return 0
     print(
         f"total {(time.perf_counter() - start) / 60:.1f} min; model: {model}\n"
         f"benchmark it: python benchmarks/accuracy.py --model {model} --out runs/benchmarks/accuracy"

@@ -60,7 +60,7 @@ from specpt_hf.data.download import (
     parse_healpix_spec,
 )
 from specpt_hf.data.mock import write_mock_release
-from specpt_hf.data.prepare import prepare_dataset
+from specpt_hf.data.prepare import prepare_dataset, write_shards_card
 from specpt_hf.data.redshifts import target_class_of
 from specpt_hf.evaluation.evaluate_model import evaluate_model
 from specpt_hf.hub import push_to_hub, write_repo_folder
@@ -154,6 +154,7 @@ def prepare_classes(raw: Path, data: Path, classes: tuple[str, ...]) -> Path:
         for target_class in classes:
             for shard in sorted((data / "by-class" / target_class / split).glob("*.parquet")):
                 os.link(shard, tmp / split / f"{target_class}-{shard.name}")
+    write_shards_card(tmp, "+".join(classes))  # last: a folder with its card is complete
     os.replace(tmp, train_set)
     return train_set
 

@@ -404,6 +404,17 @@ DESI Early Data Release (Fuji), {HOMEPAGE}. DESI data are released under CC BY 4
 """
 
 
+def write_shards_card(out_dir: str | os.PathLike, target_class: str, cuts: QualityCuts | None = None) -> Path:
+    """The dataset card of a folder assembled from prepared shards (`{split}/*.parquet`, e.g. several classes
+    or chunks linked together), its rows counted from the Parquet footers; write it last, once every shard is in."""
+    out = Path(out_dir)
+    rows = {
+        split: sum(pq.ParquetFile(path).metadata.num_rows for path in (out / split).glob("*.parquet"))
+        for split in SPLITS
+    }
+    return write_dataset_card(out, rows=rows, target_class=target_class, cuts=cuts or QualityCuts())
+
+
 def write_dataset_card(
     out_dir: str | os.PathLike,
     *,
