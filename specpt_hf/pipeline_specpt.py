@@ -54,11 +54,13 @@ import enum
 import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from huggingface_hub import is_offline_mode
+from safetensors import safe_open
 from transformers import Pipeline, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
@@ -98,6 +100,8 @@ class SpecPTZwarn(enum.IntFlag):
       (only set when an autoencoder is used).
     - bit 5 `AT_Z_LIMIT` (Redrock: Z_FITLIMIT): z within one p(z) bin of the model's z_min or z_max.
     - bit 9 `NODATA` (Redrock: same): no usable pixel on the model's grid; z, zerr, quality are NaN.
+    - bit 10 `BAD_FIT` (Redrock: BAD_MINFIT): usable pixels, but z came out NaN / inf (e.g. a flux of 1e38
+      overflowing float32); never a silent ZWARN = 0.
     """
 
     LITTLE_COVERAGE = 1 << 1
@@ -106,6 +110,7 @@ class SpecPTZwarn(enum.IntFlag):
     ANOMALOUS = 1 << 4
     AT_Z_LIMIT = 1 << 5
     NODATA = 1 << 9
+    BAD_FIT = 1 << 10
 
     @classmethod
     def names(cls, value: int) -> list[str]:
@@ -175,6 +180,19 @@ def _unavailable(name: str, repo: str, error: Exception) -> OSError:
     )
 
 
+def _check_weights(folder: Path) -> None:
+    """OSError naming the file when a local folder's safetensors weights are truncated or not safetensors."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error type for broken headers and buffers
+            raise OSError(
+                f"{path}: not a readable safetensors file ({error}); it is truncated or corrupt: copy or "
+                "download the model folder again"
+            ) from None
+
+
 def load_model(
     name_or_path: str | os.PathLike, task: str | None = None, **kwargs: Any
 ) -> SpecPTForRedshift | SpecPTForSpectrumReconstruction:
@@ -219,6 +237,8 @@ def load_model(
         os.path.isfile(os.path.join(repo, f)) for f in ("model.safetensors", "model.safetensors.index.json")
     ):
         raise OSError(f"{repo}: no model.safetensors; the model folder is incomplete")
+    if local:
+        _check_weights(Path(repo))
     cls = SpecPTForRedshift if model_type == MODEL_TYPES["redshift"] else SpecPTForSpectrumReconstruction
     try:
         model = cls.from_pretrained(repo, **kwargs)
@@ -340,6 +360,7 @@ def zwarn_flags(
             (anomaly > thresholds.max_anomaly, SpecPTZwarn.ANOMALOUS),
             (edge, SpecPTZwarn.AT_Z_LIMIT),
             (npixels == 0, SpecPTZwarn.NODATA),
+            ((npixels > 0) & ~np.isfinite(z), SpecPTZwarn.BAD_FIT),
         ]
     flags = np.zeros(len(z), dtype=np.int64)
     for condition, bit in bits:

@@ -37,6 +37,7 @@ folder is removed once the catalog is written (kept while some files failed, so 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from astropy.table import Table
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text
+from .cli import run_reporting_errors
 from .configuration_specpt import REFINEMENTS
 from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
 from .inference import InferenceStats, batched, predict_batch
@@ -311,16 +313,30 @@ def _load(ref: Any, task: str) -> tuple[Any, str]:
 def _run_settings(
     model: SpecPTForRedshift, model_ref: str, ae_ref: str | None, thresholds: FlagThresholds
 ) -> dict:
-    """What decides the predictions: a resumed run must use the same."""
+    """What decides the predictions: a resumed run must use the same. The model is identified by its weights,
+    templates and refinement settings, not by how its path was spelled."""
     from . import __version__
 
     return {
-        "model": model_ref,
+        "model_sha256": model_digest(model),
+        "refinement": model.config.refinement if model.refines else "none",
         "model_revision": getattr(model.config, "_commit_hash", None),
-        "autoencoder": ae_ref,
+        "autoencoder": os.path.abspath(ae_ref) if ae_ref and os.path.isdir(ae_ref) else ae_ref,
         "thresholds": thresholds.as_dict(),
         "specpt_hf": __version__,
     }
+
+
+def model_digest(model: SpecPTForRedshift) -> str:
+    """SHA-256 of the model's weights (and templates), in key order: the identity of what predicts."""
+    digest = hashlib.sha256()
+    tensors = dict(model.state_dict())
+    for name, templates in (model.templates or {}).items():
+        tensors[f"templates.{name}"] = templates.basis
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _file_columns(parts: list[dict[str, np.ndarray]], path: Path) -> dict[str, np.ndarray] | None:
@@ -368,6 +384,9 @@ def predict_catalog(
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     paths = find_input_files(files)
+    inputs = {path.resolve() for path in paths}
+    if out.resolve() in inputs or out.with_name(out.name + PROGRESS_SUFFIX).resolve() in inputs:
+        raise ValueError(f"--out {out}: is one of the input files; the catalog would replace it")
     thresholds = thresholds or FlagThresholds()
     device = _resolve_device(device)
     model, model_ref = _load(model, "redshift")
@@ -607,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-file details")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or SPECPT_DEBUG=1)"
+    )
     return parser
 
 
@@ -619,26 +641,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             build_parser().error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    try:
-        thresholds = FlagThresholds(
-            args.min_quality, args.min_coverage, args.max_anomaly, args.min_delta_chi2
-        )
-        summary = predict_catalog(
-            args.files,
-            args.out,
-            args.model,
-            autoencoder=args.autoencoder,
-            fmt=args.format,
-            batch_size=args.batch_size,
-            device=args.device,
-            resume=args.resume,
-            thresholds=thresholds,
-            progress=not args.no_progress,
-            refine=args.refine,
-        )
-    except (OSError, ValueError) as error:
-        logger.error("specpt predict: %s", error)
-        return 1
+    return run_reporting_errors("predict", lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    thresholds = FlagThresholds(args.min_quality, args.min_coverage, args.max_anomaly, args.min_delta_chi2)
+    summary = predict_catalog(
+        args.files,
+        args.out,
+        args.model,
+        autoencoder=args.autoencoder,
+        fmt=args.format,
+        batch_size=args.batch_size,
+        device=args.device,
+        resume=args.resume,
+        thresholds=thresholds,
+        progress=not args.no_progress,
+        refine=args.refine,
+    )
     print(
         f"{summary.out}: {summary.rows} spectra from {summary.files} files ({summary.resumed} resumed, "
         f"{len(summary.empty)} without usable spectra, {len(summary.failed)} unreadable); "

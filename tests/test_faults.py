@@ -283,3 +283,76 @@ def test_prepare_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         prepare_main(argv)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- specpt predict
+
+
+@pytest.fixture
+def predict_setup(tmp_path):
+    from specpt_hf import create_model
+
+    torch.manual_seed(0)
+    create_model("specpt-tiny", "redshift").save_pretrained(tmp_path / "model")
+    coadd = write_mock_healpix(tmp_path / "data", "bgs", 3, seed=5, healpix=26500)[0]
+    return tmp_path, coadd
+
+
+def test_predict_refuses_to_write_its_catalog_over_an_input(predict_setup, capsys):
+    from specpt_hf.predict import main as predict_main
+
+    root, coadd = predict_setup
+    before = hashlib.sha256(coadd.read_bytes()).hexdigest()
+    rc = predict_main([str(coadd), "--model", str(root / "model"), "--out", str(coadd), "--no-progress"])
+    assert rc == 1
+    assert "is one of the input files" in capsys.readouterr().err
+    assert hashlib.sha256(coadd.read_bytes()).hexdigest() == before
+
+
+def test_predict_flags_a_redshift_that_came_out_nan(predict_setup, tmp_path):
+    from specpt_hf.pipeline_specpt import SpecPTZwarn, load_model, predict_spectra
+
+    root, _ = predict_setup
+    model = load_model(root / "model")
+    flux = np.ones((2, model.config.num_pixels), dtype=np.float32)
+    flux[1, :2600] = 3e38  # one arm at 3e38: its squares overflow float32 inside the network
+    out = predict_spectra(model, flux, np.ones_like(flux))
+    assert out["zwarn"][0] & SpecPTZwarn.BAD_FIT == 0
+    assert not np.isfinite(out["z"][1]) and out["zwarn"][1] & SpecPTZwarn.BAD_FIT
+
+
+def test_predict_resume_refuses_a_model_whose_weights_changed(predict_setup, monkeypatch):
+    from specpt_hf import create_model
+    from specpt_hf.pipeline_specpt import FlagThresholds, load_model
+    from specpt_hf.predict import ProgressStore, _run_settings, predict_catalog
+
+    root, coadd = predict_setup
+    out = root / "catalog.fits"
+
+    def interrupted_run() -> None:  # the progress an interrupted run leaves: its settings, no file done
+        model = load_model(root / "model")
+        ProgressStore(out, _run_settings(model, str(root / "model"), None, FlagThresholds()), resume=False)
+
+    interrupted_run()
+    monkeypatch.chdir(root)
+    summary = predict_catalog([coadd], out, "model", resume=True, progress=False)  # same weights, other path
+    assert summary.rows == 3
+    interrupted_run()
+    torch.manual_seed(1)
+    create_model("specpt-tiny", "redshift").save_pretrained(root / "model")  # new weights, same folder
+    with pytest.raises(ValueError, match="other settings"):
+        predict_catalog([coadd], out, root / "model", resume=True, progress=False)
+
+
+def test_corrupt_model_weights_name_the_file(predict_setup, capsys):
+    from specpt_hf.predict import main as predict_main
+
+    root, coadd = predict_setup
+    weights = root / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    rc = predict_main(
+        [str(coadd), "--model", str(root / "model"), "--out", str(root / "c.fits"), "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "model.safetensors: not a readable safetensors file" in err and "Traceback" not in err
+    assert not (root / "c.fits").exists()

@@ -158,7 +158,7 @@ def test_resume_refuses_other_settings(setup, tmp_path):
         )
 
 
-def test_unreadable_and_empty_inputs(setup, tmp_path, caplog):
+def test_unreadable_and_empty_inputs(setup, tmp_path, caplog, capsys):
     broken = tmp_path / "coadd-sv3-dark-26200.fits"
     broken.write_bytes(setup["coadds"][1].read_bytes()[:50000])  # truncated
     out = tmp_path / "catalog.fits"
@@ -172,6 +172,6 @@ def test_unreadable_and_empty_inputs(setup, tmp_path, caplog):
     assert main([str(setup["empty"]), *model, "--out", str(nothing)]) == 1
     assert not nothing.exists() and "no usable spectra" in caplog.text
     assert main([str(tmp_path / "missing.fits"), *model, "--out", str(nothing)]) == 1
-    assert "missing.fits: no such file" in caplog.text
+    assert "missing.fits: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(setup["coadds"][0]), *model, "--out", str(nothing), "--format", "xlsx"])
