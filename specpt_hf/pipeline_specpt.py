@@ -517,6 +517,15 @@ def _as_2d(value: Any) -> np.ndarray | None:
     return value[None] if value.ndim == 1 else value
 
 
+def _check_shapes(flux: np.ndarray, others: dict[str, np.ndarray | None]) -> None:
+    """ValueError naming the argument when `flux` is empty or `ivar` / `mask` do not match its shape."""
+    if flux.size == 0:
+        raise ValueError(f"`flux` is empty (shape {flux.shape}): nothing to predict")
+    for name, value in others.items():
+        if value is not None and value.shape != flux.shape:
+            raise ValueError(f"`{name}` has shape {value.shape} but `flux` has shape {flux.shape}")
+
+
 def _read_desi_file(path: str, config: SpecPTConfig) -> dict[str, Any]:
     if read_desi_spectra is None:
         raise ValueError(
@@ -538,10 +547,13 @@ def prepare_input(inputs: Any, config: SpecPTConfig) -> dict[str, Any]:
     """One pipeline input -> spectra on the model's grid: `flux`, `ivar`, `mask` [n, pixels], `meta` (one dict per
     spectrum), `single` (a 1-D input) and `source` (for messages)."""
     if isinstance(inputs, (str, os.PathLike)):
+        if os.path.isdir(inputs):
+            raise ValueError(f"{os.fspath(inputs)}: a directory; pass its coadd-*.fits files one by one")
         return _read_desi_file(os.fspath(inputs), config)
     arrays = _input_arrays(inputs)
     flux = _as_2d(arrays["flux"])
     single = np.ndim(arrays["flux"]) == 1
+    _check_shapes(flux, {key: _as_2d(arrays.get(key)) for key in ("ivar", "mask")})
     wave = arrays.get("wave")
     wave = None if wave is None else np.asarray(getattr(wave, "value", wave), dtype=np.float64)
     flux, ivar, mask = to_model_grid(
@@ -550,7 +562,10 @@ def prepare_input(inputs: Any, config: SpecPTConfig) -> dict[str, Any]:
     targetid = arrays.get("targetid")
     meta = [{} for _ in range(len(flux))]
     if targetid is not None:
-        for item, value in zip(meta, np.atleast_1d(targetid), strict=True):
+        targetid = np.atleast_1d(targetid)
+        if len(targetid) != len(flux):
+            raise ValueError(f"`targetid` has {len(targetid)} values for {len(flux)} spectra")
+        for item, value in zip(meta, targetid, strict=True):
             item["targetid"] = int(value)
     source = "input spectrum" if wave is None else f"input spectrum ({wave[0]:.1f}-{wave[-1]:.1f} A)"
     return {"flux": flux, "ivar": ivar, "mask": mask, "meta": meta, "single": single, "source": source}
@@ -607,6 +622,8 @@ class SpecPTRedshiftPipeline(Pipeline):
     def __call__(self, inputs: Any, **kwargs: Any) -> dict[str, Any] | list[Any]:
         """Predict one input or a list of inputs; `batch_size` sets the spectra per model call (each input is
         already a batch of spectra, so transformers' own batching of inputs is not used)."""
+        if isinstance(inputs, (list, tuple)) and not len(inputs):
+            raise ValueError("no inputs: the list is empty")
         batch_size = kwargs.pop("batch_size", None) or self._batch_size or DEFAULT_BATCH_SIZE
         return super().__call__(inputs, batch_size=1, max_batch_size=int(batch_size), **kwargs)
 

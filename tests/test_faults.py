@@ -356,3 +356,27 @@ def test_corrupt_model_weights_name_the_file(predict_setup, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "model.safetensors: not a readable safetensors file" in err and "Traceback" not in err
     assert not (root / "c.fits").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda n, tmp: [], "the list is empty"),
+        (lambda n, tmp: {"flux": np.ones(n), "ivar": np.ones(n - 10)}, "`ivar` has shape"),
+        (lambda n, tmp: {"flux": np.ones((2, n)), "targetid": [1, 2, 3]}, "`targetid` has 3 values for 2"),
+        (lambda n, tmp: tmp, "a directory"),
+        (lambda n, tmp: {"flux": np.ones((0, n))}, "`flux` is empty"),
+    ],
+    ids=["empty-list", "short-ivar", "targetid-count", "directory", "no-spectra"],
+)
+def test_pipeline_bad_inputs_name_the_argument(make_input, message, tmp_path):
+    from specpt_hf import create_model
+    from specpt_hf.pipeline_specpt import load_pipeline
+
+    torch.manual_seed(0)
+    pipe = load_pipeline(create_model("specpt-tiny", "redshift").eval())
+    with pytest.raises(ValueError, match=message):
+        pipe(make_input(pipe.model.config.num_pixels, tmp_path))
