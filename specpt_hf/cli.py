@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -24,6 +25,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 DEBUG_VARIABLE = "SPECPT_DEBUG"  # =1: expected errors show their traceback, as with --debug
 EXPECTED_ERRORS = (OSError, ValueError)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """The `--debug` flag of the commands that report errors through `run_reporting_errors`."""
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of an error (or {DEBUG_VARIABLE}=1)"
+    )
 
 
 def run_reporting_errors(command: str, run: Callable[[], int], debug: bool = False) -> int:

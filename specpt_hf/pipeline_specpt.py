@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 from huggingface_hub import is_offline_mode
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import Pipeline, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
@@ -186,7 +186,7 @@ def _check_weights(folder: Path) -> None:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 handle.keys()
-        except Exception as error:  # safetensors raises its own error type for broken headers and buffers
+        except (SafetensorError, OSError, ValueError) as error:  # broken header or buffer
             raise OSError(
                 f"{path}: not a readable safetensors file ({error}); it is truncated or corrupt: copy or "
                 "download the model folder again"

@@ -57,7 +57,7 @@ from astropy.table import Table
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text
-from .cli import run_reporting_errors
+from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import REFINEMENTS
 from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
 from .inference import InferenceStats, batched, predict_batch
@@ -626,9 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-file details")
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an error (or SPECPT_DEBUG=1)"
-    )
+    add_debug_flag(parser)
     return parser
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write
@@ -479,7 +479,7 @@ def load_templates(path: str | Path) -> dict[str, RestFrameTemplates]:
                 )
                 for name in names
             }
-    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+    except (SafetensorError, OSError, ValueError, KeyError) as error:  # truncated, foreign or incomplete
         raise OSError(
             f"{path}: not a readable template file ({error}); rebuild it with `specpt templates`"
         ) from error

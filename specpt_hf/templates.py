@@ -40,9 +40,8 @@ def read_labelled(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Up to `max_per_type` spectra of each spectral type with `zwarn == 0` from a split's shards, drawn at
     random (`seed`): per type `flux`, `ivar` ([n, pixels], ivar 0 at masked pixels) and `z` [n]."""
-    labels = [
-        pq.read_table(file, columns=["z", "zwarn", "spectype"]) for file in split_files(data_dir, split)
-    ]
+    files = split_files(data_dir, split)
+    labels = [pq.read_table(file, columns=["z", "zwarn", "spectype"]) for file in files]
     rng = np.random.default_rng(seed)
     chosen: dict[str, list[tuple[int, int]]] = {}
     for spectype in SPECTYPES:
@@ -56,7 +55,6 @@ def read_labelled(
         if rows:
             pick = rng.choice(len(rows), size=min(max_per_type, len(rows)), replace=False)
             chosen[spectype] = sorted(rows[i] for i in pick)
-    files = split_files(data_dir, split)
     out: dict[str, dict[str, list[np.ndarray]]] = {t: {"flux": [], "ivar": [], "z": []} for t in chosen}
     for f, file in enumerate(tqdm(files, desc="reading shards", unit="file")):
         wanted = {t: [r for g, r in rows if g == f] for t, rows in chosen.items()}

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..atomic import atomic_write_text, replaced_folder
-from ..cli import run_reporting_errors
+from ..cli import add_debug_flag, run_reporting_errors
 from .builder import (
     CITATION,
     DEFAULT_FRACTIONS,
@@ -487,9 +487,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an error (or SPECPT_DEBUG=1)"
-    )
+    add_debug_flag(parser)
     return parser
 
 

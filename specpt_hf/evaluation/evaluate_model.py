@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..atomic import atomic_write
-from ..cli import run_reporting_errors
+from ..cli import add_debug_flag, run_reporting_errors
 from ..inference import predict_batches
 from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
 from ..training.data import split_files
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--autoencoder", help="folder of the stage-1 autoencoder, for reconstruction plots")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an error (or SPECPT_DEBUG=1)"
-    )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     return run_reporting_errors("evaluate", lambda: _run(args), args.debug)
 
