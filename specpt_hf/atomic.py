@@ -19,6 +19,18 @@ FILE_MODE = 0o644  # mkstemp / mkdtemp create 0600 / 0700
 FOLDER_MODE = 0o755
 
 
+def make_folder(folder: str | os.PathLike) -> Path:
+    """`folder` and its parents, created if missing; NotADirectoryError naming the culprit when a file
+    stands where a folder is needed (an output path under a file)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise NotADirectoryError(f"{folder}: cannot create this folder: {blocker} is a file") from None
+    return folder
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` to fill a temporary file next to `path`, then rename it onto `path`; return `path`.
 
@@ -26,7 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     library's writer (`HDUList.writeto(tmp, overwrite=True)`, `Figure.savefig(tmp, format="png")`, ...).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
@@ -55,7 +67,7 @@ def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """A new empty folder next to `folder` to write into; on success it replaces `folder` at once (the old
     `folder` is deleted afterwards), on error it is deleted and `folder` stays as it was."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         yield tmp

@@ -193,20 +193,15 @@ def _check_weights(folder: Path) -> None:
             ) from None
 
 
-def load_model(
-    name_or_path: str | os.PathLike, task: str | None = None, **kwargs: Any
-) -> SpecPTForRedshift | SpecPTForSpectrumReconstruction:
-    """Load a SpecPT model from a local folder, a Hub repo id or a short name, in eval mode.
-
-    Args:
-        name_or_path: folder, repo id, or a key of `SHORT_NAMES` (`specpt-desi`, `specpt-desi-autoencoder`).
-        task: `"redshift"` or `"autoencoder"` to insist on that kind of model; None takes what the folder holds.
-        kwargs: passed to `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `dtype`, ...).
+def check_model_source(
+    name_or_path: str | os.PathLike, task: str | None = None, **hub_kwargs: Any
+) -> tuple[str, str]:
+    """(folder or repo id, model_type) of a SpecPT model, checked before any weights are read.
 
     Raises:
         FileNotFoundError: a path that does not exist.
         OSError: a model that cannot be fetched (offline: says to download it or pass a folder), or a folder
-            without weights.
+            without weights or with broken ones.
         ValueError: a folder holding another kind of model (foreign `model_type`, or the other SpecPT task).
     """
     if task is not None and task not in MODEL_TYPES:
@@ -216,7 +211,6 @@ def load_model(
     local = os.path.isdir(repo)
     if not local and _looks_like_path(name):
         raise FileNotFoundError(f"{name}: no such model folder")
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(repo, **hub_kwargs)
     except OSError as error:
@@ -239,6 +233,26 @@ def load_model(
         raise OSError(f"{repo}: no model.safetensors; the model folder is incomplete")
     if local:
         _check_weights(Path(repo))
+    return repo, model_type
+
+
+def load_model(
+    name_or_path: str | os.PathLike, task: str | None = None, **kwargs: Any
+) -> SpecPTForRedshift | SpecPTForSpectrumReconstruction:
+    """Load a SpecPT model from a local folder, a Hub repo id or a short name, in eval mode.
+
+    Args:
+        name_or_path: folder, repo id, or a key of `SHORT_NAMES` (`specpt-desi`, `specpt-desi-autoencoder`).
+        task: `"redshift"` or `"autoencoder"` to insist on that kind of model; None takes what the folder holds.
+        kwargs: passed to `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `dtype`, ...).
+
+    Raises:
+        The errors of `check_model_source`.
+    """
+    name = os.fspath(name_or_path)
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    repo, model_type = check_model_source(name, task, **hub_kwargs)
+    local = os.path.isdir(repo)
     cls = SpecPTForRedshift if model_type == MODEL_TYPES["redshift"] else SpecPTForSpectrumReconstruction
     try:
         model = cls.from_pretrained(repo, **kwargs)

@@ -56,7 +56,7 @@ from astropy.io import fits
 from astropy.table import Table
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, make_folder
 from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import REFINEMENTS
 from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
@@ -170,6 +170,10 @@ def _save_npz(path: Path, columns: dict[str, np.ndarray]) -> None:
         np.savez(handle, **columns)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _file_key(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -182,8 +186,8 @@ class ProgressStore:
         self.folder = out.with_name(out.name + PROGRESS_SUFFIX)
         self.settings = settings
         self.files: dict[str, dict[str, Any]] = {}
-        if resume and (self.folder / MANIFEST).is_file():
-            manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest = self._read_manifest() if resume else None
+        if manifest is not None:
             if manifest.get("settings") != settings:
                 raise ValueError(
                     f"{self.folder}: the progress was made with other settings ({manifest.get('settings')}); "
@@ -191,11 +195,25 @@ class ProgressStore:
                 )
             self.files = manifest["files"]
         elif self.folder.exists():
-            if resume:
-                logger.info("%s: no manifest, starting from the first file", self.folder)
             shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)
         self._write_manifest()
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        """The manifest being resumed; None (start from the first file) when it is missing or damaged."""
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            if self.folder.exists():
+                logger.info("%s: no manifest, starting from the first file", self.folder)
+            return None
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                raise ValueError("no `files` table")
+        except (ValueError, UnicodeDecodeError) as err:
+            logger.warning("%s: damaged (%s), starting from the first file", path, err)
+            return None
+        return manifest
 
     def _write_manifest(self) -> None:
         text = json.dumps({"settings": self.settings, "files": self.files}, indent=1)
@@ -204,17 +222,23 @@ class ProgressStore:
     def done(self, path: Path) -> bool:
         """Whether `path` (unchanged since) was finished earlier."""
         entry = self.files.get(str(path))
-        if entry is None or {k: entry[k] for k in ("size", "mtime_ns")} != _file_key(path):
+        if entry is None or {k: entry.get(k) for k in ("size", "mtime_ns")} != _file_key(path):
             return False
-        return entry["part"] is None or (self.folder / entry["part"]).is_file()
+        if entry.get("part") is None:
+            return True
+        part = self.folder / entry["part"]
+        if part.is_file() and _sha256(part) == entry.get("sha256"):
+            return True
+        logger.warning("%s: its saved rows in %s are missing or damaged; predicting it again", path, part)
+        return False
 
     def record(self, index: int, path: Path, columns: dict[str, np.ndarray] | None, stats: dict) -> None:
         """Save the rows of a finished file (None: it had none), then the manifest; both atomically."""
-        part = None
+        part = digest = None
         if columns is not None:
             part = f"part-{index:06d}.npz"
-            atomic_write(self.folder / part, lambda tmp: _save_npz(tmp, columns))
-        self.files[str(path)] = {**_file_key(path), "part": part, "stats": stats}
+            digest = _sha256(atomic_write(self.folder / part, lambda tmp: _save_npz(tmp, columns)))
+        self.files[str(path)] = {**_file_key(path), "part": part, "sha256": digest, "stats": stats}
         self._write_manifest()
 
     def columns(self, files: list[Path]) -> list[dict[str, np.ndarray]]:
@@ -298,9 +322,23 @@ class _Reader(threading.Thread):
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; a device this torch build or machine lacks -> ValueError."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device}: not a torch device ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    return resolved
 
 
 def _load(ref: Any, task: str) -> tuple[Any, str]:
@@ -400,7 +438,7 @@ def predict_catalog(
         autoencoder, ae_ref = _load(autoencoder, "autoencoder")
         check_same_grid(model, autoencoder)
         autoencoder = autoencoder.to(device).eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     store = ProgressStore(out, _run_settings(model, model_ref, ae_ref, thresholds), resume)
     summary = PredictSummary(out=out, files=len(paths))
     pending = [(i, path) for i, path in enumerate(paths) if not store.done(path)]

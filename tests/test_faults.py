@@ -15,10 +15,11 @@ import pytest
 import torch
 from astropy.io import fits
 
+from specpt_hf.data.desi import read_desi_spectra
 from specpt_hf.data.mock import write_mock_healpix, write_mock_release
 from specpt_hf.data.prepare import ShardWriter, prepare_dataset
 from specpt_hf.data.prepare import main as prepare_main
-from specpt_hf.data.redshifts import QualityCuts
+from specpt_hf.data.redshifts import JoinStats, QualityCuts, join_redshifts, read_redrock
 from specpt_hf.evaluation.evaluate_model import load_eval_split
 from specpt_hf.evaluation.evaluate_model import main as evaluate_main
 from specpt_hf.evaluation.results import write_results_json
@@ -176,7 +177,7 @@ def test_shards_without_their_card_are_refused(data_dir, tmp_path):
         load_training_data(partial, "autoencoder")
     with pytest.raises(FileNotFoundError, match=rf"{partial}: no README\.md"):
         load_eval_split(partial, "validation")
-    assert train_main(["--data-dir", str(partial), "--output-dir", str(tmp_path / "out")]) == 2
+    assert train_main(["--data-dir", str(partial), "--output-dir", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out" / "model").exists()
     assert digest(partial) == before
 
@@ -225,6 +226,21 @@ def test_duplicate_targetids_in_a_coadd_get_no_label(tmp_path, caplog):
     assert rows and all(r["z"] == z_of[r["targetid"]] for r in rows)  # every label is the spectrum's own
     assert digest(tmp_path / "raw") == before
 
+    stats = JoinStats()  # the record path: the same spectra dropped, the same warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        records = list(
+            join_redshifts(
+                read_desi_spectra(coadd),
+                read_redrock(redrock),
+                cuts=QualityCuts(enabled=False),
+                stats=stats,
+            )
+        )
+    assert stats.duplicate_targetid == 2 and f"{coadd.name}: 2 spectra share their TARGETID" in caplog.text
+    assert duplicated not in {r["targetid"] for r in records}
+    assert records and all(r["z"] == z_of[r["targetid"]] for r in records)
+
 
 # --- 5. a model of the wrong kind is refused ----------------------------------------------------------------
 
@@ -267,6 +283,37 @@ def test_push_refuses_redshift_results_on_an_autoencoder(trained, tmp_path, caps
 
 
 # --- 6. expected errors are one line, the traceback on request -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_source", "message"),
+    [
+        (lambda tmp: _bert_folder(tmp / "bert"), "config.json has model_type 'bert', not a SpecPT model"),
+        (lambda tmp: tmp / "nowhere" / "autoencoder", "nowhere/autoencoder: no such model folder"),
+    ],
+    ids=["bert-folder", "missing-folder"],
+)
+def test_train_refuses_a_pretrained_model_that_is_not_specpt(
+    make_source, message, data_dir, tmp_path, capsys, monkeypatch
+):
+    source = make_source(tmp_path)
+    capsys.readouterr()
+    argv = ["--stage", "redshift", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out")]
+    argv += ["--pretrained-model", str(source), "--max-steps", "1", "--report-to", "none"]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("specpt train: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError if "bert" in message else FileNotFoundError, match=message):
+        train_main([*argv, "--debug"])
+
+
+def _bert_folder(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16)
+    BertModel(config).save_pretrained(folder)
+    return folder
 
 
 def test_prepare_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
@@ -380,3 +427,81 @@ def test_pipeline_bad_inputs_name_the_argument(make_input, message, tmp_path):
     pipe = load_pipeline(create_model("specpt-tiny", "redshift").eval())
     with pytest.raises(ValueError, match=message):
         pipe(make_input(pipe.model.config.num_pixels, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- more of predict
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_predict_on_cuda_without_cuda_is_one_line(predict_setup, capsys):
+    from specpt_hf.predict import main as predict_main
+
+    root, coadd = predict_setup
+    argv = [str(coadd), "--model", str(root / "model"), "--out", str(root / "c.fits"), "--no-progress"]
+    for device, message in [
+        ("cuda", "--device cuda: "),
+        ("cuda:1", "--device cuda:1: "),
+        ("tpu9", "not a torch"),
+    ]:
+        assert predict_main([*argv, "--device", device]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("specpt predict: ") and message in err and "Traceback" not in err
+    assert not (root / "c.fits").exists()
+
+
+def test_predict_out_under_a_file_names_the_file(predict_setup, capsys):
+    from specpt_hf.predict import main as predict_main
+
+    root, coadd = predict_setup
+    (root / "notes").write_text("kept")
+    argv = [
+        str(coadd),
+        "--model",
+        str(root / "model"),
+        "--out",
+        str(root / "notes" / "c.fits"),
+        "--no-progress",
+    ]
+    assert predict_main(argv) == 1
+    assert f"{root / 'notes'} is a file" in capsys.readouterr().err
+    assert (root / "notes").read_text() == "kept"
+
+
+@pytest.fixture
+def interrupted_predict(predict_setup):
+    """A predict run over two coadds stopped after the first file, and the catalog an uninterrupted run gives."""
+    from specpt_hf.pipeline_specpt import load_model
+    from specpt_hf.predict import predict_catalog
+
+    root, first = predict_setup
+    files = [first, write_mock_healpix(root / "data", "elg", 4, seed=6, healpix=26501)[0]]
+    predict_catalog(files, root / "whole.fits", root / "model", progress=False)
+    model = load_model(root / "model")
+
+    def fail_on_second_file(module, args, kwargs):
+        if len(kwargs["flux"]) == 4:
+            raise RuntimeError("stopped")
+
+    model.register_forward_pre_hook(fail_on_second_file, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="stopped"):
+        predict_catalog(files, root / "c.fits", model, progress=False)
+    progress = root / "c.fits.progress"
+    assert [p.name for p in sorted(progress.iterdir())] == ["manifest.json", "part-000000.npz"]
+    return root, files, progress
+
+
+@pytest.mark.parametrize("damaged", ["part-000000.npz", "manifest.json"])
+def test_predict_resume_redoes_what_a_damaged_progress_lost(interrupted_predict, damaged, caplog):
+    from astropy.table import Table
+
+    from specpt_hf.predict import predict_catalog
+
+    root, files, progress = interrupted_predict
+    path = progress / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short (a full disk, a bad copy)
+    summary = predict_catalog(files, root / "c.fits", root / "model", resume=True, progress=False)
+    assert summary.resumed == 0 and summary.predicted == 2
+    assert "damaged" in caplog.text and damaged in caplog.text
+    whole, resumed = Table.read(root / "whole.fits", hdu=1), Table.read(root / "c.fits", hdu=1)
+    assert whole["TARGETID"].tolist() == resumed["TARGETID"].tolist()
+    np.testing.assert_array_equal(whole["Z"], resumed["Z"])

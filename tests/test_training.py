@@ -214,9 +214,10 @@ def test_missing_shards_are_a_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
         load_training_data(tmp_path, "autoencoder")
     assert (
-        main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--report-to", "none"]) == 2
+        main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--report-to", "none"]) == 1
     )
-    assert "no Parquet shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("specpt train: ") and "no Parquet shards" in err and "Traceback" not in err
 
 
 # --- stage 1 ---------------------------------------------------------------------------------------------

@@ -777,7 +777,7 @@ def read_desi_spectra(
     are dropped; spectra without a single usable pixel are skipped; NaN/inf values are set bad.
     All are counted in `stats` and logged. `select(targetids) -> bool array` keeps a subset of the
     good fibers (rows it rejects are neither read nor merged). The file is read once, `chunk_size`
-    rows at a time.
+    rows at a time. `shared_targetid` marks a record whose TARGETID is on another row of the file too.
     """
     for chunk in read_desi_chunks(path, stats=stats, select=select, chunk_size=chunk_size):
         fibers = _plain_rows(chunk.fibermap)
@@ -792,6 +792,7 @@ def read_desi_spectra(
                 "fibermap": fiber,
                 "source": chunk.source,
                 "row": int(chunk.rows[i]),
+                "shared_targetid": bool(chunk.shared_targetid[i]),  # another row of the file has its TARGETID
             }
 
 

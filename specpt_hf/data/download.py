@@ -32,6 +32,8 @@ from astropy.table import Table
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..atomic import make_folder
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://data.desi.lbl.gov/public/edr/spectro/redux/fuji"
@@ -292,7 +294,7 @@ def download_file(
     dest = Path(dest)
     if dest.exists():
         return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(dest.parent)
     progress = progress or _Progress(tqdm(disable=True))
     own_session = session is None
     session = session or _new_session()

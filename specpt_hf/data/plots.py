@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from specpt_hf.atomic import make_folder
 from specpt_hf.data.instrument import DESI
 from specpt_hf.data.mock import NEBULAR_LINES, QSO_LINES, TARGET_CLASSES, generate_spectra
 
@@ -115,7 +116,7 @@ def plot_mock(out: Path, seed: int = 0, real_path: str | Path | None = None) -> 
     fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8, frameon=False)
     axes[-1].set_xlabel("vacuum wavelength [Å]")
     fig.tight_layout(rect=(0, 0, 1, 0.975))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from ..atomic import atomic_write_text, replaced_folder
+from ..atomic import atomic_write_text, make_folder, replaced_folder
 from ..cli import add_debug_flag, run_reporting_errors
 from .builder import (
     CITATION,
@@ -203,7 +203,7 @@ class ShardWriter:
                 self._finish()
 
     def _open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)
         final = self.folder / SHARD_PATTERN.format(index=len(self.shards))
         self._temp = final.with_name(f".{final.name}.tmp")
         schema = self.schema

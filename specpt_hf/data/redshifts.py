@@ -527,8 +527,8 @@ def join_redshifts(
 ) -> Iterator[dict[str, Any]]:
     """Add z, zerr, zwarn, spectype, deltachi2 and target_class to spectrum records by TARGETID.
 
-    Spectra without a redshift row, failing the quality cuts, or of another class (`target_class`
-    other than 'all') are skipped; every skip is counted in `stats` and logged, and so are the
+    Spectra without a redshift row, failing the quality cuts, of another class (`target_class`
+    other than 'all') or sharing their TARGETID with another spectrum of their file are skipped; every skip is counted in `stats` and logged, and so are the
     redshift rows of good science targets (TARGETID > 0, OBJTYPE 'TGT', fiber status 0) that no
     spectrum matched. `RedshiftJoin` does the same for whole batches of spectra.
     """
@@ -536,7 +536,10 @@ def join_redshifts(
     for record in records:
         fibermap = {k: [v] for k, v in record.get("fibermap", {}).items()}
         survey, program = record.get("survey", ""), record.get("program", "")
-        _, rows, classes = join.match([record["targetid"]], survey, program, fibermap, record.get("source"))
+        shared = [record.get("shared_targetid", False)]
+        _, rows, classes = join.match(
+            [record["targetid"]], survey, program, fibermap, record.get("source"), shared
+        )
         if len(rows):
             yield {**record, **table.label(int(rows[0])), "target_class": str(classes[0])}
     local = join.finish()

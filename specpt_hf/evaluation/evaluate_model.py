@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, make_folder
 from ..cli import add_debug_flag, run_reporting_errors
 from ..inference import predict_batches
 from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
@@ -172,7 +172,7 @@ def evaluate_model(
     model = SpecPTForRedshift.from_pretrained(model_dir)
     dataset = load_eval_split(data_dir, split)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     predictions = predict_split(model, dataset, batch_size)
     summary = summarize(predictions)
     name = model_name or Path(model_dir).resolve().name

@@ -20,6 +20,8 @@ from transformers import HfArgumentParser
 
 from specpt_hf.atomic import atomic_write_text
 
+from ..cli import add_debug_flag
+
 SETTINGS_NAME = "training_settings.yaml"
 # transformers.SchedulerType values that need nothing beyond warm-up and total steps.
 Scheduler = Literal[
@@ -152,6 +154,7 @@ def settings_parser(**kwargs: Any) -> HfArgumentParser:
     """An argument parser with `--config FILE` and one flag per setting."""
     parser = HfArgumentParser(TrainingSettings, **kwargs)
     parser.add_argument("--config", type=Path, help="YAML settings file (see examples/configs/)")
+    add_debug_flag(parser)
     return parser
 
 

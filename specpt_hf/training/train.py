@@ -23,6 +23,7 @@ metrics; kept across resumes), `model/` (final weights, `save_pretrained` format
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import shutil
@@ -42,8 +43,10 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel, get_scheduler
 
 from specpt_hf.atomic import atomic_write_json, replaced_folder
+from specpt_hf.cli import add_debug_flag, run_reporting_errors
 from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from specpt_hf.evaluation.metrics import redshift_metrics
+from specpt_hf.pipeline_specpt import check_model_source
 from specpt_hf.presets import model_class, preset_config
 from specpt_hf.training.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -110,14 +113,15 @@ def build_model(settings: TrainingSettings) -> PreTrainedModel:
     bins, sizes) from the preset; from a redshift-model folder it loads everything.
     """
     cls = model_class(settings.stage)
+    source = check_model_source(settings.pretrained_model)[0] if settings.pretrained_model else None
     if settings.stage == "autoencoder":
-        if settings.pretrained_model:
-            return cls.from_pretrained(settings.pretrained_model)
+        if source:
+            return cls.from_pretrained(source)
         return cls(preset_config(settings.preset, "autoencoder"))
     preset = preset_config(settings.preset, "redshift", freeze_encoder=settings.freeze_encoder)
-    if not settings.pretrained_model:
+    if not source:
         return cls(preset)
-    return cls.from_pretrained(settings.pretrained_model, **head_settings(preset, settings.pretrained_model))
+    return cls.from_pretrained(source, **head_settings(preset, source))
 
 
 def head_settings(preset: SpecPTForRedshiftConfig, pretrained_model: str) -> dict[str, Any]:
@@ -548,16 +552,19 @@ class _Loop:
 
 def main(argv: list[str] | None = None) -> int:
     """`specpt train`: parse the settings, run `training_function`."""
-    try:
-        settings = parse_settings(
-            list(sys.argv[1:] if argv is None else argv),
-            prog="specpt train",
-            description="Pretrain the SpecPT autoencoder (stage 1) or train the redshift model (stage 2).",
-        )
-        result = training_function(settings)
-    except (ValueError, OSError) as err:
-        print(f"specpt train: error: {err}", file=sys.stderr)
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argparse.ArgumentParser(add_help=False)
+    add_debug_flag(debug)
+    return run_reporting_errors("train", lambda: _run(argv), debug.parse_known_args(argv)[0].debug)
+
+
+def _run(argv: list[str]) -> int:
+    settings = parse_settings(
+        argv,
+        prog="specpt train",
+        description="Pretrain the SpecPT autoencoder (stage 1) or train the redshift model (stage 2).",
+    )
+    result = training_function(settings)
     print(
         f"model saved to {result.model_dir}"
         + (f" (best validation NMAD: {result.best_dir})" if result.best_dir else "")
