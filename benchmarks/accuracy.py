@@ -420,15 +420,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## `{subset}` spectra",
             "",
-            "| class | method | n | NMAD | η (%) | bias | σ68 |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| class | method | n | NMAD | centred NMAD | η (%) | bias | σ68 |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name in ("all", *CLASSES):
             for method in methods:
                 m = block.get(method, {}).get(name)
                 if m and m["n"]:
                     lines.append(
-                        f"| {name} | {method} | {m['n']} | {_f(m['nmad'], '.5f')} | {_f(100 * m['eta'], '.2f')} "
+                        f"| {name} | {method} | {m['n']} | {_f(m['nmad'], '.5f')} "
+                        f"| {_f(m.get('nmad_centred', float('nan')), '.5f')} | {_f(100 * m['eta'], '.2f')} "
                         f"| {_f(m['bias'], '+.5f')} | {_f(m['sigma68'], '.5f')} |"
                     )
         lines.append("")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from specpt_hf.atomic import atomic_write_json, atomic_write_text
 from specpt_hf.data import read_desi_spectra, target_class_of
 from specpt_hf.data.mock import write_mock_release
 from specpt_hf.data.prepare import prepare_dataset
@@ -64,7 +65,7 @@ class StepTimer:
         start = time.perf_counter()
         result = function(*args, **kwargs)
         self.seconds[name] = time.perf_counter() - start
-        self.path.write_text(json.dumps(self.seconds, indent=2), encoding="utf-8")
+        atomic_write_json(self.path, self.seconds)
         return result
 
 
@@ -131,17 +132,23 @@ def write_report(
         "Network: the p(z) head's own redshift; refined: the chi^2 fit of the rest-frame templates around the "
         "p(z) modes (the model's output).",
         "",
-        "| class | n | network NMAD | network η (%) | refined NMAD | refined η (%) | NMAD gain | bias | σ68 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| class | n | network NMAD | network η (%) | refined NMAD | refined centred NMAD | refined η (%) "
+        "| NMAD gain | bias | σ68 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, m in summary["by_class"].items():
         net = summary["by_class_network"][name]
         gain = net["nmad"] / m["nmad"] if m["nmad"] > 0 else float("inf")
         lines.append(
             f"| {name} | {m['n']} | {net['nmad']:.5f} | {100 * net['eta']:.2f} | {m['nmad']:.5f} | "
-            f"{100 * m['eta']:.2f} | {gain:.1f}× | {m['bias']:+.5f} | {m['sigma68']:.5f} |"
+            f"{m['nmad_centred']:.5f} | {100 * m['eta']:.2f} | {gain:.1f}× | {m['bias']:+.5f} | {m['sigma68']:.5f} |"
         )
-    lines += ["", "NMAD = 1.48·median(|Δz|/(1+z)); η = fraction with |Δz|/(1+z) > 0.15.", ""]
+    lines += [
+        "",
+        "NMAD = 1.48·median(|Δz|/(1+z)); centred NMAD = 1.48·median(|Δz/(1+z) − median|); "
+        "η = fraction with |Δz|/(1+z) > 0.15.",
+        "",
+    ]
     lines += [f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in summary["plots"]]
     lines += [
         "",
@@ -157,11 +164,7 @@ def write_report(
         )
     lines += ["", "## Timings", "", "| step | seconds |", "| --- | ---: |"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def run(out: Path, plan: dict[str, Any], seed: int = 0) -> Path:
@@ -192,7 +195,7 @@ def run(out: Path, plan: dict[str, Any], seed: int = 0) -> Path:
         model_name=plan["preset"],
     )
     real = step("predict real DESI", predict_real_desi, redshift)
-    (out / "real_desi_predictions.json").write_text(json.dumps(real, indent=2), encoding="utf-8")
+    atomic_write_json(out / "real_desi_predictions.json", real)
     return write_report(out, plan, summary, real, step.seconds)
 
 

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from transformers.dynamic_module_utils import get_relative_imports
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .atomic import FILE_MODE, replaced_folder
+from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .evaluation.results import METRIC_NAMES, eval_results, read_results_json
 from .modeling_specpt import (
@@ -344,19 +344,21 @@ def results_block(results: Mapping[str, Any] | None) -> str:
         f"Measured with `specpt evaluate` on the `{dataset.get('split', 'test')}` split of "
         f"{dataset.get('name', 'the evaluation data')} (`{dataset.get('type', '?')}`); truth = the catalog "
         f"redshift (Redrock for DESI data). Δz = (z_pred − z_true)/(1 + z_true); NMAD = 1.48·median(|Δz|); "
+        "centred NMAD = 1.48·median(|Δz − median Δz|); "
         f"η = fraction with |Δz| > {results.get('catastrophic_threshold', 0.15):g}; bias = median(Δz); "
         "σ68 = half the 16–84 % range of Δz.",
         "",
-        "| class | spectra | NMAD | η (%) | bias | σ68 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| class | spectra | NMAD | centred NMAD | η (%) | bias | σ68 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for group, values in results["metrics"].items():
         if not isinstance(values, Mapping) or not values.get("n"):
             continue
         lines.append(
             f"| {_CLASS_LABELS.get(str(group).lower(), group)} | {values['n']} | "
-            f"{_format_value(values.get('nmad'))} | {_percent(values.get('eta'))} | "
-            f"{_format_value(values.get('bias'), 3)} | {_format_value(values.get('sigma68'))} |"
+            f"{_format_value(values.get('nmad'))} | {_format_value(values.get('nmad_centred'))} | "
+            f"{_percent(values.get('eta'))} | {_format_value(values.get('bias'), 3)} | "
+            f"{_format_value(values.get('sigma68'))} |"
         )
     bins = results.get("by_redshift_bin")  # [{z_min, z_max, n, nmad, eta, ...}] from `specpt evaluate`
     if isinstance(bins, Mapping):
@@ -531,7 +533,7 @@ def render_model_card(
             dataset_config=dataset.get("config"),
             dataset_split=dataset.get("split"),
             dataset_revision=dataset.get("revision"),
-            metrics=tuple(name for name in ("nmad", "eta") if name in METRIC_NAMES),
+            metrics=tuple(name for name in ("nmad", "nmad_centred", "eta") if name in METRIC_NAMES),
             catastrophic_threshold=results.get("catastrophic_threshold", 0.15),
         )
         if not entries:
@@ -735,6 +737,7 @@ def _parser() -> argparse.ArgumentParser:
         "--card-template", type=Path, help=f"model card template (default: {CARD_TEMPLATE.name})"
     )
     parser.add_argument("--endpoint", help=f"Hub URL (default: HF_ENDPOINT or {hub_constants.ENDPOINT})")
+    add_debug_flag(parser)
     return parser
 
 
@@ -745,34 +748,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run and args.out is None:
         parser.error("--dry-run needs --out FOLDER")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        with tempfile.TemporaryDirectory(prefix="specpt-push-") as scratch:
-            out = args.out or Path(scratch) / args.repo_id.split("/")[-1]
-            write_repo_folder(
-                args.model_dir,
-                out,
-                args.results,
-                repo_id=args.repo_id,
-                template=args.card_template,
-                base_model=args.base_model,
-                datasets=args.dataset,
-                overwrite=args.overwrite,
-            )
-            if args.out is not None:
-                print(f"repo folder: {out}")
-            if args.dry_run:
-                return 0
-            info = push_to_hub(
-                out,
-                args.repo_id,
-                private=args.private,
-                revision=args.revision,
-                commit_message=args.commit_message,
-                endpoint=args.endpoint,
-            )
-    except (HubError, ModelFolderError, OSError, ValueError) as err:
-        print(f"specpt push: error: {err}", file=sys.stderr)
-        return 1
+    return run_reporting_errors("push", lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="specpt-push-") as scratch:
+        out = args.out or Path(scratch) / args.repo_id.split("/")[-1]
+        write_repo_folder(
+            args.model_dir,
+            out,
+            args.results,
+            repo_id=args.repo_id,
+            template=args.card_template,
+            base_model=args.base_model,
+            datasets=args.dataset,
+            overwrite=args.overwrite,
+        )
+        if args.out is not None:
+            print(f"repo folder: {out}")
+        if args.dry_run:
+            return 0
+        info = push_to_hub(
+            out,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            endpoint=args.endpoint,
+        )
     print(f"pushed to {info.commit_url}")
     return 0
 

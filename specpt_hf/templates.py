@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
+from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import SpecPTForRedshiftConfig
 from .modeling_specpt import TEMPLATES_NAME
 from .pipeline_specpt import model_wavelength
@@ -140,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--qso-vectors", type=int, default=6, help="QSO basis size (default 6)")
     parser.add_argument("--max-per-type", type=int, default=3000, help="spectra per type (default 3000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draw of spectra")
+    add_debug_flag(parser)
     return parser
 
 
@@ -151,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             _parser().error(f"--{name.replace('_', '-')} must be >= 1")
     if not (args.model / "config.json").is_file():
         _parser().error(f"--model {args.model}: no config.json (not a model folder)")
-    try:
-        vectors = {"GALAXY": args.galaxy_vectors, "QSO": args.qso_vectors}
-        templates = build_model_templates(
-            args.model, args.data_dir, vectors, args.max_per_type, args.split, args.seed
-        )
-    except (OSError, ValueError) as error:
-        logger.error("specpt templates: %s", error)
-        return 1
+    return run_reporting_errors("templates", lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    vectors = {"GALAXY": args.galaxy_vectors, "QSO": args.qso_vectors}
+    templates = build_model_templates(
+        args.model, args.data_dir, vectors, args.max_per_type, args.split, args.seed
+    )
     described = describe_templates(templates, TEMPLATES_NAME)["spectypes"]
     for name, info in described.items():
         print(

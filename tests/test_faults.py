@@ -505,3 +505,17 @@ def test_predict_resume_redoes_what_a_damaged_progress_lost(interrupted_predict,
     whole, resumed = Table.read(root / "whole.fits", hdu=1), Table.read(root / "c.fits", hdu=1)
     assert whole["TARGETID"].tolist() == resumed["TARGETID"].tolist()
     np.testing.assert_array_equal(whole["Z"], resumed["Z"])
+
+
+def test_templates_error_is_one_line_unless_debug(predict_setup, tmp_path, capsys):
+    from specpt_hf.templates import main as templates_main
+
+    root, _ = predict_setup
+    before = digest(root / "model")
+    argv = [str(tmp_path / "no-data"), "--model", str(root / "model")]
+    assert templates_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("specpt templates: ") and "no-data" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError):
+        templates_main([*argv, "--debug"])
+    assert digest(root / "model") == before

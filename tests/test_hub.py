@@ -178,7 +178,7 @@ def test_generated_card(release):
     assert {ident(r): r.metric_value for r in card.data.eval_results} == {
         ident(r): r.metric_value for r in expected
     }
-    assert {r.metric_type for r in card.data.eval_results} == {"nmad", "eta"}
+    assert {r.metric_type for r in card.data.eval_results} == {"nmad", "nmad_centred", "eta"}
     name, round_trip = model_index_to_eval_results(card.data.to_dict()["model-index"])
     assert name == "specpt-desi" and round_trip == card.data.eval_results
 

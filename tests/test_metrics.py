@@ -24,6 +24,7 @@ from specpt_hf.evaluation import (
     metrics_by_redshift_bin,
     model_index,
     nmad,
+    nmad_centred,
     pulls,
     read_results_json,
     redshift_errors,
@@ -65,6 +66,18 @@ def test_gaussian_scatter_gives_sigma():
     assert catastrophic_fraction(z_pred, z_true) == 0.0
 
 
+def test_centred_nmad_ignores_a_constant_bias():
+    sigma, offset = 0.001, 0.004
+    z_pred, z_true, dz = gaussian_sample(40_000, sigma, offset=offset, seed=2)
+    assert nmad_centred(z_pred, z_true) == pytest.approx(sigma, rel=0.03)  # the offset does not count
+    assert nmad(z_pred, z_true) > 3 * sigma  # the SpecPT-paper NMAD takes |Δz| about zero: it does
+    assert nmad_centred(z_pred, z_true) == pytest.approx(
+        1.48 * np.median(np.abs(dz - np.median(dz))), rel=1e-9
+    )
+    assert redshift_metrics(z_pred, z_true)["nmad_centred"] == nmad_centred(z_pred, z_true)
+    assert math.isnan(nmad_centred([], []))
+
+
 def test_bias_recovers_offset():
     z_pred, z_true, _ = gaussian_sample(20_000, 0.001, offset=0.004, seed=1)
     assert bias(z_pred, z_true) == pytest.approx(0.004, abs=3e-5)
@@ -96,8 +109,9 @@ def test_catastrophic_threshold_is_strict_and_configurable():
 def test_redshift_metrics_matches_single_functions():
     z_pred, z_true, _ = gaussian_sample(500, 0.01, seed=3)
     result = redshift_metrics(z_pred, z_true)
-    assert set(result) == {"n", "n_catastrophic", "nmad", "eta", "bias", "sigma68"}
+    assert set(result) == {"n", "n_catastrophic", "nmad", "nmad_centred", "eta", "bias", "sigma68"}
     assert result["nmad"] == nmad(z_pred, z_true)
+    assert result["nmad_centred"] == nmad_centred(z_pred, z_true)
     assert result["bias"] == bias(z_pred, z_true)
     assert result["sigma68"] == sigma68(z_pred, z_true)
     assert result["eta"] == catastrophic_fraction(z_pred, z_true)
@@ -334,9 +348,13 @@ def test_model_index_structure(per_class):
     assert result["task"] == {"type": "redshift-estimation", "name": "Redshift estimation"}
     assert result["dataset"] == {"name": "DESI EDR mock", "type": "desi-edr-mock", "split": "test"}
     metrics = result["metrics"]
-    assert len(metrics) == 2 * 4  # NMAD and η for all, bgs, elg, lrg; qso is empty
+    assert len(metrics) == 3 * 4  # NMAD, centred NMAD and η for all, bgs, elg, lrg; qso is empty
     by_key = {(m["type"], m["config"]): m for m in metrics}
     assert by_key[("nmad", "bgs")]["name"] == "NMAD (BGS)"
+    assert by_key[("nmad_centred", "elg")]["name"] == "Centred NMAD (ELG)"
+    assert by_key[("nmad_centred", "elg")]["value"] == pytest.approx(
+        per_class["elg"]["nmad_centred"], rel=1e-3
+    )
     assert by_key[("nmad", "bgs")]["value"] == pytest.approx(per_class["bgs"]["nmad"], rel=1e-3)
     assert by_key[("eta", "all")]["value"] == pytest.approx(per_class["all"]["eta"], rel=1e-3)
     assert by_key[("eta", "elg")]["args"] == {"threshold": 0.15}

@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     summary = evaluate_model(args.model, args.data, args.out, args.split, args.autoencoder, args.batch_size)
     for name, values in summary["by_class"].items():
-        print(f"{name:>5}: n={values['n']:<6} NMAD={values['nmad']:.5f}  eta={100 * values['eta']:.2f}%")
+        print(
+            f"{name:>5}: n={values['n']:<6} NMAD={values['nmad']:.5f}  centred NMAD={values['nmad_centred']:.5f}  "
+            f"eta={100 * values['eta']:.2f}%"
+        )
     print(f"results: {summary['results_json']}")
     return 0

@@ -3,6 +3,8 @@
 All metrics work on the normalised error Δz/(1+z) = (z_pred − z_true) / (1 + z_true):
 
 - NMAD = 1.48 · median(|Δz|/(1+z)) (the SpecPT paper's definition, not centred on the median),
+- centred NMAD = 1.48 · median(|Δz/(1+z) − median(Δz/(1+z))|) (the usual photo-z / spec-z definition, blind to
+  a constant bias),
 - η, the catastrophic fraction: share of objects with |Δz|/(1+z) > 0.15,
 - bias = median(Δz/(1+z)),
 - σ68 = half the width of the 16–84 percentile interval of Δz/(1+z).
@@ -21,7 +23,7 @@ import numpy.typing as npt
 
 NMAD_SCALE = 1.48
 CATASTROPHIC_THRESHOLD = 0.15
-METRIC_KEYS = ("n", "n_catastrophic", "nmad", "eta", "bias", "sigma68")
+METRIC_KEYS = ("n", "n_catastrophic", "nmad", "nmad_centred", "eta", "bias", "sigma68")
 
 
 def _as_1d(values: npt.ArrayLike, name: str) -> np.ndarray:
@@ -82,6 +84,10 @@ def _nmad(dz: np.ndarray) -> float:
     return float(NMAD_SCALE * np.median(np.abs(dz))) if dz.size else math.nan
 
 
+def _nmad_centred(dz: np.ndarray) -> float:
+    return float(NMAD_SCALE * np.median(np.abs(dz - np.median(dz)))) if dz.size else math.nan
+
+
 def _eta(dz: np.ndarray, threshold: float) -> float:
     return float(np.mean(np.abs(dz) > threshold)) if dz.size else math.nan
 
@@ -102,6 +108,7 @@ def _summary(dz: np.ndarray, threshold: float) -> dict[str, float | int]:
         "n": int(dz.size),
         "n_catastrophic": int(np.sum(np.abs(dz) > threshold)),
         "nmad": _nmad(dz),
+        "nmad_centred": _nmad_centred(dz),
         "eta": _eta(dz, threshold),
         "bias": _bias(dz),
         "sigma68": _sigma68(dz),
@@ -111,6 +118,11 @@ def _summary(dz: np.ndarray, threshold: float) -> dict[str, float | int]:
 def nmad(z_pred: npt.ArrayLike, z_true: npt.ArrayLike) -> float:
     """Normalised median absolute deviation, 1.48 · median(|Δz|/(1+z_true)); NaN when empty."""
     return _nmad(redshift_errors(z_pred, z_true))
+
+
+def nmad_centred(z_pred: npt.ArrayLike, z_true: npt.ArrayLike) -> float:
+    """NMAD about the median error, 1.48 · median(|Δz/(1+z) − median(Δz/(1+z))|); NaN when empty."""
+    return _nmad_centred(redshift_errors(z_pred, z_true))
 
 
 def catastrophic_fraction(
@@ -140,7 +152,8 @@ def redshift_metrics(
     """All summary metrics at once.
 
     Returns:
-        `{"n", "n_catastrophic", "nmad", "eta", "bias", "sigma68"}`; `eta` is the catastrophic fraction.
+        `{"n", "n_catastrophic", "nmad", "nmad_centred", "eta", "bias", "sigma68"}`; `eta` is the catastrophic
+        fraction.
     """
     threshold = _check_threshold(catastrophic_threshold, "catastrophic_threshold")
     return _summary(redshift_errors(z_pred, z_true), threshold)

@@ -26,6 +26,7 @@ TASK_TYPE = "redshift-estimation"
 TASK_NAME = "Redshift estimation"
 METRIC_NAMES = {
     "nmad": "NMAD",
+    "nmad_centred": "Centred NMAD",
     "eta": "Catastrophic fraction η",
     "bias": "Bias",
     "sigma68": "σ68",
@@ -62,7 +63,7 @@ def eval_results(
     dataset_config: str | None = None,
     dataset_split: str | None = "test",
     dataset_revision: str | None = None,
-    metrics: Sequence[str] = ("nmad", "eta"),
+    metrics: Sequence[str] = ("nmad", "nmad_centred", "eta"),
     catastrophic_threshold: float = CATASTROPHIC_THRESHOLD,
     significant_digits: int | None = 4,
     source_name: str | None = None,

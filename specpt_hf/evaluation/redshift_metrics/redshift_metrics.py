@@ -33,6 +33,7 @@ _DESCRIPTION = """\
 Accuracy of spectroscopic redshifts, measured on the normalised error dz = (z_pred - z_true) / (1 + z_true):
 
 - NMAD = 1.48 * median(|dz|), the normalised median absolute deviation (as in the SpecPT paper);
+- centred NMAD = 1.48 * median(|dz - median(dz)|), the definition most photo-z and spec-z papers quote;
 - eta, the catastrophic fraction: the share of objects with |dz| > 0.15;
 - bias = median(dz);
 - sigma68, half the width of the 16-84 percentile interval of dz.
@@ -57,6 +58,7 @@ Returns:
     n (`int`): number of objects.
     n_catastrophic (`int`): number of catastrophic objects.
     nmad (`float`): 1.48 * median(|dz|).
+    nmad_centred (`float`): 1.48 * median(|dz - median(dz)|).
     eta (`float`): catastrophic fraction, in [0, 1].
     bias (`float`): median(dz).
     sigma68 (`float`): half the 16-84 percentile width of dz.
@@ -97,7 +99,7 @@ def _to_python(value):
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RedshiftMetrics(evaluate.Metric):
-    """NMAD, catastrophic fraction, bias and σ68 of predicted redshifts."""
+    """NMAD (plain and centred), catastrophic fraction, bias and σ68 of predicted redshifts."""
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
