@@ -39,6 +39,7 @@ PREDICTION_COLUMNS = {
 }
 # with template refinement also
 REFINEMENT_COLUMNS = ("chi2", "deltachi2", "spectype", "coeff", "npixels_fit")
+PDF_COLUMNS = ("pz", "chi2_scan")  # [n, bins] and [n, trials], with `return_pdf`
 
 
 @dataclass
@@ -67,12 +68,14 @@ def predict_batch(
     autoencoder: SpecPTForSpectrumReconstruction | None = None,
     thresholds: FlagThresholds | None = None,
     stats: InferenceStats | None = None,
+    return_pdf: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run `model` on one batch (`flux`, optional `ivar` and `mask`, [batch, pixels] on the model's grid).
 
     Returns numpy columns for the spectra with a usable pixel: `z_pred`, `zerr_pred`, `quality` (NaN where the head
     gives none), `zwarn` (`SpecPTZwarn` bits), `npixels`, `z_net`, `zerr_net`, the `REFINEMENT_COLUMNS` when the
-    model refines, `anomaly` (with an autoencoder) and the passthrough fields present in `batch`.
+    model refines, `anomaly` (with an autoencoder), `pz` and `chi2_scan` (with `return_pdf`, see `predict_spectra`)
+    and the passthrough fields present in `batch`.
     """
     ivar = batch.get("ivar")
     mask = batch.get("mask")
@@ -83,10 +86,11 @@ def predict_batch(
         None if mask is None else np.asarray(mask, dtype=bool),
         autoencoder=autoencoder,
         thresholds=thresholds,
+        return_pdf=return_pdf,
     )
     keep = result["npixels"] > 0
     columns = {name: result[key][keep] for name, key in PREDICTION_COLUMNS.items()}
-    columns.update({key: result[key][keep] for key in REFINEMENT_COLUMNS if key in result})
+    columns.update({key: result[key][keep] for key in (*REFINEMENT_COLUMNS, *PDF_COLUMNS) if key in result})
     if autoencoder is not None:
         columns["anomaly"] = result["anomaly"][keep]
     columns.update({key: np.asarray(batch[key])[keep] for key in PASSTHROUGH_FIELDS if key in batch})

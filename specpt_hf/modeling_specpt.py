@@ -41,6 +41,7 @@ from .refinement import (
     pz_modes,
     refine_redshifts,
     save_templates,
+    scan_grid,
 )
 
 logger = logging.get_logger(__name__)
@@ -930,6 +931,18 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         index = torch.arange(self.config.num_redshift_bins, device=device, dtype=torch.float32)
         return u_min + (index + 0.5) * self.config.redshift_bin_width  # [bins]
 
+    def _refinement_u_range(self) -> tuple[float, float]:
+        return math.log1p(self.config.z_min), math.log1p(self.config.z_max)
+
+    def chi2_scan_redshifts(self) -> torch.Tensor:
+        """The redshifts of the refinement's coarse chi^2(z) samples (`chi2_scan_z` of every row), float64
+        [trials]; needs templates."""
+        if not self.templates:
+            raise ValueError("the model has no rest-frame templates, so no chi^2(z) scan")
+        return torch.expm1(
+            scan_grid(self.templates, self._refinement_u_range(), self.config.refinement_rebin)
+        )
+
     def redshift_pdf(self, logits: torch.Tensor, density: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn `logits` [batch, bins] into the p(z) grid.
 
@@ -987,7 +1000,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         candidates = centers[peaks] + offsets.float().gather(1, peaks).double() * width  # [batch, modes]
         settings = {
             "half_width": config.refinement_window * width,
-            "u_range": (math.log1p(config.z_min), math.log1p(config.z_max)),
+            "u_range": self._refinement_u_range(),
             "rebin": config.refinement_rebin,
             "fine_step": config.refinement_fine_step,
         }

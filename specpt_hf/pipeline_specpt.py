@@ -397,6 +397,7 @@ def predict_spectra(
     thresholds: FlagThresholds | None = None,
     return_embedding: bool = False,
     return_reconstruction: bool = False,
+    return_pdf: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run the redshift model (and the autoencoder) on spectra [n, pixels] on the model's grid, in one batch.
 
@@ -406,8 +407,12 @@ def predict_spectra(
     `anomaly` (float64, NaN without autoencoder or ivar), `zwarn` (int64, `SpecPTZwarn`), `z_net`, `zerr_net`
     (the network's own; equal to `z`, `zerr` without refinement); with template refinement (`model.refines`)
     also `chi2`, `deltachi2` (float64), `spectype` (str), `npixels_fit` (int64) and `coeff` [n, vectors];
-    optionally `embedding` [n, d] and `reconstruction` [n, pixels] (float32, flux units; needs the autoencoder).
+    optionally `embedding` [n, d] and `reconstruction` [n, pixels] (float32, flux units; needs the autoencoder);
+    with `return_pdf`, `pz` [n, bins] (the probability of each p(z) bin, at `pdf_redshifts(model)["pz"]`) and,
+    when the model refines, `chi2_scan` [n, trials] (the coarse chi^2(z) samples, NaN where not searched).
     """
+    if return_pdf and model.config.head_type != "pz":
+        raise ValueError(f"`return_pdf` needs the p(z) head (head_type 'pz'), not {model.config.head_type!r}")
     thresholds = thresholds or FlagThresholds()
     flux = np.asarray(flux, dtype=np.float32)
     n = len(flux)
@@ -430,6 +435,10 @@ def predict_spectra(
                 "`return_reconstruction` needs an autoencoder (the redshift model has no decoder)"
             )
         out["reconstruction"] = np.full(flux.shape, np.nan, dtype=np.float32)
+    if return_pdf:
+        out.update(
+            {key: np.full((n, len(grid)), np.nan, np.float32) for key, grid in pdf_redshifts(model).items()}
+        )
     if len(rows):
         _run_models(
             model, autoencoder, flux[rows], None if ivar is None else ivar[rows], good[rows], rows, out
@@ -445,6 +454,15 @@ def predict_spectra(
         out.get("npixels_fit"),
     )
     return out
+
+
+def pdf_redshifts(model: SpecPTForRedshift) -> dict[str, np.ndarray]:
+    """The redshifts of the `return_pdf` arrays: `pz` (the p(z) bin centres [bins]) and, when the model refines,
+    `chi2_scan` (the coarse chi^2(z) trials [trials]); float64."""
+    grids = {"pz": np.expm1(model.redshift_bin_centers().double().numpy())}
+    if model.refines:
+        grids["chi2_scan"] = model.chi2_scan_redshifts().numpy()
+    return grids
 
 
 def _run_models(
@@ -478,6 +496,11 @@ def _run_models(
         out["coeff"][rows] = result.coeff.float().cpu().numpy()
     if "embedding" in out:
         out["embedding"][rows] = result.embedding.float().cpu().numpy()
+    if "pz" in out:
+        out["pz"][rows] = model.redshift_pdf(result.logits)[1].cpu().numpy()
+    if "chi2_scan" in out:
+        scan = result.chi2_scan.float()  # [rows, trials], inf where not searched
+        out["chi2_scan"][rows] = torch.where(torch.isfinite(scan), scan, math.nan).cpu().numpy()
     if autoencoder is None:
         return
     rec = autoencoder(
@@ -604,6 +627,8 @@ class SpecPTRedshiftPipeline(Pipeline):
         batch_size (`int`, *optional*, defaults to 64): spectra per model call.
         min_quality, min_coverage, max_anomaly (`float`, *optional*): the flag thresholds ([`FlagThresholds`]).
         return_embedding, return_reconstruction (`bool`, *optional*): add those arrays to each result.
+        return_pdf (`bool`, *optional*): add `pz` (p(z) per bin) and `pz_z` (the bins' redshifts) to each result,
+            and `chi2_scan` / `chi2_scan_z` (the chi^2(z) samples) when the model refines.
 
     See the module docstring for inputs and outputs.
     """
@@ -646,6 +671,7 @@ class SpecPTRedshiftPipeline(Pipeline):
         max_batch_size: int | None = None,
         return_embedding: bool | None = None,
         return_reconstruction: bool | None = None,
+        return_pdf: bool | None = None,
         min_quality: float | None = None,
         min_coverage: float | None = None,
         max_anomaly: float | None = None,
@@ -661,6 +687,8 @@ class SpecPTRedshiftPipeline(Pipeline):
                     "`return_reconstruction=True` needs `autoencoder=` (the redshift model has no decoder)"
                 )
             forward["return_reconstruction"] = return_reconstruction
+        if return_pdf is not None:
+            forward["return_pdf"] = return_pdf
         limits = {"min_quality": min_quality, "min_coverage": min_coverage, "max_anomaly": max_anomaly}
         limits = {key: float(value) for key, value in limits.items() if value is not None}
         if limits:
@@ -680,6 +708,7 @@ class SpecPTRedshiftPipeline(Pipeline):
         max_batch_size: int = DEFAULT_BATCH_SIZE,
         return_embedding: bool = False,
         return_reconstruction: bool = False,
+        return_pdf: bool = False,
         thresholds: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         limits = FlagThresholds(**(thresholds or {}))
@@ -696,6 +725,7 @@ class SpecPTRedshiftPipeline(Pipeline):
                     thresholds=limits,
                     return_embedding=return_embedding,
                     return_reconstruction=return_reconstruction,
+                    return_pdf=return_pdf,
                 )
             )
         columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -712,11 +742,15 @@ class SpecPTRedshiftPipeline(Pipeline):
             ["anomaly"] if self.autoencoder is not None else []
         )
         scalars += [key for key in ("chi2", "deltachi2", "spectype", "npixels_fit") if key in columns]
-        arrays = [key for key in ("embedding", "reconstruction", "coeff") if key in columns]
+        arrays = [
+            key for key in ("embedding", "reconstruction", "coeff", "pz", "chi2_scan") if key in columns
+        ]
+        grids = pdf_redshifts(self.model) if "pz" in columns else {}
         results = []
         for i, meta in enumerate(outputs["meta"]):
             row = {**meta, **{key: columns[key][i].item() for key in scalars}}
             row.update({key: columns[key][i] for key in arrays})
+            row.update({f"{key}_z": grid for key, grid in grids.items()})
             results.append(row)
         return results[0] if outputs["single"] else results
 

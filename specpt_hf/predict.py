@@ -1,33 +1,42 @@
 """`specpt predict`: many DESI coadd files in, one Redrock-style redshift catalog out.
 
     specpt predict data/healpix/ coadd-sv3-dark-26065.fits --model specpt-desi --out catalog.fits \
-        [--format fits|parquet|csv] [--batch-size 64] [--device auto] [--resume] \
-        [--autoencoder specpt-desi-autoencoder] [--min-quality 0.5] [--min-coverage 0.5] [--max-anomaly 5]
+        [--format fits|parquet|csv] [--batch-size 64] [--device auto] [--resume] [--refine none|peaks|peaks+wide] \
+        [--autoencoder specpt-desi-autoencoder] [--min-quality 0.5] [--min-coverage 0.5] [--max-anomaly 5] \
+        [--min-delta-chi2 9] [--save-pdf]
 
 Directories are searched for `coadd-*.fits`. Files are read one at a time, a fixed number of rows at a time, by a
 reader thread that feeds batches through a bounded queue to the model (so memory stays bounded and reading
 overlaps compute). The catalog is written once at the end, to a temporary file then renamed, so a catalog under
 the final name is always complete.
 
-Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum):
+Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum; Redrock's column names where they mean the same):
 
 | column | type | meaning |
 | --- | --- | --- |
 | TARGETID | int64 | DESI TARGETID |
-| Z, ZERR | float64 | redshift and its 1-sigma uncertainty (ZERR NaN for heads without one) |
-| ZWARN | int64 | `SpecPTZwarn` bit mask, 0 = no warning (bits 1 LITTLE_COVERAGE, 2 LOW_QUALITY, 4 ANOMALOUS, 5 AT_Z_LIMIT) |
-| QUALITY | float32 | p(z) mass within a few bins of the peak, in [0, 1] |
+| Z, ZERR | float64 | redshift and its 1-sigma uncertainty (refined: the chi^2 fit's, Delta chi^2 = 1) |
+| ZWARN | int64 | `SpecPTZwarn` bit mask, 0 = no warning (names in the header keywords ZWARN0 ...) |
+| CHI2, DELTACHI2 | float64 | refined only: best chi^2, and the next minimum >= 1000 km/s away minus it |
+| COEFF | float32 [vectors] | refined only: the winning template set's coefficients |
+| SPECTYPE | str | refined only: the winning template set (GALAXY, QSO) |
 | NPIXELS | int32 | good pixels on the model's grid |
+| Z_NET, ZERR_NET | float64 | the network's own redshift and uncertainty (equal to Z, ZERR without refinement) |
+| QUALITY | float32 | p(z) mass within a few bins of the peak, in [0, 1] |
 | ANOMALY | float32 | reduced chi^2 of the autoencoder's reconstruction (only with `--autoencoder`) |
 | SURVEY, PROGRAM | str | provenance |
 | HEALPIX | int32 | nside-64 nested healpix, -1 for tile coadds |
 | SOURCE | str | coadd file name |
 
-SPECTYPE is not predicted. The header (FITS keywords, Parquet / ECSV table metadata) holds the model reference,
-its resolved repo id or folder, its Hub revision, the autoencoder, the flag thresholds, the redshift range and the
-versions of specpt_hf, transformers and torch. Spectra without usable pixels are not in the catalog (counted);
-a file without usable spectra is reported and skipped; an unreadable file is reported, skipped, and makes the
-exit status 1.
+`--save-pdf` adds each target's p(z) (probability per bin, on the model's ln(1 + z) bins) and, when refining, its
+coarse chi^2(z) samples (NaN where not searched): FITS HDUs `PZ` and `CHI2SCAN` (TARGETID and one vector per row, in
+the order of REDSHIFTS) with images `PZ_Z` and `CHI2SCAN_Z` of the redshifts; Parquet / ECSV columns `PZ` and
+`CHI2SCAN` with the redshifts in the metadata keys `PZ_Z` and `CHI2SCAN_Z`.
+
+The header (FITS keywords, Parquet / ECSV table metadata) holds the model reference, its resolved repo id or folder,
+its Hub revision, the autoencoder, the flag thresholds, the refinement, the redshift range and the versions of
+specpt_hf, transformers and torch. Spectra without usable pixels are not in the catalog (counted); a file without
+usable spectra is reported and skipped; an unreadable file is reported, skipped, and makes the exit status 1.
 
 `--resume`: progress is kept next to the output in `<out>.progress/` (a manifest and one part file per finished
 input file, each written atomically); a resumed run skips the files already done and predicts the rest. The
@@ -67,6 +76,7 @@ from .pipeline_specpt import (
     SpecPTZwarn,
     check_same_grid,
     load_model,
+    pdf_redshifts,
     resolve_model_name,
     to_model_grid,
 )
@@ -97,6 +107,10 @@ CATALOG_COLUMNS: dict[str, tuple[str, str]] = {
     "HEALPIX": ("healpix", "int32"),
     "SOURCE": ("source", "str"),
 }
+
+# `--save-pdf`: output column -> catalog name (FITS: an HDU NAME of TARGETID + NAME [n, k], and an image NAME_Z of
+# the k redshifts; Parquet / ECSV: a column NAME and the redshifts in the metadata key NAME_Z)
+PDF_NAMES = {"pz": "PZ", "chi2_scan": "CHI2SCAN"}
 
 __all__ = ["SpecPTZwarn", "PredictSummary", "find_input_files", "main", "predict_catalog", "write_catalog"]
 
@@ -349,7 +363,11 @@ def _load(ref: Any, task: str) -> tuple[Any, str]:
 
 
 def _run_settings(
-    model: SpecPTForRedshift, model_ref: str, ae_ref: str | None, thresholds: FlagThresholds
+    model: SpecPTForRedshift,
+    model_ref: str,
+    ae_ref: str | None,
+    thresholds: FlagThresholds,
+    save_pdf: bool = False,
 ) -> dict:
     """What decides the predictions: a resumed run must use the same. The model is identified by its weights,
     templates and refinement settings, not by how its path was spelled."""
@@ -361,6 +379,7 @@ def _run_settings(
         "model_revision": getattr(model.config, "_commit_hash", None),
         "autoencoder": os.path.abspath(ae_ref) if ae_ref and os.path.isdir(ae_ref) else ae_ref,
         "thresholds": thresholds.as_dict(),
+        "save_pdf": save_pdf,
         "specpt_hf": __version__,
     }
 
@@ -399,6 +418,7 @@ def predict_catalog(
     thresholds: FlagThresholds | None = None,
     progress: bool = True,
     refine: str | None = None,
+    save_pdf: bool = False,
 ) -> PredictSummary:
     """Predict every usable spectrum of `files` and write one catalog to `out` (see the module docstring).
 
@@ -411,6 +431,8 @@ def predict_catalog(
         thresholds: the ZWARN thresholds.
         refine: `none`, `peaks` or `peaks+wide` in place of the model's `config.refinement` (refinement needs
             the model's templates; `none` gives the network-only catalog).
+        save_pdf: also write each target's p(z) on the model's bins and, when refining, its chi^2(z) samples
+            (`PDF_NAMES`; a p(z) head only).
 
     Raises:
         FileNotFoundError / ValueError / OSError for bad arguments, models or settings that differ from the
@@ -433,20 +455,24 @@ def predict_catalog(
         if refine not in REFINEMENTS:
             raise ValueError(f"`refine` must be one of {REFINEMENTS}, got {refine!r}")
         model.config.refinement = refine
+    if save_pdf and model.config.head_type != "pz":
+        raise ValueError(
+            f"--save-pdf needs a p(z) head (head_type 'pz'); {model_ref} has {model.config.head_type!r}"
+        )
     ae_ref = None
     if autoencoder is not None:
         autoencoder, ae_ref = _load(autoencoder, "autoencoder")
         check_same_grid(model, autoencoder)
         autoencoder = autoencoder.to(device).eval()
     make_folder(out.parent)
-    store = ProgressStore(out, _run_settings(model, model_ref, ae_ref, thresholds), resume)
+    store = ProgressStore(out, _run_settings(model, model_ref, ae_ref, thresholds, save_pdf), resume)
     summary = PredictSummary(out=out, files=len(paths))
     pending = [(i, path) for i, path in enumerate(paths) if not store.done(path)]
     summary.resumed = len(paths) - len(pending)
     if summary.resumed:
         logger.info("resuming: %d of %d files already done", summary.resumed, len(paths))
 
-    _predict_files(pending, store, model, autoencoder, thresholds, batch_size, progress, summary)
+    _predict_files(pending, store, model, autoencoder, thresholds, batch_size, progress, summary, save_pdf)
     for path in paths:
         stats = store.files.get(str(path), {}).get("stats", {})
         summary.skipped_spectra += stats.get("no_data", 0) + stats.get("model_grid_no_data", 0)
@@ -461,7 +487,12 @@ def predict_catalog(
             f"no usable spectra in any of the {len(paths)} input files; nothing written to {out}"
         )
     meta = _catalog_meta(model, model_ref, ae_ref, thresholds, summary)
-    write_catalog(_catalog_table(parts, autoencoder is not None, meta), out, fmt)
+    pdf = {
+        name: (np.concatenate([part[key] for part in parts]), pdf_redshifts(model)[key])
+        for key, name in PDF_NAMES.items()
+        if key in parts[0]
+    }
+    write_catalog(_catalog_table(parts, autoencoder is not None, meta), out, fmt, pdf)
     if summary.failed:
         logger.error(
             "%d files could not be read (kept %s; rerun with --resume to retry them): %s",
@@ -483,6 +514,7 @@ def _predict_files(
     batch_size: int,
     progress: bool,
     summary: PredictSummary,
+    save_pdf: bool = False,
 ) -> None:
     """Run the reader thread over `pending` and the models over its batches; record each finished file."""
     if not pending:
@@ -501,7 +533,12 @@ def _predict_files(
             if kind == "batch":
                 file_stats = stats.setdefault(index, InferenceStats())
                 columns = predict_batch(
-                    model, payload, autoencoder=autoencoder, thresholds=thresholds, stats=file_stats
+                    model,
+                    payload,
+                    autoencoder=autoencoder,
+                    thresholds=thresholds,
+                    stats=file_stats,
+                    return_pdf=save_pdf,
                 )
                 rows.setdefault(index, []).append(columns)
                 spectra_bar.update(len(payload["flux"]))
@@ -591,10 +628,20 @@ def _catalog_table(parts: list[dict[str, np.ndarray]], with_anomaly: bool, meta:
     return table
 
 
-def write_catalog(table: Table, out: str | os.PathLike, fmt: str) -> Path:
+def write_catalog(
+    table: Table,
+    out: str | os.PathLike,
+    fmt: str,
+    pdf: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Path:
     """Write `table` to `out` atomically: FITS (HDU REDSHIFTS, `table.meta` as header keywords in it and in the
-    primary header), Parquet or CSV (ECSV: the metadata in `#` header lines, then plain comma-separated rows)."""
+    primary header), Parquet or CSV (ECSV: the metadata in `#` header lines, then plain comma-separated rows).
+
+    `pdf` ({NAME: (values [rows, k], redshifts [k])}, e.g. `PZ`, `CHI2SCAN`): FITS gets an HDU NAME (TARGETID, NAME)
+    and an image NAME_Z of the redshifts; Parquet / ECSV a column NAME and the redshifts as metadata NAME_Z.
+    """
     out = Path(out)
+    pdf = pdf or {}
 
     def write(tmp: Path) -> None:
         if fmt == "fits":
@@ -602,11 +649,21 @@ def write_catalog(table: Table, out: str | os.PathLike, fmt: str) -> Path:
             hdu.name = "REDSHIFTS"
             primary = fits.PrimaryHDU()
             primary.header.update({key: value for key, value in table.meta.items()})
-            fits.HDUList([primary, hdu]).writeto(tmp, overwrite=True)
-        elif fmt == "parquet":
-            table.write(tmp, format="parquet", overwrite=True)
+            hdus = [primary, hdu]
+            for name, (values, redshifts) in pdf.items():
+                hdus.append(fits.table_to_hdu(Table({"TARGETID": table["TARGETID"], name: values})))
+                hdus[-1].name = name
+                hdus.append(fits.ImageHDU(redshifts, name=f"{name}_Z"))
+            fits.HDUList(hdus).writeto(tmp, overwrite=True)
+            return
+        full = table.copy(copy_data=False)
+        for name, (values, redshifts) in pdf.items():
+            full[name] = values
+            full.meta[f"{name}_Z"] = redshifts.tolist()
+        if fmt == "parquet":
+            full.write(tmp, format="parquet", overwrite=True)
         elif fmt == "csv":
-            table.write(tmp, format="ascii.ecsv", delimiter=",", overwrite=True)
+            full.write(tmp, format="ascii.ecsv", delimiter=",", overwrite=True)
         else:
             raise ValueError(f"unknown catalog format {fmt!r}")
 
@@ -661,6 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=REFINEMENTS,
         help="template chi^2 refinement (default: the model's config.refinement; needs its templates)",
     )
+    parser.add_argument(
+        "--save-pdf",
+        action="store_true",
+        help="also write each target's p(z) and, when refining, its chi^2(z) samples (HDUs PZ, CHI2SCAN)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-file details")
@@ -694,6 +756,7 @@ def _run(args: argparse.Namespace) -> int:
         thresholds=thresholds,
         progress=not args.no_progress,
         refine=args.refine,
+        save_pdf=args.save_pdf,
     )
     print(
         f"{summary.out}: {summary.rows} spectra from {summary.files} files ({summary.resumed} resumed, "

@@ -364,6 +364,18 @@ def _searched_curve(
     return full.scatter(1, trials, torch.where(valid, chi2, math.inf))
 
 
+def scan_grid(
+    template_sets: dict[str, RestFrameTemplates], u_range: tuple[float, float], rebin: int
+) -> torch.Tensor:
+    """The u = ln(1 + z) trials of the coarse chi^2 curve: multiples of `rebin` template ln(lambda) steps inside
+    `u_range`, float64 [grid]."""
+    steps = {t.log_wavelength_step for t in template_sets.values()}
+    if len(steps) != 1:
+        raise ValueError(f"template sets must share one ln(lambda) step, got {sorted(steps)}")
+    step = rebin * steps.pop()
+    return torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1).double() * step
+
+
 def refine_redshifts(
     template_sets: dict[str, RestFrameTemplates],
     wavelength: torch.Tensor,
@@ -391,12 +403,8 @@ def refine_redshifts(
     """
     if candidates.dim() != 2 or candidates.shape[0] != flux.shape[0]:
         raise ValueError(f"`candidates` must be [batch, modes], got {tuple(candidates.shape)}")
-    steps = {t.log_wavelength_step for t in template_sets.values()}
-    if len(steps) != 1:
-        raise ValueError(f"template sets must share one ln(lambda) step, got {sorted(steps)}")
-    step = rebin * steps.pop()
-    scan_u = torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1).double() * step
-    scan_u = scan_u.to(flux.device)  # [grid], the grid of `chi2_curve`
+    scan_u = scan_grid(template_sets, u_range, rebin).to(flux.device)  # [grid], the grid of `chi2_curve`
+    step = rebin * next(iter(template_sets.values())).log_wavelength_step
     near = ((scan_u[None, None] - candidates.double()[..., None]).abs() <= half_width).any(1)  # [batch, grid]
     if everywhere is not None:
         near |= everywhere[:, None]

@@ -16,6 +16,7 @@ from specpt_hf.evaluation import (
     plot_pull_distribution,
     plot_reconstructions,
     plot_redshift_comparison,
+    plot_redshift_pdf,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -155,3 +156,28 @@ def test_plots_survive_tiny_and_empty_groups(tmp_path):
     assert_png(plot_error_histogram(z_pred, z_true, tmp_path / "hist.png", groups=groups), min_size=100)
     empty = plot_redshift_comparison([], [], tmp_path / "empty.png")
     assert empty.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_redshift_pdf_plot_draws_both_panels_and_checks_lengths(tmp_path):
+    pz_z = np.linspace(0.0, 2.0, 200)
+    pz = np.exp(-0.5 * ((pz_z - 0.4) / 0.02) ** 2) + 0.5 * np.exp(-0.5 * ((pz_z - 1.1) / 0.02) ** 2)
+    scan_z = np.linspace(0.0, 2.0, 2000)
+    chi2 = 1000 + 5e4 * (scan_z - 0.4) ** 2
+    chi2[:10] = np.nan  # not searched
+    alone = assert_png(plot_redshift_pdf(pz_z, pz / pz.sum(), tmp_path / "pz.png", z=0.4))
+    both = assert_png(
+        plot_redshift_pdf(
+            pz_z,
+            pz / pz.sum(),
+            tmp_path / "both.png",
+            scan_z=scan_z,
+            chi2_scan=chi2,
+            z=0.4,
+            z_net=0.41,
+            z_true=0.4,
+        )
+    )
+    assert both.shape[0] > 1.5 * alone.shape[0]  # the chi^2 row is there
+    with pytest.raises(ValueError, match="chi2_scan"):
+        plot_redshift_pdf(pz_z, pz, tmp_path / "bad.png", scan_z=scan_z, chi2_scan=chi2[:-1])
+    assert not (tmp_path / "bad.png").exists()

@@ -285,3 +285,58 @@ def test_spectra_outside_the_templates_get_little_coverage(templates, tiny_model
     assert out["npixels_fit"][0] < 0.5 * out["npixels"][0]
     assert out["zwarn"][0] & SpecPTZwarn.LITTLE_COVERAGE
     assert np.isfinite(out["chi2"][0]) and out["spectype"][0] == "GALAXY"
+
+
+def _fine_span(model, scan_z: np.ndarray) -> float:
+    """Half the width in ln(1 + z) of the fine grid around a coarse minimum (+-1 coarse step in fine steps)."""
+    fine = model.config.refinement_fine_step
+    return math.ceil(np.diff(np.log1p(scan_z[:2]))[0] / fine) * fine + 1e-6  # + float32 rounding of Z
+
+
+def test_pipeline_returns_pz_and_the_chi2_scan(templates, tiny_model):
+    from specpt_hf.pipeline_specpt import load_pipeline, pdf_redshifts
+
+    tiny_model.set_templates({"GALAXY": templates})
+    flux, ivar = _spectra(templates, np.array([0.21, 0.64]), seed=3)
+    rows = load_pipeline(tiny_model)({"flux": flux, "ivar": ivar}, return_pdf=True)
+    grids = pdf_redshifts(tiny_model)
+    for row in rows:
+        assert row["pz"].shape == row["pz_z"].shape == (tiny_model.config.num_redshift_bins,)
+        assert row["pz"].sum() == pytest.approx(1.0, abs=1e-5) and (row["pz"] >= 0).all()
+        np.testing.assert_array_equal(row["chi2_scan_z"], grids["chi2_scan"])
+        best = row["chi2_scan_z"][np.nanargmin(row["chi2_scan"])]  # the coarse minimum ...
+        assert abs(np.log1p(row["z"]) - np.log1p(best)) <= _fine_span(
+            tiny_model, row["chi2_scan_z"]
+        )  # ... and Z
+    assert "pz" not in load_pipeline(tiny_model)({"flux": flux, "ivar": ivar})[0]
+
+
+def test_predict_save_pdf_writes_pz_and_chi2_scan(templates, tiny_model, tmp_path):
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from specpt_hf.data.mock import write_mock_healpix
+    from specpt_hf.predict import predict_catalog
+
+    tiny_model.set_templates({"GALAXY": templates})
+    tiny_model.save_pretrained(tmp_path / "model")
+    coadd = write_mock_healpix(tmp_path / "data", "elg", 4, seed=4, healpix=26600)[0]
+    predict_catalog([coadd], tmp_path / "c.fits", tmp_path / "model", save_pdf=True, progress=False)
+    predict_catalog([coadd], tmp_path / "c.parquet", tmp_path / "model", save_pdf=True, progress=False)
+    with fits.open(tmp_path / "c.fits") as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "REDSHIFTS", "PZ", "PZ_Z", "CHI2SCAN", "CHI2SCAN_Z"]
+        catalog, pz, scan = Table(hdul["REDSHIFTS"].data), hdul["PZ"].data, hdul["CHI2SCAN"].data
+        pz_z, scan_z = hdul["PZ_Z"].data, hdul["CHI2SCAN_Z"].data
+    assert pz["TARGETID"].tolist() == scan["TARGETID"].tolist() == catalog["TARGETID"].tolist()
+    assert pz["PZ"].shape == (len(catalog), len(pz_z)) and scan["CHI2SCAN"].shape == (
+        len(catalog),
+        len(scan_z),
+    )
+    np.testing.assert_allclose(pz["PZ"].sum(1), 1.0, atol=1e-5)
+    best = scan_z[np.nanargmin(scan["CHI2SCAN"], axis=1)]  # each row's coarse minimum, near its refined Z
+    assert np.all(np.abs(np.log1p(best) - np.log1p(catalog["Z"])) <= _fine_span(tiny_model, scan_z))
+    parquet = Table.read(tmp_path / "c.parquet")
+    np.testing.assert_array_equal(parquet["PZ"], pz["PZ"])
+    np.testing.assert_array_equal(parquet.meta["CHI2SCAN_Z"], scan_z)
+    predict_catalog([coadd], tmp_path / "plain.fits", tmp_path / "model", progress=False)
+    assert [h.name for h in fits.open(tmp_path / "plain.fits")] == ["PRIMARY", "REDSHIFTS"]

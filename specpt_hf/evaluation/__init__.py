@@ -29,6 +29,7 @@ from .plots import (
     plot_pull_distribution,
     plot_reconstructions,
     plot_redshift_comparison,
+    plot_redshift_pdf,
     save_figure,
 )
 from .results import eval_results, model_index, read_results_json, write_results_json
@@ -65,6 +66,7 @@ __all__ = [
     "nmad",
     "nmad_centred",
     "plot_completeness_purity",
+    "plot_redshift_pdf",
     "plot_error_histogram",
     "plot_metrics_vs_redshift",
     "plot_pull_distribution",

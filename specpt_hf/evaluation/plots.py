@@ -24,6 +24,7 @@ from ..atomic import atomic_write
 from .metrics import (
     CATASTROPHIC_THRESHOLD,
     _as_1d,
+    _check_length,
     _labels,
     completeness_purity,
     metrics_by_redshift_bin,
@@ -491,3 +492,56 @@ def _draw_reconstruction(
     ax_r.plot(wavelength, chi, color="#3B75AF", lw=0.5)
     ax_r.axhline(0, color="0.3", lw=0.7)
     ax_r.set(ylim=(-5, 5), ylabel=r"$\Delta/\sigma$", xlim=(wavelength[0], wavelength[-1]))
+
+
+def plot_redshift_pdf(
+    pz_z: npt.ArrayLike,
+    pz: npt.ArrayLike,
+    path: str | os.PathLike,
+    *,
+    scan_z: npt.ArrayLike | None = None,
+    chi2_scan: npt.ArrayLike | None = None,
+    z: float | None = None,
+    z_net: float | None = None,
+    z_true: float | None = None,
+    zoom: float = 0.03,
+    title: str | None = None,
+) -> Path:
+    """One target's p(z) (probability per bin) above its chi^2(z) samples minus their minimum (when given), over
+    the whole range (left) and within +-`zoom` of `z` (right), with the refined `z`, the network's `z_net` and
+    the true `z_true` marked."""
+    pz_z, pz = _as_1d(pz_z, "pz_z"), _as_1d(pz, "pz")
+    _check_length(pz, "pz", len(pz_z))
+    curves = [(pz_z, pz, "p(z) per bin", "linear", "#3B75AF")]
+    if scan_z is not None and chi2_scan is not None:
+        scan_z = _as_1d(scan_z, "scan_z")
+        chi2 = np.asarray(chi2_scan, dtype=np.float64)  # [trials], NaN where not searched
+        _check_length(chi2, "chi2_scan", len(scan_z))
+        curves.append((scan_z, chi2 - np.nanmin(chi2), r"$\chi^2(z) - \chi^2_{\min}$", "symlog", "#4E9F50"))
+    marks = [
+        (z_true, "true z", "k", "-"),
+        (z_net, "network z", "#8E6BB8", ":"),
+        (z, "refined z", "#C03D3E", "--"),
+    ]
+    centre = next((v for v in (z, z_net, z_true) if v is not None and np.isfinite(v)), None)
+    with _figure(path, figsize=(10.0, 2.8 * len(curves) + 0.6)) as fig:
+        axes = fig.subplots(len(curves), 2, squeeze=False, width_ratios=(3, 1), sharex="col")
+        for (x, y, label, scale, color), row in zip(curves, axes, strict=True):
+            for ax in row:
+                if scale == "linear":
+                    ax.step(x, y, where="mid", color=color, lw=1.2)
+                    ax.set_ylim(0, None)
+                else:
+                    ax.plot(x, y, ".-" if ax is row[1] else "-", color=color, lw=0.8, ms=3)
+                    ax.set_yscale("symlog")
+                for value, name, mark_color, style in marks:
+                    if value is not None and np.isfinite(value):
+                        ax.axvline(value, color=mark_color, ls=style, lw=1.0, label=f"{name} {value:.5f}")
+            row[0].set_ylabel(label)
+            if centre is not None:
+                row[1].set_xlim(centre - zoom, centre + zoom)
+        axes[-1, 0].set_xlabel("z")
+        axes[-1, 1].set_xlabel(f"z (±{zoom:g})")
+        axes[0, 0].legend(loc="upper right")
+        _title(fig, title)
+    return Path(path)
