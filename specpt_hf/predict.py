@@ -3,7 +3,7 @@
     specpt predict data/healpix/ coadd-sv3-dark-26065.fits --model specpt-desi --out catalog.fits \
         [--format fits|parquet|csv] [--batch-size 64] [--device auto] [--resume] [--refine none|peaks|peaks+wide] \
         [--autoencoder specpt-desi-autoencoder] [--min-quality 0.5] [--min-coverage 0.5] [--max-anomaly 5] \
-        [--min-delta-chi2 9] [--save-pdf]
+        [--min-delta-chi2 9] [--save-pdf] [--priors-out priors.fits [--priors-function gaussian|tophat]]
 
 Directories are searched for `coadd-*.fits`. Files are read one at a time, a fixed number of rows at a time, by a
 reader thread that feeds batches through a bounded queue to the model (so memory stays bounded and reading
@@ -32,6 +32,9 @@ Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum; Redrock's col
 coarse chi^2(z) samples (NaN where not searched): FITS HDUs `PZ` and `CHI2SCAN` (TARGETID and one vector per row, in
 the order of REDSHIFTS) with images `PZ_Z` and `CHI2SCAN_Z` of the redshifts; Parquet / ECSV columns `PZ` and
 `CHI2SCAN` with the redshifts in the metadata keys `PZ_Z` and `CHI2SCAN_Z`.
+
+`--priors-out FILE` writes Redrock's priors file (HDU PRIORS: TARGETID, Z, SIGMA, FUNCTION; see `specpt_hf.priors`)
+from each target's p(z), so that `rrdesi --priors FILE` searches only inside SpecPT's window.
 
 The header (FITS keywords, Parquet / ECSV table metadata) holds the model reference, its resolved repo id or folder,
 its Hub revision, the autoencoder, the flag thresholds, the refinement, the redshift range and the versions of
@@ -80,6 +83,7 @@ from .pipeline_specpt import (
     resolve_model_name,
     to_model_grid,
 )
+from .priors import PRIOR_FUNCTIONS, prior_halfwidths, write_priors
 
 logger = logging.getLogger(__name__)
 
@@ -368,6 +372,7 @@ def _run_settings(
     ae_ref: str | None,
     thresholds: FlagThresholds,
     save_pdf: bool = False,
+    priors: bool = False,
 ) -> dict:
     """What decides the predictions: a resumed run must use the same. The model is identified by its weights,
     templates and refinement settings, not by how its path was spelled."""
@@ -380,6 +385,7 @@ def _run_settings(
         "autoencoder": os.path.abspath(ae_ref) if ae_ref and os.path.isdir(ae_ref) else ae_ref,
         "thresholds": thresholds.as_dict(),
         "save_pdf": save_pdf,
+        "priors": priors,
         "specpt_hf": __version__,
     }
 
@@ -419,6 +425,8 @@ def predict_catalog(
     progress: bool = True,
     refine: str | None = None,
     save_pdf: bool = False,
+    priors_out: str | os.PathLike | None = None,
+    priors_function: str = "gaussian",
 ) -> PredictSummary:
     """Predict every usable spectrum of `files` and write one catalog to `out` (see the module docstring).
 
@@ -433,6 +441,8 @@ def predict_catalog(
             the model's templates; `none` gives the network-only catalog).
         save_pdf: also write each target's p(z) on the model's bins and, when refining, its chi^2(z) samples
             (`PDF_NAMES`; a p(z) head only).
+        priors_out, priors_function: also write Redrock's priors file there (`specpt_hf.priors`: a window
+            around each Z holding 99 % of its p(z); `gaussian` or `tophat`), for `rrdesi --priors`.
 
     Raises:
         FileNotFoundError / ValueError / OSError for bad arguments, models or settings that differ from the
@@ -447,6 +457,14 @@ def predict_catalog(
     inputs = {path.resolve() for path in paths}
     if out.resolve() in inputs or out.with_name(out.name + PROGRESS_SUFFIX).resolve() in inputs:
         raise ValueError(f"--out {out}: is one of the input files; the catalog would replace it")
+    if priors_out is not None:
+        priors_out = Path(priors_out)
+        if priors_out.resolve() in inputs | {out.resolve()}:
+            raise ValueError(
+                f"--priors-out {priors_out}: is the catalog or an input file; it would replace it"
+            )
+        if priors_function not in PRIOR_FUNCTIONS:
+            raise ValueError(f"--priors-function must be one of {PRIOR_FUNCTIONS}, got {priors_function!r}")
     thresholds = thresholds or FlagThresholds()
     device = _resolve_device(device)
     model, model_ref = _load(model, "redshift")
@@ -455,9 +473,10 @@ def predict_catalog(
         if refine not in REFINEMENTS:
             raise ValueError(f"`refine` must be one of {REFINEMENTS}, got {refine!r}")
         model.config.refinement = refine
-    if save_pdf and model.config.head_type != "pz":
+    if (save_pdf or priors_out is not None) and model.config.head_type != "pz":
         raise ValueError(
-            f"--save-pdf needs a p(z) head (head_type 'pz'); {model_ref} has {model.config.head_type!r}"
+            f"--save-pdf and --priors-out need a p(z) head (head_type 'pz'); {model_ref} has "
+            f"{model.config.head_type!r}"
         )
     ae_ref = None
     if autoencoder is not None:
@@ -465,14 +484,16 @@ def predict_catalog(
         check_same_grid(model, autoencoder)
         autoencoder = autoencoder.to(device).eval()
     make_folder(out.parent)
-    store = ProgressStore(out, _run_settings(model, model_ref, ae_ref, thresholds, save_pdf), resume)
+    priors = priors_out is not None
+    store = ProgressStore(out, _run_settings(model, model_ref, ae_ref, thresholds, save_pdf, priors), resume)
     summary = PredictSummary(out=out, files=len(paths))
     pending = [(i, path) for i, path in enumerate(paths) if not store.done(path)]
     summary.resumed = len(paths) - len(pending)
     if summary.resumed:
         logger.info("resuming: %d of %d files already done", summary.resumed, len(paths))
 
-    _predict_files(pending, store, model, autoencoder, thresholds, batch_size, progress, summary, save_pdf)
+    outputs = {"save_pdf": save_pdf, "priors": priors}
+    _predict_files(pending, store, model, autoencoder, thresholds, batch_size, progress, summary, **outputs)
     for path in paths:
         stats = store.files.get(str(path), {}).get("stats", {})
         summary.skipped_spectra += stats.get("no_data", 0) + stats.get("model_grid_no_data", 0)
@@ -493,6 +514,13 @@ def predict_catalog(
         if key in parts[0]
     }
     write_catalog(_catalog_table(parts, autoencoder is not None, meta), out, fmt, pdf)
+    if priors_out is not None:
+        columns = {
+            k: np.concatenate([part[k] for part in parts]) for k in ("targetid", "z_pred", "prior_halfwidth")
+        }
+        write_priors(
+            priors_out, columns["targetid"], columns["z_pred"], columns["prior_halfwidth"], priors_function
+        )
     if summary.failed:
         logger.error(
             "%d files could not be read (kept %s; rerun with --resume to retry them): %s",
@@ -515,11 +543,13 @@ def _predict_files(
     progress: bool,
     summary: PredictSummary,
     save_pdf: bool = False,
+    priors: bool = False,
 ) -> None:
     """Run the reader thread over `pending` and the models over its batches; record each finished file."""
     if not pending:
         return
     reader = _Reader(pending, batch_size, model.config)
+    pz_grid = pdf_redshifts(model)["pz"] if priors else None
     paths = dict(pending)
     rows: dict[int, list[dict[str, np.ndarray]]] = {}
     stats: dict[int, InferenceStats] = {}
@@ -538,8 +568,12 @@ def _predict_files(
                     autoencoder=autoencoder,
                     thresholds=thresholds,
                     stats=file_stats,
-                    return_pdf=save_pdf,
+                    return_pdf=save_pdf or priors,
                 )
+                if priors:
+                    columns["prior_halfwidth"] = prior_halfwidths(pz_grid, columns["pz"], columns["z_pred"])
+                if not save_pdf:
+                    columns = {key: value for key, value in columns.items() if key not in PDF_NAMES}
                 rows.setdefault(index, []).append(columns)
                 spectra_bar.update(len(payload["flux"]))
                 continue
@@ -723,6 +757,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write each target's p(z) and, when refining, its chi^2(z) samples (HDUs PZ, CHI2SCAN)",
     )
+    parser.add_argument(
+        "--priors-out",
+        type=Path,
+        help="also write Redrock's priors file (HDU PRIORS) from each target's p(z), for `rrdesi --priors`",
+    )
+    parser.add_argument(
+        "--priors-function",
+        choices=PRIOR_FUNCTIONS,
+        default="gaussian",
+        help="Redrock prior shape (default gaussian; tophat needs numpy < 2 with Redrock 0.21)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-file details")
@@ -757,6 +802,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         refine=args.refine,
         save_pdf=args.save_pdf,
+        priors_out=args.priors_out,
+        priors_function=args.priors_function,
     )
     print(
         f"{summary.out}: {summary.rows} spectra from {summary.files} files ({summary.resumed} resumed, "
