@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
 import prepare_rate  # noqa: E402
+import redrock_priors  # noqa: E402
 import redrock_templates  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
@@ -110,6 +111,20 @@ def test_run_redrock_quick_fits_the_mock(tmp_path):
     assert timing["cpu_seconds"] > 0 and timing["cpu_core_seconds_per_spectrum"] > 0
     assert np.isfinite(np.asarray(table["Z"])).all()
     assert set(np.asarray(table["SPECTYPE"])) <= {"GALAXY", "QSO"}
+
+
+@needs_redrock
+def test_redrock_priors_quick_runs_redrock_with_and_without_the_priors(tmp_path, templates):
+    argv = ["--quick", "--out", str(tmp_path), "--templates", str(templates)]
+    assert redrock_priors.main(argv) == 0
+    results = json.loads((tmp_path / "redrock_priors.json").read_text())
+    assert set(results["metrics"]) == {"SpecPT", "Redrock", "Redrock + SpecPT priors"}
+    assert results["n_common"] > 0 and results["metrics"]["Redrock"]["all"]["n"] == results["n_common"]
+    priors = fits.getdata(tmp_path / "specpt-priors.fits", "PRIORS")
+    assert len(priors) == len(Table.read(tmp_path / "specpt.fits", hdu="REDSHIFTS"))
+    for run in ("redrock", "redrock-priors"):
+        assert list((tmp_path / run).glob("redrock-*.fits"))
+    assert "| all | Redrock + SpecPT priors |" in (tmp_path / "redrock_priors.md").read_text()
 
 
 def test_run_redrock_rejects_bad_inputs(tmp_path, templates):
