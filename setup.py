@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "specutils": ["specutils>=1.12"],
+        "mmu": ["h5py>=3.10"],  # Multimodal Universe HDF5 shards (its Parquet exports need nothing more)
         "peft": ["peft>=0.21"],
         "tensorboard": ["tensorboard>=2.15"],
         # Redrock (DESI's template fitter) for benchmarks/; its DESI entry point also needs
@@ -42,6 +43,7 @@ setup(
             "tensorboard>=2.15",
             "peft>=0.21",
             "scipy>=1.11",
+            "h5py>=3.10",
         ],
     },
     entry_points={"console_scripts": ["specpt=specpt_hf.cli:main"]},

@@ -5,6 +5,7 @@
     python benchmarks/prepare_rate.py --mock 200            # a mock release (`specpt mock --n-per-class 200`)
     python benchmarks/prepare_rate.py DIR_OR_FILES...       # your own coadd (+ redrock) files
     python benchmarks/prepare_rate.py --quick
+    python benchmarks/prepare_rate.py --mock 200 --mmu      # + the same spectra read from Multimodal Universe files
 
 What is compared
     "raw" opens each coadd file with astropy and reads the b, r and z WAVELENGTH, FLUX, IVAR and MASK
@@ -27,6 +28,12 @@ How
     a shared machine the best is the least disturbed); medians and CPU seconds (all threads) are
     printed too. A prepare run has fixed costs that small inputs feel: the dataset card, and the
     last partial row group of each split, which can only be encoded once every file is read.
+
+With --mmu
+    the same spectra are also written as Multimodal Universe HDF5 shards (`specpt_hf.data.mmu`, one per coadd),
+    and two more kinds are timed in the same run, per spectrum: "desi-read", `read_desi_chunks` over the coadds
+    (read, merge the arms, select fibers: what prepare and predict read), and "mmu-read", `read_mmu_chunks` over
+    the HDF5 shards (the spectra come merged already).
 
 What bounds the ratio
     Encoding the three 7781-long list columns to Parquet costs about as much CPU per spectrum as
@@ -55,7 +62,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from specpt_hf.data.builder import collect_spectra_files
-from specpt_hf.data.desi import DESI_ARMS
+from specpt_hf.data.desi import DESI_ARMS, read_desi_chunks
+from specpt_hf.data.mmu import coadd_mmu_columns, read_mmu_chunks, write_mmu_hdf5
 from specpt_hf.data.mock import TARGET_CLASSES, write_mock_release
 from specpt_hf.data.prepare import prepare_dataset
 
@@ -126,6 +134,16 @@ def make_inputs(folder: Path, copies: int, rows_per_file: int) -> list[Path]:
     return files
 
 
+def write_mmu_copies(coadds: list[Path], folder: Path) -> list[Path]:
+    """One MMU HDF5 shard per coadd (its good fibres, labelled by the Redrock file beside it)."""
+    paths = []
+    for i, coadd in enumerate(coadds):
+        redrock = coadd.with_name(coadd.name.replace("coadd-", "redrock-", 1))
+        columns = coadd_mmu_columns(coadd, redrock)
+        paths.append(write_mmu_hdf5(folder / f"healpix={i}" / "001-of-001.hdf5", columns))
+    return paths
+
+
 def raw_read(files: list[Path]) -> int:
     """Read every arm's WAVELENGTH, FLUX, IVAR and MASK with astropy; return the number of fibers."""
     fibers = 0
@@ -144,6 +162,10 @@ def worker(kind: str, files: list[Path], out: Path, catalog: str | None, repeat:
     def run() -> int:
         if kind == "raw":
             return raw_read(files)
+        if kind == "desi-read":
+            return sum(len(chunk) for path in files for chunk in read_desi_chunks(path))
+        if kind == "mmu-read":
+            return sum(len(chunk["targetid"]) for path in files for chunk in read_mmu_chunks(path))
         return prepare_dataset(files, out, catalog=catalog, overwrite=True, progress=False).total_rows
 
     result = run()
@@ -177,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timed passes per process")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of one raw and one prepare process")
     parser.add_argument("--quick", action="store_true", help="one copy, one round of two passes")
-    parser.add_argument("--worker", choices=("raw", "prepare"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--mmu", action="store_true", help="also time reading the spectra from MMU HDF5 shards"
+    )
+    parser.add_argument(
+        "--worker", choices=("raw", "prepare", "desi-read", "mmu-read"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:  # a measuring process started by `in_fresh_process`
@@ -199,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
             (tmp / "in").mkdir()
             files = make_inputs(tmp / "in", args.copies, args.rows_per_file)
             label = "real DESI files" + (f" tiled to {args.rows_per_file} rows" if args.rows_per_file else "")
-        runs: dict[str, list[dict]] = {"raw": [], "prepare": []}
+        inputs = {"raw": files, "prepare": files}
+        if args.mmu:
+            inputs |= {"desi-read": files, "mmu-read": write_mmu_copies(files, tmp / "mmu")}
+        runs: dict[str, list[dict]] = {kind: [] for kind in inputs}
         for _ in range(args.rounds):
             for kind in runs:
-                runs[kind].append(in_fresh_process(kind, files, tmp / "out", args.catalog, args.repeat))
+                runs[kind].append(
+                    in_fresh_process(kind, inputs[kind], tmp / "out", args.catalog, args.repeat)
+                )
     fibers, written = runs["raw"][0]["count"], runs["prepare"][0]["count"]
     passes = args.rounds * args.repeat
     print(
@@ -213,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     names = {
         "raw": "raw FITS read (astropy: b/r/z wave, flux, ivar, mask)",
         "prepare": "prepare (check, read, merge, join, Parquet, card)",
+        "desi-read": "DESI coadd reader (read_desi_chunks), per spectrum",
+        "mmu-read": "MMU HDF5 reader (read_mmu_chunks), per spectrum",
     }
+    names = {kind: name for kind, name in names.items() if kind in runs}
     best, median = {}, {}
     for kind, name in names.items():
         walls = [wall for run in runs[kind] for wall in run["walls"]]
@@ -228,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{median['raw'] / median['prepare']:.2f} (medians)"
     )
     print(f"written spectra/s: {written / best['prepare']:.0f}")
+    if args.mmu:
+        spectra = runs["desi-read"][0]["count"]
+        assert spectra == runs["mmu-read"][0]["count"], "the MMU copies must hold the coadds' spectra"
+        print(
+            f"spectra/s read: DESI coadds {spectra / best['desi-read']:.0f}, MMU HDF5 {spectra / best['mmu-read']:.0f} "
+            f"(MMU / DESI: {best['desi-read'] / best['mmu-read']:.2f})"
+        )
     return 0
 
 

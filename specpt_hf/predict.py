@@ -72,6 +72,7 @@ from .atomic import atomic_write, atomic_write_text, make_folder
 from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import REFINEMENTS
 from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
+from .data.mmu import find_mmu_files, is_mmu_file, read_mmu_spectra
 from .inference import InferenceStats, batched, predict_batch
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
 from .pipeline_specpt import (
@@ -145,17 +146,20 @@ class PredictSummary:
 
 
 def find_input_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given and `coadd-*.fits` found under directories (sorted), without duplicates.
+    """Files as given, and `coadd-*.fits` or Multimodal Universe files (`specpt_hf.data.mmu`) found under
+    directories (sorted), without duplicates.
 
     Raises:
-        FileNotFoundError: naming a path that does not exist, or a directory without coadd files.
+        FileNotFoundError: naming a path that does not exist, or a directory without such files.
     """
     files: dict[Path, None] = {}
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(path.rglob("coadd-*.fits"))
+            found = sorted(path.rglob("coadd-*.fits")) or find_mmu_files([path])
             if not found:
-                raise FileNotFoundError(f"{path}: no coadd-*.fits files in this directory")
+                raise FileNotFoundError(
+                    f"{path}: no coadd-*.fits or Multimodal Universe files in this directory"
+                )
             files.update(dict.fromkeys(p.resolve() for p in found))
         elif path.is_file():
             files[path.resolve()] = None
@@ -302,7 +306,8 @@ class _Reader(threading.Thread):
     def _read_file(self, index: int, path: Path) -> bool:
         stats = ReadStats()
         try:
-            for batch in batched(read_desi_spectra(path, stats=stats), self.batch_size):
+            records = read_mmu_spectra(path) if is_mmu_file(path) else read_desi_spectra(path, stats=stats)
+            for batch in batched(records, self.batch_size):
                 flux, ivar, mask = to_model_grid(
                     self.config, batch["flux"], batch["ivar"], batch["mask"], desi_brz_wavelength()
                 )

@@ -239,6 +239,12 @@ def test_speed_quick(tmp_path, templates):
 # ------------------------------------------------------------------------- preparation and training rates
 
 
+def test_prepare_rate_mmu_reads_the_same_spectra_from_mmu_shards(capsys):
+    assert prepare_rate.main(["--quick", "--mmu"]) == 0
+    printed = capsys.readouterr().out
+    assert "MMU HDF5 reader" in printed and re.search(r"MMU / DESI: \d+\.\d+", printed)
+
+
 def test_prepare_rate_quick_compares_prepare_with_the_raw_read(capsys):
     assert prepare_rate.main(["--quick"]) == 0
     out = capsys.readouterr().out

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text, make_folder, replaced_folder
 from ..cli import add_debug_flag, run_reporting_errors
@@ -53,6 +54,7 @@ from .builder import (
     split_for_targetid,
 )
 from .desi import ReadStats
+from .mmu import find_mmu_files, read_mmu_chunks
 from .redshifts import JoinStats, QualityCuts
 
 logger = logging.getLogger(__name__)
@@ -254,7 +256,9 @@ def prepare_dataset(
     """Write Parquet shards per split and a dataset card for the DESI files in `inputs`.
 
     `inputs` are folders (release layout or flat; their coadd-* files are used) or coadd/spectra
-    files. Redshifts come from the `redrock-*` file next to each, or from `catalog`.
+    files. Redshifts come from the `redrock-*` file next to each, or from `catalog`. Multimodal Universe files
+    (`specpt_hf.data.mmu`: HDF5 shards or their Parquet exports) carry their own labels; given any, only they are
+    read (their cuts: TARGETID > 0, a finite Z, and ZWARN good when `cuts.enabled`).
 
     The dataset is complete or absent: it is written into a temporary folder next to `out_dir`, the card
     (README.md) last, and renamed onto `out_dir` at the end; on any error (or a kill) `out_dir` keeps what it
@@ -264,6 +268,20 @@ def prepare_dataset(
         raise ValueError(f"shard_size and row_group_size must be >= 1, got {shard_size}, {row_group_size}")
     fractions = check_fractions(fractions)
     start = time.perf_counter()
+    if mmu_files := find_mmu_files(list(inputs)):
+        return _prepare_mmu(
+            mmu_files,
+            Path(out_dir),
+            shard_size,
+            row_group_size,
+            compression,
+            fractions,
+            cuts,
+            chunk_size,
+            overwrite,
+            progress,
+            start,
+        )
     source = DesiSource(
         files=collect_spectra_files(inputs),
         catalog=catalog,
@@ -336,6 +354,105 @@ def _write_splits(
             f"joined {join_stats.as_dict()}"
         )
     return rows, {split: writer.shards for split, writer in writers.items()}, read_stats, join_stats
+
+
+def _prepare_mmu(
+    files: list[Path],
+    out: Path,
+    shard_size: int,
+    row_group_size: int,
+    compression: str,
+    fractions: Sequence[float],
+    cuts: QualityCuts | None,
+    chunk_size: int,
+    overwrite: bool,
+    progress: bool,
+    start: float,
+) -> PrepareSummary:
+    """`prepare_dataset` for Multimodal Universe files: their own labels, the same shards and card."""
+    cuts = cuts or QualityCuts()
+    check_output_folder(out, overwrite)
+    stats = JoinStats()
+    with (
+        replaced_folder(out) as tmp,
+        ThreadPoolExecutor(len(SPLITS), thread_name_prefix="parquet") as executor,
+    ):
+        writers = {
+            split: ShardWriter(
+                tmp / split, desi_features(), shard_size, row_group_size, compression, executor
+            )
+            for split in SPLITS
+        }
+        try:
+            for path in tqdm(files, desc="reading MMU files", unit="file", disable=not progress):
+                _write_mmu_file(path, writers, fractions, cuts, chunk_size, stats)
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        rows = {split: writer.rows for split, writer in writers.items()}
+        if not sum(rows.values()):
+            raise ValueError(f"no spectrum passed the selection in {len(files)} MMU files; {stats.as_dict()}")
+        write_dataset_card(tmp, rows=rows, target_class="all", cuts=cuts, fractions=fractions)
+    return PrepareSummary(
+        out_dir=out,
+        files=len(files),
+        rows=rows,
+        shards={
+            split: [out / p.relative_to(tmp) for p in writer.shards] for split, writer in writers.items()
+        },
+        read_stats=ReadStats(),
+        join_stats=stats,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _write_mmu_file(
+    path: Path,
+    writers: dict[str, ShardWriter],
+    fractions: Sequence[float],
+    cuts: QualityCuts,
+    chunk_size: int,
+    stats: JoinStats,
+) -> None:
+    """One MMU file's labelled spectra into their splits' writers; TARGETIDs on two rows of it get no label."""
+    chunks = list(read_mmu_chunks(path, chunk_size))
+    _, inverse, counts = np.unique(
+        np.concatenate([c["targetid"] for c in chunks]), return_inverse=True, return_counts=True
+    )
+    shared = np.split(counts[inverse] > 1, np.cumsum([len(c["targetid"]) for c in chunks])[:-1])
+    if n_shared := int(sum(s.sum() for s in shared)):
+        logger.warning(
+            "%s: %d spectra share their TARGETID with another spectrum of the file: not labelled",
+            path.name,
+            n_shared,
+        )
+    for chunk, duplicated in zip(chunks, shared, strict=True):
+        good = (chunk["targetid"] > 0) & np.isfinite(chunk["z"]) & ~duplicated
+        good &= ~chunk["mask"].all(axis=1)  # at least one usable pixel
+        if cuts.enabled:
+            good &= chunk["zwarn"] == 0
+        stats.spectra += len(good)
+        stats.duplicate_targetid += int(duplicated.sum())
+        stats.failed_cuts += int((~good & ~duplicated).sum())
+        stats.joined += int(good.sum())
+        n = len(good)
+        columns = {
+            **{
+                key: chunk[key]
+                for key in ("targetid", "flux", "ivar", "mask", "z", "zerr", "zwarn", "healpix")
+            },
+            "spectype": np.full(n, ""),
+            "target_class": np.full(n, ""),
+            "survey": np.full(n, ""),
+            "program": np.full(n, ""),
+        }
+        splits = np.array([split_for_targetid(t, fractions) for t in chunk["targetid"].tolist()])
+        for split, writer in writers.items():
+            if len(subset := np.flatnonzero(good & (splits == split))):
+                writer.add_batch({key: value[subset] for key, value in columns.items()})
 
 
 # ----------------------------------------------------------------------------------------- card
