@@ -8,8 +8,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import datasets
 import pytest
 import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_datasets_cache(tmp_path_factory):
+    """The Arrow cache of `datasets` goes to a temporary folder per test module, not the user's cache."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        patch.setenv("HF_DATASETS_CACHE", str(cache))
+        yield
 
 
 def make_spectra(

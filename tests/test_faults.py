@@ -8,7 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -32,16 +31,6 @@ from specpt_hf.training.train import main as train_main
 from specpt_hf.training.train import training_function
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_datasets_cache(tmp_path_factory):
-    """The Arrow cache of the Parquet shards goes to a temporary folder, not the user's cache."""
-    cache = tmp_path_factory.mktemp("hf_datasets_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-        patch.setenv("HF_DATASETS_CACHE", str(cache))
-        yield
 
 
 def digest(folder: Path) -> dict[str, str]:

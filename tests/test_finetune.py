@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -41,15 +40,6 @@ from specpt_hf.training.data import build_dataloader, load_training_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_datasets_cache(tmp_path_factory):
-    """The Arrow cache of `datasets` goes to a temporary folder, not the user's Hugging Face cache."""
-    cache = tmp_path_factory.mktemp("hf_datasets_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ predicted like the DESI coadds they were made from."""
 
 from __future__ import annotations
 
-import datasets
 import h5py
 import numpy as np
 import pytest
@@ -26,14 +25,6 @@ from specpt_hf.training.data import load_split
 
 N_PIXELS = 7781
 FLOAT_FIELDS = ("Z", "ZERR", "EBV", "FLUX_G", "FLUX_R", "FLUX_Z")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_datasets_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("hf_datasets_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +311,31 @@ def prepare_dataset(
     return summary
 
 
+@contextlib.contextmanager
+def split_writers(
+    out: Path, shard_size: int, row_group_size: int, compression: str
+) -> Iterator[dict[str, ShardWriter]]:
+    """A `ShardWriter` per split under `out/{split}`, encoding on shared background threads: all closed on
+    success (their last rows encoded side by side), all aborted on an error."""
+    with ThreadPoolExecutor(max_workers=len(SPLITS), thread_name_prefix="parquet") as executor:
+        writers = {
+            split: ShardWriter(
+                out / split, desi_features(), shard_size, row_group_size, compression, executor
+            )
+            for split in SPLITS
+        }
+        try:
+            yield writers
+            for writer in writers.values():
+                writer.flush()
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+
+
 def _write_splits(
     source: DesiSource,
     files: list[Path],
@@ -323,30 +348,16 @@ def _write_splits(
 ) -> tuple[dict[str, int], dict[str, list[Path]], ReadStats, JoinStats]:
     """Stream the labelled spectra of `files` into Parquet shards under `out/{split}`; return the rows and
     shards per split and the read / join statistics. ValueError when no spectrum passed the selection."""
-    features = desi_features()
     read_stats, join_stats = ReadStats(), JoinStats()
-    with ThreadPoolExecutor(max_workers=len(SPLITS), thread_name_prefix="parquet") as executor:
-        writers = {
-            split: ShardWriter(out / split, features, shard_size, row_group_size, compression, executor)
-            for split in SPLITS
-        }
-        try:
-            labelled_chunks = source.labelled_chunks(
-                files, read_stats=read_stats, join_stats=join_stats, progress=progress
-            )
-            for labelled in labelled_chunks:  # one copy of the spectra: straight into their split
-                splits = np.array([split_for_targetid(t, fractions) for t in labelled.targetid.tolist()])
-                for split, writer in writers.items():
-                    if len(subset := np.flatnonzero(splits == split)):
-                        writer.add_batch(labelled.columns(subset))
-            for writer in writers.values():
-                writer.flush()  # the splits' last rows are encoded side by side
-            for writer in writers.values():
-                writer.close()
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
+    with split_writers(out, shard_size, row_group_size, compression) as writers:
+        labelled_chunks = source.labelled_chunks(
+            files, read_stats=read_stats, join_stats=join_stats, progress=progress
+        )
+        for labelled in labelled_chunks:  # one copy of the spectra: straight into their split
+            splits = np.array([split_for_targetid(t, fractions) for t in labelled.targetid.tolist()])
+            for split, writer in writers.items():
+                if len(subset := np.flatnonzero(splits == split)):
+                    writer.add_batch(labelled.columns(subset))
     rows = {split: writer.rows for split, writer in writers.items()}
     if not sum(rows.values()):
         raise ValueError(
@@ -373,25 +384,10 @@ def _prepare_mmu(
     cuts = cuts or QualityCuts()
     check_output_folder(out, overwrite)
     stats = JoinStats()
-    with (
-        replaced_folder(out) as tmp,
-        ThreadPoolExecutor(len(SPLITS), thread_name_prefix="parquet") as executor,
-    ):
-        writers = {
-            split: ShardWriter(
-                tmp / split, desi_features(), shard_size, row_group_size, compression, executor
-            )
-            for split in SPLITS
-        }
-        try:
+    with replaced_folder(out) as tmp:
+        with split_writers(tmp, shard_size, row_group_size, compression) as writers:
             for path in tqdm(files, desc="reading MMU files", unit="file", disable=not progress):
                 _write_mmu_file(path, writers, fractions, cuts, chunk_size, stats)
-            for writer in writers.values():
-                writer.close()
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
         rows = {split: writer.rows for split, writer in writers.items()}
         if not sum(rows.values()):
             raise ValueError(f"no spectrum passed the selection in {len(files)} MMU files; {stats.as_dict()}")
