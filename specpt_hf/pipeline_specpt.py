@@ -11,8 +11,9 @@
 
 Inputs (one per call, or a list of them):
 
-- a DESI `coadd-*` / `spectra-*` path: every good fiber, read with `specpt_hf.data.read_desi_spectra`. Needs the
-  `specpt_hf` package; the rest of this file works without it (for `trust_remote_code` users);
+- a DESI `coadd-*` / `spectra-*` path: every good fiber, read with `specpt_hf.data.read_desi_spectra`, or a
+  Multimodal Universe DESI file (HDF5 shard or Parquet export, `specpt_hf.data.mmu`). Needs the `specpt_hf`
+  package; the rest of this file works without it (for `trust_remote_code` users);
 - a dict with `flux` ([pixels] or [n, pixels]) and optional `wave` (Angstrom, vacuum, increasing), `ivar`,
   `mask` (True = bad pixel) and `targetid`; or a tuple `(wave, flux)` / `(wave, flux, ivar)`. Without `wave` the
   flux must already be on the model's grid;
@@ -68,10 +69,11 @@ from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
 from .resampling import good_pixels, resample, spectrum_arrays
 
-try:  # DESI files are read by the package's reader; without it the pipeline takes arrays and Spectrum objects
+try:  # DESI and MMU files are read by the package's readers; without it the pipeline takes arrays and Spectra
     from specpt_hf.data.desi import desi_brz_wavelength, read_desi_spectra
+    from specpt_hf.data.mmu import is_mmu_file, read_mmu_spectra
 except ImportError:
-    desi_brz_wavelength = read_desi_spectra = None
+    desi_brz_wavelength = read_desi_spectra = is_mmu_file = read_mmu_spectra = None
 
 logger = logging.get_logger(__name__)
 
@@ -569,7 +571,7 @@ def _read_desi_file(path: str, config: SpecPTConfig) -> dict[str, Any]:
             f"{path}: reading DESI files needs the `specpt_hf` package (pip install specpt-hf); without it pass "
             "(wave, flux, ivar) arrays or a specutils Spectrum"
         )
-    records = list(read_desi_spectra(path))
+    records = list(read_mmu_spectra(path) if is_mmu_file(path) else read_desi_spectra(path))
     if not records:
         raise ValueError(f"{path}: no usable spectra (no good target fiber with a usable pixel)")
     stack = {key: np.stack([r[key] for r in records]) for key in ("flux", "ivar", "mask")}

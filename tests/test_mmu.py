@@ -112,3 +112,16 @@ def test_predict_reads_mmu_files(release, tmp_path):
     assert desi["TARGETID"].tolist() == mmu["TARGETID"].tolist()
     np.testing.assert_array_equal(desi["Z"], mmu["Z"])
     assert set(mmu["HEALPIX"]) == {27000}
+
+
+def test_pipeline_reads_an_mmu_file(release):
+    from specpt_hf import create_model
+    from specpt_hf.pipeline_specpt import load_pipeline
+
+    root, files, _ = release
+    torch.manual_seed(0)
+    pipe = load_pipeline(create_model("specpt-tiny", "redshift").eval())
+    from_mmu = pipe(str(sorted((root / "export").glob("*.parquet"))[0]))
+    from_coadd = pipe(str(files[0][0]))
+    assert [r["targetid"] for r in from_mmu] == [r["targetid"] for r in from_coadd]
+    assert [r["z"] for r in from_mmu] == [r["z"] for r in from_coadd]
