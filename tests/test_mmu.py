@@ -125,3 +125,21 @@ def test_pipeline_reads_an_mmu_file(release):
     from_coadd = pipe(str(files[0][0]))
     assert [r["targetid"] for r in from_mmu] == [r["targetid"] for r in from_coadd]
     assert [r["z"] for r in from_mmu] == [r["z"] for r in from_coadd]
+
+
+def test_datasets_builder_reads_mmu_files_like_prepare(release, tmp_path):
+    from specpt_hf.data.builder import DesiEdrBuilder
+
+    root, _, _ = release
+    cuts = QualityCuts(enabled=False)
+    builder = DesiEdrBuilder(
+        config_name="all", data_dir=str(root / "mmu"), quality_cuts=cuts, cache_dir=str(tmp_path / "cache")
+    )
+    builder.download_and_prepare()
+    prepare_dataset([root / "mmu"], tmp_path / "prepared", cuts=cuts, progress=False)
+    for split in builder.info.splits:
+        built = builder.as_dataset(split=split).with_format("torch")[:]
+        prepared = load_split(tmp_path / "prepared", split, columns=("targetid", "flux", "z"))[:]
+        order = torch.argsort(built["targetid"]), torch.argsort(prepared["targetid"])
+        assert torch.equal(built["targetid"][order[0]], prepared["targetid"][order[1]])
+        torch.testing.assert_close(built["flux"][order[0]], prepared["flux"][order[1]], rtol=0, atol=0)

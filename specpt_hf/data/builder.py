@@ -40,6 +40,7 @@ from .desi import (
     inspect_desi_file,
     read_desi_chunks,
 )
+from .mmu import find_mmu_files, mmu_labelled_columns
 from .redshifts import (
     TARGET_BITS,
     TARGET_CLASSES,
@@ -511,6 +512,24 @@ class DesiEdrBuilder(datasets.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: datasets.DownloadManager) -> list[datasets.SplitGenerator]:
         fractions = check_fractions(self.config.fractions)
+        if mmu := find_mmu_files(
+            self.config.files or ([self.config.data_dir] if self.config.data_dir else [])
+        ):
+            cuts, size = (
+                self.config.quality_cuts,
+                self.config.chunk_size,
+            )  # Multimodal Universe: labelled already
+            reachable = {
+                split_for_targetid(t, fractions)
+                for path in mmu
+                for columns in mmu_labelled_columns(path, cuts, size)
+                for t in columns["targetid"].tolist()
+            }
+            return [
+                datasets.SplitGenerator(name=split, gen_kwargs={"source": None, "files": mmu, "split": split})
+                for split in SPLITS
+                if split in reachable
+            ]
         source = self._source()
         infos = source.check(targetids=True)
         files = [info.path for info in infos]
@@ -522,7 +541,10 @@ class DesiEdrBuilder(datasets.GeneratorBasedBuilder):
             if split in reachable
         ]
 
-    def _generate_examples(self, source: DesiSource, files: list[Path], split: str):
+    def _generate_examples(self, source: DesiSource | None, files: list[Path], split: str):
+        if source is None:
+            yield from self._mmu_examples(files, split)
+            return
         select = split_selector(split, self.config.fractions)
         read_stats, join_stats = ReadStats(), JoinStats()
         chunks = source.labelled_chunks(files, select=select, read_stats=read_stats, join_stats=join_stats)
@@ -532,6 +554,14 @@ class DesiEdrBuilder(datasets.GeneratorBasedBuilder):
                 example = record_to_example({name: values[i] for name, values in columns.items()})
                 yield f"{labelled.chunk.source}:{row}", example
         logger.info("%s split: read %s; joined %s", split, read_stats.as_dict(), join_stats.as_dict())
+
+    def _mmu_examples(self, files: list[Path], split: str):
+        for path in files:
+            for columns in mmu_labelled_columns(path, self.config.quality_cuts, self.config.chunk_size):
+                for i, targetid in enumerate(columns["targetid"].tolist()):
+                    if split_for_targetid(targetid, self.config.fractions) == split:
+                        example = record_to_example({name: values[i] for name, values in columns.items()})
+                        yield f"{path.name}:{targetid}", example
 
 
 __all__ = [

@@ -20,6 +20,7 @@ Pitfalls, handled here:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ import pyarrow.parquet as pq
 
 from ..atomic import atomic_write
 from .desi import DesiFormatError, desi_brz_wavelength
+
+logger = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".hdf5", ".h5")
 MMU_BAD_ZWARN = -1  # a boolean ZWARN False (not good): DESI's bits are not kept by MMU
@@ -192,6 +195,48 @@ def read_mmu_spectra(path: str | os.PathLike, chunk_size: int = 256) -> Iterator
                 "row": offset + i,
             }
         offset += len(chunk["targetid"])
+
+
+def mmu_labelled_columns(
+    path: str | os.PathLike, cuts: Any = None, chunk_size: int = 256, stats: Any = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Dataset columns (`desi_features`) of one MMU file's labelled spectra, a chunk at a time.
+
+    Kept: TARGETID > 0, a finite Z, a usable pixel, and with `cuts.enabled` (a `QualityCuts`) a good ZWARN;
+    TARGETIDs on two rows of the file get no label (reported). Counts go to `stats` (a `JoinStats`).
+    """
+    from .redshifts import JoinStats, QualityCuts
+
+    cuts, stats = cuts or QualityCuts(), stats if stats is not None else JoinStats()
+    chunks = list(read_mmu_chunks(path, chunk_size))
+    if not chunks:
+        return
+    _, inverse, counts = np.unique(
+        np.concatenate([c["targetid"] for c in chunks]), return_inverse=True, return_counts=True
+    )
+    shared = np.split(counts[inverse] > 1, np.cumsum([len(c["targetid"]) for c in chunks])[:-1])
+    if n_shared := int(sum(s.sum() for s in shared)):
+        logger.warning(
+            "%s: %d spectra share their TARGETID with another spectrum of the file: not labelled",
+            Path(path).name,
+            n_shared,
+        )
+    for chunk, duplicated in zip(chunks, shared, strict=True):
+        good = (chunk["targetid"] > 0) & np.isfinite(chunk["z"]) & ~duplicated
+        good &= ~chunk["mask"].all(axis=1)  # at least one usable pixel
+        if cuts.enabled:
+            good &= chunk["zwarn"] == 0
+        stats.spectra += len(good)
+        stats.duplicate_targetid += int(duplicated.sum())
+        stats.failed_cuts += int((~good & ~duplicated).sum())
+        stats.joined += int(good.sum())
+        keep, n = np.flatnonzero(good), int(good.sum())
+        if n:
+            keys = ("targetid", "flux", "ivar", "mask", "z", "zerr", "zwarn", "healpix")
+            yield {
+                **{key: chunk[key][keep] for key in keys},
+                **{key: np.full(n, "") for key in ("spectype", "target_class", "survey", "program")},
+            }
 
 
 def find_mmu_files(inputs: list[str | os.PathLike]) -> list[Path]:

@@ -54,7 +54,7 @@ from .builder import (
     split_for_targetid,
 )
 from .desi import ReadStats
-from .mmu import find_mmu_files, read_mmu_chunks
+from .mmu import find_mmu_files, mmu_labelled_columns
 from .redshifts import JoinStats, QualityCuts
 
 logger = logging.getLogger(__name__)
@@ -413,41 +413,11 @@ def _write_mmu_file(
     chunk_size: int,
     stats: JoinStats,
 ) -> None:
-    """One MMU file's labelled spectra into their splits' writers; TARGETIDs on two rows of it get no label."""
-    chunks = list(read_mmu_chunks(path, chunk_size))
-    _, inverse, counts = np.unique(
-        np.concatenate([c["targetid"] for c in chunks]), return_inverse=True, return_counts=True
-    )
-    shared = np.split(counts[inverse] > 1, np.cumsum([len(c["targetid"]) for c in chunks])[:-1])
-    if n_shared := int(sum(s.sum() for s in shared)):
-        logger.warning(
-            "%s: %d spectra share their TARGETID with another spectrum of the file: not labelled",
-            path.name,
-            n_shared,
-        )
-    for chunk, duplicated in zip(chunks, shared, strict=True):
-        good = (chunk["targetid"] > 0) & np.isfinite(chunk["z"]) & ~duplicated
-        good &= ~chunk["mask"].all(axis=1)  # at least one usable pixel
-        if cuts.enabled:
-            good &= chunk["zwarn"] == 0
-        stats.spectra += len(good)
-        stats.duplicate_targetid += int(duplicated.sum())
-        stats.failed_cuts += int((~good & ~duplicated).sum())
-        stats.joined += int(good.sum())
-        n = len(good)
-        columns = {
-            **{
-                key: chunk[key]
-                for key in ("targetid", "flux", "ivar", "mask", "z", "zerr", "zwarn", "healpix")
-            },
-            "spectype": np.full(n, ""),
-            "target_class": np.full(n, ""),
-            "survey": np.full(n, ""),
-            "program": np.full(n, ""),
-        }
-        splits = np.array([split_for_targetid(t, fractions) for t in chunk["targetid"].tolist()])
+    """One MMU file's labelled spectra into their splits' writers."""
+    for columns in mmu_labelled_columns(path, cuts, chunk_size, stats):
+        splits = np.array([split_for_targetid(t, fractions) for t in columns["targetid"].tolist()])
         for split, writer in writers.items():
-            if len(subset := np.flatnonzero(good & (splits == split))):
+            if len(subset := np.flatnonzero(splits == split)):
                 writer.add_batch({key: value[subset] for key, value in columns.items()})
 
 
