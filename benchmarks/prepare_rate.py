@@ -30,10 +30,11 @@ How
     last partial row group of each split, which can only be encoded once every file is read.
 
 With --mmu
-    the same spectra are also written as Multimodal Universe HDF5 shards (`specpt_hf.data.mmu`, one per coadd),
-    and two more kinds are timed in the same run, per spectrum: "desi-read", `read_desi_chunks` over the coadds
-    (read, merge the arms, select fibers: what prepare and predict read), and "mmu-read", `read_mmu_chunks` over
-    the HDF5 shards (the spectra come merged already).
+    the same spectra are also written as Multimodal Universe HDF5 shards and Parquet exports
+    (`specpt_hf.data.mmu`, one of each per coadd), and three more kinds are timed in the same run, per spectrum:
+    "desi-read", `read_desi_chunks` over the coadds (read, merge the arms, select fibers: what prepare and predict
+    read), "mmu-read" and "mmu-parquet-read", `read_mmu_chunks` over the HDF5 shards and over the Parquet exports
+    (the spectra come merged already).
 
 What bounds the ratio
     Encoding the three 7781-long list columns to Parquet costs about as much CPU per spectrum as
@@ -63,7 +64,7 @@ from astropy.table import Table
 
 from specpt_hf.data.builder import collect_spectra_files
 from specpt_hf.data.desi import DESI_ARMS, read_desi_chunks
-from specpt_hf.data.mmu import coadd_mmu_columns, read_mmu_chunks, write_mmu_hdf5
+from specpt_hf.data.mmu import coadd_mmu_columns, read_mmu_chunks, write_mmu_hdf5, write_mmu_parquet
 from specpt_hf.data.mock import TARGET_CLASSES, write_mock_release
 from specpt_hf.data.prepare import prepare_dataset
 
@@ -134,14 +135,15 @@ def make_inputs(folder: Path, copies: int, rows_per_file: int) -> list[Path]:
     return files
 
 
-def write_mmu_copies(coadds: list[Path], folder: Path) -> list[Path]:
-    """One MMU HDF5 shard per coadd (its good fibres, labelled by the Redrock file beside it)."""
-    paths = []
+def write_mmu_copies(coadds: list[Path], folder: Path) -> tuple[list[Path], list[Path]]:
+    """One MMU HDF5 shard and one MMU Parquet export per coadd (its good fibres, labelled by its Redrock file)."""
+    hdf5, parquet = [], []
     for i, coadd in enumerate(coadds):
         redrock = coadd.with_name(coadd.name.replace("coadd-", "redrock-", 1))
         columns = coadd_mmu_columns(coadd, redrock)
-        paths.append(write_mmu_hdf5(folder / f"healpix={i}" / "001-of-001.hdf5", columns))
-    return paths
+        hdf5.append(write_mmu_hdf5(folder / f"healpix={i}" / "001-of-001.hdf5", columns))
+        parquet.append(write_mmu_parquet(folder / "export" / f"{i:05d}.parquet", columns))
+    return hdf5, parquet
 
 
 def raw_read(files: list[Path]) -> int:
@@ -164,7 +166,7 @@ def worker(kind: str, files: list[Path], out: Path, catalog: str | None, repeat:
             return raw_read(files)
         if kind == "desi-read":
             return sum(len(chunk) for path in files for chunk in read_desi_chunks(path))
-        if kind == "mmu-read":
+        if kind in ("mmu-read", "mmu-parquet-read"):
             return sum(len(chunk["targetid"]) for path in files for chunk in read_mmu_chunks(path))
         return prepare_dataset(files, out, catalog=catalog, overwrite=True, progress=False).total_rows
 
@@ -203,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         "--mmu", action="store_true", help="also time reading the spectra from MMU HDF5 shards"
     )
     parser.add_argument(
-        "--worker", choices=("raw", "prepare", "desi-read", "mmu-read"), help=argparse.SUPPRESS
+        "--worker",
+        choices=("raw", "prepare", "desi-read", "mmu-read", "mmu-parquet-read"),
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             label = "real DESI files" + (f" tiled to {args.rows_per_file} rows" if args.rows_per_file else "")
         inputs = {"raw": files, "prepare": files}
         if args.mmu:
-            inputs |= {"desi-read": files, "mmu-read": write_mmu_copies(files, tmp / "mmu")}
+            hdf5, parquet = write_mmu_copies(files, tmp / "mmu")
+            inputs |= {"desi-read": files, "mmu-read": hdf5, "mmu-parquet-read": parquet}
         runs: dict[str, list[dict]] = {kind: [] for kind in inputs}
         for _ in range(args.rounds):
             for kind in runs:
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": "prepare (check, read, merge, join, Parquet, card)",
         "desi-read": "DESI coadd reader (read_desi_chunks), per spectrum",
         "mmu-read": "MMU HDF5 reader (read_mmu_chunks), per spectrum",
+        "mmu-parquet-read": "MMU Parquet reader (read_mmu_chunks), per spectrum",
     }
     names = {kind: name for kind, name in names.items() if kind in runs}
     best, median = {}, {}
@@ -265,10 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written spectra/s: {written / best['prepare']:.0f}")
     if args.mmu:
         spectra = runs["desi-read"][0]["count"]
-        assert spectra == runs["mmu-read"][0]["count"], "the MMU copies must hold the coadds' spectra"
+        for kind in ("mmu-read", "mmu-parquet-read"):
+            assert runs[kind][0]["count"] == spectra, "the MMU copies must hold the coadds' spectra"
         print(
             f"spectra/s read: DESI coadds {spectra / best['desi-read']:.0f}, MMU HDF5 {spectra / best['mmu-read']:.0f} "
-            f"(MMU / DESI: {best['desi-read'] / best['mmu-read']:.2f})"
+            f"(MMU / DESI: {best['desi-read'] / best['mmu-read']:.2f}), MMU Parquet "
+            f"{spectra / best['mmu-parquet-read']:.0f} (MMU Parquet / DESI: "
+            f"{best['desi-read'] / best['mmu-parquet-read']:.2f})"
         )
     return 0
 
