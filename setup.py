@@ -27,6 +27,7 @@ setup(
         "requests>=2.31",
         "matplotlib>=3.8",
         "pyyaml>=6.0",
+        "dust-extinction>=1.4",
     ],
     extras_require={
         "specutils": ["specutils>=1.12"],

@@ -52,6 +52,17 @@ class TrainingSettings:
     max_train_spectra: int | None = _setting(None, "use only the first N training spectra (quick runs)")
     max_val_spectra: int | None = _setting(None, "use only the first N validation spectra (quick runs)")
     num_workers: int = _setting(0, "DataLoader worker processes")
+    # augmentations (specpt_hf/training/augment.py; 0 = off)
+    augment_probability: float = _setting(0.5, "chance that each augmentation hits a training spectrum")
+    augment_calibration: float = _setting(
+        0.0, "rms of the smooth per-arm flux-calibration distortion (e.g. 0.02)"
+    )
+    augment_sky_residual: float = _setting(
+        0.0, "sky-line residual peaks, in units of the local noise (e.g. 2)"
+    )
+    augment_masked_span: int = _setting(0, "longest masked span, pixels (cosmic rays, bad columns; e.g. 200)")
+    augment_renoise: float = _setting(0.0, "largest S/N reduction factor, > 1 (e.g. 2)")
+    augment_ebv: float = _setting(0.0, "largest Galactic E(B-V) applied (e.g. 0.1)")
     # optimisation
     batch_size: int = _setting(32, "spectra per batch and per process")
     gradient_accumulation_steps: int = _setting(1, "batches summed into one optimizer step")

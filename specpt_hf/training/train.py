@@ -46,8 +46,9 @@ from specpt_hf.atomic import atomic_write_json, replaced_folder
 from specpt_hf.cli import add_debug_flag, run_reporting_errors
 from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from specpt_hf.evaluation.metrics import redshift_metrics
-from specpt_hf.pipeline_specpt import check_model_source
+from specpt_hf.pipeline_specpt import check_model_source, model_wavelength
 from specpt_hf.presets import model_class, preset_config
+from specpt_hf.training.augment import Augmentations, augment, step_generator
 from specpt_hf.training.checkpoint import (
     CHECKPOINT_PREFIX,
     checkpoint_dirs,
@@ -403,6 +404,18 @@ def resume_from(
     return found
 
 
+def augmentations(settings: TrainingSettings) -> Augmentations:
+    """The run's `Augmentations` from its `augment_*` settings."""
+    return Augmentations(
+        probability=settings.augment_probability,
+        calibration=settings.augment_calibration,
+        sky_residual=settings.augment_sky_residual,
+        masked_span=settings.augment_masked_span,
+        renoise=settings.augment_renoise,
+        ebv=settings.augment_ebv,
+    )
+
+
 class _Loop:
     """The training loop of `training_function`, split into steps small enough to read."""
 
@@ -428,6 +441,8 @@ class _Loop:
         )
         # optimizer steps of this run (not before a resume) and their time without validation and saving
         self.steps_run, self.train_seconds, self.other_seconds = 0, 0.0, 0.0
+        self.augmentations = augmentations(settings)
+        self.wavelength = model_wavelength(accelerator.unwrap_model(model).config)  # [pixels], Angstrom
 
     def run(self, steps_per_epoch: int) -> bool:
         """Train until `max_steps` or early stopping; return whether it stopped early."""
@@ -478,6 +493,9 @@ class _Loop:
     def _train_step(self, batch: dict[str, torch.Tensor]) -> bool:
         """One forward/backward; True when it completed an optimizer step."""
         accelerator = self.accelerator
+        if self.augmentations.enabled:
+            generator = step_generator(self.settings.seed, self.state.step)
+            batch = augment(batch, self.wavelength, self.augmentations, generator)
         with accelerator.accumulate(self.model):
             outputs = self.model(**batch)
             accelerator.backward(outputs.loss)
