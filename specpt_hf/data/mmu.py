@@ -126,35 +126,37 @@ def _hdf5_chunks(path: Path, chunk_size: int) -> Iterator[dict[str, np.ndarray]]
 
 
 def _parquet_chunks(path: Path, chunk_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Only the columns used are decoded (not `lsf_sigma`, the photometry); `lambda` from the first row only."""
     handle = pq.ParquetFile(path)
     names = handle.schema_arrow.names
-    for batch in handle.iter_batches(batch_size=chunk_size):
-        yield _parquet_batch(batch, names, path)
+    spectrum_type = handle.schema_arrow.field("spectrum").type
+    if not pa.types.is_struct(spectrum_type):
+        raise DesiFormatError(
+            path, f"the spectrum column is {spectrum_type}, not MMU's struct of {SPECTRUM_FIELDS}"
+        )
+    missing = [f for f in SPECTRUM_FIELDS if spectrum_type.get_field_index(f) < 0]
+    if missing:
+        raise DesiFormatError(path, f"the spectrum struct has no {missing} field(s)")
+    scalars = [name for name in names if name.lower() in ("object_id", "z", "zerr", "zwarn")]
+    columns = [f"spectrum.{f}" for f in ("flux", "ivar", "mask")] + scalars
+    first = handle.read_row_group(0, columns=["spectrum.lambda"]).column("spectrum").combine_chunks()
+    wave = np.asarray(first.field("lambda")[0].values.to_numpy(zero_copy_only=False))
+    for batch in handle.iter_batches(batch_size=chunk_size, columns=columns):
+        yield _parquet_batch(batch, names, path, wave)
 
 
-def _parquet_batch(batch: Any, names: list[str], path: Path) -> dict[str, np.ndarray]:
-    """One Arrow record batch of an MMU Parquet export -> columns."""
+def _parquet_batch(batch: Any, names: list[str], path: Path, wave: np.ndarray) -> dict[str, np.ndarray]:
+    """One Arrow record batch of an MMU Parquet export (spectrum.flux/ivar/mask + scalars) -> columns."""
     columns = _scalars(
         lambda name, _: batch.column(name).to_numpy(zero_copy_only=False), names, path, slice(None)
     )
     spectrum = batch.column("spectrum")
-    if not pa.types.is_struct(spectrum.type):  # list<struct> rather than struct<list>: one struct per pixel
-        spectrum = pa.StructArray.from_arrays(
-            [
-                pa.ListArray.from_arrays(spectrum.offsets, spectrum.flatten().field(f))
-                for f in SPECTRUM_FIELDS
-            ],
-            names=list(SPECTRUM_FIELDS),
-        )
     spectra = []
-    for field in SPECTRUM_FIELDS:
-        try:
-            values = spectrum.field(field)  # list<...> [rows]
-        except KeyError:
-            raise DesiFormatError(path, f"the spectrum struct has no {field!r} field") from None
+    for field in ("flux", "ivar", "mask"):
+        values = spectrum.field(field)  # list<...> [rows]
         flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False))
         spectra.append(flat.reshape(len(values), -1))  # [rows, pixels]
-    return {**columns, **_spectra(*spectra, path)}
+    return {**columns, **_spectra(*spectra, wave, path)}
 
 
 def read_mmu_chunks(path: str | os.PathLike, chunk_size: int = 256) -> Iterator[dict[str, np.ndarray]]:
