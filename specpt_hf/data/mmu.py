@@ -139,7 +139,7 @@ def _parquet_chunks(path: Path, chunk_size: int) -> Iterator[dict[str, np.ndarra
         raise DesiFormatError(path, f"the spectrum struct has no {missing} field(s)")
     scalars = [name for name in names if name.lower() in ("object_id", "z", "zerr", "zwarn")]
     columns = [f"spectrum.{f}" for f in ("flux", "ivar", "mask")] + scalars
-    first = handle.read_row_group(0, columns=["spectrum.lambda"]).column("spectrum").combine_chunks()
+    first = next(handle.iter_batches(batch_size=1, columns=["spectrum.lambda"])).column("spectrum")  # 1 row
     wave = np.asarray(first.field("lambda")[0].values.to_numpy(zero_copy_only=False))
     for batch in handle.iter_batches(batch_size=chunk_size, columns=columns):
         yield _parquet_batch(batch, names, path, wave)
