@@ -25,6 +25,7 @@ import accuracy  # noqa: E402
 import prepare_rate  # noqa: E402
 import redrock_priors  # noqa: E402
 import redrock_templates  # noqa: E402
+import robustness  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
 import train_specpt_small_cpu as recipe  # noqa: E402
@@ -125,6 +126,15 @@ def test_redrock_priors_quick_runs_redrock_with_and_without_the_priors(tmp_path,
     for run in ("redrock", "redrock-priors"):
         assert list((tmp_path / run).glob("redrock-*.fits"))
     assert "| all | Redrock + SpecPT priors |" in (tmp_path / "redrock_priors.md").read_text()
+
+
+def test_robustness_quick_writes_every_perturbation(tmp_path):
+    assert robustness.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "robustness.json").read_text())
+    assert list(results["metrics"]) == list(robustness.PERTURBATIONS)
+    assert all(results["metrics"][name]["network"]["all"]["n"] == 32 for name in results["metrics"])
+    assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| masked span ≤ 200 px | network | all | 32 |" in (tmp_path / "robustness.md").read_text()
 
 
 def test_run_redrock_rejects_bad_inputs(tmp_path, templates):
