@@ -97,6 +97,24 @@ def test_renoise_ivar_is_the_inverse_variance_of_the_new_flux():
     assert float((data["ivar"][good] / out["ivar"][good]).max()) <= 9.0 + 1e-3  # S/N down by at most 3
 
 
+def test_resolution_blur_conserves_flux_and_keeps_ivar_the_inverse_variance():
+    data = batch(n=256)
+    line = torch.zeros(WAVE.size)
+    line[5000] = 50.0  # an unresolved emission line on the flat continuum
+    lined = {**data, "flux": data["flux"] + line}
+    out = augment(lined, WAVE, Augmentations(probability=1.0, resolution=2.0), step_generator(0, 6))
+    window = slice(4980, 5021)
+    torch.testing.assert_close(
+        out["flux"][:, window].sum(1), lined["flux"][:, window].sum(1), rtol=0.02, atol=0.5
+    )
+    assert float(out["flux"][:, 5000].mean()) < 0.8 * float(lined["flux"][:, 5000].mean())  # the line widened
+    good = ~data["mask"]
+    blurred = augment(data, WAVE, Augmentations(probability=1.0, resolution=2.0), step_generator(0, 7))
+    pull = ((blurred["flux"] - 1.0) * blurred["ivar"].sqrt())[good]
+    assert float(pull.var()) == pytest.approx(1.0, rel=0.03)
+    assert (blurred["ivar"][data["mask"]] == 0).all()
+
+
 def test_sky_residuals_sit_on_sky_lines_only():
     from specpt_hf.data.mock import strong_sky_lines
 
@@ -125,7 +143,7 @@ def test_a_resumed_augmented_run_ends_with_the_same_weights(tmp_path, monkeypatc
         stage="autoencoder", preset="specpt-tiny", data_dir=str(tmp_path / "data"), batch_size=8, max_steps=4,
         eval_steps=2, logging_steps=2, checkpointing_steps=2, report_to="none", disable_tqdm=True, seed=3,
         augment_probability=0.7, augment_calibration=0.02, augment_sky_residual=2.0, augment_masked_span=100,
-        augment_renoise=2.0, augment_ebv=0.1,
+        augment_renoise=2.0, augment_resolution=1.0, augment_ebv=0.1,
     )  # fmt: skip
     whole = training_function(TrainingSettings(**values, output_dir=str(tmp_path / "whole")))
     real_save = train_module.save_checkpoint
@@ -144,7 +162,7 @@ def test_a_resumed_augmented_run_ends_with_the_same_weights(tmp_path, monkeypatc
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
     plain = training_function(
         TrainingSettings(**{**values, "augment_calibration": 0.0, "augment_sky_residual": 0.0, "augment_masked_span": 0,
-                            "augment_renoise": 0.0, "augment_ebv": 0.0}, output_dir=str(tmp_path / "plain"))
+                            "augment_renoise": 0.0, "augment_resolution": 0.0, "augment_ebv": 0.0}, output_dir=str(tmp_path / "plain"))
     )  # fmt: skip
     differs = load_file(plain.model_dir / "model.safetensors")
     assert any(not torch.equal(differs[name], expected[name]) for name in expected)  # the augmentations acted

@@ -14,6 +14,9 @@ resumption draw the same perturbations; nothing is written to the shards.
   set to mask = True, ivar = 0 (the flux is left: masked pixels weigh nothing).
 - `renoise`: the largest S/N reduction factor f (> 1): noise of variance (f^2 - 1)/ivar added and ivar / f^2,
   so that ivar stays the inverse variance of the new flux.
+- `resolution`: resolution and velocity-dispersion jitter, a Gaussian blur of sigma drawn in [0, `resolution`]
+  pixels (1 pixel = 0.8 A, ~48 km/s at 5000 A); masked pixels are left out of the blur and the variance is
+  propagated (ivar of the blurred flux), so the flux is conserved and ivar stays its inverse variance.
 - `ebv`: Galactic extinction, E(B-V) drawn uniformly in [0, `ebv`] (Fitzpatrick 1999, R_V = 3.1, from
   `dust_extinction`); flux x 10^(-0.4 A), ivar / that^2.
 
@@ -42,12 +45,13 @@ class Augmentations:
     sky_residual: float = 0.0
     masked_span: int = 0
     renoise: float = 0.0
+    resolution: float = 0.0
     ebv: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"augment_probability must be in [0, 1], got {self.probability}")
-        for name in ("calibration", "sky_residual", "masked_span", "ebv"):
+        for name in ("calibration", "sky_residual", "masked_span", "resolution", "ebv"):
             if getattr(self, name) < 0:
                 raise ValueError(f"augment_{name} must be >= 0, got {getattr(self, name)}")
         if self.renoise and self.renoise <= 1.0:
@@ -55,7 +59,9 @@ class Augmentations:
 
     @property
     def enabled(self) -> bool:
-        return any((self.calibration, self.sky_residual, self.masked_span, self.renoise, self.ebv))
+        return any(
+            (self.calibration, self.sky_residual, self.masked_span, self.renoise, self.resolution, self.ebv)
+        )
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -97,6 +103,10 @@ def augment(
         sigma = torch.where(ivar > 0, torch.sqrt((factor**2 - 1.0) / ivar.clamp(min=1e-30)), 0.0)
         flux = flux + sigma * torch.randn(flux.shape, generator=generator)
         ivar = ivar / factor**2
+    if settings.resolution:
+        blurred = _blur(flux, ivar, mask, settings.resolution, generator)
+        rows = hit()[:, None]
+        flux, ivar = torch.where(rows, blurred[0], flux), torch.where(rows, blurred[1], ivar)
     if settings.ebv:
         ebv = settings.ebv * torch.rand(n, generator=generator) * hit()  # [batch]
         transmission = _transmission(wave, ebv)  # [batch, pixels]
@@ -152,6 +162,29 @@ def _masked_span(n: int, pixels: int, longest: int, generator: torch.Generator) 
     start = (torch.rand(n, generator=generator) * (pixels - length)).long()  # [n]
     index = torch.arange(pixels)[None]  # [1, pixels]
     return (index >= start[:, None]) & (index < (start + length)[:, None])
+
+
+def _blur(
+    flux: torch.Tensor, ivar: torch.Tensor, mask: torch.Tensor, sigma_max: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux and ivar after a Gaussian blur of sigma ~ U(0, `sigma_max`) pixels per spectrum, over good pixels only."""
+    n = len(flux)
+    half = max(1, math.ceil(4 * sigma_max))
+    sigma = (sigma_max * torch.rand(n, generator=generator)).clamp(min=1e-3).double()  # [n], pixels
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64)  # [k]
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)  # [n, k]
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+
+    def convolve(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # [n, pixels]
+        return torch.nn.functional.conv1d(values[None], weights[:, None], padding=half, groups=n)[0]
+
+    good = (~mask).double()  # [n, pixels]
+    variance = torch.where(ivar > 0, 1.0 / ivar.double().clamp(min=1e-30), 0.0)
+    norm = convolve(good, kernel).clamp(min=1e-12)  # [n, pixels], the kernel's weight on good pixels
+    blurred = convolve(flux.double() * good, kernel) / norm
+    blurred_var = convolve(variance * good, kernel**2) / norm**2
+    new_ivar = torch.where(mask | (blurred_var <= 0), 0.0, 1.0 / blurred_var.clamp(min=1e-30))
+    return blurred.float(), new_ivar.float()
 
 
 def _transmission(wave: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,9 @@ class TrainingSettings:
     )
     augment_masked_span: int = _setting(0, "longest masked span, pixels (cosmic rays, bad columns; e.g. 200)")
     augment_renoise: float = _setting(0.0, "largest S/N reduction factor, > 1 (e.g. 2)")
+    augment_resolution: float = _setting(
+        0.0, "largest extra Gaussian blur sigma, pixels (resolution jitter; e.g. 1)"
+    )
     augment_ebv: float = _setting(0.0, "largest Galactic E(B-V) applied (e.g. 0.1)")
     # optimisation
     batch_size: int = _setting(32, "spectra per batch and per process")

@@ -412,6 +412,7 @@ def augmentations(settings: TrainingSettings) -> Augmentations:
         sky_residual=settings.augment_sky_residual,
         masked_span=settings.augment_masked_span,
         renoise=settings.augment_renoise,
+        resolution=settings.augment_resolution,
         ebv=settings.augment_ebv,
     )
 
