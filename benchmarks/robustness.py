@@ -10,7 +10,8 @@ predicted (network-only and, with templates, refined). NMAD and η per class and
 set go to robustness.json / robustness.md, and the degradation per perturbation to robustness.png. Amplitudes
 (DESI-typical): flux calibration 2 % rms per arm (DESI's calibration is good to ~1-2 %), sky residuals at 2 sigma
 of the local noise on the strong sky lines, one masked span of up to 200 pixels (160 A), S/N lowered by up to
-2x, Galactic E(B-V) up to 0.1 (most of the DESI footprint lies below).
+2x, a resolution / velocity-dispersion blur of up to 1 pixel sigma (~48 km/s), Galactic E(B-V) up to 0.1 (most of
+the DESI footprint lies below). The second mock family the issue asks for does not exist yet: not measured.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ PERTURBATIONS: dict[str, Augmentations] = {
     "sky residuals 2σ": Augmentations(probability=1.0, sky_residual=2.0),
     "masked span ≤ 200 px": Augmentations(probability=1.0, masked_span=200),
     "S/N ÷ ≤ 2": Augmentations(probability=1.0, renoise=2.0),
+    "blur σ ≤ 1 px": Augmentations(probability=1.0, resolution=1.0),
     "E(B-V) ≤ 0.1": Augmentations(probability=1.0, ebv=0.1),
 }
 
@@ -57,7 +59,7 @@ def held_out(
     flux, ivar, mask = to_model_grid(
         config, stack["flux"], stack["ivar"], stack["mask"], desi_brz_wavelength()
     )
-    batch = {"flux": torch.from_numpy(flux), "ivar": torch.from_numpy(ivar), "mask": torch.from_numpy(mask)}
+    batch = {"flux": torch.tensor(flux), "ivar": torch.tensor(ivar), "mask": torch.tensor(mask)}
     ids = [r["targetid"] for r in records]
     return batch, np.array([z_of[t] for t in ids]), np.array([class_of[t] for t in ids])
 
