@@ -3,6 +3,8 @@ predicted like the DESI coadds they were made from."""
 
 from __future__ import annotations
 
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -79,7 +81,7 @@ def test_mmu_to_shards_equals_the_coadd_path(release, tmp_path):
             torch.testing.assert_close(mmu[key], desi[key], rtol=0, atol=0)
 
 
-def test_zwarn_cut_and_bad_files(release, tmp_path):
+def test_zwarn_cut_and_bad_files(release, tmp_path, monkeypatch):
     root, _, columns = release
     summary = prepare_dataset([root / "export"], tmp_path / "cut", progress=False)
     assert summary.total_rows == sum(int(c["ZWARN"].sum()) for c in columns)  # ZWARN False (not good) dropped
@@ -88,6 +90,10 @@ def test_zwarn_cut_and_bad_files(release, tmp_path):
         handle.create_dataset("object_id", data=np.array([b"1"]))
     with pytest.raises(ValueError, match=r"broken\.hdf5.*not an MMU DESI shard"):
         list(read_mmu_chunks(broken))
+    monkeypatch.setitem(sys.modules, "h5py", None)  # h5py not installed
+    with pytest.raises(ValueError, match=r"needs h5py: pip install"):
+        list(read_mmu_chunks(sorted((root / "mmu").rglob("*.hdf5"))[0]))
+    monkeypatch.undo()
     short = {**columns[0], "lambda": columns[0]["lambda"][:, :-1], "flux": columns[0]["flux"][:, :-1]}
     write_mmu_hdf5(tmp_path / "short.hdf5", short)
     with pytest.raises(ValueError, match=r"short\.hdf5.*7781"):

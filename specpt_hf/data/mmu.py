@@ -110,7 +110,12 @@ def _spectra(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, wave: np.ndar
 
 
 def _hdf5_chunks(path: Path, chunk_size: int) -> Iterator[dict[str, np.ndarray]]:
-    import h5py
+    try:
+        import h5py
+    except ImportError:
+        raise DesiFormatError(
+            path, "reading MMU HDF5 shards needs h5py: pip install 'specpt-hf[mmu]'"
+        ) from None
 
     with h5py.File(path, "r") as data:
         names = list(data.keys())
