@@ -513,8 +513,9 @@ def predict_catalog(
             f"no usable spectra in any of the {len(paths)} input files; nothing written to {out}"
         )
     meta = _catalog_meta(model, model_ref, ae_ref, thresholds, summary)
+    grids = pdf_redshifts(model) if save_pdf else {}
     pdf = {
-        name: (np.concatenate([part[key] for part in parts]), pdf_redshifts(model)[key])
+        name: (np.concatenate([part[key] for part in parts]), grids[key])
         for key, name in PDF_NAMES.items()
         if key in parts[0]
     }
