@@ -17,6 +17,7 @@ Steps (each skipped when its output already exists, so an interrupted job contin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +53,13 @@ PLANS = {
 }
 
 
+AUGMENTATIONS = [  # the amplitudes `--no-augment` sets to 0
+    f.name
+    for f in dataclasses.fields(TrainingSettings)
+    if f.name.startswith("augment_") and f.name != "augment_probability"
+]
+
+
 class StepTimer:
     """Runs the job's steps, printing a header for each and keeping their wall times in a JSON file, so the
     timings survive an interrupted and continued job."""
@@ -72,8 +80,10 @@ class StepTimer:
 def train_stage(stage: str, plan: dict[str, Any], data: Path, runs: Path, pretrained: Path | None) -> Path:
     """Train one stage from its preset's settings file; return the model folder it wrote."""
     preset = plan["preset"]
+    off = {name: 0 for name in AUGMENTATIONS} if not plan.get("augment", True) else {}
     settings = TrainingSettings.from_yaml(
         CONFIGS / f"{preset}-{stage}.yaml",
+        **off,
         data_dir=str(data),
         output_dir=str(runs / stage),
         max_steps=plan[f"{stage}_steps"],
@@ -204,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mock data")
+    parser.add_argument(
+        "--no-augment", action="store_true", help="train without the recipes' augmentations (for comparison)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    report = run(args.out, PLANS["quick" if args.quick else "full"], args.seed)
+    plan = {**PLANS["quick" if args.quick else "full"], "augment": not args.no_augment}
+    report = run(args.out, plan, args.seed)
     print(f"\n{report.read_text(encoding='utf-8')}\nreport: {report.resolve()}")
     return 0
 

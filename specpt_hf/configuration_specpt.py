@@ -269,12 +269,19 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             The coarse chi^2(z) curve bins the spectrum onto the templates' ln(lambda) grid coarsened by this
             factor (3: steps of 2.4e-4 in ln(1 + z), 73 km/s, for DESI templates) and has one trial per bin.
         refinement_fine_step (`float`, *optional*, defaults to 1e-4):
-            Step in ln(1 + z) of the fine scan (+-1 coarse step around the best coarse trial, on the spectrum's
-            own pixels) whose parabola gives the redshift.
+            Step in ln(1 + z) of the fine scan (five trials about the vertex of the coarse curve's parabola, on the
+            spectrum's own pixels) whose parabola gives the redshift.
         refinement_wide_quality (`float`, *optional*, defaults to 0.3):
             `peaks+wide`: p(z) quality below which the whole range is scanned.
         refinement_wide_chi2 (`float`, *optional*, defaults to 2.0):
             `peaks+wide`: best reduced chi^2 above which the whole range is scanned.
+        refinement_prior (`float`, *optional*, defaults to 1.0):
+            Weight of the network's p(z) as a prior on the chi^2 scan: the minimum chosen is that of
+            chi^2 - 2 x `refinement_prior` x ln p(z) (a posterior; DELTACHI2 too), so a template fit elsewhere
+            must beat the network's belief by that much. 0 chooses by chi^2 alone.
+        refinement_prior_floor (`float`, *optional*, defaults to 1e-4):
+            Lowest p(z) bin probability the prior uses: caps its penalty at -2 ln(floor) x `refinement_prior`
+            (18 chi^2 units for 1e-4), so a much better fit anywhere still wins.
         templates (`dict`, *optional*):
             Description of the model folder's templates (file, spectral types, vectors, rest-frame range); set
             by `SpecPTForRedshift.set_templates`, None for a model without templates.
@@ -306,6 +313,8 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_rebin: int = 3,
         refinement_wide_quality: float = 0.3,
         refinement_wide_chi2: float = 2.0,
+        refinement_prior: float = 1.0,
+        refinement_prior_floor: float = 1e-4,
         templates: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -327,6 +336,8 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self.refinement_rebin = int(refinement_rebin)
         self.refinement_wide_quality = float(refinement_wide_quality)
         self.refinement_wide_chi2 = float(refinement_wide_chi2)
+        self.refinement_prior = float(refinement_prior)
+        self.refinement_prior_floor = float(refinement_prior_floor)
         self.templates = templates
         super().__init__(**kwargs)
         self.head_hidden_size = int(self.d_model if head_hidden_size is None else head_hidden_size)
@@ -367,6 +378,9 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             raise ValueError(
                 f"`refinement_wide_quality` must be in [0, 1], got {self.refinement_wide_quality}"
             )
+        _check_nonnegative(refinement_prior=self.refinement_prior)
+        if not 0.0 < self.refinement_prior_floor < 1.0:
+            raise ValueError(f"`refinement_prior_floor` must be in (0, 1), got {self.refinement_prior_floor}")
 
     @property
     def redshift_bin_width(self) -> float:

@@ -42,6 +42,8 @@ from .refinement import (
     refine_redshifts,
     save_templates,
     scan_grid,
+    scan_span,
+    star_range,
 )
 
 logger = logging.get_logger(__name__)
@@ -934,14 +936,21 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
     def _refinement_u_range(self) -> tuple[float, float]:
         return math.log1p(self.config.z_min), math.log1p(self.config.z_max)
 
+    def _own_ranges(self) -> dict[str, tuple[float, float]]:
+        """Template sets fitted over a range of their own for every spectrum: STAR over stellar velocities."""
+        return {"STAR": star_range()} if self.templates and "STAR" in self.templates else {}
+
+    def _scan_u(self, device: torch.device | None = None) -> torch.Tensor:
+        """u = ln(1 + z) of the refinement's coarse chi^2 samples, float64 [grid]."""
+        span = scan_span(self._refinement_u_range(), self._own_ranges())
+        return scan_grid(self.templates, span, self.config.refinement_rebin).to(device)
+
     def chi2_scan_redshifts(self) -> torch.Tensor:
         """The redshifts of the refinement's coarse chi^2(z) samples (`chi2_scan_z` of every row), float64
         [trials]; needs templates."""
         if not self.templates:
             raise ValueError("the model has no rest-frame templates, so no chi^2(z) scan")
-        return torch.expm1(
-            scan_grid(self.templates, self._refinement_u_range(), self.config.refinement_rebin)
-        )
+        return torch.expm1(self._scan_u())
 
     def redshift_pdf(self, logits: torch.Tensor, density: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn `logits` [batch, bins] into the p(z) grid.
@@ -1001,9 +1010,11 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         settings = {
             "half_width": config.refinement_window * width,
             "u_range": self._refinement_u_range(),
+            "own_ranges": self._own_ranges(),
             "rebin": config.refinement_rebin,
             "fine_step": config.refinement_fine_step,
         }
+        settings["prior"] = self._pz_prior(logits)  # [batch, grid] or None
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
         if config.refinement == "peaks+wide":
             wide = quality < config.refinement_wide_quality
@@ -1026,13 +1037,24 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
                         spectra.ivar[rows],
                         candidates[rows],
                         everywhere=torch.ones_like(rows, dtype=torch.bool),
-                        **settings,
+                        **{
+                            **settings,
+                            "prior": None if settings["prior"] is None else settings["prior"][rows],
+                        },
                     )
-                    better = again.chi2 < result.chi2[rows]
+                    better = again.chi2 + again.prior < result.chi2[rows] + result.prior[rows]
                     result = _replace_rows(result, rows[better], again, better)
                     wide = wide.index_fill(0, rows[better], True)
+        own = [i for i, name in enumerate(self.templates) if name in self._own_ranges()]
+        in_range = result.redshift.clamp(config.z_min, config.z_max)  # STAR redshifts keep their sign
         return {
-            "redshift": result.redshift.clamp(config.z_min, config.z_max),
+            "redshift": torch.where(
+                torch.isin(
+                    result.spectype, torch.tensor(own, device=flux.device, dtype=result.spectype.dtype)
+                ),
+                result.redshift,
+                in_range,
+            ),
             "redshift_err": result.redshift_err,
             "chi2": result.chi2,
             "delta_chi2": result.delta_chi2,
@@ -1043,6 +1065,19 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "chi2_scan_z": torch.expm1(result.scan_u).float().expand(len(flux), -1),
             "chi2_scan": result.scan_chi2.float(),
         }
+
+    def _pz_prior(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """-2 x `refinement_prior` x ln p(z) on the refinement's coarse grid [batch, grid], 0 at the most probable
+        bin, p(z) floored at `refinement_prior_floor` (None when the weight is 0)."""
+        config = self.config
+        if config.refinement_prior == 0:
+            return None
+        u = self._scan_u(logits.device)  # [grid]
+        bins = ((u - math.log1p(config.z_min)) / config.redshift_bin_width).floor().long()  # [grid]
+        bins = bins.clamp(0, config.num_redshift_bins - 1)
+        log_p = torch.log_softmax(logits.double(), -1).clamp(min=math.log(config.refinement_prior_floor))
+        penalty = -2.0 * config.refinement_prior * log_p[:, bins]  # [batch, grid]
+        return penalty - penalty.min(1, keepdim=True).values
 
     def _check_labels(self, labels: Any, batch: int) -> torch.Tensor:
         labels = _check_tensor("labels", labels)
@@ -1151,6 +1186,7 @@ def _replace_rows(
         "coeff",
         "npixels",
         "spectype",
+        "prior",
         "scan_chi2",
     ):
         values = getattr(result, name).clone()

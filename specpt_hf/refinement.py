@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 from .atomic import atomic_write
 
 SPEED_OF_LIGHT_KMS = 299_792.458
+STAR_VELOCITY_KMS = 1000.0  # STAR templates are fitted within +-this line-of-sight velocity
+_FINE_HALF = 2  # the fine scan's trials: the coarse vertex +- this many fine steps
 _SCAN_ELEMENTS = 2**24  # template samples per chunk of the chi^2 scan (bounds its memory)
 
 
@@ -58,10 +60,12 @@ class RefinementResult:
         redshift: z at the parabola's minimum of chi^2(z).
         redshift_err: (1 + z) x the half-width of chi^2 within Delta chi^2 = 1 of the minimum.
         chi2: the best chi^2.
-        delta_chi2: chi^2 of the best trial at least `exclusion_kms` away minus the best chi^2 (inf without one).
+        delta_chi2: chi^2 (+ prior) of the best trial at least `exclusion_kms` away minus the best one's (inf
+            without one).
         coeff (`(batch, vectors)`): the template coefficients at the best trial.
         npixels: pixels that entered the fit at the best trial (ivar > 0 and inside the templates' grid).
         spectype: index of the winning template set.
+        prior: the prior's chi^2 penalty at the chosen trial (0 without a prior).
         scan_u (`(trials,)`), scan_chi2 (`(batch, trials)`): the coarse chi^2(z) curve, lowest over the sets
             (u = ln(1 + z); binned pixels).
     """
@@ -73,6 +77,7 @@ class RefinementResult:
     coeff: torch.Tensor
     npixels: torch.Tensor
     spectype: torch.Tensor
+    prior: torch.Tensor
     scan_u: torch.Tensor
     scan_chi2: torch.Tensor
 
@@ -194,6 +199,21 @@ def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where((info == 0)[..., None] & torch.isfinite(coeff), coeff, 0.0)
 
 
+def _fit_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """b^T a^-1 b [...], the chi^2 a best linear fit removes, for normal equations a [..., k, k], b [..., k]
+    (float64): by Cholesky, and by [`_solve`] where a is not positive definite. Adds a tiny ridge to a's
+    diagonal in place."""
+    diagonal = a.diagonal(dim1=-2, dim2=-1)  # [..., k], a view
+    diagonal.add_(1e-9 * diagonal.mean(-1, keepdim=True).clamp(min=1e-30))
+    factor, info = torch.linalg.cholesky_ex(a)  # [..., k, k]
+    whitened = torch.linalg.solve_triangular(factor, b[..., None], upper=False)[..., 0]  # [..., k]
+    reduction = (whitened**2).sum(-1)  # [...]
+    failed = (info != 0) | ~torch.isfinite(reduction)
+    if failed.any():
+        reduction[failed] = (b[failed] * _solve(a[failed], b[failed])).sum(-1)
+    return reduction
+
+
 def _good_weight(flux: torch.Tensor, ivar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights (ivar, 0 at bad pixels) and flux (0 at bad pixels), float64 [batch, pixels]."""
     weight = torch.where(torch.isfinite(flux) & torch.isfinite(ivar) & (ivar > 0), ivar, 0.0).double()
@@ -308,40 +328,60 @@ def chi2_curve(
     r = torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1, device=device)  # [grid]
     lag = (first - r) % length  # [grid]: observed bin i meets template bin i + first - r
     lag = lag.expand(batch, -1) if trials is None else lag[trials]  # [batch, t]
-    upper = torch.triu_indices(k, k, device=device)
-    pairs = len(upper[0])
+    pair_of = _pair_index(k, device)  # [k * k]: the basis product behind each entry of the normal matrix
+    pairs = k * (k + 1) // 2
     chi2 = []
     chunk = max(1, _SCAN_ELEMENTS // (len(spectra) * length))
     for rows in torch.arange(batch, device=device).split(chunk):
         x = torch.fft.rfft(torch.stack([binned_w[rows], binned_wf[rows]], 1).float(), n=length)  # [b, 2, f]
-        products = torch.cat(
-            [x[:, :1].conj() * spectra[None, :pairs], x[:, 1:].conj() * spectra[None, pairs:]], 1
-        )  # [b, m, f]
-        corr = torch.fft.irfft(products, n=length)  # [b, m, length]
-        corr = corr.gather(2, lag[rows, None].expand(-1, len(spectra), -1)).double()  # [b, m, t]
-        a = torch.zeros(len(rows), lag.shape[1], k, k, dtype=torch.float64, device=device)
-        a[:, :, upper[0], upper[1]] = corr[:, :pairs].transpose(1, 2)
-        a[:, :, upper[1], upper[0]] = corr[:, :pairs].transpose(1, 2)
-        b = corr[:, pairs:].transpose(1, 2)  # [b, t, k]
-        chi2.append(total[rows, None] - (b * _solve(a, b)).sum(-1))
+        at = lag[rows, None]  # [b, 1, t]
+        corr_a = torch.fft.irfft(x[:, :1].conj() * spectra[None, :pairs], n=length)  # [b, pairs, length]
+        corr_b = torch.fft.irfft(x[:, 1:].conj() * spectra[None, pairs:], n=length)  # [b, k, length]
+        corr_a = corr_a.gather(2, at.expand(-1, pairs, -1))  # [b, pairs, t]
+        b = corr_b.gather(2, at.expand(-1, k, -1)).double().transpose(1, 2)  # [b, t, k]
+        a = corr_a.transpose(1, 2)[..., pair_of].double().view(*b.shape, k)  # [b, t, k, k]
+        chi2.append(total[rows, None] - _fit_reduction(a, b))
     return r.double() * step, torch.cat(chi2)
 
 
-def _parabola(
-    u: torch.Tensor, chi2: torch.Tensor, best: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Vertex of the parabola through the best trial and its neighbours on a uniform grid: u, sigma_u
-    (Delta chi^2 = 1) and chi^2 at the vertex, each [batch]. At the grid's edge the trial itself is kept."""
+def _pair_index(k: int, device: torch.device) -> torch.Tensor:
+    """[k * k]: for entry (i, j) of a k x k symmetric matrix, its index among the upper-triangle pairs in
+    `torch.triu_indices` order."""
+    upper = torch.triu_indices(k, k)
+    index = torch.zeros(k, k, dtype=torch.long)
+    index[upper[0], upper[1]] = torch.arange(upper.shape[1])
+    index[upper[1], upper[0]] = torch.arange(upper.shape[1])
+    return index.flatten().to(device)
+
+
+def _parabola(u: torch.Tensor, chi2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vertex of the parabola through three equally spaced trials u [batch, 3], chi2 [batch, 3]: u (at most two
+    steps from the middle trial), sigma_u (Delta chi^2 = 1) and chi^2 there, each [batch]. Where chi^2 is not
+    convex the lowest trial is kept."""
     step = u[:, 1] - u[:, 0]  # [batch]
-    inner = best.clamp(1, u.shape[1] - 2)[:, None]  # [batch, 1]
-    c_minus, c_0, c_plus = (chi2.gather(1, inner + shift)[:, 0] for shift in (-1, 0, 1))
+    c_minus, c_0, c_plus = chi2.unbind(1)
     curvature = (c_plus - 2 * c_0 + c_minus) / step**2  # [batch], d2 chi2 / du2
-    shift = torch.where(curvature > 0, -(c_plus - c_minus) / (2 * step * curvature), 0.0).clamp(-step, step)
-    at_edge = (best == 0) | (best == u.shape[1] - 1)
-    u_best = torch.where(at_edge, u.gather(1, best[:, None])[:, 0], u.gather(1, inner)[:, 0] + shift)
-    sigma = torch.where(curvature > 0, torch.sqrt(2.0 / curvature.clamp(min=1e-30)), step)
-    vertex = torch.where(at_edge, chi2.gather(1, best[:, None])[:, 0], c_0 - 0.5 * curvature * shift**2)
+    convex = curvature > 0
+    slope = (c_plus - c_minus) / (2 * step)  # [batch], d chi2 / du at the middle trial
+    shift = (-slope / curvature).clamp(-2 * step, 2 * step)  # [batch]
+    lowest = chi2.argmin(1, keepdim=True)  # [batch, 1]
+    u_best = torch.where(convex, u[:, 1] + shift, u.gather(1, lowest)[:, 0])
+    sigma = torch.where(convex, torch.sqrt(2.0 / curvature.clamp(min=1e-30)), step)
+    at_vertex = c_0 + slope * shift + 0.5 * curvature * shift**2  # [batch]
+    vertex = torch.where(convex, at_vertex, chi2.gather(1, lowest)[:, 0])
     return u_best, sigma, vertex
+
+
+def _coarse_vertex(scan_u: torch.Tensor, scan_chi2: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """u [batch] of the parabola's vertex through the best coarse trial and its two neighbours (within one step
+    of the trial), or the trial itself where a neighbour was not searched or chi^2 is not convex there."""
+    step = scan_u[1] - scan_u[0]
+    inner = best.clamp(1, len(scan_u) - 2)  # [batch]
+    c_minus, c_0, c_plus = (scan_chi2.gather(1, (inner + shift)[:, None])[:, 0] for shift in (-1, 0, 1))
+    curvature = c_plus - 2 * c_0 + c_minus  # [batch], in steps
+    usable = (inner == best) & torch.isfinite(c_minus + c_plus) & (curvature > 0)
+    shift = torch.where(usable, -(c_plus - c_minus) / (2 * curvature), 0.0).nan_to_num(0.0).clamp(-1, 1)
+    return scan_u[best] + shift * step
 
 
 def _searched_curve(
@@ -376,6 +416,20 @@ def scan_grid(
     return torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1).double() * step
 
 
+def star_range(velocity_kms: float = STAR_VELOCITY_KMS) -> tuple[float, float]:
+    """The u = ln(1 + z) range of a star moving at up to `velocity_kms` along the line of sight."""
+    beta = velocity_kms / SPEED_OF_LIGHT_KMS
+    return 0.5 * math.log((1 - beta) / (1 + beta)), 0.5 * math.log((1 + beta) / (1 - beta))
+
+
+def scan_span(
+    u_range: tuple[float, float], own_ranges: dict[str, tuple[float, float]] | None = None
+) -> tuple[float, float]:
+    """The u range the coarse grid covers: `u_range` and every set's own range."""
+    ranges = [u_range, *(own_ranges or {}).values()]
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
+
+
 def refine_redshifts(
     template_sets: dict[str, RestFrameTemplates],
     wavelength: torch.Tensor,
@@ -385,13 +439,16 @@ def refine_redshifts(
     half_width: float,
     u_range: tuple[float, float],
     everywhere: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
+    own_ranges: dict[str, tuple[float, float]] | None = None,
     rebin: int = 3,
     fine_step: float = 1e-4,
     exclusion_kms: float = 1000.0,
 ) -> RefinementResult:
     """Redshifts from chi^2(z): the coarse curve of every template set over `u_range` ([`chi2_curve`]), its
-    lowest point within +-`half_width` of a candidate (or anywhere, for rows with `everywhere`), then a fine grid
-    (+-1 coarse step, step `fine_step`) on the spectrum's own pixels with the winning set and a parabola.
+    lowest point within +-`half_width` of a candidate (or anywhere, for rows with `everywhere`) and the vertex of
+    the parabola through it and its neighbours, then five trials `fine_step` apart about that vertex on the
+    spectrum's own pixels with the winning set and a parabola through the best of them and its neighbours.
 
     Args:
         template_sets: rest-frame bases by spectral type (e.g. GALAXY, QSO).
@@ -400,25 +457,36 @@ def refine_redshifts(
         half_width: half-width in u of the window searched around each candidate.
         u_range: (lowest, highest) u of the coarse curve.
         everywhere: [batch] bool, rows whose minimum may lie anywhere in `u_range`.
+        prior: [batch, grid] penalty in chi^2 units on the coarse grid (-2 ln p(z), e.g. the network's p(z)),
+            added to chi^2 when choosing the minimum and in `delta_chi2`; `chi2` and `scan_chi2` stay pure.
+        own_ranges: template sets searched over the whole of their own u range for every spectrum and nowhere
+            else (e.g. STAR over stellar velocities); the coarse grid spans `u_range` and these.
     """
     if candidates.dim() != 2 or candidates.shape[0] != flux.shape[0]:
         raise ValueError(f"`candidates` must be [batch, modes], got {tuple(candidates.shape)}")
-    scan_u = scan_grid(template_sets, u_range, rebin).to(flux.device)  # [grid], the grid of `chi2_curve`
-    step = rebin * next(iter(template_sets.values())).log_wavelength_step
+    own_ranges = own_ranges or {}
+    span = scan_span(u_range, own_ranges)
+    scan_u = scan_grid(template_sets, span, rebin).to(flux.device)  # [grid], the grid of `chi2_curve`
     near = ((scan_u[None, None] - candidates.double()[..., None]).abs() <= half_width).any(1)  # [batch, grid]
     if everywhere is not None:
         near |= everywhere[:, None]
-    scan = torch.stack(
-        [_searched_curve(t, wavelength, flux, ivar, u_range, rebin, near) for t in template_sets.values()]
-    )  # [sets, batch, grid]
+    near &= (scan_u >= u_range[0]) & (scan_u <= u_range[1])
+    curves = []
+    for name, t in template_sets.items():
+        searched = near
+        if name in own_ranges:
+            low, high = own_ranges[name]
+            searched = ((scan_u >= low) & (scan_u <= high)).expand_as(near)  # [batch, grid]
+        curves.append(_searched_curve(t, wavelength, flux, ivar, span, rebin, searched))
+    scan = torch.stack(curves)  # [sets, batch, grid]
     scan_chi2, spectype = scan.min(0)  # [batch, grid], inf outside the searched trials
-    best = scan_chi2.argmin(1)  # [batch]
-    u_coarse = scan_u[best]  # [batch]
+    penalty = torch.zeros_like(scan_chi2) if prior is None else prior.to(scan_chi2)  # [batch, grid]
+    posterior = scan_chi2 + penalty  # [batch, grid]
+    best = posterior.argmin(1)  # [batch]
     winner = spectype.gather(1, best[:, None])[:, 0]  # [batch]
 
-    n_fine = math.ceil(step / fine_step)
-    fine_u = u_coarse[:, None] + fine_step * torch.arange(
-        -n_fine, n_fine + 1, device=flux.device
+    fine_u = _coarse_vertex(scan_u, scan_chi2, best)[:, None] + fine_step * torch.arange(
+        -_FINE_HALF, _FINE_HALF + 1, device=flux.device
     )  # [batch, f]
     vectors = max(t.basis.shape[0] for t in template_sets.values())
     fine_chi2 = torch.zeros_like(fine_u)  # [batch, f]
@@ -432,19 +500,21 @@ def refine_redshifts(
             fine_chi2[rows], fine_npix[rows] = chi2_t, npix_t
             fine_coeff[rows, :, : coeff_t.shape[-1]] = coeff_t
     fine_best = fine_chi2.argmin(1)  # [batch]
-    u_best, sigma_u, chi2 = _parabola(fine_u, fine_chi2, fine_best)
+    around = fine_best.clamp(1, fine_u.shape[1] - 2)[:, None] + torch.arange(-1, 2, device=flux.device)
+    u_best, sigma_u, chi2 = _parabola(fine_u.gather(1, around), fine_chi2.gather(1, around))
     rows = torch.arange(flux.shape[0], device=flux.device)
     z = torch.expm1(u_best)
     far = (scan_u[None] - u_best[:, None]).abs() > exclusion_kms / SPEED_OF_LIGHT_KMS  # [batch, grid]
-    second = torch.where(far, scan_chi2, math.inf).min(1).values  # [batch]
+    second = torch.where(far, posterior, math.inf).min(1).values  # [batch]
     return RefinementResult(
         redshift=z.float(),
         redshift_err=((1 + z) * sigma_u).float(),
         chi2=chi2.float(),
-        delta_chi2=(second - scan_chi2.min(1).values).float(),
+        delta_chi2=(second - posterior.gather(1, best[:, None])[:, 0]).float(),
         coeff=fine_coeff[rows, fine_best],
         npixels=fine_npix[rows, fine_best],
         spectype=winner,
+        prior=penalty.gather(1, best[:, None])[:, 0].float(),
         scan_u=scan_u,
         scan_chi2=scan_chi2,
     )
@@ -521,4 +591,6 @@ __all__ = [
     "pz_modes",
     "refine_redshifts",
     "save_templates",
+    "scan_span",
+    "star_range",
 ]

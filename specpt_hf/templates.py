@@ -1,13 +1,15 @@
 """`specpt templates`: rest-frame templates for a redshift model, learned from its labelled training shards.
 
     specpt templates DATA_DIR --model MODEL_DIR            # writes MODEL_DIR/templates.safetensors
-    specpt templates DATA_DIR --model MODEL_DIR --galaxy-vectors 10 --qso-vectors 6 --max-per-type 3000
+    specpt templates DATA_DIR --model MODEL_DIR --galaxy-vectors 10 --qso-vectors 6 --star-vectors 5
 
-One basis per spectral type (GALAXY, QSO: the shards' `spectype`, on real data Redrock's labels) by weighted
+One basis per spectral type (GALAXY, QSO, STAR: the shards' `spectype`, on real data Redrock's labels; a type
+without labelled spectra gets none) by weighted
 EM-PCA (`specpt_hf.refinement.build_templates`) of the `train` split's spectra with `zwarn == 0`, each shifted
 to its rest frame on a ln(lambda) grid as fine as the observed pixels. The model folder's config.json then
 describes them (`templates`), and `SpecPTForRedshift.from_pretrained` loads them: inference refines the network's
-redshift by chi^2 (`config.refinement`).
+redshift by chi^2 (`config.refinement`); STAR templates are fitted to every spectrum within +-1000 km/s of rest, so
+stars come out as SPECTYPE STAR rather than as a galaxy at some redshift.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .training.data import split_files
 
 logger = logging.getLogger(__name__)
 
-SPECTYPES = ("GALAXY", "QSO")
-DEFAULT_VECTORS = {"GALAXY": 10, "QSO": 6}
+SPECTYPES = ("GALAXY", "QSO", "STAR")
+DEFAULT_VECTORS = {"GALAXY": 10, "QSO": 6, "STAR": 5}
 COLUMNS = ["flux", "ivar", "mask", "z", "zwarn", "spectype"]
 
 
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="train", help="split to learn from (default: train)")
     parser.add_argument("--galaxy-vectors", type=int, default=10, help="GALAXY basis size (default 10)")
     parser.add_argument("--qso-vectors", type=int, default=6, help="QSO basis size (default 6)")
+    parser.add_argument("--star-vectors", type=int, default=5, help="STAR basis size (default 5)")
     parser.add_argument("--max-per-type", type=int, default=3000, help="spectra per type (default 3000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draw of spectra")
     add_debug_flag(parser)
@@ -148,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    for name in ("galaxy_vectors", "qso_vectors", "max_per_type"):
+    for name in ("galaxy_vectors", "qso_vectors", "star_vectors", "max_per_type"):
         if getattr(args, name) < 1:
             _parser().error(f"--{name.replace('_', '-')} must be >= 1")
     if not (args.model / "config.json").is_file():
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    vectors = {"GALAXY": args.galaxy_vectors, "QSO": args.qso_vectors}
+    vectors = {"GALAXY": args.galaxy_vectors, "QSO": args.qso_vectors, "STAR": args.star_vectors}
     templates = build_model_templates(
         args.model, args.data_dir, vectors, args.max_per_type, args.split, args.seed
     )

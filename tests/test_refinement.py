@@ -181,6 +181,25 @@ def test_wide_scan_finds_a_redshift_far_from_the_guess(templates):
     assert float(wide.chi2[0]) < float(near_only.chi2[0])
 
 
+def test_a_prior_moves_the_choice_only_when_it_outweighs_the_fit(templates):
+    z = np.array([0.62])
+    flux, ivar = _spectra(templates, z, seed=5, noise=0.5)
+    everywhere = torch.tensor([True])
+    plain = _refine(templates, flux, ivar, np.array([0.2]), everywhere=everywhere)
+    grid = plain.scan_u  # [grid]
+    distance = (grid - math.log1p(0.62)).abs()  # [grid]
+    mild = torch.where(distance < 0.002, 1.0, 0.0)[None].double()  # [1, grid]: inside 1000 km/s of the truth
+    huge = torch.where(distance < 0.05, 1e9, 0.0)[None].double()
+    with_mild = _refine(templates, flux, ivar, np.array([0.2]), everywhere=everywhere, prior=mild)
+    with_huge = _refine(templates, flux, ivar, np.array([0.2]), everywhere=everywhere, prior=huge)
+    assert abs(float(plain.redshift[0]) - 0.62) < 1e-3
+    torch.testing.assert_close(with_mild.redshift, plain.redshift)
+    assert float(with_mild.prior[0]) == 1.0 and float(plain.prior[0]) == 0.0
+    torch.testing.assert_close(with_mild.delta_chi2, plain.delta_chi2 - 1.0)
+    torch.testing.assert_close(with_mild.scan_chi2, plain.scan_chi2)  # the curve stays pure chi^2
+    assert abs(float(with_huge.redshift[0]) - 0.62) > 0.04
+
+
 def test_two_template_sets_pick_the_one_that_fits(templates):
     z = np.array([0.3])
     flux, ivar = _spectra(templates, z, seed=6)
@@ -192,6 +211,63 @@ def test_two_template_sets_pick_the_one_that_fits(templates):
     result = refine_redshifts({"POOR": wrong, "GOOD": templates}, *args, half_width=0.01, u_range=(0.0, 0.7))
     assert int(result.spectype[0]) == 1
     assert result.coeff.shape == (1, 5)
+
+
+def _star_templates() -> RestFrameTemplates:
+    """A warm continuum and absorption lines (Ca II H & K, Balmer, Mg b, Na D) on a rest ln(lambda) grid."""
+    step = 0.8 / 9824.0
+    start = math.log(3500.0)
+    wave = np.exp(start + step * np.arange(int((math.log(10000.0) - start) / step) + 1))
+    absorption = [np.exp(-0.5 * ((wave - c) / 1.5) ** 2) for c in (3933.7, 3968.5, 4101.7, 4340.5, 4861.3)]
+    metals = [
+        np.exp(-0.5 * ((wave - c) / 1.5) ** 2) for c in (5167.3, 5172.7, 5183.6, 5889.95, 5895.9, 6562.8)
+    ]
+    basis = np.stack([np.ones_like(wave), 5000.0 / wave, -sum(absorption), -sum(metals)])
+    return RestFrameTemplates(start, step, torch.from_numpy(basis.astype(np.float32)))
+
+
+def test_stars_come_out_as_star_at_their_velocity(templates):
+    from specpt_hf.refinement import SPEED_OF_LIGHT_KMS, star_range
+
+    stars = _star_templates()
+    velocity = np.array([-250.0, 180.0])  # km/s
+    z_star = np.sqrt((1 + velocity / SPEED_OF_LIGHT_KMS) / (1 - velocity / SPEED_OF_LIGHT_KMS)) - 1
+    star_flux, star_ivar = _spectra_from(stars, z_star, [3.0, 0.5, 0.6, 0.8], seed=8)
+    galaxy_flux, galaxy_ivar = _spectra(templates, np.array([0.3]), seed=9)
+    flux = np.concatenate([star_flux, galaxy_flux])
+    ivar = np.concatenate([star_ivar, galaxy_ivar])
+    candidates = torch.log1p(torch.tensor([[0.8], [0.2], [0.3]], dtype=torch.float64))  # the stars' far off
+    result = refine_redshifts(
+        {"GALAXY": templates, "STAR": stars},
+        torch.from_numpy(WAVELENGTH),
+        torch.from_numpy(flux),
+        torch.from_numpy(ivar),
+        candidates,
+        half_width=0.0126,
+        u_range=(0.0, math.log(2.0)),
+        own_ranges={"STAR": star_range()},
+    )
+    assert result.spectype.tolist() == [1, 1, 0]
+    np.testing.assert_allclose(result.redshift[:2].numpy(), z_star, atol=3e-5)  # 10 km/s
+    assert abs(float(result.redshift[2]) - 0.3) < 2e-5 * 1.3
+    assert star_range()[0] < 0 < star_range()[1]
+
+
+def _spectra_from(
+    templates: RestFrameTemplates, z: np.ndarray, coeff: list[float], seed: int, noise: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy spectra [n, pixels] of one combination `coeff` of the basis at redshifts `z`; ivar [n, pixels]."""
+    rng = np.random.default_rng(seed)
+    log_rest, basis = templates.log_wavelength.numpy(), templates.basis.numpy().astype(np.float64)
+    model = [
+        sum(
+            c * np.interp(np.log(WAVELENGTH) - np.log1p(zi), log_rest, b)
+            for c, b in zip(coeff, basis, strict=True)
+        )
+        for zi in z
+    ]
+    flux = np.stack(model) + rng.normal(0.0, noise, (len(z), len(WAVELENGTH)))
+    return flux.astype(np.float32), np.full(flux.shape, noise**-2, dtype=np.float32)
 
 
 def test_pz_modes_are_distinct_peaks():
@@ -242,6 +318,12 @@ def test_model_refines_with_its_templates_and_none_is_todays_output(templates, t
     error = (refined.redshift.numpy() - z) / (1 + z)
     assert np.abs(error).max() < 2e-5, error
     assert refined.spectype.tolist() == [0, 0] and refined.wide.all()
+    tiny_model.config.refinement = "peaks+wide"
+    tiny_model.config.refinement_prior = 0.0
+    with torch.no_grad():
+        chi2_only = tiny_model(**inputs)
+    torch.testing.assert_close(chi2_only.redshift, refined.redshift)  # the fits dominate this untrained p(z)
+    assert (refined.delta_chi2 <= chi2_only.delta_chi2 + 2 * math.log(1e4) + 1e-3).all()
     assert refined.chi2_scan.shape == refined.chi2_scan_z.shape and refined.chi2_scan.shape[0] == 2
 
 
