@@ -32,6 +32,9 @@ setup(
     extras_require={
         "specutils": ["specutils>=1.12"],
         "mmu": ["h5py>=3.10"],  # Multimodal Universe HDF5 shards (its Parquet exports need nothing more)
+        # the mock's sps family reads the E-MILES SSPs that ppxf ships up to 8.2.6 (later releases download
+        # them); MILES data and ppxf are free for non-commercial use
+        "sps": ["ppxf==8.2.6"],
         "peft": ["peft>=0.21"],
         "tensorboard": ["tensorboard>=2.15"],
         # Redrock (DESI's template fitter) for benchmarks/; its DESI entry point also needs
@@ -45,6 +48,7 @@ setup(
             "peft>=0.21",
             "scipy>=1.11",
             "h5py>=3.10",
+            "ppxf==8.2.6",
         ],
     },
     entry_points={"console_scripts": ["specpt=specpt_hf.cli:main"]},

@@ -95,7 +95,15 @@ CARD_SETTINGS = (
     "early_stopping_patience",
     "seed",
 )
-_CLASS_LABELS = {"all": "all", "bgs": "BGS", "elg": "ELG", "lrg": "LRG", "qso": "QSO", "other": "other"}
+_CLASS_LABELS = {
+    "all": "all",
+    "bgs": "BGS",
+    "elg": "ELG",
+    "lrg": "LRG",
+    "qso": "QSO",
+    "mws": "MWS",
+    "other": "other",
+}
 
 
 class ModelFolderError(ValueError):

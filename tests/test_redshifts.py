@@ -96,6 +96,9 @@ def test_target_classes_per_survey_prefix():
         ({"CMX_TARGET": [1 << 55]}, "qso"),  # MINI_SV_QSO
         ({"SV3_DESI_TARGET": [(1 << 1) | (1 << 2)]}, "qso"),  # ELG and QSO: QSO wins
         ({"SV3_DESI_TARGET": [(1 << 0) | (1 << 1)]}, "lrg"),  # LRG and ELG: LRG wins
+        ({"SV3_DESI_TARGET": [1 << 61]}, "mws"),  # MWS_ANY
+        ({"DESI_TARGET": [(1 << 60) | (1 << 61)]}, "bgs"),  # BGS and MWS: BGS wins
+        ({"CMX_TARGET": [1 << 13]}, "mws"),  # SV0_WD
     ]
     for columns, expected in cases:
         assert target_class_of(columns)[0] == expected, columns

@@ -54,7 +54,7 @@ from .redshifts import (
 
 logger = logging.getLogger(__name__)
 
-TARGET_CONFIGS = ("bgs", "elg", "lrg", "qso", "all")
+TARGET_CONFIGS = ("bgs", "elg", "lrg", "qso", "mws", "all")
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 LICENSE = "cc-by-4.0"
@@ -77,7 +77,7 @@ b, r and z arms merged onto one grid as DESI's coadd_cameras does: {DESI_N_PIXEL
 {DESI_WAVE_START:.1f} to {DESI_WAVE_END:.1f} Angstrom (vacuum) in {DESI_WAVE_STEP} Angstrom steps. `flux` is in 1e-17 erg/s/cm2/Angstrom, `ivar` is its inverse variance
 (0 where unusable), and `mask` is True at BAD pixels (merged DESI mask non-zero or ivar 0).
 `z`, `zerr`, `zwarn` (the DESI bit mask, 0 = no warning), `spectype` come from Redrock;
-`target_class` (bgs, elg, lrg, qso, other) from the targeting bits. Only science targets (OBJTYPE TGT,
+`target_class` (bgs, elg, lrg, qso, mws, other) from the targeting bits. Only science targets (OBJTYPE TGT,
 TARGETID > 0, fiber status 0), primary spectra and redshifts passing the DESI quality cuts of their
 class are kept. Splits are fixed by a hash of TARGETID, so a galaxy is always in the same split.
 """
@@ -451,7 +451,7 @@ class DesiEdrConfig(datasets.BuilderConfig):
     """A DESI EDR configuration: one target class (or 'all') and where the files are.
 
     Args:
-        target_class (`str`, *optional*, defaults to `"all"`): bgs, elg, lrg, qso or all.
+        target_class (`str`, *optional*, defaults to `"all"`): bgs, elg, lrg, qso, mws or all.
         files (`list[str]`, *optional*): coadd files to read instead of searching `data_dir`.
         catalog (`str`, *optional*): a redshift catalog (zpix-*, zall-pix-*, EDR VAC) instead of
             the Redrock files next to each coadd.

@@ -13,7 +13,11 @@ The physics, in rest-frame vacuum Å and 1e-17 erg/s/cm²/Å:
   Fuji files shipped with specutils (see `noise_shape_from_desi_files`), and the lines they contain
   are the airglow lines ([O I] 5578.9, Na D 5891.6/5897.6, [O I] 6302.0, OH bands, the Hg 4359.6
   light-pollution line, the telluric A band at 7600 Å);
-* magnitude, redshift and S/N distributions of the four DESI dark/bright target classes.
+* magnitude, redshift and S/N distributions of the four DESI dark/bright target classes;
+* Milky Way Survey stars (class `mws`, SPECTYPE STAR at Z = v/c; `specpt_hf.data.mock_stars`);
+* a second galaxy family, `family="sps"` (E-MILES stellar populations, star-formation histories, Charlot &
+  Fall dust, BPT line ratios with AGN and post-starbursts; `specpt_hf.data.mock_sps`), to hold out of
+  training; the default family is `basis`.
 
 `generate_spectra` returns arrays for any `Instrument`; `write_mock_healpix` / `write_mock_release`
 write DESI-format files; `specpt mock` is the command line.
@@ -38,7 +42,10 @@ from specpt_hf.data.instrument import DESI, FWHM_PER_SIGMA, Arm, Instrument, app
 
 C_KMS = 299792.458
 C_AA_PER_S = 2.99792458e18
-TARGET_CLASSES = ("bgs", "lrg", "elg", "qso")
+TARGET_CLASSES = ("bgs", "lrg", "elg", "qso")  # the extragalactic classes, `specpt mock`'s default
+MOCK_CLASSES = (*TARGET_CLASSES, "mws")  # and Milky Way Survey stars
+FAMILIES = ("basis", "sps")  # galaxy physics: this module's basis, or specpt_hf.data.mock_sps
+SPS_CLASSES = ("bgs", "lrg", "elg")
 
 # Truth flags for hard cases (bit values of the `hard` truth column; 0 = an ordinary spectrum).
 HARD_FLAGS: dict[str, int] = {
@@ -50,8 +57,10 @@ HARD_FLAGS: dict[str, int] = {
 }
 # Redrock ZWARN bits used here (desidatamodel / redrock.zwarning).
 ZWARN_SKY, ZWARN_SMALL_DELTA_CHI2, ZWARN_NODATA = 1 << 0, 1 << 2, 1 << 9
-# DESI good-redshift DELTACHI2 cuts per class (desi-data-model: BGS 40, LRG 15, ELG 25 stand-in; QSO 25).
-DELTACHI2_CUT = {"bgs": 40.0, "lrg": 15.0, "elg": 25.0, "qso": 25.0}
+# DESI good-redshift DELTACHI2 cuts per class (desi-data-model: BGS 40, LRG 15, ELG 25 stand-in; QSO 25);
+# MWS velocities come from RVSpecfit, not Redrock cuts: ZWARN == 0 only, i.e. DELTACHI2 ≥ 9.
+DELTACHI2_CUT = {"bgs": 40.0, "lrg": 15.0, "elg": 25.0, "qso": 25.0, "mws": 9.0}
+_DEFAULT_PROGRAM = {"bgs": "bright", "mws": "bright"}  # the others: dark
 
 # ---------------------------------------------------------------------------------------------------
 # Line lists, vacuum Å (SDSS line table, classic.sdss.org/dr7/algorithms/linestable; NIST ASD).
@@ -565,7 +574,13 @@ def _draw_qso(rng: np.random.Generator, n: int) -> dict[str, Any]:
     }
 
 
-DRAWERS = {"bgs": _draw_bgs, "lrg": _draw_lrg, "elg": _draw_elg, "qso": _draw_qso}
+def _draw_mws(rng: np.random.Generator, n: int) -> dict[str, Any]:
+    from specpt_hf.data import mock_stars
+
+    return mock_stars.draw(rng, n)
+
+
+DRAWERS = {"bgs": _draw_bgs, "lrg": _draw_lrg, "elg": _draw_elg, "qso": _draw_qso, "mws": _draw_mws}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -575,6 +590,8 @@ def _continuum(p: Mapping[str, Any], wave: np.ndarray) -> np.ndarray:
     """Unscaled observed-frame f_λ [n, m] at observed wavelengths `wave` [m] or [n, m]."""
     z = p["z"][:, None]
     rest = np.broadcast_to(wave, (len(z), np.shape(wave)[-1])) / (1.0 + z)  # [n, m]
+    if "rest_flux" in p:  # one rest-frame spectrum per object (stars, the sps family)
+        return _log_grid_interp(p["rest_flux"], p["rest_ln0"], rest)
     if p["spectype"][0] == "QSO":
         slope = -(2.0 + p["alpha_nu"])[:, None]  # f_λ ∝ λ^(-2-α_ν)
         blue = (rest / 1450.0) ** slope
@@ -591,6 +608,16 @@ def _continuum(p: Mapping[str, Any], wave: np.ndarray) -> np.ndarray:
     return flux * 10.0 ** (-0.4 * 0.44 * p["ebv_gas"][:, None] * calzetti_k(rest))
 
 
+def _log_grid_interp(flux: np.ndarray, ln0: float, rest: np.ndarray) -> np.ndarray:
+    """Row i of `flux` [n, M] (on ln λ = ln0 + 1e-4 k) at rest wavelengths `rest` [n, m], linearly; the
+    edge values beyond the grid (stars: 3300-10500 Å, the sps family: 1200-10500 Å)."""
+    pos = np.clip((np.log(rest) - ln0) / 1e-4, 0.0, flux.shape[1] - 1.001)
+    i0 = pos.astype(np.int64)
+    frac = pos - i0
+    lo, hi = np.take_along_axis(flux, i0, axis=1), np.take_along_axis(flux, i0 + 1, axis=1)
+    return lo * (1.0 - frac) + hi * frac
+
+
 def _band_fnu(p: Mapping[str, Any], band: str, scale: np.ndarray | float = 1.0) -> np.ndarray:
     """Mean f_ν (erg/s/cm²/Hz) of the continuum through a top-hat band, [n]."""
     wave = np.linspace(*BANDS[band], 48)
@@ -603,7 +630,7 @@ def _normalise(p: dict[str, Any]) -> None:
 
     DESI calibrates fibre spectra for point-source aperture losses, so a galaxy's spectrum carries its
     fibre flux divided by the PSF-to-fibre fraction; a quasar's carries its total flux."""
-    if p["spectype"][0] == "QSO":
+    if p["spectype"][0] in ("QSO", "STAR"):  # point sources
         p["fiber_offset"] = -2.5 * np.log10(p["psf_to_fiber"])
     elif "mag_total" in p:
         p["fiber_mag"] = p["mag_total"] + p["fiber_offset"]
@@ -622,6 +649,10 @@ def _normalise(p: dict[str, Any]) -> None:
 def _lines(p: Mapping[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Emission lines: names, observed centres [n, L] (Å), sigmas [n, L] (Å), fluxes [n, L] (1e-17 erg/s/cm²)."""
     z = p["z"][:, None]
+    if "line_lum" in p:  # rest-frame luminosities in the units of `rest_flux` × Å
+        centre = p["line_rest"][None, :] * (1.0 + z)
+        flux = p["line_lum"] * (p["scale"] * (1.0 + p["z"]))[:, None]
+        return list(p["line_names"]), centre, centre * p["line_sigma_kms"] / C_KMS, flux
     if p["spectype"][0] == "QSO":
         names = list(QSO_LINES)
         rest, ew, fwhm = (np.array([v[i] for v in QSO_LINES.values()]) for i in range(3))
@@ -842,26 +873,34 @@ def generate_spectra(
     instrument: Instrument | str = DESI,
     program: str | None = None,
     chunk_size: int = 256,
+    family: str = "basis",
 ) -> dict[str, Any]:
-    """Mock spectra of one DESI target class on an instrument's grid, with their truth.
+    """Mock spectra of one DESI target class (or `mws` stars) on an instrument's grid, with their truth.
 
     Returns a dict: `instrument` (name), `wave` [n_pix] (merged grid), `flux`, `ivar`, `model` (noiseless)
     float32 [n, n_pix], `mask` bool [n, n_pix] (True = bad), `arms` {name: {wave, flux, ivar, mask (int32
     DESI bits), model, resolution [ndiag, n_pix]}} and `truth` {column: [n]} (z, spectype, magnitudes,
     line fluxes, efftime, redrock-like zerr / zwarn / deltachi2, `hard` flags — see HARD_FLAGS).
-    Deterministic in (target_class, n, seed, instrument, program).
+    `family` "sps" draws the same populations with the physics of `specpt_hf.data.mock_sps` (classes
+    bgs, lrg, elg). Deterministic in (target_class, n, seed, instrument, program, family).
     """
     target_class = target_class.lower()
-    if target_class not in DRAWERS:
-        raise ValueError(f"target_class must be one of {TARGET_CLASSES}, got {target_class!r}")
+    _check_class_family(target_class, family)
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     instrument = get_instrument(instrument)
-    program = program or ("bright" if target_class == "bgs" else "dark")
+    program = program or _DEFAULT_PROGRAM.get(target_class, "dark")
     if program not in EFFTIME:
         raise ValueError(f"program must be one of {sorted(EFFTIME)}, got {program!r}")
-    rng = np.random.default_rng([int(seed), TARGET_CLASSES.index(target_class)])
+    stream = [int(seed), MOCK_CLASSES.index(target_class)] + (
+        [FAMILIES.index(family)] if family != "basis" else []
+    )
+    rng = np.random.default_rng(stream)
     p = DRAWERS[target_class](rng, n)
+    if family == "sps":
+        from specpt_hf.data import mock_sps
+
+        mock_sps.apply(p, target_class, rng)
     _normalise(p)
     # SV3-like depth: nominal EFFTIME x ~1.2 with 0.12 dex spread; observing conditions 0.15 dex
     p["efftime"] = EFFTIME[program] * 10.0 ** rng.normal(0.08, 0.12, n)
@@ -901,6 +940,15 @@ def generate_spectra(
     }
 
 
+def _check_class_family(target_class: str, family: str) -> None:
+    if target_class not in DRAWERS:
+        raise ValueError(f"target_class must be one of {MOCK_CLASSES}, got {target_class!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "sps" and target_class not in SPS_CLASSES:
+        raise ValueError(f"the sps family has the classes {SPS_CLASSES}, got {target_class!r}")
+
+
 def _truth(
     p: Mapping[str, Any],
     target_class: str,
@@ -922,6 +970,7 @@ def _truth(
     zwarn = np.where(deltachi2 < 9.0, ZWARN_SMALL_DELTA_CHI2, 0).astype(np.int64)
     qso = target_class == "qso"
     width = np.where(qso, 1700.0, np.where(p["quiescent"], 250.0, p.get("sigma_gas", np.full(n, 250.0))))
+    width = p.get("zerr_width", width)
     zerr = (1.0 + p["z"]) * width / C_KMS / np.sqrt(np.maximum(info, 1.0))
 
     hard = np.zeros(n, dtype=np.int64)
@@ -933,8 +982,10 @@ def _truth(
         sky = strong_sky_lines(10.0)
         dist = np.abs(main_centre[:, None] - sky[None, :]).min(axis=1)
         on_sky = (dist < 1.5 * main_sigma) & inside.any(axis=1)
+        if target_class == "mws":  # most stars have no emission line at all
+            on_sky &= flux[np.arange(n), strongest] > 0
         hard |= np.where(on_sky, HARD_FLAGS["LINE_ON_SKY"], 0)
-    if not qso:
+    if not qso and target_class != "mws":
         hard |= np.where(line_snr.max(axis=1) < 5.0, HARD_FLAGS["NO_LINES"], 0)
     key_lines = {"elg": ["OII_3727", "OII_3729"], "qso": names}.get(target_class, [])
     if key_lines:
@@ -965,6 +1016,8 @@ def _truth(
             truth[f"flux_{line}"] = flux[:, names.index(line)]
     if qso:
         truth["bal"] = p["bal"]
+    elif "truth" in p:  # the star and sps-family modules' own columns
+        truth.update(p["truth"])
     else:
         for k, name in enumerate(("old", "astar", "young")):
             truth[f"weight_{name}"] = p["weights"][:, k]
@@ -1006,14 +1059,24 @@ _TSNR2_REF = {
 _FITS_DTYPES = {"K": "i8", "J": "i4", "I": "i2", "B": "u1", "E": "f4", "D": "f8"}
 # Survey → targeting columns (desitarget); cmx has its own bit layout and is not mocked.
 _SURVEY_PREFIX = {"sv1": "SV1_", "sv2": "SV2_", "sv3": "SV3_", "main": "", "special": ""}
-# *_DESI_TARGET bits (desi-data-model): LRG 0, ELG 1, QSO 2, ELG_LOP 5 (SV3/main), BGS_ANY 60, SKY 32;
-# *_BGS_TARGET: BGS_BRIGHT 1.
-_DESI_BITS = {"lrg": 1 << 0, "elg": 1 << 1, "qso": 1 << 2, "bgs": 1 << 60}
+# *_DESI_TARGET bits (desi-data-model): LRG 0, ELG 1, QSO 2, ELG_LOP 5 (SV3/main), BGS_ANY 60, MWS_ANY 61,
+# SKY 32; *_BGS_TARGET: BGS_BRIGHT 1. *_MWS_TARGET (desitarget sv1/sv2/sv3 and main targetmask.yaml):
+# MWS_BROAD (SV1 MWS_MAIN_BROAD) 0, MWS_WD 1, MWS_BHB 6, MWS_MAIN_BLUE 8 and MWS_MAIN_RED 11 (not in SV1).
+_DESI_BITS = {"lrg": 1 << 0, "elg": 1 << 1, "qso": 1 << 2, "bgs": 1 << 60, "mws": 1 << 61}
 _ELG_LOP, _SKY_BIT, _BGS_BRIGHT = 1 << 5, 1 << 32, 1 << 1
+_MWS_BROAD, _MWS_WD, _MWS_BHB, _MWS_MAIN_BLUE, _MWS_MAIN_RED = 1 << 0, 1 << 1, 1 << 6, 1 << 8, 1 << 11
 _MOCK_TARGETID_BIT, _SKY_TARGETID_BIT = 1 << 58, 1 << 59  # desitarget TARGETID layout (MOCK, SKY bits)
-_CLASS_CODE = {name: i for i, name in enumerate(TARGET_CLASSES)}
-_MORPHOLOGY = {"bgs": ("DEV", "EXP", "SER"), "lrg": ("DEV", "SER"), "elg": ("EXP", "REX"), "qso": ("PSF",)}
-_PRIORITY = {"bgs": (2100, 2), "lrg": (3200, 2), "elg": (3000, 2), "qso": (3400, 4)}
+_CLASS_CODE = {name: i for i, name in enumerate(MOCK_CLASSES)}
+_RELEASE = {"basis": 9010, "sps": 9011}  # the RELEASE field of mock TARGETIDs, one per family
+_MORPHOLOGY = {
+    "bgs": ("DEV", "EXP", "SER"),
+    "lrg": ("DEV", "SER"),
+    "elg": ("EXP", "REX"),
+    "qso": ("PSF",),
+    "mws": ("PSF",),
+}
+# PRIORITY_INIT, NUMOBS_INIT (main targetmask.yaml: MWS_MAIN_BLUE/RED 1500, MWS_BHB 1550, MWS_WD 2998)
+_PRIORITY = {"bgs": (2100, 2), "lrg": (3200, 2), "elg": (3000, 2), "qso": (3400, 4), "mws": (1500, 1)}
 _FLUX_UNIT_STR = "10**-17 erg/(s cm2 Angstrom)"
 _IVAR_UNIT_STR = "10**+34 (s2 cm4 Angstrom2) / erg2"
 
@@ -1039,10 +1102,24 @@ def _empty_table(spec: list[tuple[str, str]], n: int) -> Table:
     return table
 
 
-def _targetid(healpix: int, target_class: str, index: np.ndarray) -> np.ndarray:
-    """Positive, unique mock TARGETIDs: MOCK bit | RELEASE 9010 << 42 | BRICKID (= healpix) << 22 | OBJID."""
+def _targetid(healpix: int, target_class: str, index: np.ndarray, release: int = 9010) -> np.ndarray:
+    """Positive, unique mock TARGETIDs: MOCK bit | RELEASE (9010, 9011 for the sps family) << 42 |
+    BRICKID (= healpix) << 22 | OBJID."""
     objid = (_CLASS_CODE[target_class] << 19) | index.astype(np.int64)
-    return (_MOCK_TARGETID_BIT | (9010 << 42) | (int(healpix) << 22) | objid).astype(np.int64)
+    return (_MOCK_TARGETID_BIT | (release << 42) | (int(healpix) << 22) | objid).astype(np.int64)
+
+
+def _mws_bits(truth: Mapping[str, np.ndarray], survey: str) -> tuple[np.ndarray, np.ndarray]:
+    """(*_MWS_TARGET bits, PRIORITY_INIT) of mock stars: white dwarfs MWS_WD, BHB stars MWS_BHB, the rest
+    MWS_MAIN_BLUE (g - r < 0.7) or MWS_MAIN_RED (Cooper et al. 2023, ApJ 947, 37); SV1 MWS_MAIN_BROAD."""
+    component = truth["component"]
+    blue = truth["mag_g"] - truth["mag_r"] < 0.7
+    main = (
+        np.where(blue, _MWS_MAIN_BLUE, _MWS_MAIN_RED) if survey != "sv1" else np.full(len(blue), _MWS_BROAD)
+    )
+    bits = np.select([component == "wd", component == "bhb"], [_MWS_WD, _MWS_BHB], main)
+    priority = np.select([component == "wd", component == "bhb"], [2998, 1550], 1500)
+    return bits.astype(np.int64), priority
 
 
 def _fibermap(
@@ -1054,6 +1131,7 @@ def _fibermap(
     n_sky: int,
     n_unassigned: int,
     rng: np.random.Generator,
+    release: int = 9010,
 ) -> Table:
     """FIBERMAP rows: targets, then sky fibres, then unassigned fibres (caller shuffles)."""
     n = len(truth["z"])
@@ -1063,7 +1141,7 @@ def _fibermap(
     ra0, dec0 = healpix_nest_centre(64, healpix)
     fm["TARGET_RA"][:] = (ra0 + rng.uniform(-0.3, 0.3, total) / max(np.cos(np.radians(dec0)), 0.1)) % 360.0
     fm["TARGET_DEC"][:] = np.clip(dec0 + rng.uniform(-0.3, 0.3, total), -90.0, 90.0)
-    fm["TARGETID"][tgt] = _targetid(healpix, target_class, np.arange(n))
+    fm["TARGETID"][tgt] = _targetid(healpix, target_class, np.arange(n), release)
     fm["TARGETID"][sky] = _MOCK_TARGETID_BIT | _SKY_TARGETID_BIT | (int(healpix) << 22) | np.arange(n_sky)
     fm["TARGETID"][una] = -(int(healpix) * 1000 + 1 + np.arange(n_unassigned))
     fm["OBJTYPE"][tgt], fm["OBJTYPE"][sky] = "TGT", "SKY"
@@ -1083,7 +1161,9 @@ def _fibermap(
     fm["DESI_TARGET"][sky] = _SKY_BIT
     fm["FA_TARGET"][sky] = _SKY_BIT
     fm["PRIORITY_INIT"][tgt], fm["NUMOBS_INIT"][tgt] = _PRIORITY[target_class]
-    fm["RELEASE"][tgt], fm["PHOTSYS"][tgt] = 9010, "S"
+    if target_class == "mws":
+        fm[f"{prefix}MWS_TARGET"][tgt], fm["PRIORITY_INIT"][tgt] = _mws_bits(truth, survey)
+    fm["RELEASE"][tgt], fm["PHOTSYS"][tgt] = release, "S"
     fm["REF_EPOCH"][tgt] = 2015.5
     fm["BRICKID"][tgt] = healpix
     fm["BRICK_OBJID"][tgt] = np.arange(n)
@@ -1105,8 +1185,9 @@ def _fibermap(
         fm[f"FLUX_IVAR_{band}"][tgt] = (5.0 / nanomaggies(depth)) ** 2
         fm[f"FIBERFLUX_{band}"][tgt] = nanomaggies(truth[f"fibermag_{b}"])
         fm[f"FIBERTOTFLUX_{band}"][tgt] = nanomaggies(truth[f"fibermag_{b}"])
-    # WISE: beyond the spectra; typical z - W1 ≈ 0.7 (galaxies) / 1.2 (quasars) AB, W1 - W2 ≈ 0.3 / 0.6
-    zw1, w1w2 = (1.2, 0.6) if target_class == "qso" else (0.7, 0.3)
+    # WISE: beyond the spectra; typical z - W1 ≈ 0.7 (galaxies) / 1.2 (quasars) AB, W1 - W2 ≈ 0.3 / 0.6;
+    # stars on the Rayleigh-Jeans tail: W1 - W2 ≈ 0 Vega = -0.64 AB, z - W1 ≈ -0.8 AB
+    zw1, w1w2 = {"qso": (1.2, 0.6), "mws": (-0.8, -0.64)}.get(target_class, (0.7, 0.3))
     fm["FLUX_W1"][tgt] = nanomaggies(truth["mag_z"] - zw1)
     fm["FLUX_W2"][tgt] = nanomaggies(truth["mag_z"] - zw1 - w1w2)
     fm["FLUX_IVAR_W1"][tgt], fm["FLUX_IVAR_W2"][tgt] = 0.5, 0.08
@@ -1233,7 +1314,10 @@ def _redshifts(
     table["ZWARN"] = zwarn
     table["NPIXELS"] = npix
     table["SPECTYPE"] = spectype
-    table["SUBTYPE"] = np.full(total, "", dtype="U20")
+    subtype = np.full(total, "", dtype="U20")
+    if "subtype" in truth:  # stars: Redrock's template subclass (A, F, G, K, M, WD, ...)
+        subtype[is_tgt] = truth["subtype"]
+    table["SUBTYPE"] = subtype
     table["NCOEFF"] = np.where(spectype == "QSO", 4, 10).astype(np.int64)
     table["DELTACHI2"] = deltachi2.astype(np.float64)
     return table
@@ -1244,7 +1328,7 @@ def _atomic_writeto(hdul: fits.HDUList, path: Path) -> None:
     atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True, checksum=True))
 
 
-def _primary(survey: str, program: str, healpix: int, seed: int) -> fits.PrimaryHDU:
+def _primary(survey: str, program: str, healpix: int, seed: int, family: str = "basis") -> fits.PrimaryHDU:
     hdu = fits.PrimaryHDU()
     for key, value in (
         ("SPGRP", "healpix"),
@@ -1258,6 +1342,8 @@ def _primary(survey: str, program: str, healpix: int, seed: int) -> fits.Primary
         ("MOCKSEED", seed),
     ):
         hdu.header[key] = value
+    if family != "basis":
+        hdu.header["MOCKFAM"] = (family, "mock physics family (specpt_hf.data.mock)")
     return hdu
 
 
@@ -1276,22 +1362,27 @@ def write_mock_healpix(
     healpix: int = 26065,
     n_sky: int = 2,
     n_unassigned: int = 1,
+    family: str = "basis",
 ) -> tuple[Path, Path]:
     """Write `coadd-{survey}-{program}-{healpix}.fits` and `redrock-...fits` (plus `truth-...fits`, HDU TRUTH,
     the generator's truth by TARGETID) for `n_spectra` mock targets of one class, with `n_sky` sky fibres
-    and `n_unassigned` unassigned fibres, in the release layout. Returns (coadd path, redrock path)."""
+    and `n_unassigned` unassigned fibres, in the release layout. Returns (coadd path, redrock path).
+    The sps `family` writes TARGETIDs of RELEASE 9011 and MOCKFAM = 'sps' in the primary headers."""
     target_class = target_class.lower()
+    _check_class_family(target_class, family)
     if survey not in _SURVEY_PREFIX:
         raise ValueError(f"survey must be one of {sorted(_SURVEY_PREFIX)}, got {survey!r}")
     if not 0 <= int(healpix) < 12 * 64 * 64:
         raise ValueError(f"healpix must be an nside=64 pixel (0-49151), got {healpix}")
     if n_spectra >= 1 << 19:
         raise ValueError(f"n_spectra must be < {1 << 19} per healpix file, got {n_spectra}")
-    program = program or ("bright" if target_class == "bgs" else "dark")
-    mock = generate_spectra(target_class, n_spectra, seed, DESI, program)
+    program = program or _DEFAULT_PROGRAM.get(target_class, "dark")
+    mock = generate_spectra(target_class, n_spectra, seed, DESI, program, family=family)
     rng = np.random.default_rng([int(seed), int(healpix), 7])
     truth = mock["truth"]
-    fm = _fibermap(truth, target_class, survey, program, int(healpix), n_sky, n_unassigned, rng)
+    fm = _fibermap(
+        truth, target_class, survey, program, int(healpix), n_sky, n_unassigned, rng, _RELEASE[family]
+    )
     sky = _sky_spectra(n_sky, program, rng)
     arms: dict[str, dict[str, np.ndarray]] = {}
     for arm in DESI.arms:
@@ -1334,7 +1425,7 @@ def write_mock_healpix(
     directory = healpix_dir(out_root, survey, program, int(healpix))
     stem = f"{survey}-{program}-{int(healpix)}"
     coadd_path, redrock_path = directory / f"coadd-{stem}.fits", directory / f"redrock-{stem}.fits"
-    _atomic_writeto(fits.HDUList([_primary(survey, program, int(healpix), seed), *hdus]), coadd_path)
+    _atomic_writeto(fits.HDUList([_primary(survey, program, int(healpix), seed, family), *hdus]), coadd_path)
 
     # redrock and truth rows follow the file's fibre order
     tgt_rows = np.flatnonzero(np.asarray(fm["OBJTYPE"]) == "TGT")
@@ -1342,7 +1433,7 @@ def write_mock_healpix(
     redshifts = _redshifts(fm, truth_in_file, arms, rng)
     redrock = fits.HDUList(
         [
-            _primary(survey, program, int(healpix), seed),
+            _primary(survey, program, int(healpix), seed, family),
             fits.BinTableHDU(redshifts, name="REDSHIFTS"),
             fits.BinTableHDU(fm, name="FIBERMAP"),
             fits.BinTableHDU(exp, name="EXP_FIBERMAP"),
@@ -1357,7 +1448,7 @@ def write_mock_healpix(
     for flag, bit in HARD_FLAGS.items():
         truth_hdu.header[f"HARD{bit}"] = (flag, "bit of the HARD column")
     _atomic_writeto(
-        fits.HDUList([_primary(survey, program, int(healpix), seed), truth_hdu]),
+        fits.HDUList([_primary(survey, program, int(healpix), seed, family), truth_hdu]),
         directory / f"truth-{stem}.fits",
     )
     return coadd_path, redrock_path
@@ -1371,12 +1462,16 @@ def write_mock_release(
     survey: str = "sv3",
     first_healpix: int = 26000,
     progress: bool = True,
+    family: str = "basis",
 ) -> list[Path]:
     """Write a mock release: per class, files of up to `spectra_per_file` targets on consecutive healpix
-    pixels (BGS in the bright program, the rest in dark). Returns every coadd and redrock path written."""
-    unknown = set(n_per_class) - set(TARGET_CLASSES)
+    pixels (BGS and MWS in the bright program, the rest in dark). Returns every coadd and redrock path
+    written. The sps `family` (classes bgs, lrg, elg) draws its own files' seeds."""
+    unknown = set(n_per_class) - set(MOCK_CLASSES)
     if unknown:
-        raise ValueError(f"unknown target classes {sorted(unknown)}; use {TARGET_CLASSES}")
+        raise ValueError(f"unknown target classes {sorted(unknown)}; use {MOCK_CLASSES}")
+    for target_class in n_per_class:
+        _check_class_family(target_class, family)
     if spectra_per_file < 1:
         raise ValueError(f"spectra_per_file must be positive, got {spectra_per_file}")
     jobs = []
@@ -1388,11 +1483,14 @@ def write_mock_release(
     paths: list[Path] = []
     with tqdm(total=sum(j[1] for j in jobs), unit="spectra", disable=not progress, desc="mock") as bar:
         for target_class, count, k, hpx in jobs:
-            file_seed = int(
-                np.random.SeedSequence([int(seed), _CLASS_CODE[target_class], k]).generate_state(1)[0]
+            key = [int(seed), _CLASS_CODE[target_class], k] + (
+                [FAMILIES.index(family)] if family != "basis" else []
             )
+            file_seed = int(np.random.SeedSequence(key).generate_state(1)[0])
             paths.extend(
-                write_mock_healpix(out_root, target_class, count, file_seed, survey=survey, healpix=hpx)
+                write_mock_healpix(
+                    out_root, target_class, count, file_seed, survey=survey, healpix=hpx, family=family
+                )
             )
             bar.update(count)
     return paths
@@ -1403,16 +1501,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specpt mock", description=main.__doc__)
     parser.add_argument("--out", required=True, type=Path, help="release root (healpix/ goes under it)")
     parser.add_argument("--n-per-class", type=int, default=200, help="spectra per target class")
-    parser.add_argument("--classes", nargs="+", default=list(TARGET_CLASSES), choices=TARGET_CLASSES)
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        choices=MOCK_CLASSES,
+        help="default: bgs lrg elg qso (sps: bgs lrg elg)",
+    )
+    parser.add_argument(
+        "--family",
+        default="basis",
+        choices=FAMILIES,
+        help="galaxy physics: basis (default) or sps (E-MILES, BPT)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spectra-per-file", type=int, default=500)
     parser.add_argument("--survey", default="sv3", choices=sorted(_SURVEY_PREFIX))
     args = parser.parse_args(argv)
     if args.n_per_class < 1:
         parser.error("--n-per-class must be positive")
-    paths = write_mock_release(
-        args.out, dict.fromkeys(args.classes, args.n_per_class), args.seed, args.spectra_per_file, args.survey
-    )
+    classes = args.classes or (SPS_CLASSES if args.family == "sps" else TARGET_CLASSES)
+    counts = dict.fromkeys(classes, args.n_per_class)
+    try:
+        paths = write_mock_release(
+            args.out, counts, args.seed, args.spectra_per_file, args.survey, family=args.family
+        )
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        parser.error(str(err))
     print(f"wrote {len(paths)} files under {args.out}")
     return 0
 

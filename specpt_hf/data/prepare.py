@@ -457,7 +457,7 @@ def _card_body(rows: dict[str, int], target_class: str, cuts: QualityCuts, fract
 | `z`, `zerr` | float64 | Redrock redshift and its error |
 | `zwarn` | int64 | Redrock ZWARN bit mask, 0 = no warning (never inverted) |
 | `spectype` | string | GALAXY / QSO / STAR |
-| `target_class` | string | bgs / elg / lrg / qso / other, from the targeting bits |
+| `target_class` | string | bgs / elg / lrg / qso / mws / other, from the targeting bits |
 | `survey`, `program` | string | provenance (e.g. sv3, dark) |
 | `healpix` | int64 | nside-64 nested healpix of the coadd (-1 for tile coadds) |
 

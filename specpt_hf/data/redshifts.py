@@ -2,7 +2,7 @@
 
 - `read_redrock` reads `redrock-*.fits` (HDU REDSHIFTS, FIBERMAP row-matched).
 - `read_redshift_catalog` reads `zpix-*`, `zall-pix-*` and the EDR VAC (HDU ZCATALOG).
-- `target_class_of` derives bgs / elg / lrg / qso / other from the targeting bits, whichever survey's
+- `target_class_of` derives bgs / elg / lrg / qso / mws / other from the targeting bits, whichever survey's
   columns (CMX_TARGET, SV1_/SV2_/SV3_DESI_TARGET, DESI_TARGET, *_BGS_TARGET) a file carries.
 - `QualityCuts` holds the good-redshift cuts of DESI analyses, per class.
 - `join_redshifts` adds the labels to spectrum records by TARGETID, counting what does not match.
@@ -26,9 +26,10 @@ from .desi import Counts, DesiFormatError, file_provenance, open_desi_fits, read
 
 logger = logging.getLogger(__name__)
 
-TARGET_CLASSES = ("bgs", "elg", "lrg", "qso", "other")
-# One class per target: the class that drove the fiber assignment (DESI priorities QSO > LRG > ELG > BGS).
-CLASS_PRIORITY = ("qso", "lrg", "elg", "bgs")
+TARGET_CLASSES = ("bgs", "elg", "lrg", "qso", "mws", "other")
+# One class per target: the class that drove the fiber assignment (DESI priorities QSO > LRG > ELG > BGS >
+# MWS, the Milky Way Survey's stars).
+CLASS_PRIORITY = ("qso", "lrg", "elg", "bgs", "mws")
 REQUIRED_COLUMNS = ("TARGETID", "Z", "ZERR", "ZWARN", "SPECTYPE", "DELTACHI2")
 
 # Redrock ZWARN bits (redrock.zwarning).
@@ -49,18 +50,19 @@ ZWARN_BITS = {
 ZWARN_NODATA = 1 << ZWARN_BITS["NODATA"]
 
 # Targeting bits per column and class (desitarget: data/targetmask.yaml, sv1/sv2/sv3 *_targetmask.yaml,
-# cmx/data/cmx_targetmask.yaml). *_DESI_TARGET: LRG 0, ELG 1, QSO 2, BGS_ANY 60; SV3/main ELG_LOP 5,
-# ELG_HIP 6, main ELG_VLO 7. CMX: SV0_BGS 8, SV0_LRG 10, SV0_ELG 11, SV0_QSO 12, SV0_QSO_Z5 14,
-# MINI_SV_LRG 53, MINI_SV_ELG 54, MINI_SV_QSO 55, MINI_SV_BGS_BRIGHT 56.
+# cmx/data/cmx_targetmask.yaml). *_DESI_TARGET: LRG 0, ELG 1, QSO 2, BGS_ANY 60, MWS_ANY 61; SV3/main
+# ELG_LOP 5, ELG_HIP 6, main ELG_VLO 7. CMX: SV0_BGS 8, SV0_MWS 9, SV0_LRG 10, SV0_ELG 11, SV0_QSO 12,
+# SV0_WD 13, SV0_QSO_Z5 14, MINI_SV_LRG 53, MINI_SV_ELG 54, MINI_SV_QSO 55, MINI_SV_BGS_BRIGHT 56,
+# SV0_MWS_FAINT 57.
 # SV1_BGS_TARGET: BGS_FAINT 0, BGS_BRIGHT 1, BGS_FAINT_EXT 2, BGS_LOWQ 3, BGS_FIBMAG 4;
 # SV3/main BGS_TARGET: BGS_FAINT 0, BGS_BRIGHT 1, BGS_WISE 2, BGS_FAINT_HIP 3.
-_SV_DESI_BITS = {"lrg": (0,), "elg": (1,), "qso": (2,), "bgs": (60,)}
+_SV_DESI_BITS = {"lrg": (0,), "elg": (1,), "qso": (2,), "bgs": (60,), "mws": (61,)}
 TARGET_BITS: dict[str, dict[str, tuple[int, ...]]] = {
-    "CMX_TARGET": {"bgs": (8, 56), "lrg": (10, 53), "elg": (11, 54), "qso": (12, 14, 55)},
+    "CMX_TARGET": {"bgs": (8, 56), "lrg": (10, 53), "elg": (11, 54), "qso": (12, 14, 55), "mws": (9, 13, 57)},
     "SV1_DESI_TARGET": _SV_DESI_BITS,
     "SV2_DESI_TARGET": _SV_DESI_BITS,
-    "SV3_DESI_TARGET": {"lrg": (0,), "elg": (1, 5, 6), "qso": (2,), "bgs": (60,)},
-    "DESI_TARGET": {"lrg": (0,), "elg": (1, 5, 6, 7), "qso": (2,), "bgs": (60,)},
+    "SV3_DESI_TARGET": {"lrg": (0,), "elg": (1, 5, 6), "qso": (2,), "bgs": (60,), "mws": (61,)},
+    "DESI_TARGET": {"lrg": (0,), "elg": (1, 5, 6, 7), "qso": (2,), "bgs": (60,), "mws": (61,)},
     "SV1_BGS_TARGET": {"bgs": (0, 1, 2, 3, 4)},
     "SV2_BGS_TARGET": {"bgs": (0, 1, 2, 3, 4)},
     "SV3_BGS_TARGET": {"bgs": (0, 1, 2, 3)},
@@ -112,7 +114,7 @@ def target_classes(
 def target_class_of(
     columns: Mapping[str, Any], survey: str | Sequence[str] | np.ndarray | None = None
 ) -> np.ndarray:
-    """One class per row (str array): the first of qso, lrg, elg, bgs whose bits are set, else 'other'."""
+    """One class per row (str array): the first of qso, lrg, elg, bgs, mws whose bits are set, else 'other'."""
     flags = target_classes(columns, survey)
     n = len(next(iter(flags.values())))
     result = np.full(n, "other", dtype="<U5")
@@ -132,8 +134,9 @@ class QualityCuts:
     NODATA bit unset, and the primary spectrum only (`primary_only`, ZCAT_PRIMARY / SV_PRIMARY).
     With `enabled`, each class also needs: BGS ZWARN == 0 and DELTACHI2 > 40; LRG ZWARN == 0,
     DELTACHI2 > 15 and Z < 1.5; ELG log10(OII_FLUX·sqrt(OII_FLUX_IVAR)) + 0.2·log10(DELTACHI2) > 0.9
-    when the [OII] columns are there, else ZWARN == 0 and DELTACHI2 > 25; QSO and other ZWARN == 0
-    and DELTACHI2 > their minimum.
+    when the [OII] columns are there, else ZWARN == 0 and DELTACHI2 > 25; QSO, MWS and other ZWARN == 0
+    and DELTACHI2 > their minimum (MWS stars share `other_min_deltachi2`: DESI measures their velocities
+    with RVSpecfit, not with Redrock cuts).
     """
 
     enabled: bool = True

@@ -39,9 +39,10 @@ CLASS_COLORS = {
     "elg": "#4E9F50",
     "lrg": "#C03D3E",
     "qso": "#8E6BB8",
+    "mws": "#E1812C",
     "other": "#8C6D46",
 }
-_EXTRA_COLORS = ("#E1812C", "#D684BD", "#7F7F7F", "#B5BD61", "#17BECF")
+_EXTRA_COLORS = ("#D684BD", "#7F7F7F", "#B5BD61", "#17BECF")
 _OVERALL_COLOR = "#222222"
 _STYLE = {
     "font.size": 10,
@@ -79,7 +80,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 def class_colors(names: Sequence[str]) -> dict[str, str]:
-    """A fixed colour per DESI target class (bgs, elg, lrg, qso, other), other labels from a cycle."""
+    """A fixed colour per DESI target class (bgs, elg, lrg, qso, mws, other), other labels from a cycle."""
     extra = iter(_EXTRA_COLORS * (1 + len(names) // len(_EXTRA_COLORS)))
     return {name: CLASS_COLORS.get(name.lower()) or next(extra) for name in names}
 

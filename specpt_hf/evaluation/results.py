@@ -31,7 +31,15 @@ METRIC_NAMES = {
     "bias": "Bias",
     "sigma68": "σ68",
 }
-_CLASS_NAMES = {"all": "all", "bgs": "BGS", "elg": "ELG", "lrg": "LRG", "qso": "QSO", "other": "other"}
+_CLASS_NAMES = {
+    "all": "all",
+    "bgs": "BGS",
+    "elg": "ELG",
+    "lrg": "LRG",
+    "qso": "QSO",
+    "mws": "MWS",
+    "other": "other",
+}
 
 
 def _per_group(results: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
