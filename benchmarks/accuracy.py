@@ -59,14 +59,17 @@ from run_redrock import QUICK_ZSCAN, RedrockError, redrock_missing, run_redrock 
 from speed import load_redshift_model, machine_info, model_label, predict_coadds  # noqa: E402
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.data.mock import DELTACHI2_CUT, HARD_FLAGS, write_mock_release  # noqa: E402
+from specpt_hf.data.mock import DELTACHI2_CUT, HARD_FLAGS, SPS_CLASSES, write_mock_release  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 
 CLASSES = ("bgs", "lrg", "elg", "qso")
 MAGNITUDES = ("MAG_R", "FIBERMAG_G", "FIBERMAG_Z")
 TEST_SEED = 101
 TEST_HEALPIX = 30000
+SPS_TEST_HEALPIX = 35000  # the sps family's held-out set (benchmarks/robustness.py)
 SPECTRA_PER_FILE = 500
+# Held-out sets per mock family: (classes, first healpix).
+TEST_SETS = {"basis": (CLASSES, TEST_HEALPIX), "sps": (SPS_CLASSES, SPS_TEST_HEALPIX)}
 # True-redshift bins per class, covering each mock population.
 Z_BINS = {
     "bgs": (0.0, 0.1, 0.2, 0.3, 0.4, 0.6),
@@ -114,25 +117,50 @@ DESI_DESIGN_SOURCE = (
 
 
 def make_test_set(
-    root: Path, n_per_class: int, seed: int = TEST_SEED, spectra_per_file: int = SPECTRA_PER_FILE
-):
-    """The held-out mock release under `root` (reused when its manifest matches); coadd paths per class."""
+    root: Path,
+    n_per_class: int,
+    seed: int = TEST_SEED,
+    spectra_per_file: int = SPECTRA_PER_FILE,
+    family: str = "basis",
+) -> dict[str, list[Path]]:
+    """The held-out mock release of a mock `family` under `root` (its classes, its healpix range: `TEST_SETS`),
+    reused when its manifest matches; coadd paths per class."""
+    classes, first_healpix = TEST_SETS[family]
+    return make_mock_set(root, classes, n_per_class, seed, spectra_per_file, first_healpix, family)
+
+
+def make_mock_set(
+    root: Path,
+    classes: Sequence[str],
+    n_per_class: int,
+    seed: int,
+    spectra_per_file: int,
+    first_healpix: int,
+    family: str = "basis",
+) -> dict[str, list[Path]]:
+    """A mock release under `root` (`write_mock_release`), written once: reused while `root/testset.json` holds
+    the same settings; coadd paths per class, files in order."""
     manifest = root / "testset.json"
-    wanted = {
+    wanted: dict[str, Any] = {
         "n_per_class": n_per_class,
         "seed": seed,
         "spectra_per_file": spectra_per_file,
-        "first_healpix": TEST_HEALPIX,
+        "first_healpix": first_healpix,
     }
+    if tuple(classes) != CLASSES:
+        wanted["classes"] = list(classes)
+    if family != "basis":
+        wanted["family"] = family
     if not (manifest.is_file() and json.loads(manifest.read_text()) == wanted):
+        counts = dict.fromkeys(classes, n_per_class)
         paths = write_mock_release(
-            root, dict.fromkeys(CLASSES, n_per_class), seed, spectra_per_file, first_healpix=TEST_HEALPIX
+            root, counts, seed, spectra_per_file, first_healpix=first_healpix, family=family
         )
         coadds = [str(p.relative_to(root)) for p in paths if p.name.startswith("coadd-")]
         atomic_write_json(manifest.with_name("files.json"), coadds)
         atomic_write_json(manifest, wanted)
     coadds = [root / p for p in json.loads((root / "files.json").read_text())]
-    per_class = {name: [] for name in CLASSES}
+    per_class: dict[str, list[Path]] = {name: [] for name in classes}
     for path in coadds:  # write_mock_release goes class by class, files in order
         with fits.open(truth_path(path)) as hdul:
             per_class[str(hdul["TRUTH"].data["TARGET_CLASS"][0]).strip()].append(path)
@@ -143,14 +171,14 @@ def truth_path(coadd: Path) -> Path:
     return coadd.with_name(coadd.name.replace("coadd-", "truth-", 1))
 
 
-def read_truth(coadds: Sequence[Path]) -> Table:
-    """TARGETID, Z, TARGET_CLASS, SPECTYPE, HARD, EFFTIME, magnitudes, SNR_R (MEDIAN_COADD_SNR_R) of every
-    mock target."""
+def read_truth(coadds: Sequence[Path], extra: Sequence[str] = ()) -> Table:
+    """TARGETID, Z, TARGET_CLASS, SPECTYPE, HARD, EFFTIME, magnitudes, the `extra` truth columns (e.g. SUBTYPE
+    of stars) and SNR_R (MEDIAN_COADD_SNR_R) of every mock target."""
     parts = []
     for path in coadds:
         truth = Table.read(truth_path(path), hdu="TRUTH")
         scores = Table.read(path, hdu="SCORES")["TARGETID", "MEDIAN_COADD_SNR_R"]
-        part = truth[["TARGETID", "Z", "TARGET_CLASS", "SPECTYPE", "HARD", "EFFTIME", *MAGNITUDES]]
+        part = truth[["TARGETID", "Z", "TARGET_CLASS", "SPECTYPE", "HARD", "EFFTIME", *MAGNITUDES, *extra]]
         snr = dict(zip(np.asarray(scores["TARGETID"]), np.asarray(scores["MEDIAN_COADD_SNR_R"]), strict=True))
         part["SNR_R"] = np.array([snr[t] for t in np.asarray(part["TARGETID"])], dtype=np.float64)
         part["FILE"] = path.name
@@ -158,7 +186,7 @@ def read_truth(coadds: Sequence[Path]) -> Table:
     from astropy.table import vstack
 
     table = vstack(parts, metadata_conflicts="silent")
-    for name in ("TARGET_CLASS", "SPECTYPE"):
+    for name in ("TARGET_CLASS", "SPECTYPE", *(c for c in extra if table[c].dtype.kind in "SU")):
         table[name] = np.char.strip(np.asarray(table[name]).astype(str))
     return table
 

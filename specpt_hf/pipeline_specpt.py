@@ -100,7 +100,7 @@ class SpecPTZwarn(enum.IntFlag):
       with template refinement, as in Redrock, DELTACHI2 below `min_delta_chi2` (alias `SMALL_DELTA_CHI2`).
     - bit 4 `ANOMALOUS` (Redrock: MANY_OUTLIERS): the autoencoder's reduced chi^2 exceeds `max_anomaly`
       (only set when an autoencoder is used).
-    - bit 5 `AT_Z_LIMIT` (Redrock: Z_FITLIMIT): z within one p(z) bin of the model's z_min or z_max.
+    - bit 5 `AT_Z_LIMIT` (Redrock: Z_FITLIMIT): z within one p(z) bin of the model's z_min or z_max (not for a STAR).
     - bit 9 `NODATA` (Redrock: same): no usable pixel on the model's grid; z, zerr, quality are NaN.
     - bit 10 `BAD_FIT` (Redrock: BAD_MINFIT): usable pixels, but z came out NaN / inf (e.g. a flux of 1e38
       overflowing float32); never a silent ZWARN = 0.
@@ -356,14 +356,18 @@ def zwarn_flags(
     thresholds: FlagThresholds,
     delta_chi2: np.ndarray | None = None,
     npixels_fit: np.ndarray | None = None,
+    spectype: np.ndarray | None = None,
 ) -> np.ndarray:
     """`SpecPTZwarn` bit mask [n] (int64) from the predictions and the thresholds (NaN never sets a bit);
-    `delta_chi2` and `npixels_fit` come from template refinement (None: network-only)."""
+    `delta_chi2`, `npixels_fit` and `spectype` come from template refinement (None: network-only). A STAR sits
+    at z ~ 0 by nature, inside its own velocity range: it never gets AT_Z_LIMIT."""
     with np.errstate(invalid="ignore"):
         u_z = np.log1p(z)
         edge = (u_z - math.log1p(config.z_min) < config.redshift_bin_width) | (
             math.log1p(config.z_max) - u_z < config.redshift_bin_width
         )
+        if spectype is not None:
+            edge &= spectype != "STAR"
         coverage = npixels < thresholds.min_coverage * config.num_pixels
         if npixels_fit is not None:
             coverage |= npixels_fit < thresholds.min_coverage * npixels
@@ -454,6 +458,7 @@ def predict_spectra(
         thresholds,
         out.get("deltachi2"),
         out.get("npixels_fit"),
+        out.get("spectype"),
     )
     return out
 

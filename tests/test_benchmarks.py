@@ -28,6 +28,7 @@ import redrock_templates  # noqa: E402
 import robustness  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
+import stars  # noqa: E402
 import train_specpt_small_cpu as recipe  # noqa: E402
 import train_throughput  # noqa: E402
 
@@ -135,6 +136,51 @@ def test_robustness_quick_writes_every_perturbation(tmp_path):
     assert all(results["metrics"][name]["network"]["all"]["n"] == 32 for name in results["metrics"])
     assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| masked span ≤ 200 px | network | all | 32 |" in (tmp_path / "robustness.md").read_text()
+    if "second_family_skipped" in results:  # no E-MILES library
+        return
+    family = results["second_family"]
+    assert family["family"] == "sps" and "healpix 35000+" in family["test_set"]
+    rows = family["metrics"]["network"]
+    assert [rows[cls]["n"] for cls in ("all", "bgs", "lrg", "elg")] == [24, 8, 8, 8]
+    basis = results["metrics"]["none"]["network"]
+    assert rows["lrg"]["basis_nmad"] == basis["lrg"]["nmad"] and rows["all"]["basis_n"] == 24
+    assert rows["bgs"]["nmad_ratio"] == pytest.approx(rows["bgs"]["nmad"] / basis["bgs"]["nmad"])
+    assert "| network | elg | 8 |" in (tmp_path / "robustness.md").read_text()
+    files = sorted(p.name for p in (tmp_path / "testset-sps").rglob("coadd-*.fits"))
+    assert files == ["coadd-sv3-bright-35000.fits", "coadd-sv3-dark-35001.fits", "coadd-sv3-dark-35002.fits"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "testset-sps").rglob("coadd-*.fits")}
+    again = accuracy.make_test_set(tmp_path / "testset-sps", 8, accuracy.TEST_SEED, 8, family="sps")
+    assert sorted(p for paths in again.values() for p in paths) == sorted(stamps)  # reused, not written again
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_stars_quick_types_stars_and_leaves_the_model_alone(tmp_path):
+    assert stars.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "stars.json").read_text())
+    assert results["template_sets"] == ["GALAXY", "STAR"] and results["star_templates"]["num_vectors"] == 5
+    everyone = results["stars"]["all"]
+    assert everyone["n"] == 8 == sum(s["n"] for name, s in results["stars"].items() if name != "all")
+    # STAR is fitted within +-1000 km/s for every spectrum, so even an untrained network's stars come out STAR
+    assert everyone["star"] >= 0.5 and everyone["median_abs_dv_kms"] < 100.0
+    assert 0.0 <= everyone["star_zwarn0"] <= everyone["star_zwarn0_but_z_limit"] <= everyone["star"]
+    assert set(everyone["zwarn_bits"]) == set(stars.ZWARN_BITS) and everyone["snr_r_median"] > 0
+    control = results["control"]
+    assert [control[name]["n"] for name in ("all", *accuracy.CLASSES)] == [24, 6, 6, 6, 6]
+    assert all(0.0 <= c["false_star"] <= 1.0 and set(c) >= {"with", "without"} for c in control.values())
+    # the STAR set went into the copy only; the given model folder keeps its GALAXY set alone
+    given = json.loads((tmp_path / "specpt-tiny" / "config.json").read_text())["templates"]["spectypes"]
+    copied = json.loads((tmp_path / "model-stars" / "config.json").read_text())["templates"]["spectypes"]
+    assert list(given) == ["GALAXY"] and list(copied) == ["GALAXY", "STAR"]
+    assert sorted(p.name for p in (tmp_path / "stars-train").rglob("coadd-*.fits")) == [
+        "coadd-sv3-bright-15000.fits"
+    ]
+    assert sorted(p.name for p in (tmp_path / "stars-test").rglob("coadd-*.fits")) == [
+        "coadd-sv3-bright-36000.fits"
+    ]
+    assert (tmp_path / "stars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| all | 8 |" in (tmp_path / "stars.md").read_text()
+    for catalog in ("stars.fits", "control-star.fits", "control-nostar.fits"):
+        assert len(Table.read(tmp_path / catalog, hdu="REDSHIFTS")) > 0
 
 
 def test_run_redrock_rejects_bad_inputs(tmp_path, templates):

@@ -132,6 +132,18 @@ def test_zwarn_bits():
         Z.NODATA | Z.LITTLE_COVERAGE,
         Z.ANOMALOUS,
     ]
+    star = zwarn_flags(
+        config,
+        z[3:4].repeat(2),
+        quality[3:4].repeat(2),
+        npixels[3:4].repeat(2),
+        anomaly[3:4].repeat(2),
+        FlagThresholds(0.5, 0.5, 5.0),
+        np.array([50.0, 50.0]),
+        npixels[3:4].repeat(2),
+        np.array(["GALAXY", "STAR"]),
+    )
+    assert star.tolist() == [Z.AT_Z_LIMIT, 0]  # a star at z ~ 0 is not at the model's limit
     # positions shared with Redrock's ZWARN
     assert (Z.LITTLE_COVERAGE, Z.LOW_QUALITY, Z.AT_Z_LIMIT, Z.NODATA) == (2, 4, 32, 512)
     assert SpecPTZwarn.names(Z.NODATA | Z.LITTLE_COVERAGE) == ["LITTLE_COVERAGE", "NODATA"]
