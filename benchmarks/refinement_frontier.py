@@ -6,7 +6,8 @@
 
 The model (with its `templates.safetensors`, `specpt templates`) runs `specpt predict` (`predict_catalog`) on the
 first `--files-per-class` coadd files of each class of the accuracy test set (seed 101, `accuracy.py`), once per
-setting: network-only (`none`), `peaks` with each (K, W), and `peaks+wide` at the config's K and W. Speed is
+setting: network-only (`none`), `peaks` with each (K, W) and number of coarse-curve vectors, and `peaks+wide` at the
+config's K and W. Speed is
 spectra per CPU-second (user + system of all threads) with `--threads` torch threads, end to end (read, network,
 refinement, catalog), next to Redrock's per-core rate from benchmarks/results/speed/speed.json (same machine
 type; `--redrock-rate` overrides it). Writes frontier.json, frontier.md and frontier.png to --out.
@@ -31,7 +32,16 @@ from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text 
 from specpt_hf.evaluation import metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = [("none", 0, 0.0), ("peaks", 1, 1.0), ("peaks", 1, 2.0), ("peaks", 3, 2.0), ("peaks", 3, 4.0)]
+# (refinement, modes K, window W in p(z) bins, coarse vectors: 0 = all)
+SETTINGS = [
+    ("none", 0, 0.0, 0),
+    ("peaks", 1, 1.0, 0),
+    ("peaks", 1, 2.0, 0),
+    ("peaks", 3, 2.0, 0),
+    ("peaks", 3, 4.0, 0),
+    ("peaks", 1, 1.0, 5),
+    ("peaks", 3, 2.0, 5),
+]
 
 
 def redrock_rate(path: Path = REPO / "benchmarks" / "results" / "speed" / "speed.json") -> float | None:
@@ -42,14 +52,15 @@ def redrock_rate(path: Path = REPO / "benchmarks" / "results" / "speed" / "speed
 
 
 def run_setting(
-    model: Any, coadds: list[Path], truth: Any, out: Path, refine: str, modes: int, window: float
+    model: Any, coadds: list[Path], truth: Any, out: Path, refine: str, modes: int, window: float, coarse: int
 ):
     """One `specpt predict` run under a refinement setting: metrics per class and spectra per CPU-second."""
-    model.config.refinement = refine
+    model.config.refinement, model.config.refinement_coarse_vectors = refine, coarse
     if modes:
         model.config.refinement_modes, model.config.refinement_window = modes, window
     cpu, wall = _cpu_seconds(), time.perf_counter()
-    columns = predict_coadds(model, coadds, out / f"catalog-{refine}-{modes}-{window:g}.fits", batch_size=64)
+    catalog = out / f"catalog-{refine}-{modes}-{window:g}-{coarse}.fits"
+    columns = predict_coadds(model, coadds, catalog, batch_size=64)
     cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
     index = {int(t): i for i, t in enumerate(np.asarray(truth["TARGETID"]))}
     rows = np.array([index[int(t)] for t in columns["targetid"]])
@@ -61,6 +72,7 @@ def run_setting(
         "refinement": refine,
         "modes": modes,
         "window_bins": window,
+        "coarse_vectors": coarse,
         "n": int(len(rows)),
         "cpu_seconds": cpu,
         "wall_seconds": wall,
@@ -79,10 +91,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"thread(s); Redrock: {rate if rate is None else f'{rate:.3f}'} spectra per core-second "
         "(benchmarks/results/speed). NMAD and η (|Δz|/(1+z) > 0.15) per class.",
         "",
-        "| refinement | K | W (bins) | spectra / CPU-s | × Redrock per core | "
+        "| refinement | K | W (bins) | coarse vectors | spectra / CPU-s | × Redrock per core | "
         + " | ".join(f"{c.upper()} NMAD | {c.upper()} η (%)" for c in CLASSES)
         + " |",
-        "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in CLASSES) + " |",
+        "| --- | --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in CLASSES) + " |",
     ]
     for row in result["settings"]:
         ratio = f"{row['spectra_per_cpu_second'] / rate:.0f}" if rate else "—"
@@ -91,8 +103,9 @@ def markdown(result: dict[str, Any]) -> str:
             m = row["by_class"].get(name)
             cells += [f"{m['nmad']:.5f}", f"{100 * m['eta']:.2f}"] if m else ["—", "—"]
         k, w = (row["modes"], f"{row['window_bins']:g}") if row["modes"] else ("—", "—")
+        coarse = row.get("coarse_vectors") or "all"
         lines.append(
-            f"| {row['refinement']} | {k} | {w} | {row['spectra_per_cpu_second']:.1f} | {ratio} | "
+            f"| {row['refinement']} | {k} | {w} | {coarse} | {row['spectra_per_cpu_second']:.1f} | {ratio} | "
             + " | ".join(cells)
             + " |"
         )
@@ -110,7 +123,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.plot(*zip(*points, strict=True), "o-", label=name.upper(), ms=4)
     for r in result["settings"]:
         label = (
-            "net" if r["refinement"] == "none" else f"{r['refinement']} K{r['modes']} W{r['window_bins']:g}"
+            "net"
+            if r["refinement"] == "none"
+            else f"{r['refinement']} K{r['modes']} W{r['window_bins']:g}"
+            + (f" c{r['coarse_vectors']}" if r.get("coarse_vectors") else "")
         )
         ax.annotate(label, (r["spectra_per_cpu_second"], r["by_class"]["all"]["nmad"]), fontsize=6)
     if result["redrock_spectra_per_core_second"] and result["threads"] == 1:
@@ -151,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         model.set_templates(quick_templates(coadds, truth, model))
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
-    wide = ("peaks+wide", model.config.refinement_modes, model.config.refinement_window)
+    wide = ("peaks+wide", model.config.refinement_modes, model.config.refinement_window, 0)
     result = {
         "machine": machine_info("cpu"),
         "model": model_label(args.model) if args.model else "specpt-tiny (untrained)",

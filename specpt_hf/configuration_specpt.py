@@ -271,6 +271,9 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_fine_step (`float`, *optional*, defaults to 1e-4):
             Step in ln(1 + z) of the fine scan (five trials about the vertex of the coarse curve's parabola, on the
             spectrum's own pixels) whose parabola gives the redshift.
+        refinement_coarse_vectors (`int`, *optional*, defaults to 0):
+            Fit only each template set's first this many vectors in the coarse chi^2(z) curve (faster: its
+            cost grows as vectors^2); 0 fits them all. The fine scan always fits them all.
         refinement_wide_quality (`float`, *optional*, defaults to 0.3):
             `peaks+wide`: p(z) quality below which the whole range is scanned.
         refinement_wide_chi2 (`float`, *optional*, defaults to 2.0):
@@ -311,6 +314,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_window: float = 2.0,
         refinement_fine_step: float = 1e-4,
         refinement_rebin: int = 3,
+        refinement_coarse_vectors: int = 0,
         refinement_wide_quality: float = 0.3,
         refinement_wide_chi2: float = 2.0,
         refinement_prior: float = 1.0,
@@ -334,6 +338,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self.refinement_window = float(refinement_window)
         self.refinement_fine_step = float(refinement_fine_step)
         self.refinement_rebin = int(refinement_rebin)
+        self.refinement_coarse_vectors = int(refinement_coarse_vectors)
         self.refinement_wide_quality = float(refinement_wide_quality)
         self.refinement_wide_chi2 = float(refinement_wide_chi2)
         self.refinement_prior = float(refinement_prior)
@@ -378,7 +383,9 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             raise ValueError(
                 f"`refinement_wide_quality` must be in [0, 1], got {self.refinement_wide_quality}"
             )
-        _check_nonnegative(refinement_prior=self.refinement_prior)
+        _check_nonnegative(
+            refinement_prior=self.refinement_prior, refinement_coarse_vectors=self.refinement_coarse_vectors
+        )
         if not 0.0 < self.refinement_prior_floor < 1.0:
             raise ValueError(f"`refinement_prior_floor` must be in (0, 1), got {self.refinement_prior_floor}")
 

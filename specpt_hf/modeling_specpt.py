@@ -1011,6 +1011,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "half_width": config.refinement_window * width,
             "u_range": self._refinement_u_range(),
             "own_ranges": self._own_ranges(),
+            "coarse_vectors": config.refinement_coarse_vectors or None,
             "rebin": config.refinement_rebin,
             "fine_step": config.refinement_fine_step,
         }

@@ -404,6 +404,19 @@ def _searched_curve(
     return full.scatter(1, trials, torch.where(valid, chi2, math.inf))
 
 
+def _leading(templates: RestFrameTemplates, vectors: int | None) -> RestFrameTemplates:
+    """The set's first `vectors` basis vectors as a set of its own (cached), or the set itself."""
+    if vectors is None or vectors >= templates.basis.shape[0]:
+        return templates
+    key = ("leading", vectors)
+    if key not in templates.cache:
+        basis = templates.basis[:vectors].clone()
+        templates.cache[key] = RestFrameTemplates(
+            templates.log_wavelength_start, templates.log_wavelength_step, basis
+        )
+    return templates.cache[key]
+
+
 def scan_grid(
     template_sets: dict[str, RestFrameTemplates], u_range: tuple[float, float], rebin: int
 ) -> torch.Tensor:
@@ -441,6 +454,7 @@ def refine_redshifts(
     everywhere: torch.Tensor | None = None,
     prior: torch.Tensor | None = None,
     own_ranges: dict[str, tuple[float, float]] | None = None,
+    coarse_vectors: int | None = None,
     rebin: int = 3,
     fine_step: float = 1e-4,
     exclusion_kms: float = 1000.0,
@@ -461,6 +475,8 @@ def refine_redshifts(
             added to chi^2 when choosing the minimum and in `delta_chi2`; `chi2` and `scan_chi2` stay pure.
         own_ranges: template sets searched over the whole of their own u range for every spectrum and nowhere
             else (e.g. STAR over stellar velocities); the coarse grid spans `u_range` and these.
+        coarse_vectors: fit only each set's first this many vectors in the coarse curve (None: all); the fine
+            scan always fits them all.
     """
     if candidates.dim() != 2 or candidates.shape[0] != flux.shape[0]:
         raise ValueError(f"`candidates` must be [batch, modes], got {tuple(candidates.shape)}")
@@ -477,7 +493,8 @@ def refine_redshifts(
         if name in own_ranges:
             low, high = own_ranges[name]
             searched = ((scan_u >= low) & (scan_u <= high)).expand_as(near)  # [batch, grid]
-        curves.append(_searched_curve(t, wavelength, flux, ivar, span, rebin, searched))
+        coarse = _leading(t, coarse_vectors)
+        curves.append(_searched_curve(coarse, wavelength, flux, ivar, span, rebin, searched))
     scan = torch.stack(curves)  # [sets, batch, grid]
     scan_chi2, spectype = scan.min(0)  # [batch, grid], inf outside the searched trials
     penalty = torch.zeros_like(scan_chi2) if prior is None else prior.to(scan_chi2)  # [batch, grid]

@@ -25,6 +25,7 @@ import accuracy  # noqa: E402
 import prepare_rate  # noqa: E402
 import redrock_priors  # noqa: E402
 import redrock_templates  # noqa: E402
+import refinement_frontier  # noqa: E402
 import robustness  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
@@ -152,6 +153,15 @@ def test_robustness_quick_writes_every_perturbation(tmp_path):
     again = accuracy.make_test_set(tmp_path / "testset-sps", 8, accuracy.TEST_SEED, 8, family="sps")
     assert sorted(p for paths in again.values() for p in paths) == sorted(stamps)  # reused, not written again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_refinement_frontier_quick_runs_every_setting(tmp_path):
+    assert refinement_frontier.main(["--quick", "--out", str(tmp_path), "--redrock-rate", "1.0"]) == 0
+    rows = json.loads((tmp_path / "frontier.json").read_text())["settings"]
+    settings = [(r["refinement"], r["modes"], r["window_bins"], r["coarse_vectors"]) for r in rows]
+    assert settings[: len(refinement_frontier.SETTINGS)] == [tuple(s) for s in refinement_frontier.SETTINGS]
+    assert all(r["spectra_per_cpu_second"] > 0 and r["by_class"]["all"]["n"] == 24 for r in rows)
+    assert "| peaks | 3 | 2 | 5 |" in (tmp_path / "frontier.md").read_text()
 
 
 def test_stars_quick_types_stars_and_leaves_the_model_alone(tmp_path):

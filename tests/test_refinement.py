@@ -91,6 +91,18 @@ def test_recovers_known_redshifts_from_a_guess_a_bin_away(templates):
     assert (result.delta_chi2.numpy() > 9).all()
 
 
+def test_fewer_coarse_vectors_find_the_same_redshift(templates):
+    z = np.array([0.05, 0.48])
+    flux, ivar = _spectra(templates, z, seed=3)
+    full = _refine(templates, flux, ivar, z + 0.006 * (1 + z))
+    lean = _refine(templates, flux, ivar, z + 0.006 * (1 + z), coarse_vectors=4)  # one line family
+    assert np.abs((lean.redshift.numpy() - z) / (1 + z)).max() < 2e-5
+    torch.testing.assert_close(
+        lean.coeff, full.coeff, rtol=1e-3, atol=1e-3
+    )  # the fine scan fits every vector
+    assert not torch.equal(lean.scan_chi2, full.scan_chi2)
+
+
 def test_one_pixel_shift_moves_z_by_one_pixel(templates):
     pixel = 0.8 / 6000.0  # Delta ln(lambda) of one pixel at 6000 A
     z = np.array([0.3])
