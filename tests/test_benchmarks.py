@@ -26,6 +26,7 @@ import prepare_rate  # noqa: E402
 import redrock_priors  # noqa: E402
 import redrock_templates  # noqa: E402
 import refinement_frontier  # noqa: E402
+import refinement_prior  # noqa: E402
 import robustness  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
@@ -162,6 +163,16 @@ def test_refinement_frontier_quick_runs_every_setting(tmp_path):
     assert settings[: len(refinement_frontier.SETTINGS)] == [tuple(s) for s in refinement_frontier.SETTINGS]
     assert all(r["spectra_per_cpu_second"] > 0 and r["by_class"]["all"]["n"] == 24 for r in rows)
     assert "| peaks | 3 | 2 | 5 |" in (tmp_path / "frontier.md").read_text()
+
+
+def test_refinement_prior_quick_scores_each_weight(tmp_path):
+    assert refinement_prior.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "prior.json").read_text())
+    assert [row["weight"] for row in result["weights"]] == [0.0, 4.0]
+    for row in result["weights"]:
+        m = row["by_class"]["all"]
+        assert m["n"] == result["n"] > 0 and 0 <= m["zwarn0_kept"] <= 1 and m["nmad"] >= 0
+    assert "| 4 | all |" in (tmp_path / "prior.md").read_text()
 
 
 def test_stars_quick_types_stars_and_leaves_the_model_alone(tmp_path):

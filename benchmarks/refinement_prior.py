@@ -1,0 +1,147 @@
+"""Choose the weight of the network's p(z) prior in the chi^2 refinement (`refinement_prior`) on a validation split.
+
+    python benchmarks/refinement_prior.py --model runs/main-aug/runs/redshift/best \
+        --data runs/main-aug/data/parquet --out runs/benchmarks/refinement_prior
+    python benchmarks/refinement_prior.py --quick --out /tmp/prior      # seconds: untrained tiny model
+
+The model (with its `templates.safetensors`) refines every spectrum of the prepared dataset's `--split` (validation
+by default: the weight is chosen there, never on the test set) once per weight in `--weights`: NMAD, catastrophic
+rate η (|Δz|/(1+z) > 0.15) and its own ZWARN = 0 sample (DELTACHI2 >= 9: the fraction kept and its η), per class.
+Writes prior.json and prior.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import machine_info  # noqa: E402
+
+from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from specpt_hf.evaluation import metrics  # noqa: E402
+from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
+from specpt_hf.training.data import load_split  # noqa: E402
+
+WEIGHTS = (0.0, 1.0, 2.0, 4.0, 6.0, 10.0, 30.0)
+MIN_DELTA_CHI2 = 9.0  # `specpt predict`'s SMALL_DELTA_CHI2 threshold
+
+
+def refine(model: SpecPTForRedshift, batch: dict[str, torch.Tensor], weight: float) -> tuple[np.ndarray, ...]:
+    """Refined z and DELTACHI2 [n] of every spectrum under one prior weight."""
+    model.config.refinement_prior = weight
+    z, delta = [], []
+    with torch.inference_mode():
+        for rows in torch.arange(len(batch["flux"])).split(128):
+            out = model(flux=batch["flux"][rows], ivar=batch["ivar"][rows], mask=batch["mask"][rows])
+            z.append(out.redshift.numpy())
+            delta.append(out.delta_chi2.numpy())
+    return np.concatenate(z), np.concatenate(delta)
+
+
+def score(z_pred: np.ndarray, delta: np.ndarray, z_true: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
+    """NMAD, η and the ZWARN = 0 sample (kept fraction, its η) per class and overall."""
+    by_class = metrics.metrics_by_group(z_pred, z_true, classes, overall_key="all")
+    confident = delta >= MIN_DELTA_CHI2
+    out = {}
+    for name, m in by_class.items():
+        rows = np.ones(len(z_true), bool) if name == "all" else classes == name
+        kept = rows & confident
+        out[name] = {
+            "n": m["n"],
+            "nmad": m["nmad"],
+            "eta": m["eta"],
+            "zwarn0_kept": float(kept.sum() / max(rows.sum(), 1)),
+            "zwarn0_eta": metrics.catastrophic_fraction(z_pred[kept], z_true[kept])
+            if kept.any()
+            else float("nan"),
+        }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Weight of the p(z) prior: {result['model']}",
+        "",
+        f"{result['n']} spectra of `{result['data']}` ({result['split']} split); machine: "
+        f"{result['machine']['summary']}, {result['machine']['date']}. η in %; ZWARN = 0: DELTACHI2 ≥ 9.",
+        "",
+        "| weight | class | n | NMAD | η (%) | ZWARN = 0 kept (%) | ZWARN = 0 η (%) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["weights"]:
+        for name, m in row["by_class"].items():
+            lines.append(
+                f"| {row['weight']:g} | {name} | {m['n']} | {m['nmad']:.5f} | {100 * m['eta']:.2f} | "
+                f"{100 * m['zwarn0_kept']:.1f} | {100 * m['zwarn0_eta']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def quick_setup(out: Path) -> tuple[Path, Path]:
+    """An untrained specpt-tiny with templates learned from a small mock dataset, and that dataset."""
+    from specpt_hf import create_model
+    from specpt_hf.data.mock import write_mock_release
+    from specpt_hf.data.prepare import prepare_dataset
+    from specpt_hf.templates import build_model_templates
+
+    data = out / "data"
+    if not (data / "README.md").is_file():
+        write_mock_release(out / "mock", dict.fromkeys(("bgs", "elg"), 30), 7, 30, progress=False)
+        prepare_dataset([out / "mock"], data, overwrite=True, progress=False)
+    torch.manual_seed(0)
+    create_model("specpt-tiny", "redshift").save_pretrained(out / "specpt-tiny")
+    build_model_templates(out / "specpt-tiny", data, {"GALAXY": 4}, split="train")
+    return out / "specpt-tiny", data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="SpecPTForRedshift folder with templates")
+    parser.add_argument("--data", type=Path, help="prepared dataset (Parquet shards, `specpt prepare`)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
+    parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.model, args.data = quick_setup(args.out)
+        args.split, args.weights = "train", [0.0, 4.0]
+    if args.model is None or args.data is None:
+        parser.error("--model and --data are required (or --quick)")
+    model = SpecPTForRedshift.from_pretrained(args.model).eval()
+    if not model.refines:
+        parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    split = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))
+    rows_all = split[:]  # every row: tensors, and the class names as strings
+    batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
+    z_true = np.asarray(rows_all["z"], dtype=np.float64)
+    classes = np.asarray(rows_all["target_class"], dtype=str)
+    rows = []
+    for weight in args.weights:
+        z_pred, delta = refine(model, batch, weight)
+        rows.append({"weight": weight, "by_class": score(z_pred.astype(np.float64), delta, z_true, classes)})
+    result = {
+        "machine": machine_info("cpu"),
+        "model": str(args.model),
+        "data": str(args.data),
+        "split": args.split,
+        "n": int(len(z_true)),
+        "weights": rows,
+    }
+    atomic_write_json(args.out / "prior.json", result)
+    atomic_write_text(args.out / "prior.md", markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
