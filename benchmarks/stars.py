@@ -69,7 +69,7 @@ FLOOR_STAR_GOOD = 0.98  # SPECTYPE STAR and ZWARN == 0
 BRIGHT_EFFTIME = DESI_DESIGN["bgs"]["efftime_s"]  # the bright program's goal, s
 SUBTYPES = ("O", "B", "A", "F", "G", "K", "M", "WD")  # display order
 ZWARN_BITS = {flag.name: int(flag) for flag in SpecPTZwarn}
-Z_LIMIT = int(SpecPTZwarn.AT_Z_LIMIT)  # z within a p(z) bin of z_min: set for stars at z = v/c near 0
+Z_LIMIT = int(SpecPTZwarn.AT_Z_LIMIT)  # z within a p(z) bin of z_min (no longer set for SPECTYPE STAR)
 
 
 # ------------------------------------------------------------------------------------------- templates
@@ -257,7 +257,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Floor: SPECTYPE STAR and ZWARN = 0 for ≥ {100 * FLOOR_STAR_GOOD:.0f} % "
         f"({'met' if a['star_zwarn0'] >= FLOOR_STAR_GOOD else 'not met'}: {100 * a['star_zwarn0']:.1f} %). "
         "Δv and NMAD over the stars typed STAR; `but AT_Z_LIMIT`: no ZWARN bit other than AT_Z_LIMIT "
-        "(z within a p(z) bin of the model's z_min, which z = v/c near 0 always is).",
+        "(z within a p(z) bin of the model's z_min; catalogs before SPECTYPE STAR was exempt set it for stars).",
         "",
         "| SUBTYPE | n | STAR | STAR, ZWARN = 0 | STAR, ZWARN = 0 but AT_Z_LIMIT | median abs(Δv) (km/s) "
         "| median Δv (km/s) | NMAD Δz | S/N r |",
