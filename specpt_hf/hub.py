@@ -44,7 +44,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .atomic import FILE_MODE, replaced_folder
 from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
-from .evaluation.results import METRIC_NAMES, eval_results, read_results_json
+from .evaluation.results import CLASS_NAMES, METRIC_NAMES, eval_results, read_results_json
 from .modeling_specpt import (
     SpecPTForRedshift,
     SpecPTForSpectrumReconstruction,
@@ -95,15 +95,6 @@ CARD_SETTINGS = (
     "early_stopping_patience",
     "seed",
 )
-_CLASS_LABELS = {
-    "all": "all",
-    "bgs": "BGS",
-    "elg": "ELG",
-    "lrg": "LRG",
-    "qso": "QSO",
-    "mws": "MWS",
-    "other": "other",
-}
 
 
 class ModelFolderError(ValueError):
@@ -363,7 +354,7 @@ def results_block(results: Mapping[str, Any] | None) -> str:
         if not isinstance(values, Mapping) or not values.get("n"):
             continue
         lines.append(
-            f"| {_CLASS_LABELS.get(str(group).lower(), group)} | {values['n']} | "
+            f"| {CLASS_NAMES.get(str(group).lower(), group)} | {values['n']} | "
             f"{_format_value(values.get('nmad'))} | {_format_value(values.get('nmad_centred'))} | "
             f"{_percent(values.get('eta'))} | {_format_value(values.get('bias'), 3)} | "
             f"{_format_value(values.get('sigma68'))} |"

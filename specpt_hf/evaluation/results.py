@@ -31,7 +31,7 @@ METRIC_NAMES = {
     "bias": "Bias",
     "sigma68": "σ68",
 }
-_CLASS_NAMES = {
+CLASS_NAMES = {  # display names of the target classes
     "all": "all",
     "bgs": "BGS",
     "elg": "ELG",
@@ -93,7 +93,7 @@ def eval_results(
     for group, values in _per_group(results).items():
         if values.get("n", 1) == 0:
             continue
-        label = _CLASS_NAMES.get(str(group).lower(), str(group))
+        label = CLASS_NAMES.get(str(group).lower(), str(group))
         for metric in metrics:
             if not _usable(values.get(metric)):
                 continue
