@@ -339,6 +339,28 @@ def test_model_refines_with_its_templates_and_none_is_todays_output(templates, t
     assert refined.chi2_scan.shape == refined.chi2_scan_z.shape and refined.chi2_scan.shape[0] == 2
 
 
+def test_model_and_pipeline_give_stars_their_own_sign_and_no_z_limit_flag(templates):
+    from specpt_hf import create_model
+    from specpt_hf.pipeline_specpt import SpecPTZwarn, predict_spectra
+    from specpt_hf.refinement import SPEED_OF_LIGHT_KMS
+
+    torch.manual_seed(0)
+    model = create_model("specpt-tiny", "redshift", refinement_wide_quality=1.0).eval()
+    model.set_templates({"GALAXY": templates, "STAR": _star_templates()})
+    z_star = -250.0 / SPEED_OF_LIGHT_KMS
+    star_flux, star_ivar = _spectra_from(_star_templates(), np.array([z_star]), [3.0, 0.5, 0.6, 0.8], seed=8)
+    galaxy_flux, galaxy_ivar = _spectra(templates, np.array([0.3]), seed=9)
+    flux, ivar = np.concatenate([star_flux, galaxy_flux]), np.concatenate([star_ivar, galaxy_ivar])
+    with torch.no_grad():
+        out = model(flux=torch.from_numpy(flux), ivar=torch.from_numpy(ivar))
+    assert out.spectype.tolist() == [1, 0]
+    assert abs(float(out.redshift[0]) - z_star) < 3e-5 and float(out.redshift[0]) < 0  # not clamped to z_min
+    assert abs(float(out.redshift[1]) - 0.3) < 2e-5 * 1.3
+    predicted = predict_spectra(model, flux, ivar)
+    assert predicted["spectype"].tolist() == ["STAR", "GALAXY"]
+    assert not predicted["zwarn"][0] & SpecPTZwarn.AT_Z_LIMIT
+
+
 def test_templates_travel_with_the_model_folder(templates, tiny_model, tmp_path):
     from transformers.testing_utils import CaptureLogger
 
