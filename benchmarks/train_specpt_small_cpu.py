@@ -5,6 +5,9 @@
     python benchmarks/train_specpt_small_cpu.py --work /tmp/t --quick                   # minutes: smoke test
     nohup python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu > train.log 2>&1 &
 
+Give it the machine: with other CPU work on the same 2 cores, torch's two OpenMP threads wait on each other and a
+step takes 3.6-10 s instead of ~0.3 s (measured); on shared cores set OMP_NUM_THREADS=1 (~1 s/step there).
+
 Run the same command again after an interruption: finished steps are skipped (marker files in --work),
 an interrupted mock chunk is redone, and an interrupted training stage continues from its newest checkpoint
 (`specpt train --resume`). The model to benchmark is `{work}/redshift/best` (best validation NMAD).
