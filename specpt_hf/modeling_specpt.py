@@ -1046,16 +1046,12 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
                     better = again.chi2 + again.prior < result.chi2[rows] + result.prior[rows]
                     result = _replace_rows(result, rows[better], again, better)
                     wide = wide.index_fill(0, rows[better], True)
-        own = [i for i, name in enumerate(self.templates) if name in self._own_ranges()]
-        in_range = result.redshift.clamp(config.z_min, config.z_max)  # STAR redshifts keep their sign
+        own = torch.tensor([name in settings["own_ranges"] for name in self.templates], device=flux.device)
+        in_range = result.redshift.clamp(
+            config.z_min, config.z_max
+        )  # [batch]; STAR redshifts keep their sign
         return {
-            "redshift": torch.where(
-                torch.isin(
-                    result.spectype, torch.tensor(own, device=flux.device, dtype=result.spectype.dtype)
-                ),
-                result.redshift,
-                in_range,
-            ),
+            "redshift": torch.where(own[result.spectype], result.redshift, in_range),
             "redshift_err": result.redshift_err,
             "chi2": result.chi2,
             "delta_chi2": result.delta_chi2,
