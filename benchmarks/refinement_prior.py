@@ -6,7 +6,7 @@
 
 The model (with its `templates.safetensors`) refines every spectrum of the prepared dataset's `--split` (validation
 by default: the weight is chosen there, never on the test set) once per weight in `--weights`: NMAD, catastrophic
-rate η (|Δz|/(1+z) > 0.15) and its own ZWARN = 0 sample (DELTACHI2 >= 9: the fraction kept and its η), per class.
+rate η (|Δz|/(1+z) > 0.15) and its own ZWARN = 0 sample (`specpt predict`'s flags: the fraction kept and its η), per class.
 Writes prior.json and prior.md to --out.
 """
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from robustness import predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
@@ -29,25 +30,12 @@ from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
 from specpt_hf.training.data import load_split  # noqa: E402
 
 WEIGHTS = (0.0, 1.0, 2.0, 4.0, 6.0, 10.0, 30.0)
-MIN_DELTA_CHI2 = 9.0  # `specpt predict`'s SMALL_DELTA_CHI2 threshold
 
 
-def refine(model: SpecPTForRedshift, batch: dict[str, torch.Tensor], weight: float) -> tuple[np.ndarray, ...]:
-    """Refined z and DELTACHI2 [n] of every spectrum under one prior weight."""
-    model.config.refinement_prior = weight
-    z, delta = [], []
-    with torch.inference_mode():
-        for rows in torch.arange(len(batch["flux"])).split(128):
-            out = model(flux=batch["flux"][rows], ivar=batch["ivar"][rows], mask=batch["mask"][rows])
-            z.append(out.redshift.numpy())
-            delta.append(out.delta_chi2.numpy())
-    return np.concatenate(z), np.concatenate(delta)
-
-
-def score(z_pred: np.ndarray, delta: np.ndarray, z_true: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
+def score(z_pred: np.ndarray, zwarn: np.ndarray, z_true: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
     """NMAD, η and the ZWARN = 0 sample (kept fraction, its η) per class and overall."""
     by_class = metrics.metrics_by_group(z_pred, z_true, classes, overall_key="all")
-    confident = delta >= MIN_DELTA_CHI2
+    confident = zwarn == 0
     out = {}
     for name, m in by_class.items():
         rows = np.ones(len(z_true), bool) if name == "all" else classes == name
@@ -69,7 +57,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Weight of the p(z) prior: {result['model']}",
         "",
         f"{result['n']} spectra of `{result['data']}` ({result['split']} split); machine: "
-        f"{result['machine']['summary']}, {result['machine']['date']}. η in %; ZWARN = 0: DELTACHI2 ≥ 9.",
+        f"{result['machine']['summary']}, {result['machine']['date']}. η in %; ZWARN as `specpt predict` sets it.",
         "",
         "| weight | class | n | NMAD | η (%) | ZWARN = 0 kept (%) | ZWARN = 0 η (%) |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -121,14 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
     split = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))
-    rows_all = split[:]  # every row: tensors, and the class names as strings
+    rows_all = split.with_format("numpy")[:]  # every row
     batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
     z_true = np.asarray(rows_all["z"], dtype=np.float64)
     classes = np.asarray(rows_all["target_class"], dtype=str)
     rows = []
     for weight in args.weights:
-        z_pred, delta = refine(model, batch, weight)
-        rows.append({"weight": weight, "by_class": score(z_pred.astype(np.float64), delta, z_true, classes)})
+        model.config.refinement_prior = weight
+        out = predict_chunks(model, batch, 128)
+        rows.append({"weight": weight, "by_class": score(out["z"], out["zwarn"], z_true, classes)})
     result = {
         "machine": machine_info("cpu"),
         "model": str(args.model),

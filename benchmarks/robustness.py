@@ -85,17 +85,24 @@ def held_out(
     return batch, np.array([z_of[t] for t in ids]), np.array([class_of[t] for t in ids])
 
 
+def predict_chunks(model: Any, batch: dict[str, Any], size: int = 64) -> dict[str, np.ndarray]:
+    """`predict_spectra` of `batch`'s flux, ivar, mask ([n, pixels] tensors or arrays), `size` spectra at a time:
+    its scalar columns concatenated, [n] each."""
+    parts = []
+    for start in range(0, len(batch["flux"]), size):
+        part = slice(start, start + size)
+        parts.append(
+            predict_spectra(model, *(np.asarray(batch[key][part]) for key in ("flux", "ivar", "mask")))
+        )
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if parts[0][key].ndim == 1}
+
+
 def predict(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Redshifts [n] per method (refined when the model has templates, network), 64 spectra at a time; NaN
-    (no usable pixel) becomes -0.5, a catastrophic failure."""
-    columns: dict[str, list[np.ndarray]] = {"z": [], "z_net": []}
-    for start in range(0, len(batch["flux"]), 64):
-        part = slice(start, start + 64)
-        result = predict_spectra(model, *(batch[key][part].numpy() for key in ("flux", "ivar", "mask")))
-        for key, values in columns.items():
-            values.append(result[key])
+    """Redshifts [n] per method (refined when the model has templates, network); NaN (no usable pixel) becomes
+    -0.5, a catastrophic failure."""
+    columns = predict_chunks(model, batch)
     methods = METHOD_COLUMNS if model.refines else {"network": "z_net"}
-    return {m: np.nan_to_num(np.concatenate(columns[key]), nan=-0.5) for m, key in methods.items()}
+    return {m: np.nan_to_num(columns[key], nan=-0.5) for m, key in methods.items()}
 
 
 def by_class(z: dict[str, np.ndarray], z_true: np.ndarray, classes: np.ndarray) -> dict:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from astropy.table import Table
+from astropy.table import Table, join
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (  # noqa: E402
@@ -115,7 +115,7 @@ def with_star_set(model_dir: Path, dest: Path, star: RestFrameTemplates) -> Path
 def without_star_set(model_dir: Path) -> SpecPTForRedshift:
     """The model of `model_dir` in eval mode with its templates less any STAR set."""
     model = SpecPTForRedshift.from_pretrained(model_dir).eval()
-    model.set_templates({name: t for name, t in model_templates(model_dir).items() if name != "STAR"})
+    model.set_templates({name: t for name, t in (model.templates or {}).items() if name != "STAR"})
     return model
 
 
@@ -133,20 +133,14 @@ def predict(model: Any, files: list[Path], catalog: Path, batch_size: int) -> Ta
 
 
 def joined(truth: Table, catalog: Table) -> Table:
-    """`truth` rows with the catalog's Z, ZWARN, SPECTYPE, DELTACHI2 as Z_PRED, ZWARN, SPECTYPE_PRED, DELTACHI2
-    (NaN / -1 / '' where the catalog has no row)."""
-    index = {int(t): i for i, t in enumerate(np.asarray(catalog["TARGETID"]))}
-    rows = np.array([index.get(int(t), -1) for t in np.asarray(truth["TARGETID"])])
-    found = rows >= 0
-    out = truth.copy()
-    for name, new, fill in (
-        ("Z", "Z_PRED", np.nan),
-        ("ZWARN", "ZWARN", -1),
-        ("SPECTYPE", "SPECTYPE_PRED", ""),
-        ("DELTACHI2", "DELTACHI2", np.nan),
-    ):
-        values = np.asarray(catalog[name])[np.where(found, rows, 0)]
-        out[new] = np.where(found, values, fill)
+    """`truth` rows (by TARGETID) with the catalog's Z, ZWARN, SPECTYPE, DELTACHI2 as Z_PRED, ZWARN, SPECTYPE_PRED,
+    DELTACHI2 (NaN / -1 / '' where the catalog has no row)."""
+    predicted = catalog["TARGETID", "Z", "ZWARN", "SPECTYPE", "DELTACHI2"]
+    predicted.rename_columns(["Z", "SPECTYPE"], ["Z_PRED", "SPECTYPE_PRED"])
+    out = join(truth, predicted, keys="TARGETID", join_type="left")
+    for name, fill in (("Z_PRED", np.nan), ("ZWARN", -1), ("SPECTYPE_PRED", ""), ("DELTACHI2", np.nan)):
+        if hasattr(out[name], "filled"):
+            out[name] = out[name].filled(fill)
     return out
 
 
