@@ -281,9 +281,10 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_prior (`float`, *optional*, defaults to 4.0):
             Weight of the network's p(z) as a prior on the chi^2 scan: the minimum chosen is that of
             chi^2 - 2 x `refinement_prior` x ln p(z) (DELTACHI2 too), so a template fit elsewhere must beat the
-            network's belief by that much. 0 chooses by chi^2 alone; 1 is the plain posterior. 4 was the best
-            on a validation split (`benchmarks/refinement_prior.py`): between 2 and 10 the catastrophic rate
-            falls to about two thirds of chi^2 alone's; at 30 the prior starts to override good fits.
+            network's belief by that much. 0 chooses by chi^2 alone; 1 is the plain posterior. 4 is chosen on a
+            validation split (`benchmarks/refinement_prior.py`): η 6.1 % at 0, 4.1 % at 4, 3.8-3.7 % at 6-10,
+            5.2 % at 30, where the prior starts to override good fits; the lower end of the plateau leaves room
+            for the sharper p(z) of longer-trained networks.
         refinement_prior_floor (`float`, *optional*, defaults to 1e-4):
             Lowest p(z) bin probability the prior uses: caps its penalty at -2 ln(floor) x `refinement_prior`
             (74 chi^2 units at weight 4 and floor 1e-4), so a much better fit anywhere still wins.
