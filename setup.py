@@ -34,7 +34,7 @@ setup(
         "mmu": ["h5py>=3.10"],  # Multimodal Universe HDF5 shards (its Parquet exports need nothing more)
         # the mock's sps family reads the E-MILES SSPs that ppxf ships up to 8.2.6 (later releases download
         # them); MILES data and ppxf are free for non-commercial use
-        "sps": ["ppxf==8.2.6"],
+        "sps": ["ppxf==8.2.6", "specutils>=1.12"],
         "peft": ["peft>=0.21"],
         "tensorboard": ["tensorboard>=2.15"],
         # Redrock (DESI's template fitter) for benchmarks/; its DESI entry point also needs

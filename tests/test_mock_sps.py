@@ -46,6 +46,17 @@ def test_library_units_and_grid():
     assert young[4, uv] / ssp[4, 0, uv] > young[4, red] / ssp[4, 0, red] > 1.0  # younger stars: bluer
 
 
+def test_library_on_vacuum_wavelengths():
+    """MILES is in air: Ca II K and H of the 10 Gyr solar SSP lie at their vacuum wavelengths (1.1 Å redder)."""
+    wave, ages, _, ssp = mock_sps.emiles_library()
+    flux = ssp[4, np.argmin(np.abs(ages - 10.0))]
+    for air, vacuum in ((3933.663, 3934.777), (3968.468, 3969.591)):  # NIST ASD
+        i = int(np.argmin(np.where(np.abs(wave - air) < 3.0, flux, np.inf)))
+        y = flux[i - 1 : i + 2].astype(np.float64)
+        centre = wave[i] + 0.5 * (y[0] - y[2]) / (y[0] - 2 * y[1] + y[2]) * (wave[i + 1] - wave[i])
+        assert abs(centre - vacuum) < 0.3 < abs(centre - air)
+
+
 def test_star_formation_histories():
     ages = mock_sps.emiles_library()[1]
     sfh = {

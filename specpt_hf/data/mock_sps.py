@@ -7,7 +7,8 @@ files) and replaces its physics, so that a model trained on one family can be te
 * continua: E-MILES single stellar populations (Vazdekis et al. 2016, MNRAS 463, 3409; Padova+00 isochrones,
   unimodal IMF of slope 1.3, 25 ages 0.063-15.8 Gyr, [M/H] = -1.71 ... +0.22, 1680-50000 Å at 0.9 Å,
   FWHM 2.51 Å over 3540-8950 Å; flux in L☉/Å per M☉ formed) as shipped in `ppxf` 8.2.6
-  (`ppxf/miles_models/`, Cappellari 2017, MNRAS 466, 798; later `ppxf` releases download them instead);
+  (`ppxf/miles_models/`, Cappellari 2017, MNRAS 466, 798; later `ppxf` releases download them instead),
+  their air wavelengths converted to vacuum (Greisen et al. 2006, via specutils) like every other wavelength here;
 * star-formation histories: delayed-τ, SFR ∝ t·exp(-t/τ) (e.g. Simha et al. 2014, arXiv:1404.0402), and
   post-starbursts (an old population plus a 100 Myr burst ended 0.2-1.0 Gyr ago; Dressler & Gunn 1983,
   ApJ 270, 7; Wild et al. 2009, MNRAS 395, 144), started no earlier than the age of the Universe at z;
@@ -90,6 +91,22 @@ def _power_law_fill(wave: np.ndarray, flux: np.ndarray, fit: tuple[float, float]
     flux[fill] = np.exp(lnf + beta * np.log(wave[fill]))
 
 
+def _air_to_vacuum(wave: np.ndarray) -> np.ndarray:
+    """Vacuum Å of air wavelengths `wave` (Å), Greisen et al. (2006, A&A 446, 747) as specutils implements it."""
+    import astropy.units as u
+    from specutils.utils.wcs_utils import air_to_vac
+
+    return air_to_vac(wave * u.AA, method="Greisen2006").to_value(u.AA)
+
+
+def _vacuum_to_air(wave: np.ndarray) -> np.ndarray:
+    """Air Å of vacuum wavelengths `wave` (Å), Greisen et al. (2006, A&A 446, 747) as specutils implements it."""
+    import astropy.units as u
+    from specutils.utils.wcs_utils import vac_to_air
+
+    return vac_to_air(wave * u.AA, method="Greisen2006").to_value(u.AA)
+
+
 def _read_ssp(path: Path) -> np.ndarray:
     """One E-MILES SSP on the module's rest grid (L☉/Å per M☉), extended below 1680 Å and, where the
     model stops at 8950 Å (young and metal-poor SSPs), beyond it by power laws fitted to 1700-2000 Å and
@@ -98,7 +115,7 @@ def _read_ssp(path: Path) -> np.ndarray:
 
     with fits.open(path) as hdul:
         header, data = hdul[0].header, hdul[0].data.astype(np.float64)
-    wave = header["CRVAL1"] + header["CDELT1"] * np.arange(len(data))
+    wave = _air_to_vacuum(header["CRVAL1"] + header["CDELT1"] * np.arange(len(data)))  # MILES: air Å
     flux = np.interp(_WAVE, wave, data, left=0.0, right=0.0)
     _power_law_fill(_WAVE, flux, (1700.0, 2000.0), np.less(_WAVE, wave[0] + 10.0))
     if np.any(data[(wave > 8960.0) & (wave < 10600.0)] <= 0):
@@ -461,7 +478,7 @@ def apply(p: dict[str, Any], target_class: str, rng: np.random.Generator) -> Non
         sigma_gas=lines["sigma_gas"],
         quiescent=~np.isin(kind, ("sf", "composite", "seyfert")),
     )
-    air = wave / (1.0 + 2.735182e-4 + 131.4182 / wave**2 + 2.76249e8 / wave**4)  # vacuum → air (Morton 1991)
+    air = _vacuum_to_air(wave)
     has_lines = lines["ew_halpha"] > 0
     p["truth"] = {
         "family": np.full(len(kind), "sps"),
