@@ -31,6 +31,7 @@ import robustness  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
 import stars  # noqa: E402
+import template_smoothing  # noqa: E402
 import train_specpt_small_cpu as recipe  # noqa: E402
 import train_throughput  # noqa: E402
 
@@ -163,6 +164,23 @@ def test_refinement_frontier_quick_runs_every_setting(tmp_path):
     assert settings[: len(refinement_frontier.SETTINGS)] == [tuple(s) for s in refinement_frontier.SETTINGS]
     assert all(r["spectra_per_cpu_second"] > 0 and r["by_class"]["all"]["n"] == 24 for r in rows)
     assert "| peaks | 3 | 2 | 5 |" in (tmp_path / "frontier.md").read_text()
+
+
+def test_template_smoothing_quick_scores_each_setting(tmp_path):
+    assert template_smoothing.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "smoothing.json").read_text())
+    expected = [list(s) for s in template_smoothing.SETTINGS_KMS[:2]]
+    assert [[row["galaxy_kms"], row["qso_kms"]] for row in result["settings"]] == expected
+    assert result["stored_smoothing_kms"] == {"GALAXY": 0.0}
+    for row in result["settings"]:
+        assert row["by_class"]["all"]["n"] == 24 and row["by_class"]["all"]["nmad"] >= 0
+    assert "| 25 | 50 | all | 24 |" in (tmp_path / "smoothing.md").read_text()
+
+
+def test_robustness_runs_only_the_chosen_perturbations(tmp_path):
+    assert robustness.main(["--quick", "--perturbations", "blur σ ≤ 1 px", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "robustness.json").read_text())
+    assert list(results["metrics"]) == ["none", "blur σ ≤ 1 px"] == list(results["amplitudes"])
 
 
 def test_refinement_prior_quick_scores_each_weight(tmp_path):

@@ -508,3 +508,12 @@ def test_templates_error_is_one_line_unless_debug(predict_setup, tmp_path, capsy
     with pytest.raises(FileNotFoundError):
         templates_main([*argv, "--debug"])
     assert digest(root / "model") == before
+
+
+def test_templates_rejects_negative_smoothing(predict_setup, tmp_path, capsys):
+    from specpt_hf.templates import main as templates_main
+
+    root, _ = predict_setup
+    with pytest.raises(SystemExit) as stop:
+        templates_main([str(tmp_path), "--model", str(root / "model"), "--qso-smoothing", "-5"])
+    assert stop.value.code == 2 and "--qso-smoothing must be >= 0" in capsys.readouterr().err
