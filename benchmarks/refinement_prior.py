@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
     split = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))
-    rows_all = split.with_format("numpy")[:]  # every row
+    rows_all = split[:]  # every row: tensors, and a list for target_class
     batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
-    z_true = np.asarray(rows_all["z"], dtype=np.float64)
+    z_true = rows_all["z"].double().numpy()
     classes = np.asarray(rows_all["target_class"], dtype=str)
     rows = []
     for weight in args.weights:

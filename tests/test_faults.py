@@ -171,6 +171,22 @@ def test_shards_without_their_card_are_refused(data_dir, tmp_path):
     assert digest(partial) == before
 
 
+def test_evaluation_split_is_read_in_place_and_names_a_missing_column(data_dir, tmp_path):
+    split = load_eval_split(data_dir, "validation")  # the shards themselves, no `datasets` copy
+    files = sorted((data_dir / "validation").glob("*.parquet"))
+    assert split.files == [str(path) for path in files]
+    assert len(split) == sum(pq.read_metadata(path).num_rows for path in files)
+    assert split[0]["flux"].dtype == torch.float32 and split[0]["z"].dtype == torch.float64
+    lacking = tmp_path / "lacking"
+    shutil.copytree(data_dir, lacking)
+    for path in (lacking / "validation").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(["target_class"]), path)
+    with pytest.raises(
+        ValueError, match=rf"{lacking / 'validation'}: Parquet shards lack column\(s\) \['target_class'\]"
+    ):
+        load_eval_split(lacking, "validation")
+
+
 def test_a_failed_overwrite_leaves_the_previous_dataset(raw, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "parquet"
     shutil.copytree(data_dir, out)

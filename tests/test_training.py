@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +23,29 @@ from safetensors.torch import load_file
 from specpt_hf.data.builder import desi_features
 from specpt_hf.presets import create_model, preset_config
 from specpt_hf.training import train as train_module
-from specpt_hf.training.data import SpectrumCollator, build_dataloader, load_training_data
+from specpt_hf.training.data import (
+    RowGroupWindowSampler,
+    SpectrumCollator,
+    build_dataloader,
+    column_array,
+    filter_redshift_range,
+    first_rows,
+    load_split,
+    load_training_data,
+)
 from specpt_hf.training.settings import SETTINGS_NAME, TrainingSettings, parse_settings
 from specpt_hf.training.train import build_model, main, parameter_groups, training_function
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = (3727.1, 5008.2, 6564.6)  # [O II], [O III], H-alpha rest wavelengths, Angstrom
 N_TRAIN, N_VAL, N_FAR = 64, 32, 4  # spectra per split; N_FAR train spectra lie beyond the tiny preset's z_max
+ROW_GROUP = 8  # rows per Parquet row group: 8 row groups in train, 4 in validation
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_and_private_cache(tmp_path_factory):
-    """Two shared cores: one intra-op thread per process is faster and steadier than two. The Arrow
-    cache of the Parquet shards goes to a temporary folder, not the user's Hugging Face cache."""
+    """Two shared cores: one intra-op thread per process is faster and steadier than two. A `datasets`
+    cache, should anything write one, goes to a temporary folder, not the user's Hugging Face cache."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cache = tmp_path_factory.mktemp("hf_datasets_cache")
@@ -46,7 +57,8 @@ def one_thread_and_private_cache(tmp_path_factory):
 
 
 def write_split(folder: Path, n: int, rng: np.random.Generator, n_far: int = 0) -> None:
-    """Spectrum records (ARCHITECTURE.md) with emission lines at (1 + z) x rest wavelength, as two shards."""
+    """Spectrum records (ARCHITECTURE.md) with emission lines at (1 + z) x rest wavelength, as two shards of
+    row groups of 8 rows."""
     config = preset_config("specpt-tiny", "autoencoder")
     wave = config.wavelength_start + config.wavelength_step * np.arange(config.num_pixels)  # [pixels]
     z = np.concatenate([rng.uniform(0.05, 0.45, n - n_far), np.full(n_far, 4.5)])
@@ -78,8 +90,8 @@ def write_split(folder: Path, n: int, rng: np.random.Generator, n_far: int = 0) 
     )  # as `specpt prepare` writes
     folder.mkdir(parents=True)
     half = n // 2
-    pq.write_table(table.slice(0, half), folder / "shard-00000.parquet")
-    pq.write_table(table.slice(half), folder / "shard-00001.parquet")
+    pq.write_table(table.slice(0, half), folder / "shard-00000.parquet", row_group_size=ROW_GROUP)
+    pq.write_table(table.slice(half), folder / "shard-00001.parquet", row_group_size=ROW_GROUP)
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +230,189 @@ def test_missing_shards_are_a_clear_error(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("specpt train: ") and "no Parquet shards" in err and "Traceback" not in err
+
+
+def test_training_order_takes_every_row_once_and_mixes_row_groups(data_dir):
+    train = load_training_data(data_dir, "autoencoder")["train"]
+    groups = train.row_groups()  # [rows]
+    assert np.bincount(groups).tolist() == [ROW_GROUP] * (N_TRAIN // ROW_GROUP)
+    orders = set()
+    for seed, epoch in ((3, 0), (3, 1), (4, 0)):
+        sampler = RowGroupWindowSampler(groups, seed=seed)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(N_TRAIN)) and list(sampler) == order  # once each, reproducible
+        orders.add(tuple(order))
+    assert len(orders) == 3  # the order depends on the seed and the epoch
+    # windows of 2 row groups: each 2 x 8 rows of the order are 2 whole row groups, shuffled together; which
+    # row groups share a window changes with the epoch
+    pairs = []
+    for epoch in range(2):
+        sampler = RowGroupWindowSampler(groups, window=2, seed=3)
+        sampler.set_epoch(epoch)
+        windows = groups[list(sampler)].reshape(-1, 2 * ROW_GROUP)
+        assert all(len(set(window)) == 2 and np.count_nonzero(np.diff(window)) > 1 for window in windows)
+        pairs.append({frozenset(window.tolist()) for window in windows})
+    assert pairs[0] != pairs[1]
+    # the training loader's batches mix row groups of both shards
+    files = train.group_file[groups]  # [rows] shard of each row
+    batches = list(build_dataloader(train, "autoencoder", batch_size=16, train=True, seed=3).batch_sampler)
+    assert len(batches) == N_TRAIN // 16
+    assert all(len(set(files[batch])) == 2 and len(set(groups[batch])) > 2 for batch in batches)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_a_resumed_loader_gives_the_batches_of_an_uninterrupted_one(data_dir, num_processes):
+    """As `train.py` resumes: `set_epoch`, then `skip_first_batches`, on loaders prepared by accelerate."""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    train = load_training_data(data_dir, "redshift")["train"]
+
+    def prepared(process_index: int):
+        loader = build_dataloader(train, "redshift", batch_size=8, train=True, seed=5)
+        return prepare_data_loader(
+            loader, num_processes=num_processes, process_index=process_index, use_seedable_sampler=True
+        )
+
+    for process in range(num_processes):
+        uninterrupted = prepared(process)
+        epochs = []
+        for epoch in range(2):
+            uninterrupted.set_epoch(epoch)
+            epochs.append(list(uninterrupted))
+        assert len(epochs[1]) == N_TRAIN // 8 // num_processes
+        assert not torch.equal(epochs[0][0]["labels"], epochs[1][0]["labels"])
+        for seen in (1, 3):
+            resumed = prepared(process)  # a fresh process's loader
+            resumed.set_epoch(1)
+            got = list(skip_first_batches(resumed, seen))
+            assert len(got) == len(epochs[1]) - seen
+            for mine, theirs in zip(got, epochs[1][seen:], strict=True):
+                assert torch.equal(mine["labels"], theirs["labels"]) and torch.equal(
+                    mine["flux"], theirs["flux"]
+                )
+
+
+def test_splits_are_read_in_place_without_a_datasets_cache(data_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "datasets_cache"
+    cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    splits = load_training_data(data_dir, "redshift", z_range=(0.0, 4.0), max_val_spectra=20)
+    for name, split in splits.items():
+        assert sum(len(batch["labels"]) for batch in build_dataloader(split, "redshift", 16, name == "train"))
+    assert list(cache.iterdir()) == []
+
+
+def test_rows_match_pyarrow_after_the_redshift_cut_and_row_limit(data_dir):
+    table = pa.concat_tables(pq.read_table(path) for path in sorted((data_dir / "train").glob("*.parquet")))
+    z = table.column("z").to_numpy()  # [rows]
+    columns = ("targetid", "flux", "ivar", "mask", "z", "target_class")
+    split = load_split(data_dir, "train", columns)
+    cut, dropped = filter_redshift_range(split, 0.0, 0.3)
+    expected = np.flatnonzero((z >= 0.0) & (z <= 0.3))  # [kept] rows in file order
+    assert len(split) == N_TRAIN and len(cut) == len(expected) and dropped == N_TRAIN - len(expected)
+    limit = int(np.searchsorted(expected, N_TRAIN // 2)) + 3  # 3 rows into the second shard
+    rows = first_rows(cut, limit)
+    assert len(rows) == limit and first_rows(cut, None) is cut and first_rows(cut, 10**6) is cut
+    for i, j in enumerate(expected[:limit]):
+        row = rows[i]
+        assert row["targetid"].item() == table.column("targetid")[j].as_py() and row["z"].item() == z[j]
+        assert row["target_class"] == table.column("target_class")[j].as_py()
+        assert row["flux"].dtype == row["ivar"].dtype == torch.float32 and row["mask"].dtype == torch.bool
+        for name in ("flux", "ivar", "mask"):
+            np.testing.assert_array_equal(row[name].numpy(), np.asarray(table.column(name)[j].as_py()))
+    batch = rows[limit - 5 :]  # a slice stacks its rows
+    assert torch.equal(batch["flux"], torch.stack([rows[i]["flux"] for i in range(limit - 5, limit)]))
+    assert batch["z"].shape == (5,) and batch["target_class"] == ["elg"] * 5
+    with pytest.raises(IndexError):
+        rows[limit]
+
+
+def test_list_columns_convert_through_their_flat_values():
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)  # [rows, length]
+    for list_type in (pa.list_(pa.float32()), pa.large_list(pa.float32()), pa.list_(pa.float32(), 3)):
+        array = pa.array(list(rows), list_type)
+        values = column_array(pa.chunked_array([array]))
+        np.testing.assert_array_equal(values, rows)
+        # zero copy: a read-only view of the Arrow values, after a slice's offset
+        assert not values.flags.writeable and values.ctypes.data == array.values.buffers()[1].address
+        sliced = column_array(pa.chunked_array([array.slice(1, 2)]))
+        np.testing.assert_array_equal(sliced, rows[1:3])
+        assert sliced.ctypes.data == array.values.buffers()[1].address + 3 * 4
+        two_chunks = column_array(pa.chunked_array([array.slice(0, 1), array.slice(1)]))
+        np.testing.assert_array_equal(two_chunks, rows)
+    mask = column_array(pa.chunked_array([pa.array([[True, False], [False, False]], pa.list_(pa.bool_()))]))
+    assert mask.dtype == bool and mask.tolist() == [[True, False], [False, False]]
+    assert column_array(pa.chunked_array([], pa.list_(pa.float32()))).shape == (0, 0)
+    with pytest.raises(ValueError, match=r"list rows of different lengths \(2 to 3 values\)"):
+        column_array(pa.chunked_array([pa.array([[1.0, 2.0, 3.0], [4.0, 5.0]], pa.list_(pa.float32()))]))
+    with pytest.raises(ValueError, match="1 of 2 rows are null"):
+        column_array(pa.chunked_array([pa.array([[1.0], None], pa.list_(pa.float32()))]))
+    scalars = column_array(pa.chunked_array([pa.array([0.5, 1.5])]))
+    assert scalars.tolist() == [0.5, 1.5] and scalars.dtype == np.float64
+
+
+def test_shards_with_variable_length_lists_are_read(data_dir, tmp_path):
+    """Shards written with `list<float>` (not fixed-size) read as the same rows; a ragged one names its file."""
+    columns = ("targetid", "flux", "ivar", "mask", "z")
+    copy = tmp_path / "lists"
+    (copy / "train").mkdir(parents=True)
+    shutil.copy(data_dir / "README.md", copy)
+    for path in sorted((data_dir / "train").glob("*.parquet")):
+        table = pq.read_table(path)
+        schema = pa.schema(
+            pa.field(f.name, pa.list_(f.type.value_type)) if pa.types.is_fixed_size_list(f.type) else f
+            for f in table.schema
+        )
+        pq.write_table(table.cast(schema), copy / "train" / path.name, row_group_size=ROW_GROUP)
+    fixed, listed = load_split(data_dir, "train", columns), load_split(copy, "train", columns)
+    written = pq.read_schema(next((copy / "train").glob("*.parquet")))
+    assert written.field("flux").type == pa.list_(pa.float32())
+    for name, value in listed[:].items():
+        assert torch.equal(value, fixed[:][name]), name
+
+    ragged = pq.read_table(copy / "train" / "shard-00001.parquet")
+    flux = ragged.column("flux").to_pylist()
+    flux[ROW_GROUP + 1] = flux[ROW_GROUP + 1][:-1]  # one spectrum of row group 1 a pixel short
+    ragged = ragged.set_column(
+        ragged.schema.get_field_index("flux"), "flux", pa.array(flux, pa.list_(pa.float32()))
+    )
+    pq.write_table(ragged, copy / "train" / "shard-00001.parquet", row_group_size=ROW_GROUP)
+    split = load_split(copy, "train", columns)
+    num_pixels = preset_config("specpt-tiny").num_pixels
+    assert split[N_TRAIN // 2]["flux"].shape == (num_pixels,)  # row group 0 reads
+    with pytest.raises(
+        ValueError, match=r"shard-00001\.parquet: row group 1, column 'flux': list rows of different"
+    ):
+        split[N_TRAIN // 2 + ROW_GROUP]
+
+
+def test_unreadable_shards_and_missing_columns_name_the_file(data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    first, second = sorted((broken / "train").glob("*.parquet"))
+    with pytest.raises(ValueError, match=rf"{first}: Parquet shard lacks column\(s\) \['redshift'\]"):
+        load_split(broken, "train", ("flux", "redshift"))
+    with pytest.raises(ValueError, match=rf"{first}: cannot read column 'redshift'"):
+        load_split(broken, "train").read_column("redshift")
+
+    # a damaged row group behind an intact footer: the error comes with the first read of that row group
+    chunk = pq.read_metadata(second).row_group(1).column(1)  # `flux` of rows 8-15
+    assert chunk.path_in_schema.startswith("flux")
+    data = bytearray(second.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + 64] = b"\xff" * 64  # its page header
+    second.write_bytes(bytes(data))
+    split = load_split(broken, "train")
+    assert split[N_TRAIN // 2]["flux"].shape == (
+        preset_config("specpt-tiny").num_pixels,
+    )  # row group 0 reads
+    with pytest.raises(ValueError, match=rf"{second}: row group 1 is not readable"):
+        split[N_TRAIN // 2 + ROW_GROUP]
+
+    second.write_bytes(bytes(data[: len(data) // 2]))  # a truncated copy
+    with pytest.raises(ValueError, match=rf"{second}: not a readable Parquet file"):
+        load_training_data(broken, "autoencoder")
 
 
 # --- stage 1 ---------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +24,7 @@ from ..atomic import atomic_write, make_folder
 from ..cli import add_debug_flag, run_reporting_errors
 from ..inference import predict_batches
 from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
-from ..training.data import split_files
+from ..training.data import MissingColumnsError, ParquetSplit, load_split, stack
 from . import metrics, plots
 from .results import write_results_json
 
@@ -46,22 +45,28 @@ def check_model_type(model_dir: str | os.PathLike, cls: type[PreTrainedModel]) -
         )
 
 
-def load_eval_split(data_dir: str | os.PathLike, split: str = "test") -> datasets.Dataset:
-    """The Parquet shards of `split` with the columns evaluation needs, as numpy."""
-    dataset = datasets.load_dataset("parquet", data_files={split: split_files(data_dir, split)}, split=split)
-    missing = [name for name in EVAL_COLUMNS if name not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{Path(data_dir) / split}: Parquet shards lack column(s) {missing}")
-    return dataset.select_columns(list(EVAL_COLUMNS)).with_format("numpy")
+def load_eval_split(data_dir: str | os.PathLike, split: str = "test") -> ParquetSplit:
+    """The Parquet shards of `split` with the columns evaluation needs, read in place (`load_split`)."""
+    try:
+        return load_split(data_dir, split, EVAL_COLUMNS)
+    except MissingColumnsError as error:
+        raise ValueError(
+            f"{Path(data_dir) / split}: Parquet shards lack column(s) {error.missing}"
+        ) from error
 
 
-def predict_split(
-    model: SpecPTForRedshift, dataset: datasets.Dataset, batch_size: int
-) -> dict[str, np.ndarray]:
+def as_numpy(rows: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Stacked rows of a `ParquetSplit` (tensors, lists of text) as numpy arrays."""
+    return {
+        name: value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        for name, value in rows.items()
+    }
+
+
+def predict_split(model: SpecPTForRedshift, dataset: ParquetSplit, batch_size: int) -> dict[str, np.ndarray]:
     """Predictions for every row of `dataset` (columns `z_pred`, `zerr_pred`, `quality` + passthrough)."""
-    n_batches = -(-len(dataset) // batch_size)
-    batches = tqdm(dataset.iter(batch_size=batch_size), total=n_batches, desc="predicting", unit="batch")
-    return predict_batches(model, batches)
+    starts = tqdm(range(0, len(dataset), batch_size), desc="predicting", unit="batch")
+    return predict_batches(model, (as_numpy(dataset[start : start + batch_size]) for start in starts))
 
 
 def summarize(predictions: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -127,12 +132,13 @@ def write_plots(predictions: dict[str, np.ndarray], out: Path, title: str) -> li
 
 @torch.inference_mode()
 def plot_reconstruction_examples(
-    autoencoder: SpecPTForSpectrumReconstruction, dataset: datasets.Dataset, path: Path
+    autoencoder: SpecPTForSpectrumReconstruction, dataset: ParquetSplit, path: Path
 ) -> Path:
     """Data, ivar-weighted model and residual for the first few spectra of each class present."""
-    classes = dataset.select_columns(["target_class"])[:]["target_class"].astype(str)
+    classes = dataset.read_column("target_class").astype(str)
     rows = [int(np.flatnonzero(classes == name)[0]) for name in sorted(set(classes))][:N_RECONSTRUCTIONS]
-    batch = dataset.select(rows)[:]
+    picked = [dataset[row] for row in rows]
+    batch = as_numpy({name: stack([row[name] for row in picked]) for name in dataset.columns})
     autoencoder.eval()
     output = autoencoder(
         flux=torch.as_tensor(batch["flux"]),

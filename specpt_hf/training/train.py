@@ -278,20 +278,18 @@ def make_accelerator(settings: TrainingSettings) -> Accelerator:
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         log_with=None if settings.report_to == "none" else settings.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        # the shuffling order depends only on (seed, epoch), so a resumed run sees the same batches
+        # the training order depends only on (seed, epoch) (`RowGroupWindowSampler`, which `prepare` keeps; a
+        # plain shuffle would get accelerate's seedable sampler), so a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
     )
 
 
-def training_dataloaders(
-    accelerator: Accelerator, settings: TrainingSettings, config: SpecPTConfig
-) -> tuple[DataLoader, DataLoader]:
+def training_dataloaders(settings: TrainingSettings, config: SpecPTConfig) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders; stage 2 keeps the spectra within the model's redshift range."""
     z_range = (config.z_min, config.z_max) if settings.stage == "redshift" else None
-    with accelerator.main_process_first():  # one process converts the Parquet shards, the others reuse it
-        splits = load_training_data(
-            settings.data_dir, settings.stage, z_range, settings.max_train_spectra, settings.max_val_spectra
-        )
+    splits = load_training_data(
+        settings.data_dir, settings.stage, z_range, settings.max_train_spectra, settings.max_val_spectra
+    )
     num_pixels = len(splits["train"][0]["flux"])
     if num_pixels != config.num_pixels:
         raise ValueError(
@@ -331,7 +329,7 @@ def training_function(
         model = build_model(settings)
     else:
         check_model(model, settings)
-    train_dl, val_dl = training_dataloaders(accelerator, settings, model.config)
+    train_dl, val_dl = training_dataloaders(settings, model.config)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
     # Optimizer steps per epoch on each process (its share of the batches, accumulated).
