@@ -1012,6 +1012,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "u_range": self._refinement_u_range(),
             "own_ranges": self._own_ranges(),
             "coarse_vectors": config.refinement_coarse_vectors or None,
+            "fine_smoothing_kms": config.refinement_smoothing_kms,
             "rebin": config.refinement_rebin,
             "fine_step": config.refinement_fine_step,
         }

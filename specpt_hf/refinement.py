@@ -38,13 +38,11 @@ class RestFrameTemplates:
         log_wavelength_start (`float`): ln(lambda / Angstrom) of the first grid point.
         log_wavelength_step (`float`): grid step in ln(lambda).
         basis (`torch.Tensor` of shape `(vectors, grid)`): the basis vectors (0 where no training spectrum reached).
-        smoothing_kms (`float`): sigma of the Gaussian the basis was smoothed with, km/s (0: none).
     """
 
     log_wavelength_start: float
     log_wavelength_step: float
     basis: torch.Tensor
-    smoothing_kms: float = 0.0
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived tables, by device
 
     @property
@@ -98,10 +96,9 @@ def build_templates(
     num_vectors: int = 10,
     log_wavelength_step: float | None = None,
     iterations: int = 5,
-    smoothing_kms: float = 0.0,
 ) -> RestFrameTemplates:
     """Learn a rest-frame basis from labelled spectra by weighted PCA (expectation-maximisation: pixels without
-    weight are filled with the current reconstruction, then the SVD is repeated), then smooth it.
+    weight are filled with the current reconstruction, then the SVD is repeated).
 
     Args:
         wavelength: observed wavelengths [pixels], Angstrom.
@@ -110,10 +107,6 @@ def build_templates(
         num_vectors: basis size.
         log_wavelength_step: rest grid step in ln(lambda); defaults to the finest observed step.
         iterations: EM iterations after the first SVD.
-        smoothing_kms: sigma of a Gaussian the basis vectors are smoothed with (0: none). A basis learned from
-            noisy spectra carries their noise pixel to pixel, and the chi^2 scan samples it at the observed
-            pixels' centres: both make chi^2(z) jagged on the scale of a pixel, which moves its minimum and
-            narrows its parabola. Smoothing well below the features' widths removes most of it.
     """
     wavelength = np.asarray(wavelength, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
@@ -156,28 +149,31 @@ def build_templates(
         coeff = _weighted_coefficients(basis, rest_flux, rest_weight)  # [n, vectors]
         filled = np.where(covered, rest_flux, coeff @ basis)
     basis = np.where(covered.any(0), basis, 0.0)
-    templates = RestFrameTemplates(float(grid[0]), step, torch.from_numpy(basis.astype(np.float32)))
-    return smooth_templates(templates, smoothing_kms) if smoothing_kms > 0 else templates
+    return RestFrameTemplates(float(grid[0]), step, torch.from_numpy(basis.astype(np.float32)))
 
 
 def smooth_templates(templates: RestFrameTemplates, smoothing_kms: float) -> RestFrameTemplates:
-    """The set with each basis vector convolved with a Gaussian of `smoothing_kms` (on top of any earlier
-    smoothing), over the covered grid points only (non-zero in some vector; the kernel renormalised at the
-    edges of that range)."""
+    """The set with each basis vector convolved with a Gaussian of `smoothing_kms` over the covered grid points
+    (non-zero in some vector; the kernel renormalised at the edges of that range); the set itself for 0."""
+    if smoothing_kms <= 0:
+        return templates
     from astropy.convolution import Gaussian1DKernel, convolve
 
     basis = templates.basis.double().numpy()  # [vectors, grid]
     inside = (basis != 0).any(0)  # [grid]
     kernel = Gaussian1DKernel(smoothing_kms / SPEED_OF_LIGHT_KMS / templates.log_wavelength_step)
     rows = np.where(inside, basis, np.nan)
-    smoothed = [convolve(row, kernel, boundary="extend", preserve_nan=True) for row in rows]
-    total = math.hypot(templates.smoothing_kms, smoothing_kms)  # Gaussians add in quadrature
-    return RestFrameTemplates(
-        templates.log_wavelength_start,
-        templates.log_wavelength_step,
-        torch.from_numpy(np.where(inside, np.stack(smoothed), 0.0).astype(np.float32)),
-        total,
-    )
+    smoothed = np.stack([convolve(row, kernel, boundary="extend", preserve_nan=True) for row in rows])
+    basis = torch.from_numpy(np.where(inside, smoothed, 0.0).astype(np.float32))
+    return RestFrameTemplates(templates.log_wavelength_start, templates.log_wavelength_step, basis)
+
+
+def _smoothed(templates: RestFrameTemplates, smoothing_kms: float) -> RestFrameTemplates:
+    """[`smooth_templates`], cached on the set."""
+    key = ("smoothed", float(smoothing_kms))
+    if key not in templates.cache:
+        templates.cache[key] = smooth_templates(templates, smoothing_kms)
+    return templates.cache[key]
 
 
 def _principal_components(data: np.ndarray, num_vectors: int) -> np.ndarray:
@@ -440,7 +436,7 @@ def _leading(templates: RestFrameTemplates, vectors: int | None) -> RestFrameTem
     if key not in templates.cache:
         basis = templates.basis[:vectors].clone()
         templates.cache[key] = RestFrameTemplates(
-            templates.log_wavelength_start, templates.log_wavelength_step, basis, templates.smoothing_kms
+            templates.log_wavelength_start, templates.log_wavelength_step, basis
         )
     return templates.cache[key]
 
@@ -483,6 +479,7 @@ def refine_redshifts(
     prior: torch.Tensor | None = None,
     own_ranges: dict[str, tuple[float, float]] | None = None,
     coarse_vectors: int | None = None,
+    fine_smoothing_kms: dict[str, float] | None = None,
     rebin: int = 3,
     fine_step: float = 1e-4,
     exclusion_kms: float = 1000.0,
@@ -505,6 +502,11 @@ def refine_redshifts(
             else (e.g. STAR over stellar velocities); the coarse grid spans `u_range` and these.
         coarse_vectors: fit only each set's first this many vectors in the coarse curve (None: all); the fine
             scan always fits them all.
+        fine_smoothing_kms: Gaussian sigma (km/s) per set by which the fine scan's basis is smoothed (missing: 0).
+            A basis learned from noisy spectra carries their pixel noise, and the scan samples it at the pixels'
+            centres: both make chi^2(z) jagged on a pixel's scale, which moves the fine minimum and shrinks its
+            parabola's width (ZERR). The coarse curve, which chooses the minimum and the spectral type, keeps the
+            basis as it is: a smoothed basis fits other types' spectra more easily.
     """
     if candidates.dim() != 2 or candidates.shape[0] != flux.shape[0]:
         raise ValueError(f"`candidates` must be [batch, modes], got {tuple(candidates.shape)}")
@@ -537,9 +539,10 @@ def refine_redshifts(
     fine_chi2 = torch.zeros_like(fine_u)  # [batch, f]
     fine_coeff = torch.zeros(*fine_u.shape, vectors, device=flux.device)  # [batch, f, vectors]
     fine_npix = torch.zeros_like(fine_u, dtype=torch.long)  # [batch, f]
-    for i, t in enumerate(template_sets.values()):  # each spectrum with its winning set only
+    for i, (name, t) in enumerate(template_sets.items()):  # each spectrum with its winning set only
         rows = (winner == i).nonzero()[:, 0]
         if len(rows):
+            t = _smoothed(t, (fine_smoothing_kms or {}).get(name, 0.0))
             wave = wavelength if wavelength.dim() == 1 or wavelength.shape[0] == 1 else wavelength[rows]
             chi2_t, coeff_t, npix_t = chi2_scan(t, wave, flux[rows], ivar[rows], fine_u[rows])
             fine_chi2[rows], fine_npix[rows] = chi2_t, npix_t
@@ -585,7 +588,6 @@ def save_templates(path: str | Path, template_sets: dict[str, RestFrameTemplates
     for name, t in template_sets.items():
         metadata[f"{name}.log_wavelength_start"] = repr(t.log_wavelength_start)
         metadata[f"{name}.log_wavelength_step"] = repr(t.log_wavelength_step)
-        metadata[f"{name}.smoothing_kms"] = repr(t.smoothing_kms)
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -600,7 +602,6 @@ def load_templates(path: str | Path) -> dict[str, RestFrameTemplates]:
                     float(metadata[f"{name}.log_wavelength_start"]),
                     float(metadata[f"{name}.log_wavelength_step"]),
                     f.get_tensor(f"{name}.basis"),
-                    float(metadata.get(f"{name}.smoothing_kms", 0.0)),  # older files: not smoothed
                 )
                 for name in names
             }
@@ -623,7 +624,6 @@ def describe_templates(template_sets: dict[str, RestFrameTemplates], file: str) 
             "rest_wavelength_min": round(float(np.exp(grid[0])), 2),
             "rest_wavelength_max": round(float(np.exp(grid[-1])), 2),
             "log_wavelength_step": t.log_wavelength_step,
-            "smoothing_kms": t.smoothing_kms,
         }
     return {"file": file, "spectypes": spectypes}
 

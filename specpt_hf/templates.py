@@ -2,14 +2,11 @@
 
     specpt templates DATA_DIR --model MODEL_DIR            # writes MODEL_DIR/templates.safetensors
     specpt templates DATA_DIR --model MODEL_DIR --galaxy-vectors 10 --qso-vectors 6 --star-vectors 5
-    specpt templates DATA_DIR --model MODEL_DIR --galaxy-smoothing 50 --qso-smoothing 400   # km/s
 
 One basis per spectral type (GALAXY, QSO, STAR: the shards' `spectype`, on real data Redrock's labels; a type
 without labelled spectra gets none) by weighted
 EM-PCA (`specpt_hf.refinement.build_templates`) of the `train` split's spectra with `zwarn == 0`, each shifted
-to its rest frame on a ln(lambda) grid as fine as the observed pixels, then smoothed by a Gaussian well below
-the widths of each type's features (`DEFAULT_SMOOTHING_KMS`: the basis otherwise carries the training spectra's
-pixel noise, which makes chi^2(z) jagged and its minimum jitter). The model folder's config.json then
+to its rest frame on a ln(lambda) grid as fine as the observed pixels. The model folder's config.json then
 describes them (`templates`), and `SpecPTForRedshift.from_pretrained` loads them: inference refines the network's
 redshift by chi^2 (`config.refinement`); STAR templates are fitted to every spectrum within +-1000 km/s of rest, so
 stars come out as SPECTYPE STAR rather than as a galaxy at some redshift.
@@ -38,9 +35,6 @@ logger = logging.getLogger(__name__)
 
 SPECTYPES = ("GALAXY", "QSO", "STAR")
 DEFAULT_VECTORS = {"GALAXY": 10, "QSO": 6, "STAR": 5}
-# Gaussian sigma, km/s: galaxies' and stars' narrowest features are resolution-limited (DESI: sigma ~ 40-70 km/s),
-# quasars' broad lines are thousands of km/s wide; chosen on held-out mocks (benchmarks/template_smoothing.py).
-DEFAULT_SMOOTHING_KMS = {"GALAXY": 50.0, "QSO": 400.0, "STAR": 50.0}
 COLUMNS = ["flux", "ivar", "mask", "z", "zwarn", "spectype"]
 
 
@@ -90,11 +84,8 @@ def fit_templates(
     max_per_type: int = 3000,
     split: str = "train",
     seed: int = 0,
-    smoothing_kms: dict[str, float] | None = None,
 ) -> dict[str, RestFrameTemplates]:
-    """One rest-frame basis per spectral type present in the split, on the model's wavelength grid, smoothed
-    by `smoothing_kms` per type (default `DEFAULT_SMOOTHING_KMS`)."""
-    smoothing_kms = {**DEFAULT_SMOOTHING_KMS, **(smoothing_kms or {})}
+    """One rest-frame basis per spectral type present in the split, on the model's wavelength grid."""
     wavelength = model_wavelength(config)
     spectra = read_labelled(data_dir, split, max_per_type, seed)
     if not spectra:
@@ -109,12 +100,7 @@ def fit_templates(
         vectors = min(num_vectors[spectype], len(arrays["z"]))
         logger.info("%s: %d vectors from %d spectra", spectype, vectors, len(arrays["z"]))
         templates[spectype] = build_templates(
-            wavelength,
-            arrays["flux"],
-            arrays["ivar"],
-            arrays["z"],
-            vectors,
-            smoothing_kms=smoothing_kms[spectype],
+            wavelength, arrays["flux"], arrays["ivar"], arrays["z"], vectors
         )
     return templates
 
@@ -137,13 +123,10 @@ def build_model_templates(
     max_per_type: int = 3000,
     split: str = "train",
     seed: int = 0,
-    smoothing_kms: dict[str, float] | None = None,
 ) -> dict[str, RestFrameTemplates]:
     """Learn templates from `data_dir`'s labelled `split` on the model's grid and add them to `model_dir`."""
     config = SpecPTForRedshiftConfig.from_pretrained(model_dir)
-    templates = fit_templates(
-        data_dir, config, num_vectors or DEFAULT_VECTORS, max_per_type, split, seed, smoothing_kms
-    )
+    templates = fit_templates(data_dir, config, num_vectors or DEFAULT_VECTORS, max_per_type, split, seed)
     add_templates(model_dir, templates)
     return templates
 
@@ -159,13 +142,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--galaxy-vectors", type=int, default=10, help="GALAXY basis size (default 10)")
     parser.add_argument("--qso-vectors", type=int, default=6, help="QSO basis size (default 6)")
     parser.add_argument("--star-vectors", type=int, default=5, help="STAR basis size (default 5)")
-    for name, sigma in DEFAULT_SMOOTHING_KMS.items():
-        parser.add_argument(
-            f"--{name.lower()}-smoothing",
-            type=float,
-            default=sigma,
-            help=f"{name} basis smoothing, Gaussian sigma in km/s (default {sigma:g}; 0: none)",
-        )
     parser.add_argument("--max-per-type", type=int, default=3000, help="spectra per type (default 3000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draw of spectra")
     add_debug_flag(parser)
@@ -178,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("galaxy_vectors", "qso_vectors", "star_vectors", "max_per_type"):
         if getattr(args, name) < 1:
             _parser().error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("galaxy_smoothing", "qso_smoothing", "star_smoothing"):
-        if not getattr(args, name) >= 0:
-            _parser().error(f"--{name.replace('_', '-')} must be >= 0 (km/s)")
     if not (args.model / "config.json").is_file():
         _parser().error(f"--model {args.model}: no config.json (not a model folder)")
     return run_reporting_errors("templates", lambda: _run(args), args.debug)
@@ -188,15 +161,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     vectors = {"GALAXY": args.galaxy_vectors, "QSO": args.qso_vectors, "STAR": args.star_vectors}
-    smoothing = {"GALAXY": args.galaxy_smoothing, "QSO": args.qso_smoothing, "STAR": args.star_smoothing}
     templates = build_model_templates(
-        args.model, args.data_dir, vectors, args.max_per_type, args.split, args.seed, smoothing
+        args.model, args.data_dir, vectors, args.max_per_type, args.split, args.seed
     )
     described = describe_templates(templates, TEMPLATES_NAME)["spectypes"]
     for name, info in described.items():
         print(
             f"{name}: {info['num_vectors']} vectors, rest {info['rest_wavelength_min']:.0f}-"
-            f"{info['rest_wavelength_max']:.0f} A, smoothed by {info['smoothing_kms']:g} km/s"
+            f"{info['rest_wavelength_max']:.0f} A"
         )
     print(f"wrote {args.model / TEMPLATES_NAME} and described it in {args.model / 'config.json'}")
     return 0

@@ -171,7 +171,7 @@ def test_template_smoothing_quick_scores_each_setting(tmp_path):
     result = json.loads((tmp_path / "smoothing.json").read_text())
     expected = [list(s) for s in template_smoothing.SETTINGS_KMS[:2]]
     assert [[row["galaxy_kms"], row["qso_kms"]] for row in result["settings"]] == expected
-    assert result["stored_smoothing_kms"] == {"GALAXY": 0.0}
+    assert result["model_smoothing_kms"] == {"GALAXY": 50.0, "QSO": 400.0, "STAR": 50.0}
     for row in result["settings"]:
         assert row["by_class"]["all"]["n"] == 24 and row["by_class"]["all"]["nmad"] >= 0
     assert "| 25 | 50 | all | 24 |" in (tmp_path / "smoothing.md").read_text()

@@ -171,28 +171,27 @@ def test_smoothing_broadens_to_its_sigma_and_keeps_flux_and_coverage():
     basis[0, 1000] = 1.0  # a delta line
     basis[1, 100:1900] = 1.0  # covered range; outside stays 0
     t = RestFrameTemplates(0.0, step, torch.from_numpy(basis.astype(np.float32)))
-    sigma_kms = 20 * step * 299_792.458  # 20 grid steps
-    smoothed = smooth_templates(t, sigma_kms)
-    line, flat = smoothed.basis.double().numpy()
+    assert smooth_templates(t, 0.0) is t
+    line, flat = smooth_templates(t, 20 * step * 299_792.458).basis.double().numpy()  # 20 grid steps
     x = np.arange(2001) - 1000
     assert line.sum() == pytest.approx(1.0, rel=1e-4)
     assert math.sqrt((line * x**2).sum() / line.sum()) == pytest.approx(20.0, rel=0.02)
     np.testing.assert_allclose(flat[100:1900], 1.0, atol=1e-6)  # renormalised at the edges, not darkened
     assert not flat[:100].any() and not flat[1900:].any()
-    again = smooth_templates(smoothed, sigma_kms)
-    assert again.smoothing_kms == pytest.approx(math.sqrt(2) * sigma_kms)  # Gaussians add in quadrature
 
 
-def test_build_templates_smooths_after_the_pca(templates):
-    rng = np.random.default_rng(7)
-    z_train = rng.uniform(0.05, 0.9, 60)
-    flux, ivar = _spectra(templates, z_train, seed=1)
-    plain = build_templates(WAVELENGTH, flux, ivar, z_train, num_vectors=4)
-    smoothed = build_templates(WAVELENGTH, flux, ivar, z_train, num_vectors=4, smoothing_kms=50.0)
-    assert plain.smoothing_kms == 0.0 and smoothed.smoothing_kms == 50.0
-    torch.testing.assert_close(smoothed.basis, smooth_templates(plain, 50.0).basis)
-    roughness = [float(torch.diff(t.basis, dim=1).square().sum()) for t in (plain, smoothed)]
-    assert roughness[1] < 0.5 * roughness[0]  # the training spectra's pixel noise is damped
+def test_fine_smoothing_keeps_the_coarse_choice_and_the_truth(templates):
+    z = np.array([0.12, 0.47, 0.83])
+    flux, ivar = _spectra(templates, z, seed=3)
+    plain = _refine(templates, flux, ivar, z + 0.004)
+    same = _refine(templates, flux, ivar, z + 0.004, fine_smoothing_kms={"GALAXY": 0.0})
+    smoothed = _refine(templates, flux, ivar, z + 0.004, fine_smoothing_kms={"GALAXY": 60.0})
+    torch.testing.assert_close(same.redshift, plain.redshift, rtol=0, atol=0)
+    torch.testing.assert_close(smoothed.delta_chi2, plain.delta_chi2)  # the coarse curve is untouched
+    assert torch.equal(smoothed.scan_chi2, plain.scan_chi2)
+    assert not torch.equal(smoothed.chi2, plain.chi2)  # the fine scan fitted the smoothed basis
+    error = (smoothed.redshift.numpy() - z) / (1 + z)
+    assert np.abs(error).max() < 5e-5, error
 
 
 def test_build_templates_rejects_mismatched_inputs():
@@ -320,11 +319,10 @@ def test_pz_modes_are_distinct_peaks():
 
 def test_templates_round_trip_and_broken_file(templates, tmp_path):
     path = tmp_path / "templates.safetensors"
-    save_templates(path, {"GALAXY": templates, "QSO": smooth_templates(templates, 200.0)})
-    loaded = load_templates(path)
-    torch.testing.assert_close(loaded["GALAXY"].basis, templates.basis)
-    assert loaded["GALAXY"].log_wavelength_start == templates.log_wavelength_start
-    assert (loaded["GALAXY"].smoothing_kms, loaded["QSO"].smoothing_kms) == (0.0, 200.0)
+    save_templates(path, {"GALAXY": templates})
+    loaded = load_templates(path)["GALAXY"]
+    torch.testing.assert_close(loaded.basis, templates.basis)
+    assert loaded.log_wavelength_start == templates.log_wavelength_start
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(OSError, match="templates.safetensors.*specpt templates"):
         load_templates(path)
@@ -488,3 +486,12 @@ def test_predict_save_pdf_writes_pz_and_chi2_scan(templates, tiny_model, tmp_pat
     np.testing.assert_array_equal(parquet.meta["CHI2SCAN_Z"], scan_z)
     predict_catalog([coadd], tmp_path / "plain.fits", tmp_path / "model", progress=False)
     assert [h.name for h in fits.open(tmp_path / "plain.fits")] == ["PRIMARY", "REDSHIFTS"]
+
+
+def test_config_smoothing_defaults_and_rejects_negative():
+    from specpt_hf.configuration_specpt import REFINEMENT_SMOOTHING_KMS, SpecPTForRedshiftConfig
+
+    assert SpecPTForRedshiftConfig().refinement_smoothing_kms == REFINEMENT_SMOOTHING_KMS
+    assert SpecPTForRedshiftConfig(refinement_smoothing_kms={}).refinement_smoothing_kms == {}
+    with pytest.raises(ValueError, match=r"refinement_smoothing_kms\['QSO'\]"):
+        SpecPTForRedshiftConfig(refinement_smoothing_kms={"QSO": -1.0})
