@@ -6,7 +6,9 @@
     nohup python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu > train.log 2>&1 &
 
 Give it the machine: with other CPU work on the same 2 cores, torch's two OpenMP threads wait on each other and a
-step takes 3.6-10 s instead of ~0.3 s (measured); on shared cores set OMP_NUM_THREADS=1 (~1 s/step there).
+step takes 3.6-10 s instead of ~0.3-0.45 s (measured); on shared cores set OMP_NUM_THREADS=1 (~1 s/step there).
+Other work can share the cores if it runs under `nice -n 19`, one process at a time (measured 2026-12-05:
+stage 1 at 2.35 steps/s alone, 2.0-2.3 beside one such process, 0.25 beside four).
 
 Run the same command again after an interruption: finished steps are skipped (marker files in --work),
 an interrupted mock chunk is redone, and an interrupted training stage continues from its newest checkpoint
