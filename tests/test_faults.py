@@ -4,6 +4,7 @@ nothing was lost (input bytes unchanged, earlier outputs intact)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -526,10 +527,17 @@ def test_templates_error_is_one_line_unless_debug(predict_setup, tmp_path, capsy
     assert digest(root / "model") == before
 
 
-def test_templates_rejects_negative_smoothing(predict_setup, tmp_path, capsys):
-    from specpt_hf.templates import main as templates_main
+def test_predict_names_a_negative_smoothing_in_config_json(predict_setup, tmp_path, capsys):
+    from specpt_hf.predict import main as predict_main
 
-    root, _ = predict_setup
-    with pytest.raises(SystemExit) as stop:
-        templates_main([str(tmp_path), "--model", str(root / "model"), "--qso-smoothing", "-5"])
-    assert stop.value.code == 2 and "--qso-smoothing must be >= 0" in capsys.readouterr().err
+    root, coadd = predict_setup
+    config_path = root / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["refinement_smoothing_kms"] = {"QSO": -5.0}
+    config_path.write_text(json.dumps(config))
+    rc = predict_main(
+        [str(coadd), "--model", str(root / "model"), "--out", str(tmp_path / "z.fits"), "--no-progress"]
+    )
+    assert rc == 1
+    assert "refinement_smoothing_kms['QSO']" in capsys.readouterr().err
+    assert not (tmp_path / "z.fits").exists()
