@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 def quick_templates(coadds: list[Path], truth: Any, model: Any) -> dict:
     """Templates learned from the quick test files themselves (a smoke test, not a measurement)."""
     from specpt_hf.data.desi import read_desi_spectra
-    from specpt_hf.pipeline_specpt import model_wavelength
+    from specpt_hf.prediction import model_wavelength
     from specpt_hf.refinement import build_templates
 
     records = [r for path in coadds for r in read_desi_spectra(path)]

@@ -51,7 +51,8 @@ from specpt_hf.data.desi import desi_brz_wavelength  # noqa: E402
 from specpt_hf.data.mock import SPS_CLASSES  # noqa: E402
 from specpt_hf.evaluation.metrics import metrics_by_group  # noqa: E402
 from specpt_hf.evaluation.plots import _figure  # noqa: E402
-from specpt_hf.pipeline_specpt import load_model, model_wavelength, predict_spectra, to_model_grid  # noqa: E402
+from specpt_hf.loading import load_model  # noqa: E402
+from specpt_hf.prediction import model_wavelength, predict_spectra, to_model_grid  # noqa: E402
 from specpt_hf.training.augment import Augmentations, augment, step_generator  # noqa: E402
 
 PERTURBATIONS: dict[str, Augmentations] = {

@@ -56,8 +56,8 @@ from specpt_hf.data.prepare import prepare_dataset  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 from specpt_hf.evaluation.plots import _figure  # noqa: E402
 from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
-from specpt_hf.pipeline_specpt import SpecPTZwarn  # noqa: E402
 from specpt_hf.predict import predict_catalog  # noqa: E402
+from specpt_hf.prediction import SpecPTZwarn  # noqa: E402
 from specpt_hf.refinement import RestFrameTemplates, load_templates  # noqa: E402
 from specpt_hf.templates import add_templates, fit_templates  # noqa: E402
 

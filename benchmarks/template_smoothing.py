@@ -29,7 +29,7 @@ from robustness import held_out, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.pipeline_specpt import load_model  # noqa: E402
+from specpt_hf.loading import load_model  # noqa: E402
 
 SETTINGS_KMS = (
     (0.0, 0.0),

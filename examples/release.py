@@ -64,8 +64,8 @@ from specpt_hf.data.prepare import prepare_dataset, write_shards_card
 from specpt_hf.data.redshifts import target_class_of
 from specpt_hf.evaluation.evaluate_model import evaluate_model
 from specpt_hf.hub import push_to_hub, write_repo_folder
+from specpt_hf.loading import SHORT_NAMES
 from specpt_hf.modeling_specpt import TEMPLATES_NAME
-from specpt_hf.pipeline_specpt import SHORT_NAMES
 from specpt_hf.templates import build_model_templates
 from specpt_hf.training.settings import TrainingSettings
 from specpt_hf.training.train import training_function

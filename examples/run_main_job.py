@@ -34,8 +34,8 @@ from specpt_hf.data import read_desi_spectra, target_class_of
 from specpt_hf.data.mock import write_mock_release
 from specpt_hf.data.prepare import prepare_dataset
 from specpt_hf.evaluation.evaluate_model import evaluate_model
-from specpt_hf.inference import predict_records
 from specpt_hf.modeling_specpt import TEMPLATES_NAME, SpecPTForRedshift
+from specpt_hf.prediction import predict_records
 from specpt_hf.templates import build_model_templates
 from specpt_hf.training.settings import TrainingSettings
 from specpt_hf.training.train import training_function

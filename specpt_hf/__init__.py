@@ -13,14 +13,18 @@ Both task models and both configs are registered for `trust_remote_code`: `save_
 into config.json and copies `configuration_specpt.py` and `modeling_specpt.py` next to the weights, so
 `AutoModel.from_pretrained(folder, trust_remote_code=True)` works where `specpt_hf` is not installed.
 
-It also registers the `spectrum-redshift` pipeline (`specpt_hf.pipeline_specpt`), so
-`transformers.pipeline("spectrum-redshift", model=folder)` returns a `SpecPTRedshiftPipeline`.
+It also registers the `spectrum-redshift` pipeline, so `transformers.pipeline("spectrum-redshift", model=folder)`
+returns a `SpecPTRedshiftPipeline` (the class models ship as remote code), and plugs the package's DESI and
+Multimodal Universe readers into it for file inputs. `load_model` and `load_pipeline` also take short names
+(`SHORT_NAMES`, e.g. `specpt-desi`).
 """
 
 from transformers import AutoConfig, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
+from .file_pipeline import load_pipeline, read_file_input
+from .loading import SHORT_NAMES, load_model
 from .modeling_specpt import (
     SpecPTForRedshift,
     SpecPTForSpectrumReconstruction,
@@ -31,7 +35,7 @@ from .modeling_specpt import (
     SpecPTRedshiftOutput,
     prepare_spectra,
 )
-from .pipeline_specpt import SHORT_NAMES, TASK, SpecPTRedshiftPipeline
+from .pipeline_specpt import TASK, SpecPTRedshiftPipeline
 from .presets import count_parameters, create_model, list_presets, preset_config
 
 __version__ = "0.1.0"
@@ -44,6 +48,7 @@ SpecPTConfig.register_for_auto_class("AutoConfig")
 SpecPTForRedshiftConfig.register_for_auto_class("AutoConfig")
 SpecPTForSpectrumReconstruction.register_for_auto_class("AutoModel")
 SpecPTForRedshift.register_for_auto_class("AutoModel")
+SpecPTRedshiftPipeline.file_reader = staticmethod(read_file_input)
 PIPELINE_REGISTRY.register_pipeline(
     TASK,
     pipeline_class=SpecPTRedshiftPipeline,
@@ -52,6 +57,7 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "SHORT_NAMES",
     "SpecPTConfig",
     "SpecPTForRedshift",
     "SpecPTForRedshiftConfig",
@@ -66,6 +72,8 @@ __all__ = [
     "count_parameters",
     "create_model",
     "list_presets",
+    "load_model",
+    "load_pipeline",
     "prepare_spectra",
     "preset_config",
 ]

@@ -67,7 +67,8 @@ from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .data.instrument import DESI, INSTRUMENTS, Instrument, get_instrument
 from .evaluation.metrics import metrics_by_group
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction, num_tokens
-from .pipeline_specpt import model_wavelength as config_wavelength  # a config's grid, float64 [num_pixels]
+from .prediction import model_wavelength as config_wavelength  # a config's grid, float64 [num_pixels]
+from .prediction import predict_dataset
 from .presets import PRESETS
 from .resampling import bin_edges, resample
 from .training.settings import TrainingSettings
@@ -738,7 +739,6 @@ class SplitEvaluation:
     dropped_out_of_range: int
 
 
-@torch.no_grad()
 def evaluate_redshifts(
     model: nn.Module,
     data_dir: str | os.PathLike,
@@ -761,22 +761,9 @@ def evaluate_redshifts(
         raise ValueError(f"{Path(data_dir) / split}: no spectra within the model's redshift range")
     plain = merge_lora(model)
     was_training = plain.training
-    plain.eval()
-    device = next(plain.parameters()).device
-    z_pred, z_true, classes = [], [], []
-    starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc=f"evaluate {split}", unit="batch", disable=not progress):
-        rows = dataset[start : start + batch_size]
-        output = plain(
-            flux=rows["flux"].float().to(device),
-            ivar=rows["ivar"].float().to(device),
-            mask=rows["mask"].bool().to(device),
-        )
-        z_pred.append(output.redshift.float().cpu().numpy())
-        z_true.append(rows["z"].double().numpy())
-        classes.extend(rows["target_class"])
+    predicted = predict_dataset(plain, dataset, batch_size, desc=f"evaluate {split}", progress=progress)
     plain.train(was_training)
-    pred, true, labels = np.concatenate(z_pred), np.concatenate(z_true), np.asarray(classes)
+    pred, true, labels = predicted["z_pred"], predicted["z"], predicted["target_class"].astype(str)
     metrics = metrics_by_group(pred, true, labels, overall_key="all")
     return SplitEvaluation(pred, true, labels, metrics, dropped)
 

@@ -287,9 +287,9 @@ def pipeline_info() -> dict[str, dict[str, Any]]:
 
 
 def short_names() -> dict[str, str]:
-    """Short model names (`specpt-desi`, ...) -> repo ids, from the pipeline module when the package has it."""
+    """Short model names (`specpt-desi`, ...) -> repo ids, from the loading module when the package has it."""
     try:
-        module = importlib.import_module(f"{__package__}.{PIPELINE_MODULE}")
+        module = importlib.import_module(f"{__package__}.loading")
     except ImportError:
         return {}
     return dict(getattr(module, "SHORT_NAMES", {}))
@@ -427,7 +427,7 @@ estimator("coadd-sv3-dark-26065.fits")  # DESI coadd, (wave, flux, ivar) or a sp
     short = [name for name, repo in short_names().items() if repo == repo_id]
     short_note = (
         f"\n\nWith `specpt_hf` installed, the short name `{short[0]}` works too "
-        f"(`specpt_hf.pipeline_specpt.load_model`, `load_pipeline`, `specpt predict --model {short[0]}`)."
+        f"(`specpt_hf.load_model`, `specpt_hf.load_pipeline`, `specpt predict --model {short[0]}`)."
         if short
         else ""
     )

@@ -73,15 +73,16 @@ from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import REFINEMENTS
 from .data.desi import DesiFormatError, ReadStats, desi_brz_wavelength, read_desi_spectra
 from .data.mmu import find_mmu_files, is_mmu_file, read_mmu_spectra
-from .inference import InferenceStats, batched, predict_batch
+from .loading import load_model, resolve_model_name
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
-from .pipeline_specpt import (
+from .prediction import (
     FlagThresholds,
+    InferenceStats,
     SpecPTZwarn,
+    batched,
     check_same_grid,
-    load_model,
     pdf_redshifts,
-    resolve_model_name,
+    predict_batch,
     to_model_grid,
 )
 from .priors import PRIOR_FUNCTIONS, prior_halfwidths, write_priors

@@ -27,7 +27,7 @@ from .atomic import atomic_write_text
 from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import SpecPTForRedshiftConfig
 from .modeling_specpt import TEMPLATES_NAME
-from .pipeline_specpt import model_wavelength
+from .prediction import model_wavelength
 from .refinement import RestFrameTemplates, build_templates, describe_templates, save_templates
 from .training.data import split_files
 

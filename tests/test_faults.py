@@ -363,7 +363,8 @@ def test_predict_refuses_to_write_its_catalog_over_an_input(predict_setup, capsy
 
 
 def test_predict_flags_a_redshift_that_came_out_nan(predict_setup, tmp_path):
-    from specpt_hf.pipeline_specpt import SpecPTZwarn, load_model, predict_spectra
+    from specpt_hf.loading import load_model
+    from specpt_hf.prediction import SpecPTZwarn, predict_spectra
 
     root, _ = predict_setup
     model = load_model(root / "model")
@@ -376,8 +377,9 @@ def test_predict_flags_a_redshift_that_came_out_nan(predict_setup, tmp_path):
 
 def test_predict_resume_refuses_a_model_whose_weights_changed(predict_setup, monkeypatch):
     from specpt_hf import create_model
-    from specpt_hf.pipeline_specpt import FlagThresholds, load_model
+    from specpt_hf.loading import load_model
     from specpt_hf.predict import ProgressStore, _run_settings, predict_catalog
+    from specpt_hf.prediction import FlagThresholds
 
     root, coadd = predict_setup
     out = root / "catalog.fits"
@@ -426,8 +428,7 @@ def test_corrupt_model_weights_name_the_file(predict_setup, capsys):
     ids=["empty-list", "short-ivar", "targetid-count", "directory", "no-spectra"],
 )
 def test_pipeline_bad_inputs_name_the_argument(make_input, message, tmp_path):
-    from specpt_hf import create_model
-    from specpt_hf.pipeline_specpt import load_pipeline
+    from specpt_hf import create_model, load_pipeline
 
     torch.manual_seed(0)
     pipe = load_pipeline(create_model("specpt-tiny", "redshift").eval())
@@ -476,7 +477,7 @@ def test_predict_out_under_a_file_names_the_file(predict_setup, capsys):
 @pytest.fixture
 def interrupted_predict(predict_setup):
     """A predict run over two coadds stopped after the first file, and the catalog an uninterrupted run gives."""
-    from specpt_hf.pipeline_specpt import load_model
+    from specpt_hf.loading import load_model
     from specpt_hf.predict import predict_catalog
 
     root, first = predict_setup

@@ -48,7 +48,7 @@ from specpt_hf.hub import (
     write_repo_folder,
 )
 from specpt_hf.hub import main as push_main
-from specpt_hf.pipeline_specpt import SHORT_NAMES
+from specpt_hf.loading import SHORT_NAMES
 from specpt_hf.presets import count_parameters, preset_config
 from specpt_hf.training.settings import TrainingSettings
 

@@ -121,8 +121,7 @@ def test_predict_reads_mmu_files(release, tmp_path):
 
 
 def test_pipeline_reads_an_mmu_file(release):
-    from specpt_hf import create_model
-    from specpt_hf.pipeline_specpt import load_pipeline
+    from specpt_hf import create_model, load_pipeline
 
     root, files, _ = release
     torch.manual_seed(0)

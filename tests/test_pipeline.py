@@ -15,18 +15,12 @@ import torch
 from astropy.nddata import InverseVariance
 from transformers import BertConfig, pipeline
 
-from specpt_hf import create_model
+from specpt_hf import create_model, load_pipeline
 from specpt_hf.data import desi_brz_wavelength, read_desi_spectra
 from specpt_hf.data.instrument import resample
-from specpt_hf.pipeline_specpt import (
-    SHORT_NAMES,
-    SpecPTRedshiftPipeline,
-    SpecPTZwarn,
-    load_model,
-    load_pipeline,
-    resolve_model_name,
-    to_model_grid,
-)
+from specpt_hf.loading import SHORT_NAMES, load_model, resolve_model_name
+from specpt_hf.pipeline_specpt import SpecPTRedshiftPipeline
+from specpt_hf.prediction import SpecPTZwarn, to_model_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -233,7 +227,7 @@ def test_trust_remote_code_pipeline_without_specpt_hf(pipe, records, tmp_path, f
     pipe.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"]["spectrum-redshift"]["impl"] == "pipeline_specpt.SpecPTRedshiftPipeline"
-    shipped = {"pipeline_specpt.py", "resampling.py", "modeling_specpt.py", "configuration_specpt.py"}
+    shipped = {"pipeline_specpt.py", "prediction.py", "loading.py", "resampling.py", "modeling_specpt.py"}
     assert shipped <= set(os.listdir(folder))
     assert isinstance(
         load_pipeline(folder, device="cpu"), SpecPTRedshiftPipeline

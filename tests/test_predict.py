@@ -15,9 +15,9 @@ import specpt_hf.predict as predict_module
 from specpt_hf import create_model
 from specpt_hf.data import ReadStats, read_desi_spectra
 from specpt_hf.data.mock import write_mock_healpix
-from specpt_hf.inference import predict_records
-from specpt_hf.pipeline_specpt import FlagThresholds, SpecPTZwarn, load_model
+from specpt_hf.loading import load_model
 from specpt_hf.predict import main, predict_catalog
+from specpt_hf.prediction import FlagThresholds, SpecPTZwarn, predict_records
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

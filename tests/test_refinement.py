@@ -371,7 +371,7 @@ def test_model_refines_with_its_templates_and_none_is_todays_output(templates, t
 
 def test_model_and_pipeline_give_stars_their_own_sign_and_no_z_limit_flag(templates):
     from specpt_hf import create_model
-    from specpt_hf.pipeline_specpt import SpecPTZwarn, predict_spectra
+    from specpt_hf.prediction import SpecPTZwarn, predict_spectra
     from specpt_hf.refinement import SPEED_OF_LIGHT_KMS
 
     torch.manual_seed(0)
@@ -417,7 +417,7 @@ def test_templates_travel_with_the_model_folder(templates, tiny_model, tmp_path)
 
 
 def test_spectra_outside_the_templates_get_little_coverage(templates, tiny_model):
-    from specpt_hf.pipeline_specpt import SpecPTZwarn, predict_spectra
+    from specpt_hf.prediction import SpecPTZwarn, predict_spectra
 
     keep = (templates.log_wavelength < math.log(3300.0)).numpy()  # rest range 1800-3300 A only
     narrow = RestFrameTemplates(
@@ -440,7 +440,8 @@ def _fine_span(model, scan_z: np.ndarray) -> float:
 
 
 def test_pipeline_returns_pz_and_the_chi2_scan(templates, tiny_model):
-    from specpt_hf.pipeline_specpt import load_pipeline, pdf_redshifts
+    from specpt_hf import load_pipeline
+    from specpt_hf.prediction import pdf_redshifts
 
     tiny_model.set_templates({"GALAXY": templates})
     flux, ivar = _spectra(templates, np.array([0.21, 0.64]), seed=3)

@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..atomic import atomic_write, make_folder
 from ..cli import add_debug_flag, run_reporting_errors
-from ..inference import predict_batches
 from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
+from ..prediction import predict_dataset
 from ..training.data import MissingColumnsError, ParquetSplit, load_split, stack
 from . import metrics, plots
 from .results import write_results_json
@@ -61,12 +60,6 @@ def as_numpy(rows: dict[str, Any]) -> dict[str, np.ndarray]:
         name: value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         for name, value in rows.items()
     }
-
-
-def predict_split(model: SpecPTForRedshift, dataset: ParquetSplit, batch_size: int) -> dict[str, np.ndarray]:
-    """Predictions for every row of `dataset` (columns `z_pred`, `zerr_pred`, `quality` + passthrough)."""
-    starts = tqdm(range(0, len(dataset), batch_size), desc="predicting", unit="batch")
-    return predict_batches(model, (as_numpy(dataset[start : start + batch_size]) for start in starts))
 
 
 def summarize(predictions: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -179,7 +172,7 @@ def evaluate_model(
     dataset = load_eval_split(data_dir, split)
     out = Path(out_dir)
     make_folder(out)
-    predictions = predict_split(model, dataset, batch_size)
+    predictions = predict_dataset(model, dataset, batch_size)
     summary = summarize(predictions)
     name = model_name or Path(model_dir).resolve().name
     summary["results_json"] = str(

@@ -46,7 +46,8 @@ from specpt_hf.atomic import atomic_write_json, replaced_folder
 from specpt_hf.cli import add_debug_flag, run_reporting_errors
 from specpt_hf.configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from specpt_hf.evaluation.metrics import redshift_metrics
-from specpt_hf.pipeline_specpt import check_model_source, model_wavelength
+from specpt_hf.loading import check_model_source
+from specpt_hf.prediction import model_wavelength
 from specpt_hf.presets import model_class, preset_config
 from specpt_hf.training.augment import Augmentations, augment, step_generator
 from specpt_hf.training.checkpoint import (

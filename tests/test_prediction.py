@@ -15,10 +15,13 @@ import torch
 from specpt_hf import create_model
 from specpt_hf.data import read_desi_spectra
 from specpt_hf.data.instrument import DEIMOS, DESI, HST_G102, resample
-from specpt_hf.inference import InferenceStats, batched, predict_batches, predict_records
-from specpt_hf.pipeline_specpt import (
+from specpt_hf.prediction import (
     FlagThresholds,
+    InferenceStats,
     SpecPTZwarn,
+    batched,
+    predict_batches,
+    predict_records,
     predict_spectra,
     resample_spectra,
     zwarn_flags,
@@ -59,7 +62,7 @@ def test_records_match_the_model_and_unusable_spectra_are_skipped(models, record
     nan = {**records[1], "targetid": 8, "flux": np.full(7781, np.nan, dtype=np.float32)}
     inputs = [records[0], empty, records[1], nan, records[2]]
     stats = InferenceStats()
-    with caplog.at_level(logging.WARNING, logger="specpt_hf.inference"):
+    with caplog.at_level(logging.WARNING, logger="specpt_hf.prediction"):
         columns = predict_records(model, inputs, batch_size=2, stats=stats)
     assert columns["targetid"].tolist() == [r["targetid"] for r in records]
     expected = model_outputs(model, records)
