@@ -247,3 +247,23 @@ def test_trust_remote_code_pipeline_without_specpt_hf(pipe, records, tmp_path, f
     assert report["desi_file"].startswith("ValueError") and "specpt_hf" in report["desi_file"]
     assert "HF_HUB_OFFLINE=1" in report["offline_autoencoder"]
     assert "specpt/specpt-desi-autoencoder" in report["offline_autoencoder"]
+
+
+def test_shipped_pipeline_files_import_nothing_from_the_package():
+    """The pipeline file and every file it imports relatively (the remote code) import only outside libraries."""
+    import ast
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    import specpt_hf.pipeline_specpt as shipped
+
+    files = [Path(shipped.__file__), *map(Path, get_relative_import_files(shipped.__file__))]
+    assert {"prediction.py", "loading.py", "modeling_specpt.py"} <= {f.name for f in files}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not any(name.split(".")[0] == "specpt_hf" for name in names), (
+                f"{path.name} imports {names}"
+            )
