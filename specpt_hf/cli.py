@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "templates": ("specpt_hf.templates", "rest-frame templates for a redshift model's chi^2 refinement"),
     "evaluate": ("specpt_hf.evaluation.evaluate_model", "metrics and plots on a held-out split"),
     "predict": ("specpt_hf.predict", "redshift catalog from DESI coadd files"),
-    "push": ("specpt_hf.hub", "write a model repo folder with its card and upload it to the Hub"),
+    "push": ("specpt_hf.hub.push", "write a model repo folder with its card and upload it to the Hub"),
     "presets": ("specpt_hf.presets", "list the named model presets"),
 }
 
