@@ -34,8 +34,8 @@ from astropy.io import fits
 from tqdm.auto import tqdm
 
 from specpt_hf.atomic import atomic_write, atomic_write_text
-from specpt_hf.data import mock
 from specpt_hf.data.instrument import Arm
+from specpt_hf.data.mock import DRAWERS, TARGET_CLASSES, physics, render
 
 VERSION = "mock-1"
 DEFAULT_SEED = 20240601
@@ -85,14 +85,14 @@ def _add_lines_rest(
 ):
     """Add Gaussian lines (rest-frame centre / sigma / flux [n, L]) to `model` [n, m] in place."""
     if np.allclose(np.diff(wave), wave[1] - wave[0], rtol=1e-6):
-        mock._add_lines(model, _rest_arm(wave), centre, sigma, flux)
+        render._add_lines(model, _rest_arm(wave), centre, sigma, flux)
         return
     edges = np.concatenate([[wave[0]], 0.5 * (wave[1:] + wave[:-1]), [wave[-1]]])  # log grid: bin edges
     width = np.diff(edges)
     for k in range(centre.shape[1]):
         lo = (edges[None, :-1] - centre[:, k, None]) / (np.sqrt(2.0) * sigma[:, k, None])  # [n, m]
         hi = (edges[None, 1:] - centre[:, k, None]) / (np.sqrt(2.0) * sigma[:, k, None])
-        model += flux[:, k, None] * 0.5 * (mock._erf(hi) - mock._erf(lo)) / width[None, :]
+        model += flux[:, k, None] * 0.5 * (render._erf(hi) - render._erf(lo)) / width[None, :]
 
 
 def rest_frame_spectra(target_class: str, n: int, seed: int, wave: np.ndarray) -> np.ndarray:
@@ -101,17 +101,17 @@ def rest_frame_spectra(target_class: str, n: int, seed: int, wave: np.ndarray) -
     Each row is the mock's observed-frame flux density evaluated at λ_obs = λ_rest (1 + z) — the same
     continuum, dust and line fluxes as `generate_spectra`, with no Lyα forest and no noise.
     """
-    rng = np.random.default_rng([int(seed), mock.TARGET_CLASSES.index(target_class), 99])
-    p = mock.DRAWERS[target_class](rng, n)
-    mock._normalise(p)  # the scale ties line fluxes to continua as in the mock
-    _, centre, sigma, flux = mock._lines(p)  # observed frame [n, L]
+    rng = np.random.default_rng([int(seed), TARGET_CLASSES.index(target_class), 99])
+    p = DRAWERS[target_class](rng, n)
+    physics._normalise(p)  # the scale ties line fluxes to continua as in the mock
+    _, centre, sigma, flux = physics._lines(p)  # observed frame [n, L]
     zp1 = 1.0 + p["z"][:, None]
     rest_p = {**p, "z": np.zeros(n)}
-    model = mock._continuum(rest_p, wave) * p["scale"][:, None]  # [n, m]
+    model = physics._continuum(rest_p, wave) * p["scale"][:, None]  # [n, m]
     # f_obs(λ_rest (1+z)) of a line of flux F at c, σ equals that of flux F/(1+z) at c/(1+z), σ/(1+z)
     _add_lines_rest(model, wave, centre / zp1, sigma / zp1, flux / zp1)
     if target_class == "qso":
-        model *= mock._bal(rest_p, wave)
+        model *= physics._bal(rest_p, wave)
         model *= np.where(wave < 911.75, 0.1, 1.0)[
             None, :
         ]  # the mock's Lyman-limit drop, fixed in the rest frame

@@ -14,7 +14,7 @@ of the local noise on the strong sky lines, one masked span of up to 200 pixels 
 2x, a resolution / velocity-dispersion blur of up to 1 pixel sigma (~48 km/s), Galactic E(B-V) up to 0.1 (most of
 the DESI footprint lies below).
 
-The second family is the mock's `sps` physics (specpt_hf/data/mock_sps.py: E-MILES stellar populations,
+The second family is the mock's `sps` physics (specpt_hf/data/mock/sps.py: E-MILES stellar populations,
 star-formation histories, Charlot & Fall dust, BPT / AGN / post-starburst lines; classes BGS, LRG, ELG), which no
 training recipe uses: its own held-out set (seed 101, healpix 35000+, written once into --sps-test-dir and reused),
 the same first --per-class spectra of each class's first file, unperturbed, predicted network-only and refined.
@@ -231,7 +231,7 @@ def family_markdown(results: dict[str, Any]) -> list[str]:
         title,
         "",
         f"E-MILES stellar populations, star-formation histories, Charlot & Fall dust, BPT / AGN / post-starburst "
-        f"lines (specpt_hf/data/mock_sps.py): {family['test_set']}, unperturbed, against the basis set's same "
+        f"lines (specpt_hf/data/mock/sps.py): {family['test_set']}, unperturbed, against the basis set's same "
         f"classes (the `none` row above). Floors: NMAD ratio ≤ {floors['nmad_ratio']:g}, η ratio ≤ "
         f"{floors['eta_ratio']:g} (η ratio 1 where both η are 0, inf where only the basis η is 0).",
         "",

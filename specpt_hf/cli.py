@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 # sub-command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "mock": ("specpt_hf.data.mock", "write DESI-format mock coadd + redrock files"),
+    "mock": ("specpt_hf.data.mock.cli", "write DESI-format mock coadd + redrock files"),
     "plot-mock": ("specpt_hf.data.plots", "plot mock spectra next to a real DESI spectrum"),
     "download": ("specpt_hf.data.download", "download EDR coadd + redrock files"),
     "prepare": ("specpt_hf.data.prepare", "write Parquet shards and a dataset card"),

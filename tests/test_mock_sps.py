@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from specpt_hf.data import mock, mock_sps
+from specpt_hf.data import mock
 from specpt_hf.data.desi import read_desi_spectra
 from specpt_hf.data.mock import generate_spectra, write_mock_healpix
+from specpt_hf.data.mock import sps as mock_sps
 from specpt_hf.data.redshifts import join_redshifts, read_redrock
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from specpt_hf.data import mock_stars
 from specpt_hf.data.desi import read_desi_spectra
 from specpt_hf.data.mock import C_KMS, HARD_FLAGS, generate_spectra, write_mock_healpix, write_mock_release
+from specpt_hf.data.mock import stars as mock_stars
 from specpt_hf.data.redshifts import join_redshifts, read_redrock
 
 

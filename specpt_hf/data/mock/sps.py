@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from specpt_hf.data.mock import C_KMS, CASE_B, NEBULAR_LINES, d4000n
+from .physics import C_KMS, CASE_B, NEBULAR_LINES, d4000n
+from .populations import SPS_CLASSES
 
-SPS_CLASSES = ("bgs", "lrg", "elg")
 KINDS = ("sf", "composite", "seyfert", "liner", "psb", "passive")
 # Kinds per class, after the classes' spectroscopic mixes: BGS ≈ SDSS main galaxies (Kauffmann et al. 2003,
 # MNRAS 346, 1055: ~40 % of emission-line galaxies are composites or AGN), LRGs mostly passive with weak

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from specpt_hf.data.mock import C_KMS
+from .physics import C_KMS, _planck
 
 _LN0, _DLN = np.log(3300.0), 1e-4  # rest grid, 30 km/s steps
 _WAVE = np.exp(np.arange(_LN0, np.log(10500.0), _DLN))
@@ -103,11 +103,6 @@ COMPONENTS: dict[str, tuple[float, tuple[float, float], tuple[float, float], tup
 }
 
 
-def _planck(wave: np.ndarray, teff: np.ndarray) -> np.ndarray:
-    """Planck f_λ up to a constant, [n, m]."""
-    return wave[None, :] ** -5.0 / np.expm1(1.4388e8 / (wave[None, :] * teff[:, None]))
-
-
 def spectral_type(teff: np.ndarray, logg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(MK-like type, e.g. 'K3III', 'DA'; Redrock SUBTYPE letter, 'WD' for white dwarfs) per star."""
     knots = np.array([k[0] for k in _SPTYPES], dtype=float)
@@ -140,7 +135,7 @@ def _ews(teff: np.ndarray, logg: np.ndarray, feh: np.ndarray) -> np.ndarray:
 def _continuum(teff: np.ndarray, logg: np.ndarray, feh: np.ndarray) -> np.ndarray:
     """Planck × blanketing × Balmer jump × molecular bands, [n, m], normalised at 5500 Å."""
     wave = _WAVE
-    flux = _planck(wave, teff)
+    flux = _planck(wave[None, :], teff[:, None])  # [n, m]
     blue = 0.5 * (1.0 - np.tanh((wave - 4000.0) / 30.0))  # 1 blueward of 4000 Å
     blanket = 0.5 * np.clip((7500.0 - teff) / 3000.0, 0.0, 1.0) * 10.0 ** (0.25 * np.clip(feh, -2.5, 0.5))
     flux *= 1.0 - np.minimum(blanket, 0.7)[:, None] * blue[None, :]
