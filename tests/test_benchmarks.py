@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 from astropy.table import Table
@@ -22,6 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
+import parquet_writers  # noqa: E402
 import prepare_rate  # noqa: E402
 import redrock_priors  # noqa: E402
 import redrock_templates  # noqa: E402
@@ -391,3 +393,17 @@ def test_training_recipe_quick_data_step_is_resumable(tmp_path, capsys):
     assert recipe.main(argv) == 0  # done chunks are skipped
     assert "data chunk" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in shards["train"]} == before
+
+
+def test_parquet_writers_quick_writes_the_same_rows_both_ways(tmp_path, capsys):
+    rows = parquet_writers.make_rows(5)
+    for name, write in parquet_writers.WRITERS.items():
+        write(rows, tmp_path / name)
+        table = pq.read_table(tmp_path / name)
+        assert table["targetid"].to_pylist() == list(range(5)), name
+        expected = np.stack([row["flux"] for row in rows()])
+        np.testing.assert_array_equal(np.stack(table["flux"].to_numpy(zero_copy_only=False)), expected)
+    assert parquet_writers.main(["--out", str(tmp_path / "out"), "--quick"]) == 0
+    result = json.loads((tmp_path / "out" / "parquet_writers.json").read_text())
+    assert result["rows"] == 200 and result["ShardWriter"]["best_rows_per_s"] > 0
+    assert "ShardWriter / datasets" in capsys.readouterr().out
