@@ -60,9 +60,9 @@ from speed import load_redshift_model, machine_info, model_label, predict_coadds
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.data.mock import DELTACHI2_CUT, HARD_FLAGS, SPS_CLASSES, write_mock_release  # noqa: E402
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES as CLASSES  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 
-CLASSES = ("bgs", "lrg", "elg", "qso")
 MAGNITUDES = ("MAG_R", "FIBERMAG_G", "FIBERMAG_Z")
 TEST_SEED = 101
 TEST_HEALPIX = 30000
