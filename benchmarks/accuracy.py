@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Table, join, vstack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
@@ -60,9 +60,9 @@ from speed import load_redshift_model, machine_info, model_label, predict_coadds
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.data.mock import DELTACHI2_CUT, HARD_FLAGS, SPS_CLASSES, write_mock_release  # noqa: E402
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES as CLASSES  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 
-CLASSES = ("bgs", "lrg", "elg", "qso")
 MAGNITUDES = ("MAG_R", "FIBERMAG_G", "FIBERMAG_Z")
 TEST_SEED = 101
 TEST_HEALPIX = 30000
@@ -178,13 +178,20 @@ def read_truth(coadds: Sequence[Path], extra: Sequence[str] = ()) -> Table:
     for path in coadds:
         truth = Table.read(truth_path(path), hdu="TRUTH")
         scores = Table.read(path, hdu="SCORES")["TARGETID", "MEDIAN_COADD_SNR_R"]
+        scores["SNR_R"] = scores["MEDIAN_COADD_SNR_R"].astype(np.float64)
         part = truth[["TARGETID", "Z", "TARGET_CLASS", "SPECTYPE", "HARD", "EFFTIME", *MAGNITUDES, *extra]]
-        snr = dict(zip(np.asarray(scores["TARGETID"]), np.asarray(scores["MEDIAN_COADD_SNR_R"]), strict=True))
-        part["SNR_R"] = np.array([snr[t] for t in np.asarray(part["TARGETID"])], dtype=np.float64)
+        part = join(
+            part,
+            scores["TARGETID", "SNR_R"],
+            "TARGETID",
+            "left",
+            keep_order=True,
+            metadata_conflicts="silent",
+        )
+        if np.ma.is_masked(part["SNR_R"]):
+            raise ValueError(f"{path}: HDU SCORES lacks targets of {truth_path(path).name}")
         part["FILE"] = path.name
         parts.append(part)
-    from astropy.table import vstack
-
     table = vstack(parts, metadata_conflicts="silent")
     for name in ("TARGET_CLASS", "SPECTYPE", *(c for c in extra if table[c].dtype.kind in "SU")):
         table[name] = np.char.strip(np.asarray(table[name]).astype(str))
@@ -585,39 +592,35 @@ def run_specpt(
 
 def join_predictions(truth: Table, specpt: dict[str, dict], redrock: Table | None) -> Table:
     """Truth rows with Z_{method} (NaN where a method did not fit), each SpecPT model's ZWARN_{method} and
-    Redrock's ZWARN, DELTACHI2, SPECTYPE."""
-    table = truth.copy()
-    index = {int(t): i for i, t in enumerate(np.asarray(table["TARGETID"]))}
+    Redrock's ZWARN, DELTACHI2, SPECTYPE (as RR_*; -1, NaN, '' where it did not fit)."""
+    table = truth
     for label, result in specpt.items():
-        z = np.full(len(table), np.nan)
-        for t, value in zip(result["columns"]["targetid"], result["columns"]["z_pred"], strict=True):
-            if int(t) in index:
-                z[index[int(t)]] = value
-        table[f"Z_{label}"] = z
-        zwarn = np.full(len(table), -1)
-        for t, value in zip(result["columns"]["targetid"], result["columns"]["zwarn"], strict=True):
-            if int(t) in index:
-                zwarn[index[int(t)]] = value
-        table[f"ZWARN_{label}"] = zwarn
-    if redrock is not None:
-        z, zwarn, dchi2 = np.full(len(table), np.nan), np.full(len(table), -1), np.full(len(table), np.nan)
-        spectype = np.full(len(table), "", dtype="U6")
-        for row in redrock:
-            i = index.get(int(row["TARGETID"]))
-            if i is not None:
-                z[i], zwarn[i], dchi2[i], spectype[i] = (
-                    row["Z"],
-                    row["ZWARN"],
-                    row["DELTACHI2"],
-                    row["SPECTYPE"],
-                )
-        table["Z_Redrock"], table["RR_ZWARN"], table["RR_DELTACHI2"], table["RR_SPECTYPE"] = (
-            z,
-            zwarn,
-            dchi2,
-            spectype,
+        columns = result["columns"]
+        predicted = Table(
+            {
+                "TARGETID": columns["targetid"],
+                f"Z_{label}": columns["z_pred"],
+                f"ZWARN_{label}": columns["zwarn"],
+            }
         )
+        table = _left_join(table, predicted, {f"Z_{label}": np.nan, f"ZWARN_{label}": -1})
+    if redrock is not None:
+        fitted = redrock["TARGETID", "Z", "ZWARN", "DELTACHI2", "SPECTYPE"]
+        fitted.rename_columns(
+            ["Z", "ZWARN", "DELTACHI2", "SPECTYPE"], ["Z_Redrock", "RR_ZWARN", "RR_DELTACHI2", "RR_SPECTYPE"]
+        )
+        fills = {"Z_Redrock": np.nan, "RR_ZWARN": -1, "RR_DELTACHI2": np.nan, "RR_SPECTYPE": ""}
+        table = _left_join(table, fitted, fills)
     return table
+
+
+def _left_join(table: Table, other: Table, fills: dict[str, Any]) -> Table:
+    """`table`'s rows, in order, with the columns of `other` matched by TARGETID; `fills` where `other` has none."""
+    out = join(table, other, keys="TARGETID", join_type="left", keep_order=True, metadata_conflicts="silent")
+    for name, fill in fills.items():
+        if hasattr(out[name], "filled"):
+            out[name] = out[name].filled(fill)
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

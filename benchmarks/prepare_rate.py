@@ -65,8 +65,9 @@ from astropy.table import Table
 from specpt_hf.data.builder import collect_spectra_files
 from specpt_hf.data.desi import DESI_ARMS, read_desi_chunks
 from specpt_hf.data.mmu import coadd_mmu_columns, read_mmu_chunks, write_mmu_hdf5, write_mmu_parquet
-from specpt_hf.data.mock import TARGET_CLASSES, write_mock_release
+from specpt_hf.data.mock import write_mock_release
 from specpt_hf.data.prepare import prepare_dataset
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES
 
 REAL_FILES = ("coadd-sv3-dark-26065.fits", "coadd-5-169-thru20210419.fits")
 
@@ -223,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             files = collect_spectra_files(args.inputs)
             label = ", ".join(args.inputs)
         elif args.mock:
-            write_mock_release(tmp / "in", dict.fromkeys(TARGET_CLASSES, args.mock), seed=0, progress=False)
+            write_mock_release(
+                tmp / "in", dict.fromkeys(EXTRAGALACTIC_CLASSES, args.mock), seed=0, progress=False
+            )
             files = collect_spectra_files([tmp / "in"])
             label = f"mock release, {args.mock} spectra per class"
         else:

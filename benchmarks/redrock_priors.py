@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from astropy.table import Table
+from astropy.table import Table, join
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import CLASSES, TEST_SEED, make_test_set, read_truth  # noqa: E402
@@ -79,21 +79,18 @@ def fit_all(args: argparse.Namespace, files: list[Path], out: Path) -> dict[str,
 
 def compare(truth: Table, tables: dict[str, Table]) -> dict[str, Any]:
     """Metrics per class of every method on the targets every method fitted."""
-    z_of = {
-        name: dict(zip(t["TARGETID"].tolist(), np.asarray(t["Z"], float).tolist(), strict=True))
-        for name, t in tables.items()
-    }
-    ids = np.asarray(truth["TARGETID"])
-    common = np.array([all(i in z for z in z_of.values()) for i in ids.tolist()])
-    classes = np.asarray(truth["TARGET_CLASS"]).astype(str)[common]
-    z_true = np.asarray(truth["Z"], float)[common]
+    common = truth["TARGETID", "Z", "TARGET_CLASS"]
+    for i, table in enumerate(tables.values()):
+        fitted = table["TARGETID", "Z"]
+        fitted.rename_column("Z", f"Z_{i}")
+        common = join(common, fitted, "TARGETID", keep_order=True, metadata_conflicts="silent")
+    classes = np.asarray(common["TARGET_CLASS"]).astype(str)
+    z_true = np.asarray(common["Z"], float)
     metrics = {
-        name: metrics_by_group(
-            np.array([z[i] for i in ids[common].tolist()]), z_true, classes, overall_key="all"
-        )
-        for name, z in z_of.items()
+        name: metrics_by_group(np.asarray(common[f"Z_{i}"], float), z_true, classes, overall_key="all")
+        for i, name in enumerate(tables)
     }
-    return {"n_common": int(common.sum()), "metrics": metrics}
+    return {"n_common": len(common), "metrics": metrics}
 
 
 def markdown(results: dict[str, Any]) -> str:

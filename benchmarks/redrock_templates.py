@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from specpt_hf.atomic import atomic_write, atomic_write_text
 from specpt_hf.data.instrument import Arm
-from specpt_hf.data.mock import DRAWERS, TARGET_CLASSES, physics, render
+from specpt_hf.data.mock import DRAWERS, physics, render
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES
 
 VERSION = "mock-1"
 DEFAULT_SEED = 20240601
@@ -101,7 +102,7 @@ def rest_frame_spectra(target_class: str, n: int, seed: int, wave: np.ndarray) -
     Each row is the mock's observed-frame flux density evaluated at λ_obs = λ_rest (1 + z) — the same
     continuum, dust and line fluxes as `generate_spectra`, with no Lyα forest and no noise.
     """
-    rng = np.random.default_rng([int(seed), TARGET_CLASSES.index(target_class), 99])
+    rng = np.random.default_rng([int(seed), EXTRAGALACTIC_CLASSES.index(target_class), 99])
     p = DRAWERS[target_class](rng, n)
     physics._normalise(p)  # the scale ties line fluxes to continua as in the mock
     _, centre, sigma, flux = physics._lines(p)  # observed frame [n, L]

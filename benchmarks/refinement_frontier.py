@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.table import Table, join
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import CLASSES, make_test_set, read_truth  # noqa: E402
@@ -62,21 +63,24 @@ def run_setting(
     catalog = out / f"catalog-{refine}-{modes}-{window:g}-{coarse}.fits"
     columns = predict_coadds(model, coadds, catalog, batch_size=64)
     cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
-    index = {int(t): i for i, t in enumerate(np.asarray(truth["TARGETID"]))}
-    rows = np.array([index[int(t)] for t in columns["targetid"]])
-    z_true = np.asarray(truth["Z"])[rows]
-    classes = np.asarray(truth["TARGET_CLASS"]).astype(str)[rows]
-    by_class = metrics.metrics_by_group(columns["z_pred"], z_true, classes, overall_key="all")
-    good = columns["zwarn"] == 0
+    predicted = Table(
+        {"TARGETID": columns["targetid"], "Z_PRED": columns["z_pred"], "ZWARN": columns["zwarn"]}
+    )
+    rows = join(predicted, truth["TARGETID", "Z", "TARGET_CLASS"], "TARGETID", keep_order=True)
+    classes = np.asarray(rows["TARGET_CLASS"]).astype(str)
+    by_class = metrics.metrics_by_group(
+        np.asarray(rows["Z_PRED"]), np.asarray(rows["Z"]), classes, overall_key="all"
+    )
+    good = np.asarray(rows["ZWARN"]) == 0
     return {
         "refinement": refine,
         "modes": modes,
         "window_bins": window,
         "coarse_vectors": coarse,
-        "n": int(len(rows)),
+        "n": len(rows),
         "cpu_seconds": cpu,
         "wall_seconds": wall,
-        "spectra_per_cpu_second": len(rows) / cpu,
+        "spectra_per_cpu_second": len(predicted) / cpu,
         "by_class": {name: {k: by_class[name][k] for k in ("n", "nmad", "eta")} for name in by_class},
         "zwarn0_fraction": {name: float(good[classes == name].mean()) for name in CLASSES if name in classes},
     }

@@ -47,8 +47,8 @@ from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
 from run_redrock import QUICK_ZSCAN, RedrockError, log_path, redrock_missing, run_redrock  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES as CLASSES  # noqa: E402
 
-CLASSES = ("bgs", "lrg", "elg", "qso")
 SPEED_SEED = 202  # mock seed of the speed inputs (training recipes use 0 and 1)
 SPEED_HEALPIX = 40000
 CPU_PRESETS = ("specpt-tiny", "specpt-small")

@@ -137,7 +137,7 @@ def joined(truth: Table, catalog: Table) -> Table:
     DELTACHI2 (NaN / -1 / '' where the catalog has no row)."""
     predicted = catalog["TARGETID", "Z", "ZWARN", "SPECTYPE", "DELTACHI2"]
     predicted.rename_columns(["Z", "SPECTYPE"], ["Z_PRED", "SPECTYPE_PRED"])
-    out = join(truth, predicted, keys="TARGETID", join_type="left")
+    out = join(truth, predicted, keys="TARGETID", join_type="left", metadata_conflicts="silent")
     for name, fill in (("Z_PRED", np.nan), ("ZWARN", -1), ("SPECTYPE_PRED", ""), ("DELTACHI2", np.nan)):
         if hasattr(out[name], "filled"):
             out[name] = out[name].filled(fill)

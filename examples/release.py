@@ -61,7 +61,7 @@ from specpt_hf.data.download import (
 )
 from specpt_hf.data.mock import write_mock_release
 from specpt_hf.data.prepare import prepare_dataset, write_shards_card
-from specpt_hf.data.redshifts import target_class_of
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES, target_class_of
 from specpt_hf.evaluation.evaluate_model import evaluate_model
 from specpt_hf.hub import push_to_hub, write_repo_folder
 from specpt_hf.loading import SHORT_NAMES
@@ -71,7 +71,6 @@ from specpt_hf.training.settings import TrainingSettings
 from specpt_hf.training.train import training_function
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-CLASSES = ("bgs", "elg", "lrg", "qso")
 STEPS = ("data", "prepare", "autoencoder", "redshift", "templates", "evaluate", "card", "push")
 
 
@@ -308,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw-dir", type=Path, help="where the DESI files go (default: {out}/data/raw)")
     parser.add_argument("--base-url", help="EDR release root to download from (default: the public EDR)")
     parser.add_argument("--workers", type=int, default=4, help="concurrent downloads")
-    parser.add_argument("--classes", nargs="+", default=["bgs", "elg"], choices=CLASSES)
+    parser.add_argument("--classes", nargs="+", default=["bgs", "elg"], choices=EXTRAGALACTIC_CLASSES)
     parser.add_argument(
         "--preset", default="specpt-base", help="preset with settings files in examples/configs/"
     )

@@ -33,6 +33,7 @@ from specpt_hf.atomic import atomic_write_json, atomic_write_text
 from specpt_hf.data import read_desi_spectra, target_class_of
 from specpt_hf.data.mock import write_mock_release
 from specpt_hf.data.prepare import prepare_dataset
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES
 from specpt_hf.evaluation.evaluate_model import evaluate_model
 from specpt_hf.modeling_specpt import TEMPLATES_NAME, SpecPTForRedshift
 from specpt_hf.prediction import predict_records
@@ -41,7 +42,6 @@ from specpt_hf.training.settings import TrainingSettings
 from specpt_hf.training.train import training_function
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-CLASSES = ("bgs", "lrg", "elg", "qso")
 REAL_DESI_FILES = ("coadd-sv3-dark-26065.fits", "coadd-5-169-thru20210419.fits")
 
 # full job: sized to finish in under 20 minutes on 2 CPU cores; quick: a smoke run of every step
@@ -183,7 +183,13 @@ def run(out: Path, plan: dict[str, Any], seed: int = 0) -> Path:
     mock, data, runs = out / "data" / "mock", out / "data" / "parquet", out / "runs"
     step = StepTimer(out / "timings.json")
     if not (mock / "healpix").exists():
-        step("mock DESI files", write_mock_release, mock, dict.fromkeys(CLASSES, plan["n_per_class"]), seed)
+        step(
+            "mock DESI files",
+            write_mock_release,
+            mock,
+            dict.fromkeys(EXTRAGALACTIC_CLASSES, plan["n_per_class"]),
+            seed,
+        )
     if not (data / "README.md").exists():
         step("prepare Parquet", prepare_dataset, [mock], data, overwrite=True)
     autoencoder = runs / "autoencoder" / "model"

@@ -29,7 +29,8 @@ REFINEMENTS = ("none", "peaks", "peaks+wide")
 REFINEMENT_SMOOTHING_KMS = {"GALAXY": 50.0, "QSO": 400.0, "STAR": 50.0}
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """ValueError naming the setting `name` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
 
@@ -178,10 +179,10 @@ class SpecPTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def _validate_backbone(self) -> None:
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("normalization", self.normalization, NORMALIZATIONS)
-        _check_choice("pooling", self.pooling, POOLINGS)
-        _check_choice("reconstruction_loss", self.reconstruction_loss, RECONSTRUCTION_LOSSES)
+        check_choice("layout", self.layout, LAYOUTS)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("reconstruction_loss", self.reconstruction_loss, RECONSTRUCTION_LOSSES)
         _check_positive(
             num_pixels=self.num_pixels,
             wavelength_start=self.wavelength_start,
@@ -366,7 +367,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self._validate_head()
 
     def _validate_head(self) -> None:
-        _check_choice("head_type", self.head_type, HEAD_TYPES)
+        check_choice("head_type", self.head_type, HEAD_TYPES)
         if not (self.z_min > -1.0 and self.z_max > self.z_min and math.isfinite(self.z_max)):
             raise ValueError(f"need -1 < `z_min` < `z_max` < inf, got z_min={self.z_min}, z_max={self.z_max}")
         if self.num_redshift_bins < 2:
@@ -388,7 +389,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self._validate_refinement()
 
     def _validate_refinement(self) -> None:
-        _check_choice("refinement", self.refinement, REFINEMENTS)
+        check_choice("refinement", self.refinement, REFINEMENTS)
         _check_positive(
             refinement_modes=self.refinement_modes,
             refinement_window=self.refinement_window,

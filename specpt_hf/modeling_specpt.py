@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -528,9 +529,9 @@ class SpecPTPaperRedshiftHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _key_groups(keys: set[str] | list[str]) -> str:
-    """'specpt.encoder (24), head (12)': keys grouped by their first two name parts."""
-    counts = Counter(".".join(key.split(".")[:2]) for key in keys)
+def group_names(names: Iterable[str]) -> str:
+    """'specpt.encoder (24), head (12)': tensor names counted by their first two name parts."""
+    counts = Counter(".".join(name.split(".")[:2]) for name in names)
     return ", ".join(f"{group} ({n})" for group, n in sorted(counts.items())) or "none"
 
 
@@ -597,8 +598,8 @@ class SpecPTPreTrainedModel(PreTrainedModel):
         loaded = set(model.state_dict()) - missing
         message = (
             f"{cls.__name__} from {pretrained_model_name_or_path}: loaded {len(loaded)} tensors "
-            f"[{_key_groups(loaded)}]; newly initialised {len(missing)} [{_key_groups(missing)}]; "
-            f"unused in the checkpoint {len(unexpected)} [{_key_groups(unexpected)}]"
+            f"[{group_names(loaded)}]; newly initialised {len(missing)} [{group_names(missing)}]; "
+            f"unused in the checkpoint {len(unexpected)} [{group_names(unexpected)}]"
         )
         (logger.warning if missing or unexpected else logger.info)(message)
         model._after_loading()

@@ -134,6 +134,45 @@ def test_redrock_priors_quick_runs_redrock_with_and_without_the_priors(tmp_path,
     assert "| all | Redrock + SpecPT priors |" in (tmp_path / "redrock_priors.md").read_text()
 
 
+def test_redrock_priors_compares_the_targets_every_method_fitted():
+    truth = Table(
+        {"TARGETID": [5, 3, 9, 7], "Z": [0.5, 0.3, 0.9, 0.7], "TARGET_CLASS": ["elg", "lrg", "elg", "qso"]}
+    )
+    tables = {
+        "A": Table({"TARGETID": [9, 5, 3], "Z": [0.9, 0.5, 0.8]}),  # 0.3 -> 0.8: an outlier
+        "B": Table({"TARGETID": [3, 9, 7, 1], "Z": [0.3, 0.9, 0.7, 2.0]}),  # 1 is no target
+    }
+    result = redrock_priors.compare(truth, tables)
+    assert result["n_common"] == 2  # TARGETIDs 3 and 9
+    a, b = result["metrics"]["A"], result["metrics"]["B"]
+    assert a["all"]["n"] == b["all"]["n"] == 2 and set(a) == {"all", "elg", "lrg"}
+    assert a["lrg"]["eta"] == 1.0 and a["elg"]["eta"] == 0.0 and b["all"]["eta"] == 0.0
+
+
+def test_join_predictions_fills_what_a_method_did_not_fit():
+    truth = Table({"TARGETID": [5, 3, 9], "Z": [0.5, 0.3, 0.9]})
+    specpt = {
+        "m": {"columns": {"targetid": np.array([9, 5, 4]), "z_pred": [0.8, 0.4, 1.0], "zwarn": [0, 4, 0]}}
+    }
+    redrock = Table(
+        {
+            "TARGETID": [3, 9],
+            "Z": [0.31, 0.91],
+            "ZWARN": [0, 0],
+            "DELTACHI2": [50.0, 9.0],
+            "SPECTYPE": ["GALAXY", "QSO"],
+        }
+    )
+    table = accuracy.join_predictions(truth, specpt, redrock)
+    assert table["TARGETID"].tolist() == [5, 3, 9]  # the truth's rows, in order
+    np.testing.assert_array_equal(table["Z_m"], [0.4, np.nan, 0.8])
+    assert table["ZWARN_m"].tolist() == [4, -1, 0]
+    np.testing.assert_array_equal(table["Z_Redrock"], [np.nan, 0.31, 0.91])
+    assert table["RR_ZWARN"].tolist() == [-1, 0, 0] and table["RR_SPECTYPE"].tolist() == ["", "GALAXY", "QSO"]
+    np.testing.assert_array_equal(table["RR_DELTACHI2"], [np.nan, 50.0, 9.0])
+    assert accuracy.join_predictions(truth, {}, None)["TARGETID"].tolist() == [5, 3, 9]
+
+
 def test_robustness_quick_writes_every_perturbation(tmp_path):
     assert robustness.main(["--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "robustness.json").read_text())

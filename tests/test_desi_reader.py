@@ -15,7 +15,6 @@ from specpt_hf.data.desi import (
     DESI_N_PIXELS,
     DesiFormatError,
     ReadStats,
-    _merge_to_grid,
     arm_offsets,
     desi_brz_wavelength,
     inspect_desi_file,
@@ -253,24 +252,73 @@ def test_inspect_reports_targetids():
 # ----------------------------------------------------------------------------------------- merge unit
 
 
+def coadd_cameras_merge(
+    flux: dict[str, np.ndarray],
+    ivar: dict[str, np.ndarray],
+    mask: dict[str, np.ndarray],
+    offsets: dict[str, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The test oracle: the merge as DESI's coadd_cameras writes it, with its integer masks.
+
+    Per arm, NaN/inf values and masked pixels get ivar 0 (NaN/inf flux 0). Pixels seen by one arm are
+    copied with their mask; in the overlaps flux = Σ ivar·flux / Σ ivar, ivar = Σ ivar and the mask is
+    the OR of the arms' masks, reset to 0 where Σ ivar > 0. Bad = mask != 0 or ivar 0. Returns flux,
+    ivar, bad [n, 7781] and the NaN/inf values at otherwise good pixels per spectrum [n].
+    """
+    n = next(iter(flux.values())).shape[0]
+    coverage = np.zeros(DESI_N_PIXELS, dtype=int)
+    for arm, start in offsets.items():
+        coverage[start : start + flux[arm].shape[1]] += 1
+    out_flux = np.zeros((n, DESI_N_PIXELS), dtype=np.float32)
+    out_ivar = np.zeros((n, DESI_N_PIXELS), dtype=np.float32)
+    out_mask = np.zeros((n, DESI_N_PIXELS), dtype=np.uint32)
+    weight = np.zeros((n, DESI_N_PIXELS))  # Σ ivar
+    weighted = np.zeros((n, DESI_N_PIXELS))  # Σ ivar·flux
+    mask_or = np.zeros((n, DESI_N_PIXELS), dtype=np.uint32)
+    nonfinite = np.zeros(n, dtype=np.int64)
+    for arm, start in offsets.items():
+        arm_flux = np.asarray(flux[arm], dtype=np.float32)
+        arm_ivar = np.asarray(ivar[arm], dtype=np.float32)
+        arm_mask = np.asarray(mask[arm], dtype=np.uint32)
+        finite = np.isfinite(arm_flux) & np.isfinite(arm_ivar)
+        nonfinite += np.sum(~finite & (arm_mask == 0) & ~(arm_ivar <= 0), axis=1)
+        arm_flux = np.where(finite, arm_flux, np.float32(0))
+        arm_ivar = np.where(finite & (arm_mask == 0) & (arm_ivar > 0), arm_ivar, np.float32(0))
+        pixels = start + np.arange(arm_flux.shape[1])
+        alone = coverage[pixels] == 1
+        out_flux[:, pixels[alone]] = arm_flux[:, alone]
+        out_ivar[:, pixels[alone]] = arm_ivar[:, alone]
+        out_mask[:, pixels[alone]] = arm_mask[:, alone]
+        shared = pixels[~alone]
+        weight[:, shared] += arm_ivar[:, ~alone]
+        weighted[:, shared] += arm_ivar[:, ~alone].astype(np.float64) * arm_flux[:, ~alone]
+        mask_or[:, shared] |= arm_mask[:, ~alone]
+    shared = coverage > 1
+    good = weight[:, shared] > 0
+    out_flux[:, shared] = np.where(good, weighted[:, shared] / np.where(good, weight[:, shared], 1.0), 0.0)
+    out_ivar[:, shared] = weight[:, shared]
+    out_mask[:, shared] = np.where(good, np.uint32(0), mask_or[:, shared])
+    return out_flux, out_ivar, (out_mask != 0) | (out_ivar <= 0), nonfinite
+
+
 def test_merge_arms_mask_rules():
-    offsets = {"b": 0, "r": 2}  # a 5-pixel toy layout: pixel 2-3 overlap... on the brz grid
+    offsets = {"b": 0, "r": 2}  # a toy layout on the brz grid: pixels 2-3 are seen by both arms
     flux = {"b": np.array([[1.0, 2.0, 3.0, 4.0]]), "r": np.array([[5.0, 6.0, 7.0]])}
     ivar = {"b": np.array([[1.0, 1.0, 1.0, 2.0]]), "r": np.array([[3.0, 1.0, 1.0]])}
     mask = {"b": np.array([[0, 4, 8, 0]]), "r": np.array([[0, 16, 0]])}
     merged = merge_arms(flux, ivar, mask, offsets)
-    # pixel 1: b only, masked -> ivar 0, flux copied, mask kept
-    assert merged.ivar[0, 1] == 0 and merged.flux[0, 1] == 2.0 and merged.mask[0, 1] == 4
-    # pixel 2: b masked, r good -> r's value, mask reset to 0
-    assert merged.flux[0, 2] == 5.0 and merged.ivar[0, 2] == 3.0 and merged.mask[0, 2] == 0
+    # pixel 1: b only, masked -> ivar 0, flux copied, bad
+    assert merged.ivar[0, 1] == 0 and merged.flux[0, 1] == 2.0 and merged.bad[0, 1]
+    # pixel 2: b masked, r good -> r's value, good
+    assert merged.flux[0, 2] == 5.0 and merged.ivar[0, 2] == 3.0 and not merged.bad[0, 2]
     # pixel 3: b (ivar 2, flux 4) and r masked -> b's value only
-    assert merged.flux[0, 3] == 4.0 and merged.ivar[0, 3] == 2.0 and merged.mask[0, 3] == 0
+    assert merged.flux[0, 3] == 4.0 and merged.ivar[0, 3] == 2.0 and not merged.bad[0, 3]
     # pixel 4: r only, good
     assert merged.flux[0, 4] == 7.0 and not merged.bad[0, 4]
     # beyond the arms: no data
-    assert merged.bad[0, 5:].all()
+    assert merged.bad[0, 5:].all() and (merged.ivar[0, 5:] == 0).all()
     both_masked = merge_arms(flux, ivar, {"b": np.array([[0, 0, 8, 0]]), "r": np.array([[2, 0, 0]])}, offsets)
-    assert both_masked.mask[0, 2] == 8 | 2 and both_masked.ivar[0, 2] == 0 and both_masked.flux[0, 2] == 0
+    assert both_masked.bad[0, 2] and both_masked.ivar[0, 2] == 0 and both_masked.flux[0, 2] == 0
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -430,8 +478,8 @@ def test_table_columns_equal_astropy_for_every_column_type(tmp_path):
         assert values["NAME"].dtype.kind == "S" and values["FLAG"].dtype == bool
 
 
-def test_fast_merge_equals_merge_arms():
-    """The readers' merge gives `merge_arms`' flux, ivar and bad pixels to the bit, NaN/inf included."""
+def test_merge_arms_equals_coadd_cameras():
+    """`merge_arms` gives the oracle's flux, ivar and bad pixels to the bit, NaN/inf and stored masks included."""
     rng = np.random.default_rng(7)
     for trial in range(40):
         n = int(rng.integers(1, 5))
@@ -446,15 +494,17 @@ def test_fast_merge_equals_merge_arms():
                 for values in (flux[arm], ivar[arm]):
                     poison = rng.random(values.shape) < 0.1
                     values[poison] = rng.choice([np.nan, np.inf, -np.inf], size=int(poison.sum()))
-        expected = merge_arms(flux, ivar, mask, offsets)
+        expected_flux, expected_ivar, expected_bad, expected_nonfinite = coadd_cameras_merge(
+            flux, ivar, mask, offsets
+        )
         # the same masks as stored under BZERO = 2**31 (int32, a good pixel is -2**31)
         stored = {arm: (m.astype(np.int64) - 2**31).astype(">i4") for arm, m in mask.items()}
         for masks, zeros in ((mask, None), (stored, dict.fromkeys(offsets, -(2**31)))):
-            got_flux, got_ivar, got_bad, nonfinite = _merge_to_grid(flux, ivar, masks, offsets, zeros)
-            assert got_flux.tobytes() == expected.flux.tobytes(), trial  # -0.0 and 0.0 differ here
-            assert got_ivar.tobytes() == expected.ivar.tobytes(), trial
-            np.testing.assert_array_equal(got_bad, expected.bad)
-            np.testing.assert_array_equal(nonfinite, expected.nonfinite)
+            merged = merge_arms(flux, ivar, masks, offsets, zeros)
+            assert merged.flux.tobytes() == expected_flux.tobytes(), trial  # -0.0 and 0.0 differ here
+            assert merged.ivar.tobytes() == expected_ivar.tobytes(), trial
+            np.testing.assert_array_equal(merged.bad, expected_bad)
+            np.testing.assert_array_equal(merged.nonfinite, expected_nonfinite)
 
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
@@ -492,11 +542,13 @@ def test_chunks_hold_the_records(path):
 
 
 def _expected_records(path: Path) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """flux, ivar, bad per good row, merged with `merge_arms` from astropy's scaled arrays."""
+    """flux, ivar, bad per good row, merged by the oracle from astropy's scaled arrays."""
     arms = raw_arms(path)
     offsets = arm_offsets({arm: arms[arm]["WAVELENGTH"] for arm in "brz"})
-    merged = merge_arms(*({a: arms[a][kind] for a in "brz"} for kind in ("FLUX", "IVAR", "MASK")), offsets)
-    return {row: (merged.flux[row], merged.ivar[row], merged.bad[row]) for row in expected_good_rows(path)}
+    flux, ivar, bad, _ = coadd_cameras_merge(
+        *({a: arms[a][kind] for a in "brz"} for kind in ("FLUX", "IVAR", "MASK")), offsets
+    )
+    return {row: (flux[row], ivar[row], bad[row]) for row in expected_good_rows(path)}
 
 
 def test_unusual_scalings_read_as_astropy_scales_them(tmp_path):

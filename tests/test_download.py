@@ -37,6 +37,7 @@ class ServerState:
     drop_after: int | None = None  # close the connection after this many body bytes
     drops_left: int = 0  # ... for this many responses
     extra_total: int = 0  # announce a Content-Range total this much larger than the file
+    fail_with: list[int] = field(default_factory=list)  # statuses to answer first, one per request
     log: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -62,6 +63,15 @@ class RangeHandler(BaseHTTPRequestHandler):
         if not local.is_relative_to(state.root) or not local.is_file():
             state.record(path=path, range=range_header, status=404, sent=0)
             self.send_error(404)
+            return
+        with state.lock:
+            failure = state.fail_with.pop(0) if state.fail_with else None
+        if failure:
+            state.record(path=path, range=range_header, status=failure, sent=0)
+            self.send_response(failure)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.close_connection = True
             return
         data = local.read_bytes()
         start, status = 0, 200
@@ -273,6 +283,21 @@ def test_dropped_connection_is_retried_within_one_run(server, release, tmp_path)
     assert (
         len(ranges) == 3 and ranges[0] is None and ranges[1].startswith("bytes=") and ranges[2] != ranges[1]
     )
+
+
+def test_server_errors_are_retried_then_reported(server, release, tmp_path):
+    url, state = server
+    name, options = "coadd-sv3-dark-26065.fits", {**FAST, "retries": 2}
+    state.fail_with = [503, 429]
+    report = dl.download_healpix([DARK], tmp_path, kinds=("coadd",), base_url=url, **options)
+    assert report.ok and (tmp_path / relpath(DARK)).read_bytes() == (release / relpath(DARK)).read_bytes()
+    assert [e["status"] for e in state.requests_for(name)] == [503, 429, 200]
+    state.fail_with = [500, 502, 504, 503]  # one more than the retries
+    report = dl.download_healpix([DARK], tmp_path / "again", kinds=("coadd",), base_url=url, **options)
+    (reason,) = report.failed.values()
+    assert "HTTP 504" in reason and f"{url}/{relpath(DARK)}" in reason
+    assert [e["status"] for e in state.requests_for(name)][3:] == [500, 502, 504]
+    assert not (tmp_path / "again" / relpath(DARK)).exists()
 
 
 def test_size_mismatch_is_detected(server, release, tmp_path):

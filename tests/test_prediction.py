@@ -1,5 +1,5 @@
 """Batched prediction of spectrum records: same numbers as the model, unusable spectra skipped, ZWARN bits,
-anomaly score, and the pipeline's resampler against `specpt_hf.data.instrument.resample`."""
+anomaly score, and the resampler against specutils' `FluxConservingResampler`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ import importlib.resources
 import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import astropy.units as u
 import numpy as np
 import pytest
 import torch
+from astropy.nddata import InverseVariance
+from specutils import Spectrum
+from specutils.manipulation import FluxConservingResampler
 
 from specpt_hf import create_model
 from specpt_hf.data import read_desi_spectra
-from specpt_hf.data.instrument import DEIMOS, DESI, HST_G102, resample
+from specpt_hf.data.instrument import DEIMOS, DESI, HST_G102
 from specpt_hf.prediction import (
     FlagThresholds,
     InferenceStats,
@@ -23,9 +28,9 @@ from specpt_hf.prediction import (
     predict_batches,
     predict_records,
     predict_spectra,
-    resample_spectra,
     zwarn_flags,
 )
+from specpt_hf.resampling import FLUX_UNIT, bin_edges, resample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -80,10 +85,9 @@ def test_records_match_the_model_and_unusable_spectra_are_skipped(models, record
         list(batched(records, 0))
 
 
-def test_anomaly_is_the_reduced_chi2_of_the_reconstruction(models, records):
+def test_anomaly_is_the_reduced_chi2_of_the_reconstruction(models, records, monkeypatch):
     model, autoencoder = models
     batch = next(batched(records, 8))
-    columns = predict_batches(model, [batch], autoencoder=autoencoder)
     out = predict_spectra(
         model,
         batch["flux"],
@@ -99,12 +103,28 @@ def test_anomaly_is_the_reduced_chi2_of_the_reconstruction(models, records):
             mask=torch.as_tensor(batch["mask"]),
         )
     model_flux = (rec.reconstruction * rec.scale[:, None]).numpy()
-    good = ~batch["mask"]
-    chi2 = np.where(good, batch["ivar"] * (batch["flux"] - model_flux) ** 2, 0.0).sum(1) / good.sum(1)
-    np.testing.assert_allclose(columns["anomaly"], chi2, rtol=1e-4)
     np.testing.assert_allclose(out["reconstruction"], model_flux, rtol=1e-5, atol=1e-6)
+
+    # A known answer: with the reconstruction fixed to a smooth spectrum, a spectrum k standard deviations
+    # from it at every good pixel (on either side, at random) has reduced chi^2 = k^2 exactly.
+    reconstruction = torch.linspace(1.0, 3.0, batch["flux"].shape[1])  # [pixels]
+    monkeypatch.setattr(
+        autoencoder,
+        "forward",
+        lambda flux, **_: SimpleNamespace(
+            reconstruction=reconstruction.expand(len(flux), -1), scale=torch.ones(len(flux))
+        ),
+    )
+    k = np.array([0.5, 2.0, 3.0])  # one per record
+    assert len(batch["flux"]) == len(k)
+    side = np.random.default_rng(0).choice([-1.0, 1.0], size=batch["flux"].shape)
+    sigma = 1.0 / np.sqrt(np.where(batch["ivar"] > 0, batch["ivar"], 1.0))  # [n, pixels]
+    flux = (reconstruction.numpy() + k[:, None] * side * sigma).astype(np.float32)
+    columns = predict_batches(model, [{**batch, "flux": flux}], autoencoder=autoencoder)
+    np.testing.assert_allclose(columns["anomaly"], k**2, rtol=1e-4)  # float32 flux: ~1e-6 rounding
     flagged = (columns["zwarn"] & SpecPTZwarn.ANOMALOUS) > 0
-    assert flagged.tolist() == (chi2 > FlagThresholds().max_anomaly).tolist()
+    assert flagged.tolist() == [False, False, True]  # 0.25, 4 and 9 against max_anomaly = 5
+    assert FlagThresholds().max_anomaly == 5.0
 
 
 def test_zwarn_bits():
@@ -155,16 +175,43 @@ def test_zwarn_bits():
 
 
 @pytest.mark.parametrize("instrument", [DEIMOS, HST_G102], ids=lambda i: i.name)
-def test_resampler_agrees_with_the_instrument_module(instrument):
+def test_resampler_agrees_with_specutils(instrument):
+    """`resample` against specutils' `FluxConservingResampler`, a per-pixel loop written independently, from
+    a finer (DEIMOS, 0.33 Å) and a coarser (G102, 24.5 Å) grid onto DESI's 0.8 Å grid.
+
+    Both average the input over the same bin edges (midpoints between centres) and propagate the variance as
+    Σ w² σ² / (Σ w)², in float64; only the order of the sums differs, so they agree to rounding (measured:
+    2e-16). The tolerance of 1e-10 leaves room for that and none for a wrong edge or weight: input edges
+    shifted by 1e-4 Å already move the flux by 3e-5 and the ivar by 4e-4 (relative).
+    """
     rng = np.random.default_rng(1)
     wave = instrument.wave
-    flux = 1.0 + 0.3 * np.sin(wave / 50.0)[None] + 0.05 * rng.standard_normal((2, len(wave)))
-    ivar = rng.uniform(50.0, 200.0, (2, len(wave)))
-    mask = rng.random((2, len(wave))) < 0.1
-    ours = resample_spectra(wave, flux, ivar, mask, DESI.wave)
-    theirs = resample(wave, flux, ivar, DESI.wave, mask=mask)
-    np.testing.assert_array_equal(ours[2], theirs[2])
-    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-5)
-    covered = ~ours[2][0]
-    assert covered.any() and not covered.all()
+    lines = wave[0] + (wave[-1] - wave[0]) * np.array([0.2, 0.45, 0.7])
+    width = 3.0 * (wave[1] - wave[0])  # a few input pixels: structure on every scale of both grids
+    flux = 2.0 + np.sin(wave / 40.0) + rng.normal(0.0, 0.05, wave.size)
+    flux += sum(3.0 * np.exp(-0.5 * ((wave - c) / width) ** 2) for c in lines)  # emission
+    flux -= 1.5 * np.exp(-0.5 * ((wave - wave.mean() - 7 * width) / width) ** 2)  # an absorption line
+    ivar = rng.uniform(50.0, 200.0, wave.size)
+    spectrum = Spectrum(
+        flux=flux * u.Unit(FLUX_UNIT), spectral_axis=wave * u.AA, uncertainty=InverseVariance(ivar)
+    )
+    theirs = FluxConservingResampler(extrapolation_treatment="nan_fill")(spectrum, DESI.wave * u.AA)
+    their_flux, their_ivar = theirs.flux.value, theirs.uncertainty.array
+
+    out_flux, out_ivar, out_mask = resample(wave, flux, ivar, DESI.wave)
+    covered = ~out_mask  # output pixels wholly inside the input's coverage
+    assert 1000 < covered.sum() < DESI.wave.size
+    np.testing.assert_allclose(out_flux[covered], their_flux[covered], rtol=1e-10)
+    np.testing.assert_allclose(out_ivar[covered], their_ivar[covered], rtol=1e-10)
+
+    # Bad input pixels get no weight here (specutils has no mask): every output pixel that overlaps none of
+    # them is still specutils' value on the whole spectrum.
+    bad = rng.random(wave.size) < 0.02
+    masked_flux, _, masked_mask = resample(wave, flux, ivar, DESI.wave, mask=bad)
+    in_edges, out_edges = bin_edges(wave), bin_edges(DESI.wave)
+    first = np.searchsorted(in_edges, out_edges[:-1], side="right") - 1  # input pixel holding each left edge
+    last = np.searchsorted(in_edges, out_edges[1:], side="left") - 1  # the last one starting before the right
+    n_bad = np.concatenate([[0], np.cumsum(bad)])
+    clean = covered & (n_bad[np.clip(last, 0, wave.size - 1) + 1] == n_bad[np.clip(first, 0, wave.size - 1)])
+    assert 0 < clean.sum() < covered.sum() and not masked_mask[clean].any()
+    np.testing.assert_allclose(masked_flux[clean], their_flux[clean], rtol=1e-10)

@@ -23,6 +23,7 @@ from .desi import (
     read_desi_spectra,
 )
 from .redshifts import (
+    EXTRAGALACTIC_CLASSES,
     TARGET_CLASSES,
     JoinStats,
     QualityCuts,
@@ -33,6 +34,8 @@ from .redshifts import (
     read_redshifts,
     target_class_of,
 )
+
+SPLITS = ("train", "validation", "test")  # the dataset splits (`split_for_targetid`), in order
 
 _LAZY = {
     "DesiEdrBuilder": "builder",
@@ -56,6 +59,8 @@ __all__ = [
     "DESI_WAVE_END",
     "DESI_WAVE_START",
     "DESI_WAVE_STEP",
+    "EXTRAGALACTIC_CLASSES",
+    "SPLITS",
     "TARGET_CLASSES",
     "DesiFormatError",
     "JoinStats",

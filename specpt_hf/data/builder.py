@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from . import SPLITS
 from .desi import (
     DESI_N_PIXELS,
     DESI_WAVE_END,
@@ -55,7 +56,6 @@ from .redshifts import (
 logger = logging.getLogger(__name__)
 
 TARGET_CONFIGS = ("bgs", "elg", "lrg", "qso", "mws", "all")
-SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 LICENSE = "cc-by-4.0"
 HOMEPAGE = "https://data.desi.lbl.gov/doc/releases/edr/"

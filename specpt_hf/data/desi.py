@@ -42,7 +42,6 @@ DESI_N_PIXELS = 7781
 DESI_WAVE_END = DESI_WAVE_START + DESI_WAVE_STEP * (DESI_N_PIXELS - 1)
 DESI_ARMS = ("b", "r", "z")
 WAVE_TOLERANCE = 1e-4  # Å, the alignment tolerance of coadd_cameras
-FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
 _FIBERSTATUS_COLUMNS = ("COADD_FIBERSTATUS", "FIBERSTATUS")
 _HEALPIX_NAME = re.compile(
@@ -124,14 +123,9 @@ class MergedArms:
     """Arms merged onto the brz grid; arrays are [n_spectra, 7781]."""
 
     flux: np.ndarray  # float32
-    ivar: np.ndarray  # float32
-    mask: np.ndarray  # uint32, the DESI bit mask after merging
+    ivar: np.ndarray  # float32, 0 where unusable
+    bad: np.ndarray  # bool, True = bad pixel (masked, zero ivar or seen by no arm)
     nonfinite: np.ndarray  # int64 [n_spectra], NaN/inf values found at otherwise good pixels
-
-    @property
-    def bad(self) -> np.ndarray:
-        """Boolean mask, True = bad pixel (non-zero mask or zero ivar)."""
-        return (self.mask != 0) | (self.ivar <= 0)
 
 
 @dataclass
@@ -192,56 +186,6 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:
     return [(a, b, bool(flags[a])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def merge_arms(
-    flux: Mapping[str, np.ndarray],
-    ivar: Mapping[str, np.ndarray],
-    mask: Mapping[str, np.ndarray],
-    offsets: Mapping[str, int],
-) -> MergedArms:
-    """Merge per-arm [n_spectra, n_arm_pixels] arrays onto the brz grid (coadd_cameras semantics).
-
-    NaN/inf flux or ivar make that arm's pixel unusable (flux 0, ivar 0) before merging.
-    Pixels seen by one arm are copied (flux as is, ivar 0 where masked); in the overlaps
-    flux = Σ ivar·flux / Σ ivar (0 where Σ ivar = 0), ivar = Σ ivar, and the mask is the OR of the
-    arms' masks, reset to 0 where Σ ivar > 0.
-    """
-    n_spectra = next(iter(flux.values())).shape[0]
-    lengths = {arm: np.shape(flux[arm])[1] for arm in offsets}
-    coverage = np.zeros(DESI_N_PIXELS, dtype=np.int8)
-    for arm, start in offsets.items():
-        coverage[start : start + lengths[arm]] += 1
-    shared = np.flatnonzero(coverage > 1)  # grid pixels seen by more than one arm
-    out_flux = np.zeros((n_spectra, DESI_N_PIXELS), dtype=np.float32)
-    out_ivar = np.zeros((n_spectra, DESI_N_PIXELS), dtype=np.float32)
-    out_mask = np.zeros((n_spectra, DESI_N_PIXELS), dtype=np.uint32)
-    weight = np.zeros((n_spectra, shared.size), dtype=np.float64)  # Σ ivar in the overlaps
-    weighted = np.zeros((n_spectra, shared.size), dtype=np.float64)  # Σ ivar·flux
-    mask_or = np.zeros((n_spectra, shared.size), dtype=np.uint32)
-    nonfinite = np.zeros(n_spectra, dtype=np.int64)
-    for arm, start in offsets.items():
-        arm_flux, arm_ivar, arm_mask, bad_values = _clean_arm(flux[arm], ivar[arm], mask[arm])
-        nonfinite += bad_values
-        for a, b, is_shared in _runs(coverage[start : start + lengths[arm]] > 1):
-            if not is_shared:  # copied
-                grid = slice(start + a, start + b)
-                out_flux[:, grid], out_ivar[:, grid], out_mask[:, grid] = (
-                    arm_flux[:, a:b],
-                    arm_ivar[:, a:b],
-                    arm_mask[:, a:b],
-                )
-                continue
-            k = int(np.searchsorted(shared, start + a))
-            cols = slice(k, k + b - a)
-            weight[:, cols] += arm_ivar[:, a:b]
-            weighted[:, cols] += arm_ivar[:, a:b].astype(np.float64) * arm_flux[:, a:b]
-            mask_or[:, cols] |= arm_mask[:, a:b]
-    good = weight > 0
-    out_flux[:, shared] = np.where(good, weighted / np.where(good, weight, 1.0), 0.0)
-    out_ivar[:, shared] = weight
-    out_mask[:, shared] = np.where(good, np.uint32(0), mask_or)
-    return MergedArms(out_flux, out_ivar, out_mask, nonfinite)
-
-
 @dataclass(frozen=True)
 class _GridLayout:
     """Where each arm lands on the brz grid: copied runs, overlap runs, and uncovered pixels."""
@@ -272,18 +216,22 @@ def _grid_layout(placement: tuple[tuple[str, int, int], ...]) -> _GridLayout:
     return _GridLayout(copied, shared, shared_pixels, uncovered)
 
 
-def _merge_to_grid(
+def merge_arms(
     flux: Mapping[str, np.ndarray],
     ivar: Mapping[str, np.ndarray],
     mask: Mapping[str, np.ndarray],
     offsets: Mapping[str, int],
     mask_zero: Mapping[str, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`merge_arms` for readers: flux, ivar, bad (bool, True = bad) and the NaN/inf counts.
+) -> MergedArms:
+    """Merge per-arm [n_spectra, n_arm_pixels] arrays onto the brz grid (coadd_cameras semantics).
 
-    The same arithmetic as `merge_arms` (equal to the bit), written straight into the output
-    arrays from the arms' (big-endian) arrays, without the merged integer mask. `mask_zero` is the
-    stored value of a zero (good) mask per arm when the masks come unscaled (BZERO not applied).
+    NaN/inf flux or ivar make that arm's pixel unusable (flux 0, ivar 0) before merging.
+    Pixels seen by one arm are copied (flux as is, ivar 0 where masked); in the overlaps
+    flux = Σ ivar·flux / Σ ivar (0 where Σ ivar = 0) and ivar = Σ ivar; a pixel is bad where its
+    merged ivar is 0 (so a masked pixel of one arm is good when another arm sees it). The arms'
+    arrays are read as given (big-endian or memory-mapped: no native copy is made first).
+    `mask_zero` is the stored value of a zero (good) mask per arm when the masks come unscaled
+    (BZERO not applied); by default a good pixel's mask is 0.
     """
     n_spectra = next(iter(flux.values())).shape[0]
     layout = _grid_layout(tuple((arm, int(start), np.shape(flux[arm])[1]) for arm, start in offsets.items()))
@@ -309,7 +257,7 @@ def _merge_to_grid(
                 bad[:, cols],
             )
         for a, b, k in layout.shared[arm]:
-            arm_flux, arm_ivar, _, bad_values = _clean_arm(
+            arm_flux, arm_ivar, bad_values = _clean_arm(
                 flux[arm][:, a:b], ivar[arm][:, a:b], mask[arm][:, a:b] != zero
             )
             nonfinite += bad_values
@@ -321,7 +269,7 @@ def _merge_to_grid(
         out_flux[:, layout.shared_pixels] = np.where(good, weighted / np.where(good, weight, 1.0), 0.0)
         out_ivar[:, layout.shared_pixels] = weight
         bad[:, layout.shared_pixels] = ~good
-    return out_flux, out_ivar, bad, nonfinite
+    return MergedArms(out_flux, out_ivar, bad, nonfinite)
 
 
 def _clean_into(
@@ -352,23 +300,22 @@ def _clean_into(
 
 
 def _clean_arm(
-    flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    flux: np.ndarray, ivar: np.ndarray, masked: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Native-endian copies with ivar 0 where masked, negative or not finite, and NaN/inf flux set to 0.
 
     Also returns, per spectrum, how many NaN/inf values sat at otherwise good pixels.
     """
     flux = np.asarray(flux, dtype=np.float32)  # [n_spectra, n_arm]
     ivar = np.asarray(ivar, dtype=np.float32)
-    mask = np.asarray(mask, dtype=np.uint32)
     finite = np.isfinite(flux) & np.isfinite(ivar)
     if finite.all():
         bad_values = np.zeros(flux.shape[0], dtype=np.int64)
     else:
-        bad_values = np.sum(~finite & (mask == 0) & ~(ivar <= 0), axis=1)
+        bad_values = np.sum(~finite & ~masked & ~(ivar <= 0), axis=1)
         flux = np.where(finite, flux, np.float32(0))
-    usable = finite & (mask == 0) & (ivar > 0)
-    return flux, np.where(usable, ivar, np.float32(0)), mask, bad_values
+    usable = finite & ~masked & (ivar > 0)
+    return flux, np.where(usable, ivar, np.float32(0)), bad_values
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -410,9 +357,10 @@ def open_desi_fits(
 def _check_spans(hdul: fits.HDUList, n_hdus: int, size: int, path: Path) -> None:
     for index in range(n_hdus):
         hdu = hdul[index]
-        # The data offset and padded size astropy computed from the header (`HDUList.fileinfo` gives
-        # the same numbers but parses every table's columns first).
-        end = hdu._data_offset + hdu._data_size
+        # the data offset and padded size astropy computed from the header (`HDUList.fileinfo`
+        # gives the same numbers but parses every table's columns first)
+        info = hdu.fileinfo()
+        end = info["datLoc"] + info["datSpan"]
         if end > size:
             name = hdu.name or str(index)
             raise DesiFormatError(
@@ -533,13 +481,30 @@ _LAYOUT_KEYWORD = re.compile(rb"(?:TTYPE|TFORM|TSCAL|TZERO|TDIM)\d+ *$|(?:NAXIS1
 _LAYOUTS: dict[tuple[bytes, ...], list[_TableColumn] | None] = {}
 
 
-def _cached_layout(hdu: fits.BinTableHDU) -> list[_TableColumn] | None:
-    """`_table_layout` of a table HDU read from a file, cached by its column cards."""
+def _file_bytes(path: Path, offset: int, size: int) -> bytes:
+    """`size` bytes of the file from `offset` (fewer at its end)."""
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(size)
+
+
+def _cached_layout(hdu: fits.BinTableHDU, path: Path) -> list[_TableColumn] | None:
+    """`_table_layout` of a table HDU of the file `path`, cached by its column cards.
+
+    None when the HDU's header is not found as is in `path` at the offset astropy gives (`HDU.fileinfo`):
+    an HDU not read from a file, or a compressed (e.g. gzipped) file, whose offsets are those of the
+    decompressed stream. Such tables are read by astropy.
+    """
     info = hdu.fileinfo()
     if info is None:
-        return _table_layout(hdu.header)
+        return None
     size = info["datLoc"] - info["hdrLoc"]
-    raw = info["file"].readarray(size=size, offset=info["hdrLoc"], dtype=np.uint8).tobytes()
+    try:
+        raw = _file_bytes(path, info["hdrLoc"], size)
+    except OSError as error:
+        raise DesiFormatError(path, f"cannot read header ({error})", hdu=hdu.name) from error
+    if not raw.startswith(b"XTENSION"):
+        return None
     key = tuple(raw[i : i + 80] for i in range(0, size, 80) if _LAYOUT_KEYWORD.match(raw[i : i + 8]))
     if key not in _LAYOUTS:
         if len(_LAYOUTS) >= 256:
@@ -553,14 +518,15 @@ def read_table_columns(
 ) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
     """A binary table's column names and the values of `columns` (default: all) that it has.
 
-    Only the columns asked for are decoded: astropy's table reading builds every column of a wide
-    table (a FIBERMAP has about 80) before giving any, which costs more than reading the spectra.
+    `hdu` is read from the file `path`. Only the columns asked for are decoded, from the table's bytes
+    in the file (at the offset `HDU.fileinfo` gives): astropy's table reading builds every column of a
+    wide table (a FIBERMAP has about 70) before giving any, which costs more than reading the spectra.
     Values are those astropy gives, as native-endian numpy arrays ([n_rows] or [n_rows, ...]):
     integers and floats, logical columns as bool, strings as bytes. Scaled (TSCAL/TZERO, unsigned),
-    TDIM-shaped, bit and variable-length columns are left to astropy.
+    TDIM-shaped, bit and variable-length columns, and tables of compressed files, are left to astropy.
     """
     path = Path(path)
-    layout = _cached_layout(hdu)
+    layout = _cached_layout(hdu, path)
     if layout is None:  # let astropy read (or reject) a table we do not lay out ourselves
         data = _table_data(hdu, path)
         names = tuple(data.dtype.names)
@@ -592,14 +558,13 @@ def _table_data(hdu: fits.BinTableHDU, path: Path) -> fits.FITS_rec:
 
 def _direct_columns(hdu: fits.BinTableHDU, path: Path, columns: list[_TableColumn]) -> dict[str, np.ndarray]:
     n_rows, row_bytes = int(hdu.header.get("NAXIS2", 0)), int(hdu.header["NAXIS1"])
-    info = hdu.fileinfo()
     try:
-        raw = info["file"].readarray(size=n_rows * row_bytes, offset=info["datLoc"], dtype=np.uint8)
-    except (OSError, ValueError, EOFError) as error:
+        raw = _file_bytes(path, hdu.fileinfo()["datLoc"], n_rows * row_bytes)
+    except OSError as error:
         raise DesiFormatError(path, f"cannot read data ({error})", hdu=hdu.name) from error
-    if raw.size != n_rows * row_bytes:
+    if len(raw) != n_rows * row_bytes:
         raise DesiFormatError(
-            path, f"table data is truncated ({raw.size} of {n_rows * row_bytes} bytes)", hdu.name
+            path, f"table data is truncated ({len(raw)} of {n_rows * row_bytes} bytes)", hdu.name
         )
     record = np.dtype(
         {
@@ -701,7 +666,7 @@ def _inspect_open(hdul: _Hdus, path: Path) -> DesiFileInfo:
     if not isinstance(hdu, fits.BinTableHDU):
         raise DesiFormatError(path, "FIBERMAP is not a binary table", hdu="FIBERMAP")
     header = hdu.header  # column names from the header: parsing the table costs more than the check
-    layout = _cached_layout(hdu)
+    layout = _cached_layout(hdu, path)
     names = (
         tuple(column.name for column in layout)
         if layout is not None
@@ -915,15 +880,14 @@ def _read_chunk(
         for kind, store in arrays.items():
             data = _read(hdul[f"{arm.upper()}_{kind}"], span, info.path)
             store[arm] = data if local is None else data[local]
-    flux, ivar, bad, nonfinite = _merge_to_grid(
-        arrays["FLUX"], arrays["IVAR"], arrays["MASK"], info.arm_offsets, mask_zero
-    )
-    stats.nonfinite_spectra += int(np.count_nonzero(nonfinite))
-    stats.nonfinite_pixels += int(nonfinite.sum())
-    usable = ~bad.all(axis=1)
+    merged = merge_arms(arrays["FLUX"], arrays["IVAR"], arrays["MASK"], info.arm_offsets, mask_zero)
+    stats.nonfinite_spectra += int(np.count_nonzero(merged.nonfinite))
+    stats.nonfinite_pixels += int(merged.nonfinite.sum())
+    usable = ~merged.bad.all(axis=1)
     n_usable = int(usable.sum())
     stats.no_data += len(rows) - n_usable
     stats.spectra += n_usable
+    flux, ivar, bad = merged.flux, merged.ivar, merged.bad
     if n_usable < len(rows):
         rows, flux, ivar, bad = rows[usable], flux[usable], ivar[usable], bad[usable]
     return SpectraChunk(

@@ -4,6 +4,7 @@ Files are fetched from `{base_url}/healpix/{survey}/{program}/{healpix//100}/{he
 layout under a local folder. Every file is written to `NAME.part` first and moved to its final name with
 `os.replace` only once its size matches what the server announced, so a file under its final name is
 always complete; an interrupted `.part` is resumed with an HTTP Range request on the next attempt.
+Retries follow one urllib3 `Retry` policy (`retry_policy`).
 
 Example:
 
@@ -19,7 +20,6 @@ import os
 import re
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -29,8 +29,11 @@ import numpy as np
 import requests
 from astropy.io import fits
 from astropy.table import Table
+from requests.adapters import HTTPAdapter
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util import Retry
 
 from ..atomic import make_folder
 
@@ -43,6 +46,7 @@ DEFAULT_KINDS: tuple[str, ...] = ("coadd", "redrock")
 KNOWN_KINDS: tuple[str, ...] = ("coadd", "redrock", "emline", "qso_qn", "qso_mgii")
 N_HEALPIX_NSIDE64 = 12 * 64**2
 CHUNK_SIZE = 1 << 16  # bytes per write; a dropped connection loses at most the chunk in flight
+RETRY_STATUSES = (429, 500, 502, 503, 504)  # answers worth asking again after a pause
 _NAME_RE = re.compile(r"^[a-z0-9]+$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)$")
 
@@ -67,7 +71,7 @@ class RemoteNotFoundError(DownloadError, FileNotFoundError):
 
 
 class _Transient(Exception):
-    """A retryable failure (HTTP 5xx or 429, read timeout, dropped connection, stale partial file)."""
+    """A transfer that broke off, or a partial file the server disagrees with: resumed or restarted."""
 
 
 @dataclass
@@ -193,25 +197,38 @@ class _Progress:
             self.bar.update(n)
 
 
+def retry_policy(retries: int, backoff: float) -> Retry:
+    """At most `retries` retries of a request (refused or dropped connection, no answer within the timeout,
+    an answer in `RETRY_STATUSES`) or of a transfer; the n-th waits `backoff * 2**(n - 1)` s (none for the
+    first) or as long as the server's Retry-After asks."""
+    return Retry(
+        total=retries, status_forcelist=RETRY_STATUSES, backoff_factor=backoff, raise_on_status=False
+    )
+
+
 def _open(session: requests.Session, url: str, offset: int, timeout: float) -> requests.Response:
+    """GET `url` from byte `offset` (the session's adapter retries as its policy says)."""
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     try:
         response = session.get(url, headers=headers, stream=True, timeout=timeout)
-    except requests.ReadTimeout as err:
-        raise _Transient(f"no answer from {url} within {timeout} s") from err
-    except requests.ConnectionError as err:  # refused, unreachable, name not resolved, connect timeout
-        raise ServerUnreachableError(f"cannot reach {url}: {err}") from err
+    except (requests.ReadTimeout, requests.ConnectionError) as err:
+        if _no_answer(err):
+            raise DownloadError(f"no answer from {url} within {timeout} s") from err
+        raise ServerUnreachableError(f"cannot reach {url}: {err}") from err  # refused, unresolved, ...
     status = response.status_code
     if status == 404:
         response.close()
         raise RemoteNotFoundError(f"not found (HTTP 404): {url}")
-    if status in (429, 500, 502, 503, 504):
-        response.close()
-        raise _Transient(f"HTTP {status} from {url}")
-    if status not in (200, 206, 416):
+    if status not in (200, 206, 416):  # RETRY_STATUSES land here once the retries are spent
         response.close()
         raise DownloadError(f"HTTP {status} {response.reason} from {url}")
     return response
+
+
+def _no_answer(err: requests.RequestException) -> bool:
+    """Whether the server was reached but did not answer in time (the last retry's reason, if retried)."""
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    return isinstance(err, requests.ReadTimeout) or isinstance(reason, ReadTimeoutError)
 
 
 def _transfer_once(
@@ -285,9 +302,12 @@ def download_file(
 ) -> bool:
     """Fetch `url` to `dest` (resumable, size-checked, atomic). Returns False if `dest` already existed.
 
-    Raises `RemoteNotFoundError` (a `FileNotFoundError`) on 404, `ServerUnreachableError` when the server cannot be reached after
-    `retries` retries, and `DownloadError` (incl. `SizeMismatchError`) for other failures.
-    Retries wait `backoff * 2**attempt` seconds.
+    Requests and transfers are retried under `retry_policy(retries, backoff)`: the session's adapter
+    retries each request, and a transfer that breaks off is resumed from `dest.part` (one whose size
+    the server contradicts is restarted). A given `session` keeps its own adapters.
+
+    Raises `RemoteNotFoundError` (a `FileNotFoundError`) on 404, `ServerUnreachableError` when the server
+    cannot be reached, and `DownloadError` (incl. `SizeMismatchError`) for other failures; each names `url`.
     """
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
@@ -296,34 +316,32 @@ def download_file(
         return False
     make_folder(dest.parent)
     progress = progress or _Progress(tqdm(disable=True))
+    policy = retry_policy(retries, backoff)
     own_session = session is None
-    session = session or _new_session()
+    session = session or _new_session(policy)
     try:
-        for attempt in range(retries + 1):
+        while True:
             try:
                 _transfer_once(session, url, dest, timeout, progress)
                 return True
-            except _Transient as err:
-                if attempt == retries:
+            except (_Transient, SizeMismatchError) as err:
+                if policy.total == 0:  # no retry left
+                    if isinstance(err, SizeMismatchError):
+                        raise
                     raise DownloadError(f"{err} (gave up after {retries} retries)") from err
-                _wait(url, err, backoff * 2**attempt)
-            except (SizeMismatchError, ServerUnreachableError) as err:
-                if attempt == retries:
-                    raise
-                _wait(url, err, backoff * 2**attempt)
+                policy = policy.increment(method="GET", url=url, error=err)
+                logger.info("retrying %s in %.2g s (%s)", url, policy.get_backoff_time(), err)
+                policy.sleep()
     finally:
         if own_session:
             session.close()
-    raise AssertionError("unreachable")
 
 
-def _wait(url: str, err: Exception, seconds: float) -> None:
-    logger.info("retrying %s in %.2g s (%s)", url, seconds, err)
-    time.sleep(seconds)
-
-
-def _new_session() -> requests.Session:
+def _new_session(policy: Retry) -> requests.Session:
     session = requests.Session()
+    adapter = HTTPAdapter(max_retries=policy)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     # byte counts must be those of the file itself, never of a compressed transfer
     session.headers.update({"Accept-Encoding": "identity", "User-Agent": "specpt-hf downloader"})
     return session

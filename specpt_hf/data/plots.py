@@ -11,7 +11,8 @@ import numpy as np
 
 from specpt_hf.atomic import make_folder
 from specpt_hf.data.instrument import DESI
-from specpt_hf.data.mock import NEBULAR_LINES, QSO_LINES, TARGET_CLASSES, generate_spectra
+from specpt_hf.data.mock import NEBULAR_LINES, QSO_LINES, generate_spectra
+from specpt_hf.data.redshifts import EXTRAGALACTIC_CLASSES
 
 REAL_FILE = "coadd-sv3-dark-26065.fits"
 _LABELS = {
@@ -81,9 +82,9 @@ def plot_mock(out: Path, seed: int = 0, real_path: str | Path | None = None) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(
-        len(TARGET_CLASSES) + 1, 1, figsize=(13, 2.6 * (len(TARGET_CLASSES) + 1)), sharex=True
+        len(EXTRAGALACTIC_CLASSES) + 1, 1, figsize=(13, 2.6 * (len(EXTRAGALACTIC_CLASSES) + 1)), sharex=True
     )
-    for ax, target_class in zip(axes, TARGET_CLASSES, strict=False):
+    for ax, target_class in zip(axes, EXTRAGALACTIC_CLASSES, strict=False):
         mock = generate_spectra(target_class, 9, seed)
         truth = mock["truth"]
         # the typical one: median continuum S/N (BGS, LRG) or median line S/N (ELG, QSO)

@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text, make_folder, replaced_folder
 from ..cli import add_debug_flag, run_reporting_errors
+from . import SPLITS
 from .builder import (
     CITATION,
     DEFAULT_FRACTIONS,
     DESCRIPTION,
     HOMEPAGE,
     LICENSE,
-    SPLITS,
     TARGET_CONFIGS,
     DesiSource,
     batch_to_arrow,

@@ -26,7 +26,11 @@ from .desi import Counts, DesiFormatError, file_provenance, open_desi_fits, read
 
 logger = logging.getLogger(__name__)
 
+# Every class `target_class_of` gives a target: its targeting bits' class, or "other".
 TARGET_CLASSES = ("bgs", "elg", "lrg", "qso", "mws", "other")
+# The galaxy and quasar classes among them: the mock's default classes and the benchmarks' (in this order,
+# which seeds the mock's random streams).
+EXTRAGALACTIC_CLASSES = ("bgs", "lrg", "elg", "qso")
 # One class per target: the class that drove the fiber assignment (DESI priorities QSO > LRG > ELG > BGS >
 # MWS, the Milky Way Survey's stars).
 CLASS_PRIORITY = ("qso", "lrg", "elg", "bgs", "mws")

@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 import numpy.typing as npt
+from astropy.stats import binom_conf_interval
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -58,6 +59,7 @@ _STYLE = {
     "savefig.dpi": 130,
 }
 DZ_LABEL = r"$\Delta z/(1+z)$"
+ONE_SIGMA = math.erf(1 / math.sqrt(2))  # 0.683, the confidence of the η error bars
 PULL_LABEL = r"pull $(z_\mathrm{pred} - z_\mathrm{true}) / z_\mathrm{err}$"
 
 
@@ -229,15 +231,6 @@ def plot_error_histogram(
     return Path(path)
 
 
-def _wilson_interval(fraction: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """68 % Wilson score interval of a binomial fraction (sensible also at 0 and 1)."""
-    if not len(n):
-        return np.empty(0), np.empty(0)
-    center = (fraction + 0.5 / n) / (1 + 1 / n)
-    half = np.sqrt(fraction * (1 - fraction) / n + 0.25 / n**2) / (1 + 1 / n)
-    return np.clip(center - half, 0, fraction), np.clip(center + half, fraction, 1)
-
-
 def plot_metrics_vs_redshift(
     z_pred: npt.ArrayLike,
     z_true: npt.ArrayLike,
@@ -252,7 +245,8 @@ def plot_metrics_vs_redshift(
     """NMAD and η (with binomial errors) in bins of true redshift, overall and per class.
 
     `edges` default to equal bins over the range of z_true (about 25 objects a bin, 1 to 10 bins); bins
-    with fewer than `min_count` objects are not drawn.
+    with fewer than `min_count` objects, and empty ones, are not drawn. The η error bars are 68 % Wilson
+    score intervals (astropy `binom_conf_interval`).
     """
     redshift_errors(z_pred, z_true)  # validates
     z_pred, z_true = np.asarray(z_pred, dtype=np.float64), np.asarray(z_true, dtype=np.float64)
@@ -271,15 +265,21 @@ def plot_metrics_vs_redshift(
             rows = metrics_by_redshift_bin(
                 z_pred[sel], z_true[sel], edges, catastrophic_threshold=catastrophic_threshold
             )
-            rows = [r for r in rows if r["n"] >= min_count]
+            rows = [r for r in rows if r["n"] >= max(min_count, 1)]
             drawn += len(rows)
             z = np.array([r["z_center"] for r in rows]) + dodge * (k - 0.5 * (len(everything) - 1))
-            n = np.array([r["n"] for r in rows], dtype=np.float64)
             eta = np.array([r["eta"] for r in rows])
-            lo, hi = _wilson_interval(eta, n)
+            # the Wilson score interval: sensible also at η = 0 and 1
+            lo, hi = binom_conf_interval(
+                np.array([r["n_catastrophic"] for r in rows], dtype=np.int64),
+                np.array([r["n"] for r in rows], dtype=np.int64),
+                confidence_level=ONE_SIGMA,
+                interval="wilson",
+            )
+            eta_err = np.clip(np.stack([eta - lo, hi - eta]), 0.0, None)  # [2, bins], ≥ 0 despite rounding
             kwargs = {"color": color, "marker": "o", "ms": 4, "lw": 2.0 if name == "all" else 1.4}
             ax_nmad.plot(z, [r["nmad"] for r in rows], label=_display(name), **kwargs)
-            ax_eta.errorbar(z, 100 * eta, yerr=100 * np.stack([eta - lo, hi - eta]), capsize=2, **kwargs)
+            ax_eta.errorbar(z, 100 * eta, yerr=100 * eta_err, capsize=2, **kwargs)
         ax_nmad.set(ylabel="NMAD", ylim=(0, None), xlim=(edges[0], edges[-1]))
         if not drawn:
             ax_nmad.text(

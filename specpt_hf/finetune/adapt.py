@@ -30,10 +30,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..atomic import atomic_write_json, replaced_folder
-from ..configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig, _check_choice
+from ..configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig, check_choice
 from ..data.instrument import Instrument, get_instrument
-from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction, num_tokens
-from ..modeling_specpt import _key_groups as group_names  # 'specpt.encoder (24), head (12)'
+from ..modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction, group_names, num_tokens
 from ..presets import PRESETS
 from ..training.train import is_peft_model
 from .instruments import INSTRUMENT_SAMPLES, coverage_mask, native_grid
@@ -165,7 +164,7 @@ def apply_freeze(model: SpecPTForRedshift, freeze: str) -> None:
 
     `"encoder"` goes through `config.freeze_encoder`, so the frozen backbone also stays in eval mode (dropout
     off) in training and the saved config says it was frozen."""
-    _check_choice("freeze", freeze, FREEZE_CHOICES)
+    check_choice("freeze", freeze, FREEZE_CHOICES)
     model.requires_grad_(True)
     model.config.freeze_encoder = freeze == "encoder"
     if freeze == "encoder":
@@ -187,7 +186,7 @@ def lora_config(
     in full."""
     from peft import LoraConfig
 
-    _check_choice("freeze", freeze, FREEZE_CHOICES)
+    check_choice("freeze", freeze, FREEZE_CHOICES)
     if rank < 1:
         raise ValueError(f"`lora_rank` must be >= 1, got {rank}")
     return LoraConfig(
@@ -267,8 +266,8 @@ def adapt_to_instrument(
     Returns:
         The model (a `peft.PeftModel` when `lora_rank > 0`) and an `AdaptationReport`.
     """
-    _check_choice("grid", grid, GRIDS)
-    _check_choice("freeze", freeze, FREEZE_CHOICES)
+    check_choice("grid", grid, GRIDS)
+    check_choice("freeze", freeze, FREEZE_CHOICES)
     if lora_rank < 0:
         raise ValueError(f"`lora_rank` must be >= 0 (0: no LoRA), got {lora_rank}")
     instrument = get_instrument(instrument)

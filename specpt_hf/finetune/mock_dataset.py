@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_json, replaced_folder
 from ..configuration_specpt import SpecPTConfig
-from ..data.builder import SPLITS, desi_features, record_to_example
+from ..data import SPLITS
+from ..data.builder import desi_features, record_to_example
 from ..data.instrument import INSTRUMENTS, Instrument, get_instrument
 from ..data.prepare import ShardWriter, check_output_folder, write_dataset_card
 from ..data.redshifts import QualityCuts

@@ -59,7 +59,7 @@ from .physics import (
     nanomaggies,
     rest_templates,
 )
-from .populations import DRAWERS, FAMILIES, MOCK_CLASSES, SPS_CLASSES, TARGET_CLASSES
+from .populations import DRAWERS, FAMILIES, MOCK_CLASSES, SPS_CLASSES
 from .render import (
     DELTACHI2_CUT,
     HARD_FLAGS,
@@ -87,7 +87,6 @@ __all__ = [
     "NEBULAR_LINES",
     "QSO_LINES",
     "SPS_CLASSES",
-    "TARGET_CLASSES",
     "VAR_REF_1000S",
     "ZWARN_NODATA",
     "ZWARN_SKY",

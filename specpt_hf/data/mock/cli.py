@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .populations import FAMILIES, MOCK_CLASSES, SPS_CLASSES, TARGET_CLASSES
+from ..redshifts import EXTRAGALACTIC_CLASSES
+from .populations import FAMILIES, MOCK_CLASSES, SPS_CLASSES
 from .writers import _SURVEY_PREFIX, write_mock_release
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_per_class < 1:
         parser.error("--n-per-class must be positive")
-    classes = args.classes or (SPS_CLASSES if args.family == "sps" else TARGET_CLASSES)
+    classes = args.classes or (SPS_CLASSES if args.family == "sps" else EXTRAGALACTIC_CLASSES)
     counts = dict.fromkeys(classes, args.n_per_class)
     try:
         paths = write_mock_release(

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from ..redshifts import EXTRAGALACTIC_CLASSES
 from . import stars
 from .physics import QSO_LINES
 
-TARGET_CLASSES = ("bgs", "lrg", "elg", "qso")  # the extragalactic classes, `specpt mock`'s default
-MOCK_CLASSES = (*TARGET_CLASSES, "mws")  # and Milky Way Survey stars
+MOCK_CLASSES = (*EXTRAGALACTIC_CLASSES, "mws")  # and Milky Way Survey stars
 FAMILIES = ("basis", "sps")  # galaxy physics: the three-component basis of `physics`, or `sps`
 SPS_CLASSES = ("bgs", "lrg", "elg")
 _DEFAULT_PROGRAM = {"bgs": "bright", "mws": "bright"}  # the others: dark
