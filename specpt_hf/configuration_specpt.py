@@ -57,6 +57,11 @@ class SpecPTConfig(PretrainedConfig):
     the published SpecPT structure (conv stack + max-pool, flatten, Linear to one `d_model` token, transformer
     encoder / decoder, two dense layers back to the pixels).
 
+    Attention is computed by `attn_implementation` (a `PretrainedConfig` argument, also taken by
+    `from_pretrained`): `"eager"` (the default: plain torch operations, the only one that returns attention
+    weights with `output_attentions=True`) or `"sdpa"` (`torch.nn.functional.scaled_dot_product_attention`: on a
+    CPU as fast for inference but slower for training, whose attention dropout it has no fused kernel for).
+
     Args:
         num_pixels (`int`, *optional*, defaults to 7781):
             Number of pixels of the wavelength grid the model reads (DESI merged b+r+z grid).

@@ -12,26 +12,34 @@ even be NaN). No layer mixes spectra of a batch, except BatchNorm of the `paper`
 [`SpecPTForRedshift`] refines its redshift with a template chi^2 scan when it has rest-frame templates
 (`templates.safetensors` in the model folder, `specpt_hf.refinement`; `config.refinement`).
 
-This file is shipped in saved model folders for `trust_remote_code`; it imports only torch, transformers, the
-configuration file and the refinement module next to it (and what they import).
+This file is shipped in saved model folders for `trust_remote_code`; it imports only torch, safetensors,
+transformers, the configuration file and the refinement module next to it (and what they import).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .refinement import (
@@ -336,35 +344,163 @@ class SpecPTPaperStem(nn.Module):
         return x, padding, token_wavelength
 
 
-def _encoder_layer(config: SpecPTConfig) -> nn.TransformerEncoderLayer:
-    """Pre-norm GELU layer (`tokens`) or the published post-norm ReLU layer (`paper`); always batch_first."""
-    paper = config.layout == "paper"
-    return nn.TransformerEncoderLayer(
-        config.d_model,
-        config.num_heads,
-        config.ffn_dim,
-        config.dropout,
-        activation="relu" if paper else "gelu",
-        layer_norm_eps=config.layer_norm_eps,
-        batch_first=True,
-        norm_first=not paper,
-    )
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and transformer layers
+# ----------------------------------------------------------------------------------------------------------------
 
 
-class SpecPTEncoder(nn.Module):
-    """A stack of transformer encoder layers attending across the tokens of ONE spectrum (key padding for tokens
-    without good pixels). A ModuleList rather than `nn.TransformerEncoder`: no nested-tensor fast path."""
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in plain torch operations. `query` [batch, heads, queries, head_dim], `key` and `value`
+    [batch, heads, keys, head_dim], `attention_mask` additive [batch, 1, queries, keys] (0, or the dtype's minimum
+    where a key is ignored). Returns the output [batch, queries, heads, head_dim] and the weights [batch, heads,
+    queries, keys]."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, heads, queries, keys]
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [batch, queries, heads, head_dim]
+    return output, weights
+
+
+def key_padding_mask(
+    config: SpecPTConfig, query: torch.Tensor, padding: torch.Tensor, context: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The attention mask of `config._attn_implementation` for `query` [batch, queries, d_model] attending over
+    tokens (`context` [batch, tokens, d_model], or `query` itself) whose `padding` [batch, tokens] is True where a
+    token is ignored. None when nothing is ignored and the implementation needs no mask."""
+    return create_bidirectional_mask(config, query, ~padding, encoder_hidden_states=context)
+
+
+class SpecPTAttention(nn.Module):
+    """Multi-head attention of `hidden` over `context` (default: `hidden` itself) with separate q/k/v/out
+    projections, computed by `config._attn_implementation` ("eager" or "sdpa"). Checkpoints of torch's
+    `nn.MultiheadAttention` (a packed `in_proj_weight`) load through `convert_legacy_state_dict`."""
+
+    def __init__(self, config: SpecPTConfig, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.d_model // config.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = dropout
+        self.is_causal = False  # read by the sdpa implementation
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the attended states [batch, queries, d_model] and the attention weights [batch, heads, queries,
+        keys] (None except with the eager implementation)."""
+        context = hidden if context is None else context
+        batch, queries = hidden.shape[:2]
+        split_heads = (batch, -1, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden).view(split_heads).transpose(1, 2)  # [batch, heads, queries, head_dim]
+        key = self.k_proj(context).view(split_heads).transpose(1, 2)  # [batch, heads, keys, head_dim]
+        value = self.v_proj(context).view(split_heads).transpose(1, 2)  # [batch, heads, keys, head_dim]
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+        )  # [batch, queries, heads, head_dim]
+        return self.out_proj(output.reshape(batch, queries, -1)), weights  # [batch, queries, d_model]
+
+
+class SpecPTFeedForward(nn.Module):
+    """Linear -> activation (GELU; ReLU in the `paper` layout) -> dropout -> Linear."""
 
     def __init__(self, config: SpecPTConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_encoder_layer(config) for _ in range(config.num_layers))
+        self.fc1 = nn.Linear(config.d_model, config.ffn_dim)
+        self.activation = nn.ReLU() if config.layout == "paper" else nn.GELU()
+        self.dropout = nn.Dropout(config.dropout)
+        self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))  # [batch, tokens, d_model]
+
+
+class SpecPTEncoderLayer(GradientCheckpointingLayer):
+    """Self-attention + feed-forward, each with dropout on its output and a residual: pre-norm with GELU
+    (`tokens` layout) or the published post-norm with ReLU (`paper`)."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.norm_first = config.layout == "tokens"
+        self.self_attn = SpecPTAttention(config, dropout=config.dropout)
+        self.layer_norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = SpecPTFeedForward(config)
+        self.layer_norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` [batch, tokens, d_model] -> [batch, tokens, d_model]; `attention_mask` from `key_padding_mask`."""
+        if self.norm_first:
+            hidden = hidden + self.dropout(self.self_attn(self.layer_norm1(hidden), attention_mask)[0])
+            return hidden + self.dropout(self.mlp(self.layer_norm2(hidden)))
+        hidden = self.layer_norm1(hidden + self.dropout(self.self_attn(hidden, attention_mask)[0]))
+        return self.layer_norm2(hidden + self.dropout(self.mlp(hidden)))
+
+
+class SpecPTDecoderLayer(GradientCheckpointingLayer):
+    """The published post-norm decoder layer (`paper` layout): self-attention, attention over `context`, ReLU
+    feed-forward, each followed by dropout, a residual and a LayerNorm."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.self_attn = SpecPTAttention(config, dropout=config.dropout)
+        self.layer_norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.cross_attn = SpecPTAttention(config, dropout=config.dropout)
+        self.layer_norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = SpecPTFeedForward(config)
+        self.layer_norm3 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """`hidden` [batch, queries, d_model] attending over `context` [batch, tokens, d_model] (no padding)."""
+        hidden = self.layer_norm1(hidden + self.dropout(self.self_attn(hidden)[0]))
+        hidden = self.layer_norm2(hidden + self.dropout(self.cross_attn(hidden, context=context)[0]))
+        return self.layer_norm3(hidden + self.dropout(self.mlp(hidden)))  # [batch, queries, d_model]
+
+
+class SpecPTEncoder(nn.Module):
+    """A stack of encoder layers attending across the tokens of ONE spectrum (tokens without good pixels are
+    ignored as keys), then a final LayerNorm in the `tokens` layout."""
+
+    def __init__(self, config: SpecPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(SpecPTEncoderLayer(config) for _ in range(config.num_layers))
         self.norm = (
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layout == "tokens" else None
         )
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        attention_mask = key_padding_mask(self.config, x, padding)  # [batch, 1, tokens, tokens]
         for layer in self.layers:
-            x = layer(x, src_key_padding_mask=padding)  # [batch, tokens, d_model]
+            x = layer(x, attention_mask)  # [batch, tokens, d_model]
         return x if self.norm is None else self.norm(x)
 
 
@@ -373,13 +509,15 @@ class SpecPTAttentionPooling(nn.Module):
 
     def __init__(self, config: SpecPTConfig) -> None:
         super().__init__()
+        self.config = config
         self.query = nn.Parameter(torch.empty(1, 1, config.d_model))
-        self.attention = nn.MultiheadAttention(config.d_model, config.num_heads, batch_first=True)
+        self.attention = SpecPTAttention(config)
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         query = self.query.expand(hidden.shape[0], -1, -1)  # [batch, 1, d_model]
-        pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=padding, need_weights=False)
+        attention_mask = key_padding_mask(self.config, query, padding, hidden)  # [batch, 1, 1, tokens]
+        pooled, _ = self.attention(query, attention_mask, hidden)  # [batch, 1, d_model]
         return self.norm(pooled[:, 0])  # [batch, d_model]
 
 
@@ -399,7 +537,7 @@ class SpecPTPooledDecoder(nn.Module):
         self.patch_size = config.patch_size
         self.position = SpecPTWavelengthEncoding(config)
         self.latent = nn.Linear(config.d_model, config.d_model)
-        self.layers = nn.ModuleList(_encoder_layer(config) for _ in range(config.num_decoder_layers))
+        self.layers = nn.ModuleList(SpecPTEncoderLayer(config) for _ in range(config.num_decoder_layers))
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.unpatch = nn.Linear(config.d_model, config.patch_size)
 
@@ -412,22 +550,12 @@ class SpecPTPooledDecoder(nn.Module):
 
 
 class SpecPTPaperDecoder(nn.Module):
-    """`paper` layout decoder: transformer decoder (target = memory = the encoder token), then
+    """`paper` layout decoder: transformer decoder layers (queries and context = the encoder token), then
     Linear d_model -> flat features -> ReLU -> Linear -> pixels (the published ~1 B-parameter dense decoder)."""
 
     def __init__(self, config: SpecPTConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(
-                config.d_model,
-                config.num_heads,
-                config.ffn_dim,
-                config.dropout,
-                layer_norm_eps=config.layer_norm_eps,
-                batch_first=True,
-            )
-            for _ in range(config.num_decoder_layers)
-        )
+        self.layers = nn.ModuleList(SpecPTDecoderLayer(config) for _ in range(config.num_decoder_layers))
         flat = config.paper_conv_channels[-1] * paper_flat_length(config)
         self.expand = nn.Linear(config.d_model, flat)
         self.activation = nn.ReLU()
@@ -499,8 +627,9 @@ class SpecPTPaperRedshiftHead(nn.Module):
 
     def __init__(self, config: SpecPTForRedshiftConfig) -> None:
         super().__init__()
+        self.config = config
         self.z_min = config.z_min
-        self.attention = nn.MultiheadAttention(config.d_model, config.num_heads, batch_first=True)
+        self.attention = SpecPTAttention(config)
         self.blocks = nn.ModuleList(
             SpecPTResidualBlock(
                 config.d_model, config.head_hidden_size, config.head_dropout, nn.SiLU, config.layer_norm_eps
@@ -516,7 +645,8 @@ class SpecPTPaperRedshiftHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns embedding [batch, d_model] and redshift [batch]."""
         query = pooled[:, None]  # [batch, 1, d_model]
-        attended, _ = self.attention(query, hidden, hidden, key_padding_mask=padding, need_weights=False)
+        attention_mask = key_padding_mask(self.config, query, padding, hidden)  # [batch, 1, 1, tokens]
+        attended, _ = self.attention(query, attention_mask, hidden)  # [batch, 1, d_model]
         x = pooled + attended[:, 0]  # [batch, d_model]
         for block in self.blocks:
             x = block(x)  # [batch, d_model]
@@ -535,13 +665,90 @@ def group_names(names: Iterable[str]) -> str:
     return ", ".join(f"{group} ({n})" for group, n in sorted(counts.items())) or "none"
 
 
+# Weight names of torch's transformer modules (`nn.TransformerEncoderLayer`, `nn.TransformerDecoderLayer`) inside
+# the `layers.<i>` of an encoder or decoder, and the names of the same weights in this file's layers.
+_LEGACY_LAYER_NAMES = (
+    (re.compile(r"((?:^|\.)layers\.\d+)\.linear([12])\."), r"\1.mlp.fc\2."),
+    (re.compile(r"((?:^|\.)layers\.\d+)\.norm([123])\."), r"\1.layer_norm\2."),
+    (re.compile(r"((?:^|\.)layers\.\d+)\.multihead_attn\."), r"\1.cross_attn."),
+)
+_PACKED_PROJECTIONS = ("in_proj_weight", "in_proj_bias")
+
+
+def _is_legacy_key(key: str) -> bool:
+    """Whether a weight name belongs to the layout `convert_legacy_state_dict` converts."""
+    return key.rpartition(".")[2] in _PACKED_PROJECTIONS or any(
+        pattern.search(key) for pattern, _ in _LEGACY_LAYER_NAMES
+    )
+
+
+def convert_legacy_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the weights of a checkpoint written with torch's transformer modules to this file's layers.
+
+    Every packed `<attention>.in_proj_weight` [3 d_model, d_model] / `in_proj_bias` [3 d_model] of an
+    `nn.MultiheadAttention` splits into `<attention>.q_proj`, `.k_proj`, `.v_proj` (`out_proj` keeps its name);
+    inside `layers.<i>`: `linear1/2` -> `mlp.fc1/2`, `norm1/2/3` -> `layer_norm1/2/3`, `multihead_attn` ->
+    `cross_attn`. Other keys (and a state dict already in this layout) pass unchanged. `from_pretrained` and
+    `load_state_dict` apply it to the weights they load."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in _LEGACY_LAYER_NAMES:
+            key = pattern.sub(replacement, key)
+        module, dot, name = key.rpartition(".")
+        if name not in _PACKED_PROJECTIONS:
+            converted[key] = tensor
+            continue
+        kind = name.removeprefix("in_proj_")  # weight or bias
+        for projection, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3), strict=True):
+            converted[f"{module}{dot}{projection}.{kind}"] = part.clone()  # [d_model(, d_model)]
+    return converted
+
+
+def _convert_legacy_keys(state_dict: dict[str, torch.Tensor], *args: Any) -> None:
+    """`load_state_dict` pre-hook: converts a legacy state dict in place."""
+    if any(_is_legacy_key(key) for key in state_dict):
+        converted = convert_legacy_state_dict(state_dict)
+        state_dict.clear()
+        state_dict.update(converted)
+
+
+def _holds_legacy_keys(checkpoint_files: list[str]) -> bool:
+    """Whether any of the safetensors `checkpoint_files` holds weights in the legacy layout."""
+    for file in checkpoint_files:
+        if file.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as weights:
+                names = weights.keys()
+            if any(_is_legacy_key(name) for name in names):
+                return True
+    return False
+
+
 class SpecPTPreTrainedModel(PreTrainedModel):
-    """Weight initialisation, loading report and the shared class attributes of all SpecPT models."""
+    """Weight initialisation, loading (also of checkpoints in the legacy layout, see
+    `convert_legacy_state_dict`) and the shared class attributes of all SpecPT models."""
 
     config_class = SpecPTConfig
     base_model_prefix = "specpt"
     main_input_name = "flux"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["SpecPTEncoderLayer", "SpecPTDecoderLayer"]
+    # `output_hidden_states` / `output_attentions` of SpecPTModel: the backbone encoder's layers only
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(SpecPTEncoderLayer, layer_name="encoder"),
+        "attentions": OutputRecorder(SpecPTAttention, index=1, layer_name="encoder"),
+    }
+
+    def __init__(self, config: SpecPTConfig, *inputs: Any, **kwargs: Any) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        self._register_load_state_dict_pre_hook(_convert_legacy_keys)
+
+    def get_correct_attn_implementation(
+        self, requested_attention: str | None, is_init_check: bool = False
+    ) -> str:
+        """The eager attention unless another implementation is asked for: on CPUs, torch's sdpa has no fused
+        kernel for attention dropout, and its fallback trains slower than eager (benchmarks/train_throughput.py)."""
+        return super().get_correct_attn_implementation(requested_attention or "eager", is_init_check)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -566,9 +773,6 @@ class SpecPTPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.running_mean)
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, nn.MultiheadAttention):
-            init.normal_(module.in_proj_weight, mean=0.0, std=std)  # out_proj is an nn.Linear child
-            init.zeros_(module.in_proj_bias)
         elif isinstance(module, SpecPTAttentionPooling):
             init.normal_(module.query, mean=0.0, std=std)
         elif isinstance(module, SpecPTWavelengthEncoding):
@@ -605,6 +809,49 @@ class SpecPTPreTrainedModel(PreTrainedModel):
         model._after_loading()
         return (model, loading_info) if output_loading_info else model
 
+    @staticmethod
+    def _load_pretrained_model(
+        model: PreTrainedModel,
+        state_dict: dict | None,
+        checkpoint_files: list[str] | None,
+        load_config: Any,
+        expected_keys: list[str] | None = None,
+    ) -> Any:
+        """`from_pretrained`'s weight loading, given the checkpoint converted by `convert_legacy_state_dict` when
+        it is in the legacy layout."""
+        if state_dict is None and checkpoint_files and _holds_legacy_keys(checkpoint_files):
+            state_dict = {}
+            for file in checkpoint_files:
+                state_dict.update(load_file(file))
+        if state_dict is not None:
+            state_dict = convert_legacy_state_dict(state_dict)
+        return PreTrainedModel._load_pretrained_model(
+            model, state_dict, checkpoint_files, load_config, expected_keys
+        )
+
+    def _encode(
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        wavelength: torch.Tensor | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+    ) -> SpecPTModelOutput:
+        """The backbone's output for a task model (`output_*` default to the config's)."""
+        config = self.config
+        return self.specpt(
+            flux,
+            ivar=ivar,
+            mask=mask,
+            wavelength=wavelength,
+            output_attentions=config.output_attentions if output_attentions is None else output_attentions,
+            output_hidden_states=(
+                config.output_hidden_states if output_hidden_states is None else output_hidden_states
+            ),
+            return_dict=True,
+        )
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -626,6 +873,12 @@ class SpecPTModelOutput(ModelOutput):
             Central wavelength of each token, Angstrom.
         scale (`torch.FloatTensor` of shape `(batch,)`):
             The per-spectrum normalisation the flux was divided by.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+            The backbone encoder's input (the stem's tokens) and the output of each of its layers (before the final
+            LayerNorm of the `tokens` layout), each of shape `(batch, tokens, d_model)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            The attention weights of each backbone encoder layer, `(batch, heads, tokens, tokens)` (eager attention
+            only).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -633,6 +886,8 @@ class SpecPTModelOutput(ModelOutput):
     token_padding_mask: torch.BoolTensor | None = None
     token_wavelength: torch.FloatTensor | None = None
     scale: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -649,12 +904,15 @@ class SpecPTReconstructionOutput(ModelOutput):
             The per-spectrum normalisation.
         embedding (`torch.FloatTensor` of shape `(batch, d_model)`):
             The pooled embedding the reconstruction was decoded from.
+        hidden_states, attentions: the backbone's (see [`SpecPTModelOutput`]).
     """
 
     loss: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     scale: torch.FloatTensor | None = None
     embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -693,6 +951,8 @@ class SpecPTRedshiftOutput(ModelOutput):
         npixels_fit (`torch.LongTensor` of shape `(batch,)`): good pixels inside the winning templates' range.
         wide (`torch.BoolTensor` of shape `(batch,)`): whether the whole redshift range was scanned.
         chi2_scan_z, chi2_scan (`(batch, trials)`): the coarse chi^2(z) samples (redshift, chi^2).
+
+        hidden_states, attentions: the backbone's (see [`SpecPTModelOutput`]).
     """
 
     loss: torch.FloatTensor | None = None
@@ -713,6 +973,8 @@ class SpecPTRedshiftOutput(ModelOutput):
     wide: torch.BoolTensor | None = None
     chi2_scan_z: torch.FloatTensor | None = None
     chi2_scan: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -725,7 +987,12 @@ class SpecPTModel(SpecPTPreTrainedModel):
 
     `forward(flux, ivar=None, mask=None, wavelength=None)`: `flux`, `ivar`, `mask` are [batch, pixels] (mask True
     = bad pixel); `wavelength` ([pixels] or [batch, pixels], Angstrom) replaces the config's grid (`tokens`
-    layout only; the token positions are computed from it).
+    layout only; the token positions are computed from it). `output_hidden_states=True` /
+    `output_attentions=True` (default: the config's) add the encoder's states / attention weights to the output
+    (the weights only with the eager attention).
+
+    Every SpecPT model computes attention with `config._attn_implementation`: `"eager"` (the default) or
+    `"sdpa"`, chosen with `from_pretrained(..., attn_implementation="sdpa")` or `model.set_attn_implementation`.
     """
 
     def __init__(self, config: SpecPTConfig) -> None:
@@ -736,15 +1003,25 @@ class SpecPTModel(SpecPTPreTrainedModel):
         self.pooler = SpecPTAttentionPooling(config) if use_attention else None
         self.post_init()
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         flux: torch.Tensor,
         ivar: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         wavelength: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> SpecPTModelOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> SpecPTModelOutput:
+        # `capture_outputs` collects the hidden states and attention weights (`_can_record_outputs`) and handles
+        # `return_dict`
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"`output_attentions=True` needs the eager attention, the model uses "
+                f'{self.config._attn_implementation!r}: load it with `attn_implementation="eager"` or call '
+                '`model.set_attn_implementation("eager")`'
+            )
         spectra = prepare_spectra(self.config, flux, ivar, mask, wavelength, dtype=self.dtype)
         x, padding, token_wavelength = self.stem(
             spectra
@@ -756,14 +1033,13 @@ class SpecPTModel(SpecPTPreTrainedModel):
             pooled = hidden[:, 0]  # [batch, d_model]
         else:
             pooled = masked_mean(hidden, padding)  # [batch, d_model]
-        output = SpecPTModelOutput(
+        return SpecPTModelOutput(
             last_hidden_state=hidden,
             pooled=pooled,
             token_padding_mask=padding,
             token_wavelength=token_wavelength.expand(hidden.shape[0], -1),  # [batch, tokens]
             scale=spectra.scale,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -795,6 +1071,7 @@ class SpecPTForSpectrumReconstruction(SpecPTPreTrainedModel):
         self.decoder = SpecPTPaperDecoder(config) if config.layout == "paper" else SpecPTPooledDecoder(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         flux: torch.Tensor,
@@ -802,10 +1079,10 @@ class SpecPTForSpectrumReconstruction(SpecPTPreTrainedModel):
         mask: torch.Tensor | None = None,
         wavelength: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> SpecPTReconstructionOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoded = self.specpt(flux, ivar=ivar, mask=mask, wavelength=wavelength, return_dict=True)
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> SpecPTReconstructionOutput:
+        encoded = self._encode(flux, ivar, mask, wavelength, output_attentions, output_hidden_states)
         if self.config.layout == "paper":
             reconstruction = self.decoder(encoded.last_hidden_state)  # [batch, pixels]
         else:
@@ -827,10 +1104,14 @@ class SpecPTForSpectrumReconstruction(SpecPTPreTrainedModel):
                 reconstruction, target, spectra.ivar, spectra.good, self.config.reconstruction_loss
             )
 
-        output = SpecPTReconstructionOutput(
-            loss=loss, reconstruction=reconstruction, scale=encoded.scale, embedding=encoded.pooled
+        return SpecPTReconstructionOutput(
+            loss=loss,
+            reconstruction=reconstruction,
+            scale=encoded.scale,
+            embedding=encoded.pooled,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class SpecPTForRedshift(SpecPTPreTrainedModel):
@@ -1123,6 +1404,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         distance = (centers[None] - position[:, None]) / sigma  # [batch, bins]
         return torch.softmax(-0.5 * distance**2, dim=-1)  # [batch, bins]
 
+    @can_return_tuple
     def forward(
         self,
         flux: torch.Tensor,
@@ -1130,10 +1412,10 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         mask: torch.Tensor | None = None,
         wavelength: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> SpecPTRedshiftOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoded = self.specpt(flux, ivar=ivar, mask=mask, wavelength=wavelength, return_dict=True)
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> SpecPTRedshiftOutput:
+        encoded = self._encode(flux, ivar, mask, wavelength, output_attentions, output_hidden_states)
         if labels is not None:
             labels = self._check_labels(labels, flux.shape[0])
         hidden, padding = encoded.last_hidden_state, encoded.token_padding_mask
@@ -1144,8 +1426,13 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             if labels is not None:
                 labels = labels.to(redshift.device)
                 loss = ((redshift - labels).abs() / (1.0 + labels)).mean()
-            output = SpecPTRedshiftOutput(loss=loss, redshift=redshift, embedding=embedding)
-            return output if return_dict else output.to_tuple()
+            return SpecPTRedshiftOutput(
+                loss=loss,
+                redshift=redshift,
+                embedding=embedding,
+                hidden_states=encoded.hidden_states,
+                attentions=encoded.attentions,
+            )
 
         embedding, logits, offsets, log_sigma = self.head(
             hidden, padding, encoded.pooled
@@ -1158,7 +1445,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         if self.refines and not self.training:
             refined = self._refine(flux, ivar, mask, wavelength, logits, offsets, quality)
             refined.update(redshift_net=redshift, redshift_err_net=redshift_err)
-        output = SpecPTRedshiftOutput(
+        return SpecPTRedshiftOutput(
             loss=loss,
             redshift=refined.pop("redshift", redshift),
             redshift_err=refined.pop("redshift_err", redshift_err),
@@ -1168,8 +1455,9 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             log_sigma=log_sigma,
             embedding=embedding,
             **refined,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 def _replace_rows(
@@ -1202,5 +1490,6 @@ __all__ = [
     "SpecPTPreTrainedModel",
     "SpecPTReconstructionOutput",
     "SpecPTRedshiftOutput",
+    "convert_legacy_state_dict",
     "prepare_spectra",
 ]

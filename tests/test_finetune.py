@@ -256,9 +256,10 @@ def test_lora_trains_adapters_and_the_new_head_only(pretrained, g141_data, tmp_p
         lora_targets=targets,
         head_preset="specpt-tiny",
     )
-    assert any(name.endswith("linear1") for name in report.lora_modules)
-    attention = any(name.endswith("self_attn") for name in report.lora_modules)
-    assert attention == (targets == LORA_TARGET_MODULES)
+    assert any(name.endswith("mlp.fc1") for name in report.lora_modules)
+    attention = [name for name in report.lora_modules if ".self_attn." in name]
+    expected = 4 * 2 if targets == LORA_TARGET_MODULES else 0  # q, k, v, out of specpt-tiny's 2 layers
+    assert len(attention) == expected
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name or ".modules_to_save." in name for name in trainable)
     base = {k: v for k, v in state(model).items() if "lora_" not in k and "modules_to_save" not in k}
@@ -266,14 +267,7 @@ def test_lora_trains_adapters_and_the_new_head_only(pretrained, g141_data, tmp_p
     result = finetune(model, three_steps(g141_data, tmp_path / "run"), report)
     after = state(result.model)
     for name, tensor in base.items():
-        if (
-            ".self_attn.base_layer." in name
-        ):  # peft merges and unmerges these around every forward: rounding only
-            torch.testing.assert_close(
-                after[name], tensor, rtol=0, atol=1e-6 * float(tensor.abs().max()), msg=name
-            )
-        else:
-            torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in after if "lora_B" in k)
 
     # evaluation sees the adapters: the peft model (fast path off) and the merged plain model agree

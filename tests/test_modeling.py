@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import defaultdict
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers.testing_utils import CaptureLogger
 
 from specpt_hf import (
@@ -540,3 +543,260 @@ def test_bad_reconstruction_labels(spectra_factory):
     inputs = tester.prepare_inputs(spectra_factory)
     with pytest.raises(ValueError, match="labels"):
         model(**inputs, labels=inputs["flux"][:, :10])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention: implementations, torch's transformer modules, legacy checkpoints, outputs, checkpointing
+# ---------------------------------------------------------------------------------------------------------------
+
+IMPLEMENTATIONS = ["eager", "sdpa"]
+
+
+def _layer_config(layout: str, implementation: str) -> SpecPTConfig:
+    config = SpecPTModelTester(layout).get_config()
+    config._attn_implementation = implementation
+    return config
+
+
+def _token_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """States [3, 7, 16] and a key padding [3, 7] (True = ignored) that leaves every row some tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 7, 16, generator=generator)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, 5:] = True
+    padding[2, :3] = True
+    return hidden, padding
+
+
+def _stack(layer: torch.nn.Module) -> torch.nn.Module:
+    """A module holding `layer` as `layers.0`, as the encoders and decoders do."""
+    stack = torch.nn.Module()
+    stack.layers = torch.nn.ModuleList([layer])
+    return stack
+
+
+def _converted(legacy: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """`new` with the weights of `legacy` (torch's modules) through `convert_legacy_state_dict`, strictly."""
+    new.load_state_dict(modeling.convert_legacy_state_dict(legacy.state_dict()), strict=True)
+    return new
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(0.3 * torch.randn_like(param))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_encoder_layer_matches_torch_transformer_encoder_layer(layout, implementation):
+    """Same weights, same results as `nn.TransformerEncoderLayer` with the settings SpecPT used (pre-norm GELU for
+    `tokens`, post-norm ReLU for `paper`), key padding included, in its fused inference path and with gradients."""
+    config = _layer_config(layout, implementation)
+    paper = layout == "paper"
+    legacy = _stack(
+        torch.nn.TransformerEncoderLayer(
+            16, 2, 32, 0.1, "relu" if paper else "gelu", 1e-5, batch_first=True, norm_first=not paper
+        )
+    )
+    _randomise(legacy)
+    new = _converted(legacy, _stack(modeling.SpecPTEncoderLayer(config))).layers[0].eval()
+    legacy = legacy.layers[0].eval()
+    hidden, padding = _token_batch()
+    mask = modeling.key_padding_mask(config, hidden, padding)
+    expected = legacy(hidden, src_key_padding_mask=padding)  # with gradients: the unfused path
+    torch.testing.assert_close(new(hidden, mask), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # torch's fused inference path
+        torch.testing.assert_close(
+            new(hidden, mask), legacy(hidden, src_key_padding_mask=padding), rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_decoder_layer_matches_torch_transformer_decoder_layer(implementation):
+    config = _layer_config("paper", implementation)
+    legacy = _stack(torch.nn.TransformerDecoderLayer(16, 2, 32, 0.1, layer_norm_eps=1e-5, batch_first=True))
+    _randomise(legacy)
+    new = _converted(legacy, _stack(modeling.SpecPTDecoderLayer(config))).layers[0].eval()
+    hidden, _ = _token_batch()
+    context, _ = _token_batch(seed=1)
+    torch.testing.assert_close(
+        new(hidden, context), legacy.layers[0].eval()(hidden, context), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_cross_attention_matches_torch_multihead_attention(implementation):
+    """A learned query over padded tokens, as in the attention pooling and the paper head."""
+    config = _layer_config("tokens", implementation)
+    legacy = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    _randomise(legacy)
+    new = _converted(legacy, modeling.SpecPTAttention(config))
+    hidden, padding = _token_batch()
+    query = torch.randn(1, 1, 16).expand(3, -1, -1)
+    mask = modeling.key_padding_mask(config, query, padding, hidden)
+    expected, _ = legacy(query, hidden, hidden, key_padding_mask=padding, need_weights=False)
+    actual, weights = new(query, mask, hidden)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    if implementation == "eager":
+        assert weights.shape == (3, 2, 1, 7) and torch.all(weights.transpose(1, 3)[padding] == 0)
+
+
+def _legacy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s weights under the names torch's transformer modules give them: packed q/k/v `in_proj_*`,
+    `linear1/2`, `norm1/2/3`, `multihead_attn`."""
+    legacy, packed = {}, defaultdict(dict)
+    for key, tensor in model.state_dict().items():
+        for name, old in (
+            (".mlp.fc", ".linear"),
+            (".layer_norm", ".norm"),
+            (".cross_attn.", ".multihead_attn."),
+        ):
+            key = key.replace(name, old)
+        module, _, projection_kind = key.rpartition(".")
+        module, _, projection = module.rpartition(".")
+        if projection in ("q_proj", "k_proj", "v_proj"):
+            packed[f"{module}.in_proj_{projection_kind}"][projection] = tensor
+        else:
+            legacy[key] = tensor
+    for key, parts in packed.items():
+        legacy[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])  # [3 d_model(, d_model)]
+    return legacy
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    ("model_class", "head_type"),
+    [
+        (SpecPTModel, None),
+        (SpecPTForSpectrumReconstruction, None),
+        (SpecPTForRedshift, "pz"),
+        (SpecPTForRedshift, "paper"),
+    ],
+)
+def test_legacy_checkpoints_load(model_class, head_type, layout, tmp_path, spectra_factory):
+    tester = SpecPTModelTester(layout, **({"head_type": head_type} if head_type else {}))
+    config = tester.get_config("redshift" if model_class is SpecPTForRedshift else "autoencoder")
+    model = build(model_class, config).eval()
+    legacy = _legacy_state_dict(model)
+    assert any(key.endswith("in_proj_weight") for key in legacy) and not any(
+        "q_proj" in key for key in legacy
+    )
+    config.save_pretrained(tmp_path)
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    by_hook = build(model_class, config).eval()
+    by_hook.load_state_dict(legacy)
+    inputs = tester.prepare_inputs(spectra_factory)
+    with torch.no_grad():
+        expected = model(**inputs).to_tuple()
+        for other in (loaded, by_hook):
+            for a, e in zip(other(**inputs).to_tuple(), expected, strict=True):
+                assert torch.equal(a, e)
+    # saved again, it is in the new layout
+    loaded.save_pretrained(tmp_path / "again")
+    assert set(load_file(tmp_path / "again" / "model.safetensors")) == set(model.state_dict())
+
+
+def test_convert_legacy_state_dict_leaves_other_weights_alone():
+    _, model = tiny_model("autoencoder")
+    weights = model.state_dict()
+    converted = modeling.convert_legacy_state_dict(weights)
+    assert converted.keys() == weights.keys()
+    assert all(converted[key] is tensor for key, tensor in weights.items())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("task", ["autoencoder", "redshift"])
+def test_attention_implementations_agree(task, layout, tmp_path, spectra_factory):
+    tester, model = tiny_model(task, layout)
+    assert model.config._attn_implementation == "eager"  # the default
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+    inputs = tester.prepare_inputs(spectra_factory)
+    inputs["mask"][0, :40] = True  # two tokens without a good pixel
+    outputs = {}
+    for implementation in IMPLEMENTATIONS:
+        loaded = cls.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        assert loaded.config._attn_implementation == implementation
+        with torch.no_grad():
+            outputs[implementation] = loaded(**inputs).to_tuple()
+    for eager, sdpa in zip(*outputs.values(), strict=True):
+        torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hidden_states_and_attentions(layout, spectra_factory):
+    tester = SpecPTModelTester(layout)
+    config = tester.get_config()
+    model = build(SpecPTModel, config).eval()
+    inputs = tester.prepare_inputs(spectra_factory)
+    inputs["mask"][0, :40] = True  # tokens 0 and 1 of spectrum 0 hold no good pixel
+    with torch.no_grad():
+        plain = model(**inputs)
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    assert plain.hidden_states is None and plain.attentions is None
+    b, t = tester.batch_size, tester.num_tokens()
+    assert len(out.hidden_states) == config.num_layers + 1 and len(out.attentions) == config.num_layers
+    assert all(h.shape == (b, t, 16) for h in out.hidden_states)
+    last = out.hidden_states[-1] if layout == "paper" else model.encoder.norm(out.hidden_states[-1])
+    torch.testing.assert_close(last, out.last_hidden_state)
+    for weights in out.attentions:
+        assert weights.shape == (b, 2, t, t)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(b, 2, t))
+        assert torch.all(weights.transpose(1, 3)[out.token_padding_mask] == 0)  # padded tokens are no keys
+    if layout == "tokens":
+        assert out.token_padding_mask[0, :2].all()
+    torch.testing.assert_close(out.last_hidden_state, plain.last_hidden_state)
+
+
+@pytest.mark.parametrize("task", ["autoencoder", "redshift"])
+def test_task_models_return_the_backbone_states(task, spectra_factory):
+    tester, model = tiny_model(task, output_hidden_states=True)
+    model.eval()
+    inputs = tester.prepare_inputs(spectra_factory)
+    with torch.no_grad():
+        out = model(**inputs)  # the config asks for the hidden states
+        backbone = model.specpt(**inputs, output_hidden_states=True)
+        as_tuple = model(**inputs, output_hidden_states=False, return_dict=False)
+    assert len(out.hidden_states) == 3
+    for a, b in zip(out.hidden_states, backbone.hidden_states, strict=True):
+        assert torch.equal(a, b)
+    assert not any(isinstance(value, tuple) for value in as_tuple)
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    assert len(attentions) == 2 and attentions[0].shape == (3, 2, tester.num_tokens(), tester.num_tokens())
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="eager"):  # sdpa computes no weights
+        model(**inputs, output_attentions=True)
+
+
+def _gradients(model, inputs, labels) -> dict[str, torch.Tensor]:
+    torch.manual_seed(5)  # the same dropout masks
+    model.train()
+    model(**inputs, labels=labels).loss.backward()
+    return {name: param.grad for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("task", ["autoencoder", "redshift"])
+def test_gradient_checkpointing_gives_the_same_gradients(task, layout, spectra_factory):
+    tester, model = tiny_model(task, layout)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable()
+    layers = [m for m in checkpointed.modules() if isinstance(m, modeling.GradientCheckpointingLayer)]
+    decoder_layers = model.config.num_decoder_layers if task == "autoencoder" else 0
+    assert len(layers) == model.config.num_layers + decoder_layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    calls = []
+    layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+    inputs = tester.prepare_inputs(spectra_factory)
+    labels = inputs["flux"] if task == "autoencoder" else tester.redshift_labels()
+    expected = _gradients(model, inputs, labels)
+    actual = _gradients(checkpointed, inputs, labels)
+    assert len(calls) == 2  # the forward pass and its recomputation in the backward pass
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,19 +1,12 @@
 """Building the model for an instrument: weights from a pretrained folder, freezing, LoRA, saving.
 
 Freezing (`freeze=`): `"none"` trains everything, `"stem"` fixes the token stem, `"encoder"` fixes the whole
-backbone (only the head trains). LoRA (`lora_rank > 0`, through `peft`) puts adapters on every encoder layer's
-self-attention (peft's `MultiheadAttention` LoRA: the packed q/k/v `in_proj_weight` and `out_proj`) and its
-feed-forward `linear1` / `linear2` (`lora_targets=LORA_FEED_FORWARD_MODULES`: the feed-forward ones only); the
-head (and, unless frozen, the stem, pooler and final norm) trains in full as peft `modules_to_save`.
-What peft can target in `nn.TransformerEncoderLayer`: `linear1` / `linear2` (plain `nn.Linear`) and the whole
-`self_attn` module. Targeting `self_attn.out_proj` alone does nothing, since `nn.MultiheadAttention` reads its
-weight directly instead of calling it, and `in_proj_weight` is a bare parameter (peft's `target_parameters` fails
-on it: its wrapper hides the attributes the encoder layer reads). peft's `MultiheadAttention` LoRA merges the
-adapter into in_proj/out_proj before each forward and subtracts it afterwards, so those two base weights pick up
-float rounding (~1e-6 relative after a few hundred steps); all other base weights stay bit-identical. In eval
-mode PyTorch's fused `TransformerEncoderLayer` path reads the base weights directly and skips every adapter:
-validation in `specpt_hf.training` switches that path off for peft models (`adapters_active`), and `merge_lora`
-gives a plain model with the adapters merged in (what `write_finetuned` / `save_finetuned` write).
+backbone (only the head trains). LoRA (`lora_rank > 0`, through `peft`) puts adapters on the `nn.Linear`
+layers of every encoder layer: the attention projections `self_attn.q_proj` / `k_proj` / `v_proj` / `out_proj`
+and the feed-forward `mlp.fc1` / `mlp.fc2` (`lora_targets=LORA_FEED_FORWARD_MODULES`: the feed-forward ones
+only); the head (and, unless frozen, the stem, pooler and final norm) trains in full as peft `modules_to_save`.
+The base weights stay bit-identical, and `merge_lora` gives a plain model with the adapters merged in (what
+`write_finetuned` / `save_finetuned` write).
 """
 
 from __future__ import annotations
@@ -42,8 +35,8 @@ FREEZE_CHOICES = ("none", "stem", "encoder")
 ADAPTATION_NAME = "adaptation.json"
 LORA_ADAPTER_DIR = "lora_adapter"
 # Module names (relative to SpecPTForRedshift) that get LoRA adapters (regexes matched in full, see above).
-LORA_TARGET_MODULES = r"specpt\.encoder\.layers\.\d+\.(self_attn|linear1|linear2)"
-LORA_FEED_FORWARD_MODULES = r"specpt\.encoder\.layers\.\d+\.(linear1|linear2)"
+LORA_TARGET_MODULES = r"specpt\.encoder\.layers\.\d+\.(self_attn\.([qkv]|out)_proj|mlp\.fc[12])"
+LORA_FEED_FORWARD_MODULES = r"specpt\.encoder\.layers\.\d+\.mlp\.fc[12]"
 # Trained in full next to the adapters (peft `modules_to_save`), by `freeze` choice.
 _LORA_FULLY_TRAINED = {
     "none": ("head", "specpt.stem", "specpt.pooler", "specpt.encoder.norm"),
