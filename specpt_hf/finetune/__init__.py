@@ -26,7 +26,6 @@ spectra as Parquet shards; `train` fine-tunes and evaluates the model, and pretr
     >>> evaluate_redshifts(result.model, "data/deimos").metrics["all"]["nmad"]
 """
 
-from ..training.train import adapters_active
 from .adapt import (
     ADAPTATION_NAME,
     FREEZE_CHOICES,
@@ -83,7 +82,6 @@ __all__ = [
     "SPLITS",
     "SplitEvaluation",
     "adapt_to_instrument",
-    "adapters_active",
     "apply_freeze",
     "apply_lora",
     "check_data_grid",

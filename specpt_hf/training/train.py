@@ -24,12 +24,11 @@ metrics; kept across resumes), `model/` (final weights, `save_pretrained` format
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,21 +153,6 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("peft.")
 
 
-@contextlib.contextmanager
-def adapters_active(model: torch.nn.Module) -> Iterator[None]:
-    """Switch PyTorch's fused `TransformerEncoderLayer` inference path off while a peft model runs, so its
-    adapters take part in evaluation (the fused path reads the base weights and skips them)."""
-    if not is_peft_model(model):
-        yield
-        return
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
 def parameter_groups(model: torch.nn.Module, settings: TrainingSettings) -> list[dict[str, Any]]:
     """AdamW groups of the trainable parameters: weight decay on matrices only; the pretrained backbone (the
     base model's weights, not peft's LoRA adapters) at `encoder_learning_rate` when set."""
@@ -199,19 +183,18 @@ def parameter_groups(model: torch.nn.Module, settings: TrainingSettings) -> list
 def evaluate(
     model: torch.nn.Module, dataloader: Any, accelerator: Accelerator, stage: str
 ) -> dict[str, float]:
-    """Validation loss, and for stage 2 NMAD / eta / bias over all processes' spectra (peft adapters active)."""
+    """Validation loss, and for stage 2 NMAD / eta / bias over all processes' spectra."""
     was_training = model.training
     model.eval()
     losses, z_pred, z_true = [], [], []
-    with adapters_active(accelerator.unwrap_model(model)):
-        for batch in dataloader:
-            outputs = model(**batch)
-            batch_size = batch["labels"].shape[0]
-            losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(batch_size)))
-            if stage == "redshift":
-                pred, true = accelerator.gather_for_metrics((outputs.redshift.float(), batch["labels"]))
-                z_pred.append(pred)  # [batch]
-                z_true.append(true)  # [batch]
+    for batch in dataloader:
+        outputs = model(**batch)
+        batch_size = batch["labels"].shape[0]
+        losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(batch_size)))
+        if stage == "redshift":
+            pred, true = accelerator.gather_for_metrics((outputs.redshift.float(), batch["labels"]))
+            z_pred.append(pred)  # [batch]
+            z_true.append(true)  # [batch]
     model.train(was_training)
     metrics = {"validation/loss": torch.cat(losses).mean().item()}
     if stage == "redshift":
