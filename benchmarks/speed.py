@@ -321,13 +321,9 @@ def flops_per_spectrum(preset: str) -> float:
     pixels = model.config.num_pixels
     flux = torch.ones(1, pixels)  # [1, pixels]
     model.requires_grad_(False)  # FlopCounterMode's module tracker trips on parameters that require grad
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder-layer kernel has no FLOP formula
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(flux=flux, ivar=torch.ones_like(flux), mask=torch.zeros_like(flux, dtype=torch.bool))
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
+    model.set_attn_implementation("eager")  # the CPU sdpa kernel has no FLOP formula: count the matmuls
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(flux=flux, ivar=torch.ones_like(flux), mask=torch.zeros_like(flux, dtype=torch.bool))
     del model
     return float(counter.get_total_flops())
 

@@ -9,6 +9,7 @@ Data loading is not included.
     python benchmarks/train_throughput.py --quick         # a few steps each, for a smoke test
     python benchmarks/train_throughput.py --device cuda --presets specpt-base specpt-paper
     python benchmarks/train_throughput.py --presets specpt-base specpt-paper --stages redshift --batch-size 8
+    python benchmarks/train_throughput.py --presets specpt-small --attention eager sdpa  # attention kernels
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Job:
     steps: int
     warmup: int
     threads: int | None
+    attention: str | None  # attn_implementation; None: the model's default
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Row:
     preset: str
     stage: str
     precision: str
+    attention: str
     batch_size: int
     parameters: int
     step_ms: float
@@ -78,6 +81,8 @@ def measure(job: Job) -> Row:
     )
     set_seed(0)
     model = create_model(job.preset, job.stage)
+    if job.attention:
+        model.set_attn_implementation(job.attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -109,6 +114,7 @@ def measure(job: Job) -> Row:
         job.preset,
         job.stage,
         job.precision,
+        unwrapped.config._attn_implementation,
         job.batch_size,
         parameters,
         1e3 * seconds,
@@ -118,13 +124,13 @@ def measure(job: Job) -> Row:
 
 def format_table(rows: list[Row]) -> str:
     lines = [
-        "| preset | stage | precision | batch | parameters | ms / step | spectra / s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| preset | stage | precision | attention | batch | parameters | ms / step | spectra / s |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.preset} | {r.stage} | {r.precision} | {r.batch_size} | {r.parameters / 1e6:.2f} M "
-            f"| {r.step_ms:.0f} | {r.spectra_per_second:.1f} |"
+            f"| {r.preset} | {r.stage} | {r.precision} | {r.attention} | {r.batch_size} "
+            f"| {r.parameters / 1e6:.2f} M | {r.step_ms:.0f} | {r.spectra_per_second:.1f} |"
         )
     return "\n".join(lines)
 
@@ -137,6 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stages", nargs="+", choices=("autoencoder", "redshift"), default=["autoencoder", "redshift"]
     )
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument(
+        "--attention", nargs="+", choices=("eager", "sdpa"), help="attn_implementation (default: the model's)"
+    )
     parser.add_argument("--batch-size", type=int, help="default: 16 tiny, 32 small, 128 base and paper")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -171,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             args.steps,
             args.warmup,
             args.threads,
+            attention,
         )
         for preset in args.presets
         for stage in args.stages
         for precision in args.precisions
+        for attention in args.attention or [None]
     ]
     best: dict[int, Row] = {}
     # A fresh interpreter per job: Accelerate's precision and torch's thread pool start clean each time.
