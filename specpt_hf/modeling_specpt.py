@@ -1297,6 +1297,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "fine_smoothing_kms": config.refinement_smoothing_kms,
             "rebin": config.refinement_rebin,
             "fine_step": config.refinement_fine_step,
+            "fine_trials": config.refinement_fine_trials,
         }
         settings["prior"] = self._pz_prior(logits)  # [batch, grid] or None
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]

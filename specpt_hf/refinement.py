@@ -26,7 +26,6 @@ from .atomic import atomic_write
 
 SPEED_OF_LIGHT_KMS = 299_792.458
 STAR_VELOCITY_KMS = 1000.0  # STAR templates are fitted within +-this line-of-sight velocity
-_FINE_HALF = 2  # the fine scan's trials: the coarse vertex +- this many fine steps
 _SCAN_ELEMENTS = 2**24  # template samples per chunk of the chi^2 scan (bounds its memory)
 
 
@@ -482,11 +481,12 @@ def refine_redshifts(
     fine_smoothing_kms: dict[str, float] | None = None,
     rebin: int = 3,
     fine_step: float = 1e-4,
+    fine_trials: int = 5,
     exclusion_kms: float = 1000.0,
 ) -> RefinementResult:
     """Redshifts from chi^2(z): the coarse curve of every template set over `u_range` ([`chi2_curve`]), its
     lowest point within +-`half_width` of a candidate (or anywhere, for rows with `everywhere`) and the vertex of
-    the parabola through it and its neighbours, then five trials `fine_step` apart about that vertex on the
+    the parabola through it and its neighbours, then `fine_trials` trials `fine_step` apart about that vertex on the
     spectrum's own pixels with the winning set and a parabola through the best of them and its neighbours.
 
     Args:
@@ -532,9 +532,12 @@ def refine_redshifts(
     best = posterior.argmin(1)  # [batch]
     winner = spectype.gather(1, best[:, None])[:, 0]  # [batch]
 
+    if fine_trials < 3 or fine_trials % 2 == 0:
+        raise ValueError(f"`fine_trials` must be odd and >= 3, got {fine_trials}")
+    half = fine_trials // 2
     fine_u = _coarse_vertex(scan_u, scan_chi2, best)[:, None] + fine_step * torch.arange(
-        -_FINE_HALF, _FINE_HALF + 1, device=flux.device
-    )  # [batch, f]
+        -half, half + 1, device=flux.device
+    )  # [batch, fine_trials]
     vectors = max(t.basis.shape[0] for t in template_sets.values())
     fine_chi2 = torch.zeros_like(fine_u)  # [batch, f]
     fine_coeff = torch.zeros(*fine_u.shape, vectors, device=flux.device)  # [batch, f, vectors]

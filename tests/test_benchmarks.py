@@ -23,6 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
+import fine_scan  # noqa: E402
 import parquet_writers  # noqa: E402
 import prepare_rate  # noqa: E402
 import redrock_priors  # noqa: E402
@@ -216,6 +217,18 @@ def test_template_smoothing_quick_scores_each_setting(tmp_path):
     for row in result["settings"]:
         assert row["by_class"]["all"]["n"] == 24 and row["by_class"]["all"]["nmad"] >= 0
     assert "| 25 | 50 | all | 24 |" in (tmp_path / "smoothing.md").read_text()
+
+
+def test_fine_scan_quick_scores_each_setting(tmp_path):
+    assert fine_scan.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "fine_scan.json").read_text())
+    assert [[row["trials"], row["step"]] for row in result["settings"]] == [
+        list(s) for s in fine_scan.SETTINGS[:2]
+    ]
+    assert result["model_setting"] == {"trials": 5, "step": 1e-4}
+    for row in result["settings"]:
+        assert row["by_class"]["all"]["n"] == 24 and row["ms_per_spectrum"] > 0
+    assert "| 5 | 0.0002 | all | 24 |" in (tmp_path / "fine_scan.md").read_text()
 
 
 def test_robustness_runs_only_the_chosen_perturbations(tmp_path):

@@ -82,10 +82,11 @@ def templates() -> RestFrameTemplates:
     return _true_templates()
 
 
-def test_recovers_known_redshifts_from_a_guess_a_bin_away(templates):
+@pytest.mark.parametrize("fine", [{}, {"fine_trials": 7, "fine_step": 2e-4}, {"fine_trials": 3}])
+def test_recovers_known_redshifts_from_a_guess_a_bin_away(templates, fine):
     z = np.array([0.05, 0.21, 0.48, 0.83])
     flux, ivar = _spectra(templates, z)
-    result = _refine(templates, flux, ivar, z + 0.006 * (1 + z))  # one p(z) bin off
+    result = _refine(templates, flux, ivar, z + 0.006 * (1 + z), **fine)  # one p(z) bin off
     error = (result.redshift.numpy() - z) / (1 + z)
     assert np.abs(error).max() < 2e-5, error
     assert (result.redshift_err.numpy() > 0).all() and (result.redshift_err.numpy() < 1e-3).all()
@@ -496,3 +497,16 @@ def test_config_smoothing_defaults_and_rejects_negative():
     assert SpecPTForRedshiftConfig(refinement_smoothing_kms={}).refinement_smoothing_kms == {}
     with pytest.raises(ValueError, match=r"refinement_smoothing_kms\['QSO'\]"):
         SpecPTForRedshiftConfig(refinement_smoothing_kms={"QSO": -1.0})
+
+
+def test_fine_trials_must_be_odd_and_at_least_three(templates):
+    from specpt_hf.configuration_specpt import SpecPTForRedshiftConfig
+
+    assert SpecPTForRedshiftConfig().refinement_fine_trials == 5
+    assert SpecPTForRedshiftConfig(refinement_fine_trials=7).refinement_fine_trials == 7
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match="refinement_fine_trials"):
+            SpecPTForRedshiftConfig(refinement_fine_trials=bad)
+    flux, ivar = _spectra(templates, np.array([0.3]))
+    with pytest.raises(ValueError, match="fine_trials"):
+        _refine(templates, flux, ivar, np.array([0.3]), fine_trials=4)
