@@ -480,8 +480,8 @@ def refine_redshifts(
     coarse_vectors: int | None = None,
     fine_smoothing_kms: dict[str, float] | None = None,
     rebin: int = 3,
-    fine_step: float = 1e-4,
-    fine_trials: int = 5,
+    fine_step: float = 2e-4,
+    fine_trials: int = 7,
     exclusion_kms: float = 1000.0,
 ) -> RefinementResult:
     """Redshifts from chi^2(z): the coarse curve of every template set over `u_range` ([`chi2_curve`]), its

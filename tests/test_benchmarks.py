@@ -225,7 +225,7 @@ def test_fine_scan_quick_scores_each_setting(tmp_path):
     assert [[row["trials"], row["step"]] for row in result["settings"]] == [
         list(s) for s in fine_scan.SETTINGS[:2]
     ]
-    assert result["model_setting"] == {"trials": 5, "step": 1e-4}
+    assert result["model_setting"] == {"trials": 7, "step": 2e-4}
     for row in result["settings"]:
         assert row["by_class"]["all"]["n"] == 24 and row["ms_per_spectrum"] > 0
     assert "| 5 | 0.0002 | all | 24 |" in (tmp_path / "fine_scan.md").read_text()

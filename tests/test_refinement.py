@@ -502,8 +502,8 @@ def test_config_smoothing_defaults_and_rejects_negative():
 def test_fine_trials_must_be_odd_and_at_least_three(templates):
     from specpt_hf.configuration_specpt import SpecPTForRedshiftConfig
 
-    assert SpecPTForRedshiftConfig().refinement_fine_trials == 5
-    assert SpecPTForRedshiftConfig(refinement_fine_trials=7).refinement_fine_trials == 7
+    assert SpecPTForRedshiftConfig().refinement_fine_trials == 7
+    assert SpecPTForRedshiftConfig(refinement_fine_trials=5).refinement_fine_trials == 5
     for bad in (1, 4):
         with pytest.raises(ValueError, match="refinement_fine_trials"):
             SpecPTForRedshiftConfig(refinement_fine_trials=bad)
