@@ -23,14 +23,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import CLASSES, SPECTRA_PER_FILE, TEST_SEED, make_test_set  # noqa: E402
-from refinement_frontier import quick_templates  # noqa: E402
-from robustness import held_out, predict_chunks  # noqa: E402
+from accuracy import TEST_SEED  # noqa: E402
+from robustness import predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
-from template_smoothing import score  # noqa: E402
+from template_smoothing import refined_test_spectra, score  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.loading import load_model  # noqa: E402
 
 SETTINGS = ((5, 1e-4), (5, 2e-4), (7, 1e-4), (7, 1.5e-4), (7, 2e-4), (9, 1e-4))  # (trials, step in ln(1 + z))
 
@@ -74,29 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    per_class = make_test_set(
-        args.test_dir or args.out / "testset",
-        6 if args.quick else 5000,
-        TEST_SEED,
-        6 if args.quick else SPECTRA_PER_FILE,
-    )
-    files = [per_class[name][0] for name in CLASSES]
-    if args.quick:
-        from accuracy import read_truth
-
-        from specpt_hf import create_model
-
-        torch.manual_seed(0)
-        model = create_model("specpt-tiny", "redshift", refinement_wide_quality=1.0).eval()
-        model.set_templates(quick_templates(files, read_truth(files), model))
-        args.per_class = 6
-    elif args.model is None:
-        parser.error("--model is required (or --quick)")
-    else:
-        model = load_model(args.model, task="redshift")
-    if not model.refines:
-        parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
-    batch, z_true, classes = held_out(files, args.per_class, model.config)
+    model, batch, z_true, classes = refined_test_spectra(args, parser)
     own = {"trials": model.config.refinement_fine_trials, "step": model.config.refinement_fine_step}
     settings = []
     for trials, step in SETTINGS[:2] if args.quick else SETTINGS:

@@ -84,20 +84,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="SpecPT redshift model folder with templates")
-    parser.add_argument("--test-dir", type=Path, help="held-out test set folder (default: OUT/testset)")
-    parser.add_argument("--per-class", type=int, default=250, help="spectra per class")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny + templates, 6 per class")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    n_per_class = 6 if args.quick else 5000
+def refined_test_spectra(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[Any, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The model with templates (`--model`, or with `--quick` an untrained specpt-tiny with templates from the
+    test files) and the first `--per-class` held-out spectra of each class: (model, batch, z_true, classes)."""
     per_class = make_test_set(
-        args.test_dir or args.out / "testset", n_per_class, TEST_SEED, 6 if args.quick else SPECTRA_PER_FILE
+        args.test_dir or args.out / "testset",
+        6 if args.quick else 5000,
+        TEST_SEED,
+        6 if args.quick else SPECTRA_PER_FILE,
     )
     files = [per_class[name][0] for name in CLASSES]
     if args.quick:
@@ -115,7 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model, task="redshift")
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
-    batch, z_true, classes = held_out(files, args.per_class, model.config)
+    return (model, *held_out(files, args.per_class, model.config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="SpecPT redshift model folder with templates")
+    parser.add_argument("--test-dir", type=Path, help="held-out test set folder (default: OUT/testset)")
+    parser.add_argument("--per-class", type=int, default=250, help="spectra per class")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny + templates, 6 per class")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, batch, z_true, classes = refined_test_spectra(args, parser)
     default = dict(model.config.refinement_smoothing_kms)
     settings = []
     for galaxy_kms, qso_kms in SETTINGS_KMS[:2] if args.quick else SETTINGS_KMS:
