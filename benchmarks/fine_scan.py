@@ -14,8 +14,6 @@ the whole refined prediction (1 thread). Writes fine_scan.json and fine_scan.md 
 
 from __future__ import annotations
 
-import argparse
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,19 +21,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import TEST_SEED  # noqa: E402
 from robustness import predict_chunks  # noqa: E402
-from speed import machine_info  # noqa: E402
-from template_smoothing import refined_test_spectra, score  # noqa: E402
-
-from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from speed import _cpu_seconds  # noqa: E402
+from template_smoothing import benchmark_parser, refined_test_spectra, score, write_result  # noqa: E402
 
 SETTINGS = ((5, 1e-4), (5, 2e-4), (7, 1e-4), (7, 1.5e-4), (7, 2e-4), (9, 1e-4))  # (trials, step in ln(1 + z))
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -63,12 +53,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="SpecPT redshift model folder with templates")
-    parser.add_argument("--test-dir", type=Path, help="held-out test set folder (default: OUT/testset)")
-    parser.add_argument("--per-class", type=int, default=250, help="spectra per class")
-    parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny + templates, 6 per class")
-    parser.add_argument("--out", type=Path, required=True)
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -77,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = []
     for trials, step in SETTINGS[:2] if args.quick else SETTINGS:
         model.config.refinement_fine_trials, model.config.refinement_fine_step = trials, step
-        start = cpu_seconds()
+        start = _cpu_seconds()
         out = predict_chunks(model, batch)
-        ms = 1000 * (cpu_seconds() - start) / len(z_true)
+        ms = 1000 * (_cpu_seconds() - start) / len(z_true)
         rows = score(out["z"], out["zerr"], z_true, classes)
         settings.append({"trials": trials, "step": step, "ms_per_spectrum": ms, "by_class": rows})
         print(
@@ -87,16 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{c} {m['nmad']:.2e}" for c, m in rows.items())
             + f"; {ms:.1f} ms"
         )
-    result = {
-        "machine": machine_info("cpu"),
-        "model": str(args.model) if args.model else "specpt-tiny (untrained) + quick templates",
-        "test_set": f"the first {args.per_class} spectra of each class's first held-out file (seed {TEST_SEED})",
-        "model_setting": own,
-        "settings": settings,
-    }
-    atomic_write_json(args.out / "fine_scan.json", result)
-    atomic_write_text(args.out / "fine_scan.md", markdown(result))
-    print(f"wrote {args.out / 'fine_scan.md'}")
+    write_result(args, "fine_scan", markdown, model_setting=own, settings=settings)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,36 @@ def refined_test_spectra(
     return (model, *held_out(files, args.per_class, model.config))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks over `refined_test_spectra`: --model, --test-dir, --per-class, --quick,
+    --out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", help="SpecPT redshift model folder with templates")
     parser.add_argument("--test-dir", type=Path, help="held-out test set folder (default: OUT/testset)")
     parser.add_argument("--per-class", type=int, default=250, help="spectra per class")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny + templates, 6 per class")
     parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def write_result(
+    args: argparse.Namespace, name: str, markdown_of: Callable[[dict[str, Any]], str], **fields: Any
+) -> None:
+    """`{name}.json` and `{name}.md` in --out: the machine, the model, the test spectra and `fields`."""
+    result = {
+        "machine": machine_info("cpu"),
+        "model": str(args.model) if args.model else "specpt-tiny (untrained) + quick templates",
+        "test_set": f"the first {args.per_class} spectra of each class's first held-out file (seed {TEST_SEED})",
+        **fields,
+    }
+    atomic_write_json(args.out / f"{name}.json", result)
+    atomic_write_text(args.out / f"{name}.md", markdown_of(result))
+    print(f"wrote {args.out / f'{name}.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,16 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             f"σ {galaxy_kms:g} / {qso_kms:g} km/s: "
             + ", ".join(f"{c} {m['nmad']:.2e}" for c, m in rows.items())
         )
-    result = {
-        "machine": machine_info("cpu"),
-        "model": str(args.model) if args.model else "specpt-tiny (untrained) + quick templates",
-        "test_set": f"the first {args.per_class} spectra of each class's first held-out file (seed {TEST_SEED})",
-        "model_smoothing_kms": default,
-        "settings": settings,
-    }
-    atomic_write_json(args.out / "smoothing.json", result)
-    atomic_write_text(args.out / "smoothing.md", markdown(result))
-    print(f"wrote {args.out / 'smoothing.md'}")
+    write_result(args, "smoothing", markdown, model_smoothing_kms=default, settings=settings)
     return 0
 
 
