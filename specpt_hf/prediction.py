@@ -131,20 +131,6 @@ def _check_wave(wave: Any, pixels: int) -> np.ndarray:
     return wave
 
 
-def resample_spectra(
-    wave: np.ndarray,
-    flux: np.ndarray,
-    ivar: np.ndarray | None,
-    mask: np.ndarray | None,
-    new_wave: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """`resample` (flux-conserving, inverse variance propagated, uncovered pixels masked) in the form the model
-    reads: flux [n, n_out] float32 (0 where masked), ivar [n, n_out] float32 (None without input ivar) and
-    mask [n, n_out] bool (True = bad)."""
-    out_flux, out_ivar, out_mask = resample(wave, flux, ivar, new_wave, mask=mask)
-    return out_flux.astype(np.float32), None if ivar is None else out_ivar.astype(np.float32), out_mask
-
-
 def to_model_grid(
     config: SpecPTConfig,
     flux: np.ndarray,
@@ -162,7 +148,13 @@ def to_model_grid(
     if wave is not None:
         wave = _check_wave(wave, flux.shape[1])
         if not same_grid(wave, config):
-            return resample_spectra(wave, flux, ivar, mask, model_wavelength(config))
+            # flux-conserving, inverse variance propagated, model pixels not covered by the input masked
+            out_flux, out_ivar, out_mask = resample(wave, flux, ivar, model_wavelength(config), mask=mask)
+            return (
+                out_flux.astype(np.float32),
+                None if ivar is None else out_ivar.astype(np.float32),
+                out_mask,
+            )
     elif flux.shape[1] != config.num_pixels:
         raise ValueError(
             f"`flux` has {flux.shape[1]} pixels but the model's grid has {config.num_pixels}; pass `wave` "

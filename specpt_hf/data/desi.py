@@ -357,8 +357,8 @@ def open_desi_fits(
 def _check_spans(hdul: fits.HDUList, n_hdus: int, size: int, path: Path) -> None:
     for index in range(n_hdus):
         hdu = hdul[index]
-        # the data offset and padded size astropy computed from the header (`HDUList.fileinfo`
-        # gives the same numbers but parses every table's columns first)
+        # the data offset and padded size astropy computed from the header (the HDU's own `fileinfo`,
+        # which reads no table column, unlike `HDUList.fileinfo`)
         info = hdu.fileinfo()
         end = info["datLoc"] + info["datSpan"]
         if end > size:
