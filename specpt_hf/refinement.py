@@ -158,12 +158,12 @@ def smooth_templates(templates: RestFrameTemplates, smoothing_kms: float) -> Res
         return templates
     from astropy.convolution import Gaussian1DKernel, convolve
 
-    basis = templates.basis.double().numpy()  # [vectors, grid]
+    basis = templates.basis.double().cpu().numpy()  # [vectors, grid]
     inside = (basis != 0).any(0)  # [grid]
     kernel = Gaussian1DKernel(smoothing_kms / SPEED_OF_LIGHT_KMS / templates.log_wavelength_step)
     rows = np.where(inside, basis, np.nan)
     smoothed = np.stack([convolve(row, kernel, boundary="extend", preserve_nan=True) for row in rows])
-    basis = torch.from_numpy(np.where(inside, smoothed, 0.0).astype(np.float32))
+    basis = torch.from_numpy(np.where(inside, smoothed, 0.0).astype(np.float32)).to(templates.basis.device)
     return RestFrameTemplates(templates.log_wavelength_start, templates.log_wavelength_step, basis)
 
 
