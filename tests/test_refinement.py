@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from specpt_hf import refinement
 from specpt_hf.refinement import (
     RestFrameTemplates,
     build_templates,
@@ -138,6 +139,28 @@ def test_batch_independence(templates):
         [_refine(templates, flux[i : i + 1], ivar[i : i + 1], z[i : i + 1]).redshift for i in range(3)]
     )
     torch.testing.assert_close(together, alone)
+
+
+@pytest.mark.parametrize("elements", [1, 5 * 7781 * 3, 2**30])
+def test_scan_and_curve_do_not_depend_on_their_chunks(templates, monkeypatch, elements):
+    """One trial of one spectrum per chunk, a few per chunk, or all at once: the same chi^2 (to float32 rounding
+    of the coefficients, which the residual chi^2 feels only to second order) and coefficients."""
+    z = np.array([0.1, 0.6, 0.9])
+    flux, ivar = _spectra(templates, z, seed=5)
+    wave, flux_t, ivar_t = torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar)
+    trials = torch.log1p(torch.from_numpy(z))[:, None] + 2e-4 * torch.arange(-3, 4)  # [3, 7]
+
+    def scan_and_curve():
+        chi2, coeff, npixels = chi2_scan(templates, wave, flux_t, ivar_t, trials)
+        return chi2, coeff, npixels, chi2_curve(templates, wave, flux_t, ivar_t, (0, 1))[1]
+
+    chi2, coeff, npixels, curve = scan_and_curve()
+    monkeypatch.setattr(refinement, "_CPU_SCAN_ELEMENTS", {"scan": elements, "curve": elements})
+    chunked = scan_and_curve()
+    torch.testing.assert_close(chunked[0], chi2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(chunked[1], coeff, rtol=0, atol=1e-3 * float(coeff.abs().max()))
+    assert torch.equal(chunked[2], npixels)
+    torch.testing.assert_close(chunked[3], curve, rtol=0, atol=0)
 
 
 def test_chi2_minimum_at_the_truth_and_reduced_chi2_near_one(templates):
