@@ -3,6 +3,8 @@
     python benchmarks/speed.py --out runs/benchmarks/speed                  # CPU: tiny, small vs Redrock
     python benchmarks/speed.py --out runs/benchmarks/speed --max-scale 10000   # cap the scaling run
     python benchmarks/speed.py --out /tmp/speed --quick                        # seconds: a CI smoke test
+    python benchmarks/speed.py --out runs/benchmarks/attention --presets specpt-small --attention eager sdpa \
+        --redrock-per-file 0 --scales                                         # inference: eager vs sdpa
     python benchmarks/speed.py --out runs/benchmarks/speed-gpu --device cuda --presets specpt-small specpt-base
 
 What is measured (all on mock DESI coadd files written first, 4 classes x --n-per-class spectra):
@@ -575,6 +577,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="also time this trained SpecPTForRedshift folder")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        choices=("eager", "sdpa"),
+        help="time each model with each attention implementation (default: the models' own, sdpa)",
+    )
     parser.add_argument("--n-per-class", type=int, default=250, help="spectra per class in the input files")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
@@ -652,10 +660,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, model_dir in sources if args.device == "cpu" else []:
             model = load_redshift_model(None if model_dir else name, model_dir)
-            for threads in sorted({1, args.threads}):
-                results["specpt"].append(
-                    {"preset": name, **time_specpt(model, files, threads, args.batch_size, work)}
-                )
+            for attention in args.attention or [None]:
+                label = name
+                if attention:
+                    model.set_attn_implementation(attention)
+                    label = f"{name} ({attention})"
+                for threads in sorted({1, args.threads}):
+                    results["specpt"].append(
+                        {"preset": label, **time_specpt(model, files, threads, args.batch_size, work)}
+                    )
         results["ratios"] = ratios(results["specpt"], results.get("redrock"))
         if args.scales:
             results["scaling"] = run_scaling(

@@ -58,9 +58,9 @@ class SpecPTConfig(PretrainedConfig):
     encoder / decoder, two dense layers back to the pixels).
 
     Attention is computed by `attn_implementation` (a `PretrainedConfig` argument, also taken by
-    `from_pretrained`): `"eager"` (the default: plain torch operations, the only one that returns attention
-    weights with `output_attentions=True`) or `"sdpa"` (`torch.nn.functional.scaled_dot_product_attention`: on a
-    CPU as fast for inference but slower for training, whose attention dropout it has no fused kernel for).
+    `from_pretrained`): `"sdpa"` (the default, `torch.nn.functional.scaled_dot_product_attention`) or `"eager"`
+    (plain torch operations: the only one that returns attention weights with `output_attentions=True`, and the
+    one `specpt train` uses on a CPU, where torch's sdpa has no fused kernel for attention dropout).
 
     Args:
         num_pixels (`int`, *optional*, defaults to 7781):

@@ -743,13 +743,6 @@ class SpecPTPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         self._register_load_state_dict_pre_hook(_convert_legacy_keys)
 
-    def get_correct_attn_implementation(
-        self, requested_attention: str | None, is_init_check: bool = False
-    ) -> str:
-        """The eager attention unless another implementation is asked for: on CPUs, torch's sdpa has no fused
-        kernel for attention dropout, and its fallback trains slower than eager (benchmarks/train_throughput.py)."""
-        return super().get_correct_attn_implementation(requested_attention or "eager", is_init_check)
-
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Every parameter and buffer (also used when transformers builds the model on the meta device and fills in
@@ -991,8 +984,8 @@ class SpecPTModel(SpecPTPreTrainedModel):
     `output_attentions=True` (default: the config's) add the encoder's states / attention weights to the output
     (the weights only with the eager attention).
 
-    Every SpecPT model computes attention with `config._attn_implementation`: `"eager"` (the default) or
-    `"sdpa"`, chosen with `from_pretrained(..., attn_implementation="sdpa")` or `model.set_attn_implementation`.
+    Every SpecPT model computes attention with `config._attn_implementation`: `"sdpa"` (the default) or
+    `"eager"`, chosen with `from_pretrained(..., attn_implementation="eager")` or `model.set_attn_implementation`.
     """
 
     def __init__(self, config: SpecPTConfig) -> None:

@@ -637,6 +637,7 @@ def test_a_model_given_by_the_caller_is_trained_and_saved(data_dir, tmp_path):
     )
     set_seed(3)
     model = create_model("specpt-tiny", "autoencoder")
+    assert model.config._attn_implementation == "sdpa"  # the models' default
     model.specpt.stem.requires_grad_(False)  # a partly frozen model: only the rest is optimised
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     groups = parameter_groups(model, settings)
@@ -644,6 +645,9 @@ def test_a_model_given_by_the_caller_is_trained_and_saved(data_dir, tmp_path):
 
     result = training_function(settings, model=model)
     assert result.model is model and result.step == 4
+    assert (
+        model.config._attn_implementation == "eager"
+    )  # CPU training: torch's sdpa has no fused dropout kernel
     assert result.train_seconds > 0 and result.spectra_per_second > 0
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed and not any(name.startswith("specpt.stem.") for name in changed)

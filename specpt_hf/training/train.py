@@ -313,6 +313,9 @@ def training_function(
         model = build_model(settings)
     else:
         check_model(model, settings)
+    if accelerator.device.type == "cpu":
+        # torch's sdpa has no fused CPU kernel for attention dropout; its fallback trains slower than eager
+        model.set_attn_implementation("eager")
     train_dl, val_dl = training_dataloaders(settings, model.config)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
