@@ -585,8 +585,9 @@ def test_stage2_frozen_encoder_best_model_and_reload(stage1, data_dir, tmp_path)
     )
     assert metrics["validation/nmad"] == pytest.approx(min(nmads)[0], rel=1e-5)
 
-    # (6) save_pretrained -> from_pretrained gives the same predictions
-    reloaded = type(result.model).from_pretrained(result.model_dir).eval()
+    # (6) save_pretrained -> from_pretrained gives the same predictions (with the attention training used)
+    attention = result.model.config._attn_implementation
+    reloaded = type(result.model).from_pretrained(result.model_dir, attn_implementation=attention).eval()
     with torch.no_grad():
         expected, got = result.model.eval()(**batch), reloaded(**batch)
     for field in ("redshift", "redshift_err", "quality", "logits"):
