@@ -315,6 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(PERTURBATIONS),
         help="run only these perturbations (the unperturbed `none` row always runs)",
     )
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override fields of the model's config (e.g. refinement_wide_quality=1.01: every spectrum scanned "
+        "over the whole range)",
+    )
     parser.add_argument("--quick", action="store_true", help="8 per class, an untrained specpt-tiny")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -332,12 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     spf = args.n_per_class if args.quick else SPECTRA_PER_FILE
     per_class = make_test_set(args.test_dir or out / "testset", args.n_per_class, TEST_SEED, spf)
     model = load_model(args.model, task="redshift")
+    overrides = {}
+    for item in args.config:
+        key, _, value = item.partition("=")
+        if not hasattr(model.config, key) or not value:
+            parser.error(f"--config {item!r}: expected KEY=VALUE with KEY a field of the model's config")
+        overrides[key] = type(getattr(model.config, key))(value)
+        setattr(model.config, key, overrides[key])
     batch, z_true, classes = held_out([per_class[c][0] for c in CLASSES], args.per_class, model.config)
     metrics, unperturbed = run(model, batch, z_true, classes, args.seed, args.perturbations)
     results = {
         "machine": machine_info("cpu"),
         "test_set": f"the first {args.per_class} spectra of each class's first held-out file (seed {TEST_SEED})",
         "model": str(args.model),
+        "config_overrides": overrides,
         "amplitudes": {name: vars(PERTURBATIONS[name]) for name in metrics},
         "metrics": metrics,
     }

@@ -17,6 +17,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from specpt_hf.evaluation.metrics import NMAD_SCALE
 from specpt_hf.presets import count_parameters, preset_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -27,6 +28,7 @@ import fine_scan  # noqa: E402
 import parquet_writers  # noqa: E402
 import prepare_rate  # noqa: E402
 import redrock_priors  # noqa: E402
+import redrock_subset  # noqa: E402
 import redrock_templates  # noqa: E402
 import refinement_frontier  # noqa: E402
 import refinement_prior  # noqa: E402
@@ -464,3 +466,30 @@ def test_parquet_writers_quick_writes_the_same_rows_both_ways(tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "parquet_writers.json").read_text())
     assert result["rows"] == 200 and result["ShardWriter"]["best_rows_per_s"] > 0
     assert "ShardWriter / datasets" in capsys.readouterr().out
+
+
+def test_redrock_subset_takes_the_first_targets_of_each_class_first_file(tmp_path):
+    from astropy.table import Table
+
+    rows = 6  # per file: two files per class, the first file's first 4 rows are the subset
+    table = Table(
+        {
+            "TARGETID": np.arange(8 * rows),
+            "Z": np.full(8 * rows, 1.0),
+            "TARGET_CLASS": np.repeat(["bgs", "lrg", "elg", "qso"], 2 * rows),
+            "FILE": np.tile(np.repeat(["b.fits", "a.fits"], rows), 4),
+        }
+    )
+    z_net = np.full(len(table), 1.0)
+    z_net[table["FILE"] == "a.fits"] = 3.0  # catastrophic, but only in a.fits: the first file of every class
+    z_net[np.flatnonzero(table["FILE"] == "a.fits").reshape(4, rows)[:, 4:]] = 1.0  # beyond the first 4 rows
+    table["Z_m network"], table["Z_m refined"] = z_net, np.full(len(table), 1.002)
+    table.write(tmp_path / "predictions.ecsv")
+    assert redrock_subset.main([str(tmp_path), "--per-class", "4"]) == 0
+    result = json.loads((tmp_path / "redrock_subset.json").read_text())
+    assert set(result) == {"network", "refined"} and set(result["network"]) == {"bgs", "lrg", "elg", "qso"}
+    network = result["network"].values()
+    assert all(v["n"] == 4 and v["eta"] == 1.0 and v["nmad"] == pytest.approx(NMAD_SCALE) for v in network)
+    assert all(
+        v["eta"] == 0.0 and v["nmad"] == pytest.approx(1e-3 * NMAD_SCALE) for v in result["refined"].values()
+    )
