@@ -202,7 +202,8 @@ def markdown(results: dict[str, Any]) -> str:
         "# Robustness to DESI-like perturbations and to a second mock family",
         "",
         f"{results['test_set']}; model `{results['model']}`. Machine: {results['machine']['summary']}, "
-        f"{results['machine']['date']}. Ratios are to the unperturbed set (`none`); η in percentage points.",
+        f"{results['machine']['date']}. Ratios are to the unperturbed set (`none`); η in percentage points."
+        + "".join(f" Config override: `{k} = {v}`." for k, v in results.get("config_overrides", {}).items()),
         "",
         "| perturbation | method | class | n | NMAD | NMAD ratio | η (%) | Δη (points) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
