@@ -26,6 +26,7 @@ skipped and the reason recorded.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -346,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         if not hasattr(model.config, key) or not value:
             parser.error(f"--config {item!r}: expected KEY=VALUE with KEY a field of the model's config")
-        overrides[key] = type(getattr(model.config, key))(value)
+        try:
+            overrides[key] = json.loads(value)  # numbers, true / false, lists, objects
+        except json.JSONDecodeError:
+            overrides[key] = value  # a plain string
         setattr(model.config, key, overrides[key])
     batch, z_true, classes = held_out([per_class[c][0] for c in CLASSES], args.per_class, model.config)
     metrics, unperturbed = run(model, batch, z_true, classes, args.seed, args.perturbations)

@@ -36,7 +36,7 @@ class Job:
     steps: int
     warmup: int
     threads: int | None
-    attention: str | None  # attn_implementation; None: the model's default
+    attention: str | None  # attn_implementation; None: what `specpt train` uses
 
 
 @dataclass
@@ -73,6 +73,7 @@ def measure(job: Job) -> Row:
     from accelerate.utils import set_seed
 
     from specpt_hf.presets import create_model
+    from specpt_hf.training.train import use_training_attention
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -83,6 +84,8 @@ def measure(job: Job) -> Row:
     model = create_model(job.preset, job.stage)
     if job.attention:
         model.set_attn_implementation(job.attention)
+    else:
+        use_training_attention(model, accelerator.device)  # what `specpt train` uses
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -144,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument(
-        "--attention", nargs="+", choices=("eager", "sdpa"), help="attn_implementation (default: the model's)"
+        "--attention",
+        nargs="+",
+        choices=("eager", "sdpa"),
+        help="attn_implementation (default: what `specpt train` uses)",
     )
     parser.add_argument("--batch-size", type=int, help="default: 16 tiny, 32 small, 128 base and paper")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")

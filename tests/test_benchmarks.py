@@ -239,6 +239,22 @@ def test_robustness_runs_only_the_chosen_perturbations(tmp_path):
     assert list(results["metrics"]) == ["none", "blur σ ≤ 1 px"] == list(results["amplitudes"])
 
 
+def test_robustness_config_overrides_are_parsed_recorded_and_checked(tmp_path, capsys):
+    argv = ["--quick", "--perturbations", "blur σ ≤ 1 px", "--out", str(tmp_path)]
+    overrides = ["refinement_wide_quality=1.01", "refinement=peaks", 'refinement_smoothing_kms={"QSO": 100}']
+    assert robustness.main([*argv, "--config", *overrides]) == 0
+    results = json.loads((tmp_path / "robustness.json").read_text())
+    assert results["config_overrides"] == {
+        "refinement_wide_quality": 1.01,
+        "refinement": "peaks",
+        "refinement_smoothing_kms": {"QSO": 100},
+    }
+    assert "Config override: `refinement_wide_quality = 1.01`." in (tmp_path / "robustness.md").read_text()
+    with pytest.raises(SystemExit):
+        robustness.main([*argv, "--config", "no_such_field=1"])
+    assert "no_such_field=1" in capsys.readouterr().err
+
+
 def test_refinement_prior_quick_scores_each_weight(tmp_path):
     assert refinement_prior.main(["--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "prior.json").read_text())

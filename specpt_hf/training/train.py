@@ -255,6 +255,13 @@ def save_model(
 # --- the loop --------------------------------------------------------------------------------------
 
 
+def use_training_attention(model: torch.nn.Module, device: torch.device) -> None:
+    """Train with eager attention on a CPU: torch's sdpa has no fused CPU kernel for attention dropout, and its
+    fallback trains slower than eager (benchmarks/train_throughput.py). Elsewhere the model's own choice."""
+    if device.type == "cpu":
+        model.set_attn_implementation("eager")
+
+
 def make_accelerator(settings: TrainingSettings) -> Accelerator:
     out = Path(settings.output_dir)
     return Accelerator(
@@ -313,9 +320,7 @@ def training_function(
         model = build_model(settings)
     else:
         check_model(model, settings)
-    if accelerator.device.type == "cpu":
-        # torch's sdpa has no fused CPU kernel for attention dropout; its fallback trains slower than eager
-        model.set_attn_implementation("eager")
+    use_training_attention(model, accelerator.device)
     train_dl, val_dl = training_dataloaders(settings, model.config)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
