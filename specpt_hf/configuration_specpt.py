@@ -270,7 +270,8 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             (`templates.safetensors`, see `specpt_hf.refinement`): `"none"` keeps the network's redshift;
             `"peaks"` scans chi^2(z) around the `refinement_modes` strongest p(z) modes; `"peaks+wide"` also
             scans the whole redshift range for spectra with a flat or multi-modal p(z)
-            (quality < `refinement_wide_quality`) or a poor best fit (reduced chi^2 > `refinement_wide_chi2`).
+            (quality < `refinement_wide_quality`), a poor best fit (reduced chi^2 > `refinement_wide_chi2`) or an
+            ambiguous one (DELTACHI2 within the p(z) windows < `refinement_wide_delta_chi2`).
         refinement_modes (`int`, *optional*, defaults to 3):
             Distinct p(z) modes (at least 2 x `refinement_window` bins apart) scanned per spectrum.
         refinement_window (`float`, *optional*, defaults to 2.0):
@@ -299,11 +300,15 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             `peaks+wide`: p(z) quality below which the whole range is scanned.
         refinement_wide_chi2 (`float`, *optional*, defaults to 2.0):
             `peaks+wide`: best reduced chi^2 above which the whole range is scanned.
+        refinement_wide_delta_chi2 (`float`, *optional*, defaults to 0.0):
+            `peaks+wide`: DELTACHI2 of the p(z) windows' scan below which the whole range is scanned too (0: never
+            for this reason). A rescanned spectrum reports the whole range's DELTACHI2, so its ZWARN weighs every
+            redshift, not only those the network proposed.
         refinement_prior (`float`, *optional*, defaults to 4.0):
             Weight of the network's p(z) as a prior on the chi^2 scan: the minimum chosen is that of
             chi^2 - 2 x `refinement_prior` x ln p(z) (DELTACHI2 too), so a template fit elsewhere must beat the
             network's belief by that much. 0 chooses by chi^2 alone; 1 is the plain posterior. 4 is chosen on a
-            validation split (`benchmarks/refinement_prior.py`): η 6.1 % at 0, 4.1 % at 4, 3.8-3.7 % at 6-10,
+            validation split (`benchmarks/refinement_sweep.py`): η 6.1 % at 0, 4.1 % at 4, 3.8-3.7 % at 6-10,
             5.2 % at 30, where the prior starts to override good fits; the lower end of the plateau leaves room
             for the sharper p(z) of longer-trained networks.
         refinement_prior_floor (`float`, *optional*, defaults to 1e-4):
@@ -343,6 +348,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_smoothing_kms: dict[str, float] | None = None,
         refinement_wide_quality: float = 0.3,
         refinement_wide_chi2: float = 2.0,
+        refinement_wide_delta_chi2: float = 0.0,
         refinement_prior: float = 4.0,
         refinement_prior_floor: float = 1e-4,
         templates: dict[str, Any] | None = None,
@@ -370,6 +376,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self.refinement_smoothing_kms = {str(name): float(sigma) for name, sigma in smoothing.items()}
         self.refinement_wide_quality = float(refinement_wide_quality)
         self.refinement_wide_chi2 = float(refinement_wide_chi2)
+        self.refinement_wide_delta_chi2 = float(refinement_wide_delta_chi2)
         self.refinement_prior = float(refinement_prior)
         self.refinement_prior_floor = float(refinement_prior_floor)
         self.templates = templates
@@ -417,7 +424,9 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
                 f"`refinement_wide_quality` must be in [0, 1], got {self.refinement_wide_quality}"
             )
         _check_nonnegative(
-            refinement_prior=self.refinement_prior, refinement_coarse_vectors=self.refinement_coarse_vectors
+            refinement_prior=self.refinement_prior,
+            refinement_coarse_vectors=self.refinement_coarse_vectors,
+            refinement_wide_delta_chi2=self.refinement_wide_delta_chi2,
         )
         _check_nonnegative(
             **{f"refinement_smoothing_kms[{k!r}]": v for k, v in self.refinement_smoothing_kms.items()}

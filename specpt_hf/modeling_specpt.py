@@ -1296,33 +1296,25 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
         if config.refinement == "peaks+wide":
             wide = quality < config.refinement_wide_quality
-        args = (self.templates, spectra.wavelength)
         with torch.autocast(device_type=flux.device.type, enabled=False):
             result = refine_redshifts(
-                *args, spectra.flux, spectra.ivar, candidates, everywhere=wide, **settings
+                self.templates,
+                spectra.wavelength,
+                spectra.flux,
+                spectra.ivar,
+                candidates,
+                everywhere=wide,
+                **settings,
             )
             if config.refinement == "peaks+wide":
-                poor = ~wide & (result.chi2 / spectra.good.sum(1).clamp(min=1) > config.refinement_wide_chi2)
-                rows = poor.nonzero()[:, 0]
+                reduced_chi2 = result.chi2 / spectra.good.sum(1).clamp(min=1)  # [batch]
+                doubtful = (reduced_chi2 > config.refinement_wide_chi2) | (
+                    result.delta_chi2 < config.refinement_wide_delta_chi2
+                )  # [batch]
+                rows = (~wide & doubtful).nonzero()[:, 0]
                 if len(rows):
-                    wave = (
-                        spectra.wavelength if spectra.wavelength.shape[0] == 1 else spectra.wavelength[rows]
-                    )
-                    again = refine_redshifts(
-                        self.templates,
-                        wave,
-                        spectra.flux[rows],
-                        spectra.ivar[rows],
-                        candidates[rows],
-                        everywhere=torch.ones_like(rows, dtype=torch.bool),
-                        **{
-                            **settings,
-                            "prior": None if settings["prior"] is None else settings["prior"][rows],
-                        },
-                    )
-                    better = again.chi2 + again.prior < result.chi2[rows] + result.prior[rows]
-                    result = _replace_rows(result, rows[better], again, better)
-                    wide = wide.index_fill(0, rows[better], True)
+                    result, rescanned = self._rescan_whole_range(result, rows, spectra, candidates, settings)
+                    wide = wide.index_fill(0, rescanned, True)
         own = torch.tensor([name in settings["own_ranges"] for name in self.templates], device=flux.device)
         in_range = result.redshift.clamp(
             config.z_min, config.z_max
@@ -1339,6 +1331,30 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "chi2_scan_z": torch.expm1(result.scan_u).float().expand(len(flux), -1),
             "chi2_scan": result.scan_chi2.float(),
         }
+
+    def _rescan_whole_range(
+        self,
+        result: RefinementResult,
+        rows: torch.Tensor,
+        spectra: SpecPTSpectra,
+        candidates: torch.Tensor,
+        settings: dict[str, Any],
+    ) -> tuple[RefinementResult, torch.Tensor]:
+        """`result` with `rows` [n] refitted over the whole redshift range wherever that fit is at least as good
+        (so their DELTACHI2 weighs every redshift, not only the p(z) windows); also the rows taken [m]."""
+        wave = spectra.wavelength if spectra.wavelength.shape[0] == 1 else spectra.wavelength[rows]
+        prior = settings["prior"]
+        again = refine_redshifts(
+            self.templates,
+            wave,
+            spectra.flux[rows],
+            spectra.ivar[rows],
+            candidates[rows],
+            everywhere=torch.ones_like(rows, dtype=torch.bool),
+            **{**settings, "prior": None if prior is None else prior[rows]},
+        )
+        taken = again.chi2 + again.prior <= result.chi2[rows] + result.prior[rows]  # [n]
+        return _replace_rows(result, rows[taken], again, taken), rows[taken]
 
     def _pz_prior(self, logits: torch.Tensor) -> torch.Tensor | None:
         """-2 x `refinement_prior` x ln p(z) on the refinement's coarse grid [batch, grid], 0 at the most probable

@@ -31,7 +31,7 @@ import redrock_priors  # noqa: E402
 import redrock_subset  # noqa: E402
 import redrock_templates  # noqa: E402
 import refinement_frontier  # noqa: E402
-import refinement_prior  # noqa: E402
+import refinement_sweep  # noqa: E402
 import robustness  # noqa: E402
 import run_redrock  # noqa: E402
 import speed  # noqa: E402
@@ -255,14 +255,27 @@ def test_robustness_config_overrides_are_parsed_recorded_and_checked(tmp_path, c
     assert "no_such_field=1" in capsys.readouterr().err
 
 
-def test_refinement_prior_quick_scores_each_weight(tmp_path):
-    assert refinement_prior.main(["--quick", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "prior.json").read_text())
-    assert [row["weight"] for row in result["weights"]] == [0.0, 4.0]
-    for row in result["weights"]:
+def test_refinement_sweep_quick_scores_each_value(tmp_path):
+    assert refinement_sweep.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert result["field"] == "refinement_prior"
+    assert [row["value"] for row in result["values"]] == [0.0, 4.0]
+    for row in result["values"]:
         m = row["by_class"]["all"]
         assert m["n"] == result["n"] > 0 and 0 <= m["zwarn0_kept"] <= 1 and m["nmad"] >= 0
-    assert "| 4 | all |" in (tmp_path / "prior.md").read_text()
+        assert row["spectra_per_cpu_second"] > 0
+    assert "| 4 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_refinement_sweep_other_fields(tmp_path, capsys):
+    field = ["--field", "refinement_wide_delta_chi2", "--values", "0", "25"]
+    assert refinement_sweep.main(["--quick", "--out", str(tmp_path), *field]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert result["field"] == "refinement_wide_delta_chi2"
+    assert [row["value"] for row in result["values"]] == [0.0, 25.0]
+    with pytest.raises(SystemExit):
+        refinement_sweep.main(["--quick", "--out", str(tmp_path), "--field", "refinement", "--values", "1"])
+    assert "not a numeric refinement_* field" in capsys.readouterr().err
 
 
 def test_stars_quick_types_stars_and_leaves_the_model_alone(tmp_path):

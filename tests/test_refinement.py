@@ -393,6 +393,24 @@ def test_model_refines_with_its_templates_and_none_is_todays_output(templates, t
     assert refined.chi2_scan.shape == refined.chi2_scan_z.shape and refined.chi2_scan.shape[0] == 2
 
 
+def test_ambiguous_fits_are_rescanned_over_the_whole_range(templates, tiny_model):
+    z = np.array([0.12, 0.47])
+    inputs = _model_inputs(templates, z, seed=3)
+    tiny_model.set_templates({"GALAXY": templates})
+    config = tiny_model.config
+    config.refinement_modes, config.refinement_window = 1, 1.0  # one narrow window at the untrained p(z) peak
+    config.refinement_wide_quality, config.refinement_wide_chi2 = 0.0, 1e9  # neither gate opens
+    with torch.no_grad():
+        windows = tiny_model(**inputs)
+        config.refinement_wide_delta_chi2 = 1e12  # every fit counts as ambiguous
+        rescanned = tiny_model(**inputs)
+    assert not windows.wide.any() and rescanned.wide.all()
+    error = (rescanned.redshift.numpy() - z) / (1 + z)
+    assert np.abs(error).max() < 2e-5, error
+    assert np.isfinite(rescanned.chi2_scan.numpy()).all()  # the whole range's curve is reported
+    assert not np.isfinite(windows.chi2_scan.numpy()).all()
+
+
 def test_model_and_pipeline_give_stars_their_own_sign_and_no_z_limit_flag(templates):
     from specpt_hf import create_model
     from specpt_hf.prediction import SpecPTZwarn, predict_spectra

@@ -1,13 +1,16 @@
-"""Choose the weight of the network's p(z) prior in the chi^2 refinement (`refinement_prior`) on a validation split.
+"""Choose a setting of the chi^2 refinement on a validation split: one config field, several values.
 
-    python benchmarks/refinement_prior.py --model runs/main-aug/runs/redshift/best \
-        --data runs/main-aug/data/parquet --out runs/benchmarks/refinement_prior
-    python benchmarks/refinement_prior.py --quick --out /tmp/prior      # seconds: untrained tiny model
+    python benchmarks/refinement_sweep.py --model runs/main-aug/runs/redshift/best \
+        --data runs/main-aug/data/parquet --out runs/benchmarks/refinement_prior          # the p(z) prior's weight
+    python benchmarks/refinement_sweep.py --model M --data DATA --field refinement_wide_delta_chi2 \
+        --values 0 9 16 25 --out runs/benchmarks/wide_delta_chi2
+    python benchmarks/refinement_sweep.py --quick --out /tmp/sweep      # seconds: untrained tiny model
 
 The model (with its `templates.safetensors`) refines every spectrum of the prepared dataset's `--split` (validation
-by default: the weight is chosen there, never on the test set) once per weight in `--weights`: NMAD, catastrophic
-rate η (|Δz|/(1+z) > 0.15) and its own ZWARN = 0 sample (`specpt predict`'s flags: the fraction kept and its η), per class.
-Writes prior.json and prior.md to --out.
+by default: settings are chosen there, never on the test set) once per value of the config field `--field`
+(default `refinement_prior`, the weight of the network's p(z)): NMAD, catastrophic rate η (|Δz|/(1+z) > 0.15), its
+own ZWARN = 0 sample (`specpt predict`'s flags: the fraction kept and its η) per class, and spectra per CPU-second.
+Writes sweep.json and sweep.md to --out.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from robustness import predict_chunks  # noqa: E402
-from speed import machine_info  # noqa: E402
+from speed import _cpu_seconds, machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
 from specpt_hf.training.data import load_split  # noqa: E402
 
-WEIGHTS = (0.0, 1.0, 2.0, 4.0, 6.0, 10.0, 30.0)
+PRIOR_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 6.0, 10.0, 30.0)
 
 
 def score(z_pred: np.ndarray, zwarn: np.ndarray, z_true: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
@@ -54,19 +57,20 @@ def score(z_pred: np.ndarray, zwarn: np.ndarray, z_true: np.ndarray, classes: np
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"# Weight of the p(z) prior: {result['model']}",
+        f"# `{result['field']}` of the refinement: {result['model']}",
         "",
         f"{result['n']} spectra of `{result['data']}` ({result['split']} split); machine: "
-        f"{result['machine']['summary']}, {result['machine']['date']}. η in %; ZWARN as `specpt predict` sets it.",
+        f"{result['machine']['summary']}, {result['machine']['date']}. η in %; ZWARN as `specpt predict` sets it; speed in "
+        "spectra per CPU-second (all threads, refinement included).",
         "",
-        "| weight | class | n | NMAD | η (%) | ZWARN = 0 kept (%) | ZWARN = 0 η (%) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| value | spectra / CPU-s | class | n | NMAD | η (%) | ZWARN = 0 kept (%) | ZWARN = 0 η (%) |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in result["weights"]:
+    for row in result["values"]:
         for name, m in row["by_class"].items():
             lines.append(
-                f"| {row['weight']:g} | {name} | {m['n']} | {m['nmad']:.5f} | {100 * m['eta']:.2f} | "
-                f"{100 * m['zwarn0_kept']:.1f} | {100 * m['zwarn0_eta']:.2f} |"
+                f"| {row['value']:g} | {row['spectra_per_cpu_second']:.1f} | {name} | {m['n']} | {m['nmad']:.5f} | "
+                f"{100 * m['eta']:.2f} | {100 * m['zwarn0_kept']:.1f} | {100 * m['zwarn0_eta']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -95,39 +99,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="SpecPTForRedshift folder with templates")
     parser.add_argument("--data", type=Path, help="prepared dataset (Parquet shards, `specpt prepare`)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
+    parser.add_argument("--field", default="refinement_prior", help="a numeric `refinement_*` config field")
+    parser.add_argument(
+        "--values", type=float, nargs="+", help=f"values of --field (refinement_prior: {PRIOR_WEIGHTS})"
+    )
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.model, args.data = quick_setup(args.out)
-        args.split, args.weights = "train", [0.0, 4.0]
+        args.split, args.values = "train", args.values or [0.0, 4.0]
     if args.model is None or args.data is None:
         parser.error("--model and --data are required (or --quick)")
+    if args.values is None:
+        if args.field != "refinement_prior":
+            parser.error("--values is required with --field")
+        args.values = list(PRIOR_WEIGHTS)
     model = SpecPTForRedshift.from_pretrained(args.model).eval()
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    if not args.field.startswith("refinement_") or not isinstance(
+        getattr(model.config, args.field, None), float
+    ):
+        parser.error(
+            f"--field: {args.field!r} is not a numeric refinement_* field of {args.model}/config.json"
+        )
     split = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))
     rows_all = split[:]  # every row: tensors, and a list for target_class
     batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
     z_true = rows_all["z"].double().numpy()
     classes = np.asarray(rows_all["target_class"], dtype=str)
     rows = []
-    for weight in args.weights:
-        model.config.refinement_prior = weight
+    for value in args.values:
+        setattr(model.config, args.field, value)
+        cpu = _cpu_seconds()
         out = predict_chunks(model, batch, 128)
-        rows.append({"weight": weight, "by_class": score(out["z"], out["zwarn"], z_true, classes)})
+        rows.append(
+            {
+                "value": value,
+                "spectra_per_cpu_second": len(z_true) / (_cpu_seconds() - cpu),
+                "by_class": score(out["z"], out["zwarn"], z_true, classes),
+            }
+        )
     result = {
         "machine": machine_info("cpu"),
         "model": str(args.model),
         "data": str(args.data),
         "split": args.split,
         "n": int(len(z_true)),
-        "weights": rows,
+        "field": args.field,
+        "values": rows,
     }
-    atomic_write_json(args.out / "prior.json", result)
-    atomic_write_text(args.out / "prior.md", markdown(result))
+    atomic_write_json(args.out / "sweep.json", result)
+    atomic_write_text(args.out / "sweep.md", markdown(result))
     print(markdown(result))
     return 0
 
