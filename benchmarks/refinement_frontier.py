@@ -7,7 +7,8 @@
 The model (with its `templates.safetensors`, `specpt templates`) runs `specpt predict` (`predict_catalog`) on the
 first `--files-per-class` coadd files of each class of the accuracy test set (seed 101, `accuracy.py`), once per
 setting: network-only (`none`), `peaks` with each (K, W) and number of coarse-curve vectors, and `peaks+wide` at the
-config's K and W. Speed is
+config's K and W; then network-only, peaks K=3 W=2 and peaks+wide again with the network under bfloat16 autocast
+(`specpt predict --bf16`; fast on CPUs with AMX / AVX512-BF16, slow elsewhere). Speed is
 spectra per CPU-second (user + system of all threads) with `--threads` torch threads, end to end (read, network,
 refinement, catalog), next to Redrock's per-core rate from benchmarks/results/speed/speed.json (same machine
 type; `--redrock-rate` overrides it). Writes frontier.json, frontier.md and frontier.png to --out.
@@ -33,15 +34,17 @@ from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text 
 from specpt_hf.evaluation import metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# (refinement, modes K, window W in p(z) bins, coarse vectors: 0 = all)
+# (refinement, modes K, window W in p(z) bins, coarse vectors: 0 = all, bf16 autocast of the network)
 SETTINGS = [
-    ("none", 0, 0.0, 0),
-    ("peaks", 1, 1.0, 0),
-    ("peaks", 1, 2.0, 0),
-    ("peaks", 3, 2.0, 0),
-    ("peaks", 3, 4.0, 0),
-    ("peaks", 1, 1.0, 5),
-    ("peaks", 3, 2.0, 5),
+    ("none", 0, 0.0, 0, False),
+    ("peaks", 1, 1.0, 0, False),
+    ("peaks", 1, 2.0, 0, False),
+    ("peaks", 3, 2.0, 0, False),
+    ("peaks", 3, 4.0, 0, False),
+    ("peaks", 1, 1.0, 5, False),
+    ("peaks", 3, 2.0, 5, False),
+    ("none", 0, 0.0, 0, True),
+    ("peaks", 3, 2.0, 0, True),
 ]
 
 
@@ -53,15 +56,23 @@ def redrock_rate(path: Path = REPO / "benchmarks" / "results" / "speed" / "speed
 
 
 def run_setting(
-    model: Any, coadds: list[Path], truth: Any, out: Path, refine: str, modes: int, window: float, coarse: int
+    model: Any,
+    coadds: list[Path],
+    truth: Any,
+    out: Path,
+    refine: str,
+    modes: int,
+    window: float,
+    coarse: int,
+    bf16: bool,
 ):
     """One `specpt predict` run under a refinement setting: metrics per class and spectra per CPU-second."""
     model.config.refinement, model.config.refinement_coarse_vectors = refine, coarse
     if modes:
         model.config.refinement_modes, model.config.refinement_window = modes, window
     cpu, wall = _cpu_seconds(), time.perf_counter()
-    catalog = out / f"catalog-{refine}-{modes}-{window:g}-{coarse}.fits"
-    columns = predict_coadds(model, coadds, catalog, batch_size=64)
+    catalog = out / f"catalog-{refine}-{modes}-{window:g}-{coarse}{'-bf16' if bf16 else ''}.fits"
+    columns = predict_coadds(model, coadds, catalog, batch_size=64, bf16=bf16)
     cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
     predicted = Table(
         {"TARGETID": columns["targetid"], "Z_PRED": columns["z_pred"], "ZWARN": columns["zwarn"]}
@@ -77,6 +88,7 @@ def run_setting(
         "modes": modes,
         "window_bins": window,
         "coarse_vectors": coarse,
+        "bf16": bf16,
         "n": len(rows),
         "cpu_seconds": cpu,
         "wall_seconds": wall,
@@ -95,10 +107,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"thread(s); Redrock: {rate if rate is None else f'{rate:.3f}'} spectra per core-second "
         "(benchmarks/results/speed). NMAD and η (|Δz|/(1+z) > 0.15) per class.",
         "",
-        "| refinement | K | W (bins) | coarse vectors | spectra / CPU-s | × Redrock per core | "
+        "| refinement | K | W (bins) | coarse vectors | network | spectra / CPU-s | × Redrock per core | "
         + " | ".join(f"{c.upper()} NMAD | {c.upper()} η (%)" for c in CLASSES)
         + " |",
-        "| --- | --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in CLASSES) + " |",
+        "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in CLASSES) + " |",
     ]
     for row in result["settings"]:
         ratio = f"{row['spectra_per_cpu_second'] / rate:.0f}" if rate else "—"
@@ -109,9 +121,8 @@ def markdown(result: dict[str, Any]) -> str:
         k, w = (row["modes"], f"{row['window_bins']:g}") if row["modes"] else ("—", "—")
         coarse = row.get("coarse_vectors") or "all"
         lines.append(
-            f"| {row['refinement']} | {k} | {w} | {coarse} | {row['spectra_per_cpu_second']:.1f} | {ratio} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {row['refinement']} | {k} | {w} | {coarse} | {'bf16' if row.get('bf16') else 'fp32'} | "
+            f"{row['spectra_per_cpu_second']:.1f} | {ratio} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -131,7 +142,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             if r["refinement"] == "none"
             else f"{r['refinement']} K{r['modes']} W{r['window_bins']:g}"
             + (f" c{r['coarse_vectors']}" if r.get("coarse_vectors") else "")
-        )
+        ) + (" bf16" if r.get("bf16") else "")
         ax.annotate(label, (r["spectra_per_cpu_second"], r["by_class"]["all"]["nmad"]), fontsize=6)
     if result["redrock_spectra_per_core_second"] and result["threads"] == 1:
         ax.axvline(
@@ -171,14 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         model.set_templates(quick_templates(coadds, truth, model))
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
-    wide = ("peaks+wide", model.config.refinement_modes, model.config.refinement_window, 0)
+    wide = [
+        ("peaks+wide", model.config.refinement_modes, model.config.refinement_window, 0, bf16)
+        for bf16 in (False, True)
+    ]
     result = {
         "machine": machine_info("cpu"),
         "model": model_label(args.model) if args.model else "specpt-tiny (untrained)",
         "threads": args.threads,
         "n_per_class": len(truth) // len(CLASSES),
         "redrock_spectra_per_core_second": args.redrock_rate or redrock_rate(),
-        "settings": [run_setting(model, coadds, truth, args.out, *s) for s in [*SETTINGS, wide]],
+        "settings": [run_setting(model, coadds, truth, args.out, *s) for s in [*SETTINGS, *wide]],
     }
     atomic_write_json(args.out / "frontier.json", result)
     atomic_write_text(args.out / "frontier.md", markdown(result))

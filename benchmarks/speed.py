@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -110,25 +110,19 @@ def iter_records(files: Iterable[Path], limit: int | None = None) -> Iterator[di
 
 
 def predict_coadds(
-    model, files: Sequence[Path], catalog: Path, batch_size: int = 256, autocast_dtype=None
+    model, files: Sequence[Path], catalog: Path, batch_size: int = 256, bf16: bool = False
 ) -> dict[str, np.ndarray]:
     """Coadd files to redshift catalog with `specpt predict` (`predict_catalog`: a reader thread feeding
     batches to the model, the FITS catalog written atomically); its TARGETID, Z, ZERR, ZWARN, QUALITY
-    columns read back as `targetid`, `z_pred`, `zerr_pred`, `zwarn`, `quality`."""
-    import torch
+    columns read back as `targetid`, `z_pred`, `zerr_pred`, `zwarn`, `quality`; `bf16`: the network under
+    bfloat16 autocast (`specpt predict --bf16`)."""
     from astropy.table import Table
 
     from specpt_hf.predict import predict_catalog
 
-    context = (
-        torch.autocast(model.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
+    summary = predict_catalog(
+        files, catalog, model=model, batch_size=batch_size, device=model.device, progress=False, bf16=bf16
     )
-    with context:
-        summary = predict_catalog(
-            files, catalog, model=model, batch_size=batch_size, device=model.device, progress=False
-        )
     if summary.failed:
         raise OSError(f"specpt predict could not read {sorted(summary.failed)}: {summary.failed}")
     table = Table.read(catalog, hdu="REDSHIFTS")
@@ -397,7 +391,7 @@ def gpu_sweep(
     if best is None:  # every batch size ran out of memory
         return rows
     start = time.perf_counter()
-    columns = predict_coadds(model, files, workdir / "gpu-catalog.fits", best["batch_size"], torch.bfloat16)
+    columns = predict_coadds(model, files, workdir / "gpu-catalog.fits", best["batch_size"], bf16=True)
     torch.cuda.synchronize()
     best["end_to_end_spectra_per_second"] = len(columns["z_pred"]) / (time.perf_counter() - start)
     return rows

@@ -3,7 +3,7 @@
     specpt predict data/healpix/ coadd-sv3-dark-26065.fits --model specpt-desi --out catalog.fits \
         [--format fits|parquet|csv] [--batch-size 64] [--device auto] [--resume] [--refine none|peaks|peaks+wide] \
         [--autoencoder specpt-desi-autoencoder] [--min-quality 0.5] [--min-coverage 0.5] [--max-anomaly 5] \
-        [--min-delta-chi2 9] [--save-pdf] [--priors-out priors.fits [--priors-function gaussian|tophat]]
+        [--min-delta-chi2 9] [--save-pdf] [--priors-out priors.fits [--priors-function gaussian|tophat]] [--bf16]
 
 Directories are searched for `coadd-*.fits`. Files are read one at a time, a fixed number of rows at a time, by a
 reader thread that feeds batches through a bounded queue to the model (so memory stays bounded and reading
@@ -35,6 +35,9 @@ the order of REDSHIFTS) with images `PZ_Z` and `CHI2SCAN_Z` of the redshifts; Pa
 
 `--priors-out FILE` writes Redrock's priors file (HDU PRIORS: TARGETID, Z, SIGMA, FUNCTION; see `specpt_hf.priors`)
 from each target's p(z), so that `rrdesi --priors FILE` searches only inside SpecPT's window.
+
+`--bf16` runs the network under bfloat16 autocast (the chi^2 refinement stays in float32 / float64): on GPUs, and
+on CPUs with AMX or AVX512-BF16, it is the faster way (`benchmarks/refinement_frontier.py` measures it).
 
 The header (FITS keywords, Parquet / ECSV table metadata) holds the model reference, its resolved repo id or folder,
 its Hub revision, the autoencoder, the flag thresholds, the refinement, the redshift range and the versions of
@@ -379,6 +382,7 @@ def _run_settings(
     thresholds: FlagThresholds,
     save_pdf: bool = False,
     priors: bool = False,
+    bf16: bool = False,
 ) -> dict:
     """What decides the predictions: a resumed run must use the same. The model is identified by its weights,
     templates and refinement settings, not by how its path was spelled."""
@@ -392,6 +396,7 @@ def _run_settings(
         "thresholds": thresholds.as_dict(),
         "save_pdf": save_pdf,
         "priors": priors,
+        "bf16": bf16,
         "specpt_hf": __version__,
     }
 
@@ -433,6 +438,7 @@ def predict_catalog(
     save_pdf: bool = False,
     priors_out: str | os.PathLike | None = None,
     priors_function: str = "gaussian",
+    bf16: bool = False,
 ) -> PredictSummary:
     """Predict every usable spectrum of `files` and write one catalog to `out` (see the module docstring).
 
@@ -449,6 +455,7 @@ def predict_catalog(
             (`PDF_NAMES`; a p(z) head only).
         priors_out, priors_function: also write Redrock's priors file there (`specpt_hf.priors`: a window
             around each Z holding 99 % of its p(z); `gaussian` or `tophat`), for `rrdesi --priors`.
+        bf16: run the network under bfloat16 autocast (the refinement keeps float32 / float64).
 
     Raises:
         FileNotFoundError / ValueError / OSError for bad arguments, models or settings that differ from the
@@ -491,7 +498,8 @@ def predict_catalog(
         autoencoder = autoencoder.to(device).eval()
     make_folder(out.parent)
     priors = priors_out is not None
-    store = ProgressStore(out, _run_settings(model, model_ref, ae_ref, thresholds, save_pdf, priors), resume)
+    settings = _run_settings(model, model_ref, ae_ref, thresholds, save_pdf, priors, bf16)
+    store = ProgressStore(out, settings, resume)
     summary = PredictSummary(out=out, files=len(paths))
     pending = [(i, path) for i, path in enumerate(paths) if not store.done(path)]
     summary.resumed = len(paths) - len(pending)
@@ -499,7 +507,10 @@ def predict_catalog(
         logger.info("resuming: %d of %d files already done", summary.resumed, len(paths))
 
     outputs = {"save_pdf": save_pdf, "priors": priors}
-    _predict_files(pending, store, model, autoencoder, thresholds, batch_size, progress, summary, **outputs)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        _predict_files(
+            pending, store, model, autoencoder, thresholds, batch_size, progress, summary, **outputs
+        )
     for path in paths:
         stats = store.files.get(str(path), {}).get("stats", {})
         summary.skipped_spectra += stats.get("no_data", 0) + stats.get("model_grid_no_data", 0)
@@ -513,7 +524,7 @@ def predict_catalog(
         raise ValueError(
             f"no usable spectra in any of the {len(paths)} input files; nothing written to {out}"
         )
-    meta = _catalog_meta(model, model_ref, ae_ref, thresholds, summary)
+    meta = _catalog_meta(model, model_ref, ae_ref, thresholds, summary, bf16)
     grids = pdf_redshifts(model) if save_pdf else {}
     pdf = {
         name: (np.concatenate([part[key] for part in parts]), grids[key])
@@ -630,6 +641,7 @@ def _catalog_meta(
     ae_ref: str | None,
     thresholds: FlagThresholds,
     summary: PredictSummary,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Header keywords (FITS-length names) of the catalog."""
     import transformers
@@ -651,6 +663,7 @@ def _catalog_meta(
         "MAXANOM": thresholds.max_anomaly,
         "MINDCHI2": thresholds.min_delta_chi2,
         "REFINE": model.config.refinement if model.refines else "none",
+        "BF16": bf16,
         "NFILES": summary.files,
         "NEMPTY": len(summary.empty),
         "NFAILED": len(summary.failed),
@@ -775,6 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="gaussian",
         help="Redrock prior shape (default gaussian; tophat needs numpy < 2 with Redrock 0.21)",
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="the network under bfloat16 autocast (GPUs; CPUs with AMX)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-file details")
@@ -811,6 +827,7 @@ def _run(args: argparse.Namespace) -> int:
         save_pdf=args.save_pdf,
         priors_out=args.priors_out,
         priors_function=args.priors_function,
+        bf16=args.bf16,
     )
     print(
         f"{summary.out}: {summary.rows} spectra from {summary.files} files ({summary.resumed} resumed, "

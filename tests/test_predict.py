@@ -137,6 +137,23 @@ def test_failure_midway_leaves_no_catalog_and_resume_skips_done_files(setup, tmp
     assert not (tmp_path / "catalog.fits.progress").exists()
 
 
+def test_bf16_runs_the_network_under_autocast(setup, tmp_path):
+    model = load_model(setup["root"] / "redshift")
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
+    )
+    for bf16 in (False, True):
+        predict_catalog(setup["coadds"], tmp_path / f"{bf16}.fits", model, bf16=bf16, progress=False)
+    assert seen and seen[: len(seen) // 2] == [False] * (len(seen) // 2) and all(seen[len(seen) // 2 :])
+    plain, fast = (Table.read(tmp_path / f"{bf16}.fits", hdu="REDSHIFTS") for bf16 in (False, True))
+    assert fast.meta["BF16"] is True and plain.meta["BF16"] is False
+    assert fast["TARGETID"].tolist() == plain["TARGETID"].tolist() and np.isfinite(fast["Z"]).all()
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the run
+
+
 def test_resume_refuses_other_settings(setup, tmp_path):
     out = tmp_path / "catalog.fits"
     model = load_model(setup["root"] / "redshift")
