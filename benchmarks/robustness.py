@@ -67,7 +67,10 @@ PERTURBATIONS: dict[str, Augmentations] = {
 }
 SECOND_FAMILY = "sps"
 FAMILY_FLOORS = {"nmad_ratio": 1.5, "eta_ratio": 1.5}  # second family ÷ basis set, same classes
-METHOD_COLUMNS = {"refined": "z", "network": "z_net"}  # method -> `predict_spectra` column
+METHOD_COLUMNS = {
+    "refined": ("z", "zerr"),
+    "network": ("z_net", "zerr_net"),
+}  # method -> `predict_spectra` z, zerr
 
 
 def held_out(
@@ -99,17 +102,25 @@ def predict_chunks(model: Any, batch: dict[str, Any], size: int = 64) -> dict[st
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if parts[0][key].ndim == 1}
 
 
-def predict(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Redshifts [n] per method (refined when the model has templates, network); NaN (no usable pixel) becomes
-    -0.5, a catastrophic failure."""
+def predict(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(redshifts, their ZERR) [n] per method (refined when the model has templates, network); a NaN redshift (no
+    usable pixel) becomes -0.5, a catastrophic failure."""
     columns = predict_chunks(model, batch)
-    methods = METHOD_COLUMNS if model.refines else {"network": "z_net"}
-    return {m: np.nan_to_num(columns[key], nan=-0.5) for m, key in methods.items()}
+    methods = METHOD_COLUMNS if model.refines else {"network": METHOD_COLUMNS["network"]}
+    return {m: (np.nan_to_num(columns[z], nan=-0.5), columns[zerr]) for m, (z, zerr) in methods.items()}
 
 
-def by_class(z: dict[str, np.ndarray], z_true: np.ndarray, classes: np.ndarray) -> dict:
-    """{method: metrics by class, and over all of them under "all"}."""
-    return {m: metrics_by_group(values, z_true, classes, overall_key="all") for m, values in z.items()}
+def by_class(z: dict[str, tuple[np.ndarray, np.ndarray]], z_true: np.ndarray, classes: np.ndarray) -> dict:
+    """{method: metrics by class, and over all of them under "all"}, each with the median ZERR / (1 + z)
+    (`sigma_z`: the statistical precision the method claims; where NMAD grows with it, noise limits NMAD)."""
+    out = {}
+    for method, (values, zerr) in z.items():
+        out[method] = metrics_by_group(values, z_true, classes, overall_key="all")
+        sigma = zerr / (1 + z_true)
+        for cls, m in out[method].items():
+            rows = np.ones(len(z_true), bool) if cls == "all" else classes == cls
+            m["sigma_z"] = float(np.nanmedian(sigma[rows])) if rows.any() else float("nan")
+    return out
 
 
 def run(
@@ -120,7 +131,7 @@ def run(
     seed: int,
     names: list[str] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """({perturbation: {"refined"|"network": metrics by class}}, the unperturbed redshifts per method), for the
+    """({perturbation: {"refined"|"network": metrics by class}}, the unperturbed (z, zerr) per method), for the
     perturbations `names` (default all; `none` always; each keeps its seed whichever others run)."""
     wave = model_wavelength(model.config)
     out, unperturbed = {}, {}
@@ -184,7 +195,8 @@ def second_family(
     batch, z_true, classes = held_out([files[c][0] for c in SPS_CLASSES], per_class, model.config)
     z_basis, true_basis, classes_basis = basis
     same = np.isin(classes_basis, SPS_CLASSES)
-    reference = by_class({m: z[same] for m, z in z_basis.items()}, true_basis[same], classes_basis[same])
+    subset = {m: (z[same], zerr[same]) for m, (z, zerr) in z_basis.items()}
+    reference = by_class(subset, true_basis[same], classes_basis[same])
     rows = family_rows(by_class(predict(model, batch), z_true, classes), reference)
     for method, by_cls in rows.items():
         a = by_cls["all"]
@@ -203,11 +215,12 @@ def markdown(results: dict[str, Any]) -> str:
         "# Robustness to DESI-like perturbations and to a second mock family",
         "",
         f"{results['test_set']}; model `{results['model']}`. Machine: {results['machine']['summary']}, "
-        f"{results['machine']['date']}. Ratios are to the unperturbed set (`none`); η in percentage points."
+        f"{results['machine']['date']}. Ratios are to the unperturbed set (`none`); η in percentage points; σz is "
+        "ZERR / (1 + z), the precision each method claims (a NMAD ratio that follows the σz ratio is noise-limited)."
         + "".join(f" Config override: `{k} = {v}`." for k, v in results.get("config_overrides", {}).items()),
         "",
-        "| perturbation | method | class | n | NMAD | NMAD ratio | η (%) | Δη (points) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| perturbation | method | class | n | NMAD | NMAD ratio | median σz ratio | η (%) | Δη (points) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = results["metrics"]["none"]
     for name, methods in results["metrics"].items():
@@ -217,7 +230,8 @@ def markdown(results: dict[str, Any]) -> str:
                 if m and m["n"]:
                     lines.append(
                         f"| {name} | {method} | {cls} | {m['n']} | {m['nmad']:.5f} | {ratio(m['nmad'], b['nmad']):.2f} | "
-                        f"{100 * m['eta']:.2f} | {100 * (m['eta'] - b['eta']):+.2f} |"
+                        f"{ratio(m['sigma_z'], b['sigma_z']):.2f} | {100 * m['eta']:.2f} | "
+                        f"{100 * (m['eta'] - b['eta']):+.2f} |"
                     )
     return "\n".join([*lines, "", *family_markdown(results)]) + "\n"
 

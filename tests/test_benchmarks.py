@@ -181,6 +181,8 @@ def test_robustness_quick_writes_every_perturbation(tmp_path):
     results = json.loads((tmp_path / "robustness.json").read_text())
     assert list(results["metrics"]) == list(robustness.PERTURBATIONS)
     assert all(results["metrics"][name]["network"]["all"]["n"] == 32 for name in results["metrics"])
+    sigma = {name: results["metrics"][name]["network"]["all"]["sigma_z"] for name in results["metrics"]}
+    assert all(value > 0 for value in sigma.values())
     assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| masked span ≤ 200 px | network | all | 32 |" in (tmp_path / "robustness.md").read_text()
     if "second_family_skipped" in results:  # no E-MILES library
