@@ -7,9 +7,9 @@
 The model (with its `templates.safetensors`, `specpt templates`) runs `specpt predict` (`predict_catalog`) on the
 first `--files-per-class` coadd files of each class of the accuracy test set (seed 101, `accuracy.py`), once per
 setting: network-only (`none`), `peaks` with each (K, W) and number of coarse-curve vectors, and `peaks+wide` at the
-config's K and W; then network-only, peaks K=3 W=2 and peaks+wide again with the network under bfloat16 autocast
-(`specpt predict --bf16`; fast on CPUs with AMX / AVX512-BF16, slow elsewhere). Speed is
-spectra per CPU-second (user + system of all threads) with `--threads` torch threads, end to end (read, network,
+config's K and W; then network-only, peaks K=3 with W=2 and W=4, and peaks+wide again with the network under
+bfloat16 autocast (`specpt predict --bf16`; fast on CPUs with AMX / AVX512-BF16, slow elsewhere). Speed is spectra
+per CPU-second (user + system of all threads) with `--threads` torch threads, end to end (read, network,
 refinement, catalog), next to Redrock's per-core rate from benchmarks/results/speed/speed.json (same machine
 type; `--redrock-rate` overrides it). Writes frontier.json, frontier.md and frontier.png to --out.
 """
@@ -45,6 +45,7 @@ SETTINGS = [
     ("peaks", 3, 2.0, 5, False),
     ("none", 0, 0.0, 0, True),
     ("peaks", 3, 2.0, 0, True),
+    ("peaks", 3, 4.0, 0, True),
 ]
 
 

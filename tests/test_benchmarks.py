@@ -209,7 +209,7 @@ def test_refinement_frontier_quick_runs_every_setting(tmp_path):
     settings = [(r["refinement"], r["modes"], r["window_bins"], r["coarse_vectors"], r["bf16"]) for r in rows]
     assert settings[: len(refinement_frontier.SETTINGS)] == [tuple(s) for s in refinement_frontier.SETTINGS]
     assert [s[0] for s in settings[len(refinement_frontier.SETTINGS) :]] == ["peaks+wide"] * 2
-    assert sum(s[-1] for s in settings) == 3  # network-only, peaks and peaks+wide with bf16 autocast
+    assert sum(s[-1] for s in settings) == 4  # network-only, two peaks and peaks+wide with bf16 autocast
     assert all(r["spectra_per_cpu_second"] > 0 and r["by_class"]["all"]["n"] == 24 for r in rows)
     text = (tmp_path / "frontier.md").read_text()
     assert "| peaks | 3 | 2 | 5 | fp32 |" in text and "| peaks | 3 | 2 | all | bf16 |" in text
