@@ -3,7 +3,7 @@
     python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu            # the full run
     python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu --dry-run  # print the plan only
     python benchmarks/train_specpt_small_cpu.py --work /tmp/t --quick                   # minutes: smoke test
-    python benchmarks/train_specpt_small_cpu.py --work runs/control --no-augment        # stage 2 unaugmented
+    python benchmarks/train_specpt_small_cpu.py --work runs/control --augment-probability 0   # stage 2 unaugmented
     nohup python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu > train.log 2>&1 &
 
 Give it the machine: with other CPU work on the same 2 cores, torch's two OpenMP threads wait on each other and a
@@ -11,7 +11,7 @@ step takes 3.6-10 s instead of ~0.3-0.45 s (measured); on shared cores set OMP_N
 Other work can share the cores if it runs under `nice -n 19`, one process at a time (measured 2026-12-05:
 stage 1 at 2.35 steps/s alone, 2.0-2.3 beside one such process, 0.25 beside four).
 
-The control run for robustness.py (`--no-augment`: stage 2 without the augmentations) can share an augmented
+The control run for robustness.py (`--augment-probability 0`: stage 2 without the augmentations) can share an augmented
 run's data and stage 1: hard-link them into its --work first (`cp -al RUN/data RUN/autoencoder RUN/.chunk* W/`).
 
 Run the same command again after an interruption: finished steps are skipped (marker files in --work),
@@ -208,8 +208,8 @@ def train_command(args: argparse.Namespace, stage: str, steps: int, work: Path) 
         cmd += ["--eval-steps", str(args.eval_steps), "--max-val-spectra", str(args.max_val_spectra)]
     if args.warmup_steps is not None:
         cmd += ["--warmup-steps", str(args.warmup_steps)]
-    if args.no_augment and stage == "redshift":
-        cmd += ["--augment-probability", "0"]
+    if args.augment_probability is not None and stage == "redshift":
+        cmd += ["--augment-probability", f"{args.augment_probability:g}"]
     return cmd
 
 
@@ -254,9 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prepare-rate", type=float, default=400.0, help="prepare spectra/s (plan)")
     parser.add_argument("--no-bf16", action="store_true", help="float32 (CPUs without native bf16)")
     parser.add_argument(
-        "--no-augment",
-        action="store_true",
-        help="stage 2 without the training augmentations (the control run)",
+        "--augment-probability",
+        type=float,
+        help="stage 2's probability of each training augmentation (default: the config's; 0: the control run)",
     )
     parser.add_argument(
         "--accelerate-config", help="launch training through `accelerate launch` with this file"

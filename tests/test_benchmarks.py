@@ -467,10 +467,11 @@ def test_training_recipe_plan_fits_the_budget():
     assert cmd[cmd.index("--pretrained-model") + 1] == str(Path("w") / "autoencoder" / "model")
     assert Path(cmd[cmd.index("--config") + 1]).is_file()
     assert "--augment-probability" not in cmd  # the config's augmentations
-    control = recipe.parse_args(["--work", "w", "--no-augment"])
-    cmd = recipe.train_command(control, "redshift", plan.rs_steps, Path("w"))
-    assert cmd[cmd.index("--augment-probability") + 1] == "0"
-    assert "--augment-probability" not in recipe.train_command(control, "autoencoder", 10, Path("w"))
+    for probability in ("0", "0.1"):
+        control = recipe.parse_args(["--work", "w", "--augment-probability", probability])
+        cmd = recipe.train_command(control, "redshift", plan.rs_steps, Path("w"))
+        assert cmd[cmd.index("--augment-probability") + 1] == probability
+        assert "--augment-probability" not in recipe.train_command(control, "autoencoder", 10, Path("w"))
 
 
 def test_training_recipe_quick_data_step_is_resumable(tmp_path, capsys):
