@@ -11,8 +11,9 @@ step takes 3.6-10 s instead of ~0.3-0.45 s (measured); on shared cores set OMP_N
 Other work can share the cores if it runs under `nice -n 19`, one process at a time (measured 2026-12-05:
 stage 1 at 2.35 steps/s alone, 2.0-2.3 beside one such process, 0.25 beside four).
 
-The control run for robustness.py (`--augment-probability 0`: stage 2 without the augmentations) can share an augmented
-run's data and stage 1: hard-link them into its --work first (`cp -al RUN/data RUN/autoencoder RUN/.chunk* W/`).
+The control run for robustness.py (`--augment-probability 0`: stage 2 without the augmentations), or one with
+another probability, can share an augmented run's data and stage 1: hard-link them into its --work first
+(`cp -al RUN/data RUN/autoencoder RUN/.chunk* W/`).
 
 Run the same command again after an interruption: finished steps are skipped (marker files in --work),
 an interrupted mock chunk is redone, and an interrupted training stage continues from its newest checkpoint
