@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     model = SpecPTForRedshift.from_pretrained(args.model).eval()
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
-    if not args.field.startswith("refinement_") or not isinstance(
-        getattr(model.config, args.field, None), float
-    ):
+    kind = type(getattr(model.config, args.field, None))
+    if not args.field.startswith("refinement_") or kind not in (int, float):
         parser.error(
-            f"--field: {args.field!r} is not a numeric refinement_* field of {args.model}/config.json"
+            f"--field: {args.field!r} is not a numeric refinement_* field of SpecPT's redshift config"
         )
+    if kind is int and any(value != int(value) for value in args.values):
+        parser.error(f"--values: {args.field} takes whole numbers, got {args.values}")
     split = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))
     rows_all = split[:]  # every row: tensors, and a list for target_class
     batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = np.asarray(rows_all["target_class"], dtype=str)
     rows = []
     for value in args.values:
+        value = kind(value)
         setattr(model.config, args.field, value)
         cpu = _cpu_seconds()
         out = predict_chunks(model, batch, 128)

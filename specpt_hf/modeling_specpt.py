@@ -53,6 +53,7 @@ from .refinement import (
     scan_grid,
     scan_span,
     star_range,
+    wide_candidates,
 )
 
 logger = logging.get_logger(__name__)
@@ -942,8 +943,9 @@ class SpecPTRedshiftOutput(ModelOutput):
         coeff (`(batch, vectors)`): template coefficients of the best fit (zero-padded across template sets).
         spectype (`torch.LongTensor` of shape `(batch,)`): index of the winning set in `config.templates`.
         npixels_fit (`torch.LongTensor` of shape `(batch,)`): good pixels inside the winning templates' range.
-        wide (`torch.BoolTensor` of shape `(batch,)`): whether the whole redshift range was scanned.
-        chi2_scan_z, chi2_scan (`(batch, trials)`): the coarse chi^2(z) samples (redshift, chi^2).
+        wide (`torch.BoolTensor` of shape `(batch,)`): whether the whole range's chi^2 minima joined the windows.
+        chi2_scan_z, chi2_scan (`(batch, trials)`): the coarse chi^2(z) samples (redshift, chi^2; inf outside the
+            windows searched).
 
         hidden_states, attentions: the backbone's (see [`SpecPTModelOutput`]).
     """
@@ -1271,7 +1273,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         offsets: torch.Tensor,
         quality: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Template chi^2 refinement around the p(z) modes (and over the whole range for the `wide` spectra)."""
+        """Template chi^2 refinement around the p(z) modes (and the whole range's minima for the `wide` spectra)."""
         config = self.config
         width = config.redshift_bin_width
         spectra = prepare_spectra(config, flux, ivar, mask, wavelength)  # float32, normalised
@@ -1294,17 +1296,12 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         }
         settings["prior"] = self._pz_prior(logits)  # [batch, grid] or None
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
-        if config.refinement == "peaks+wide":
-            wide = quality < config.refinement_wide_quality
         with torch.autocast(device_type=flux.device.type, enabled=False):
+            if config.refinement == "peaks+wide":
+                wide = quality < config.refinement_wide_quality
+                candidates = self._add_wide_candidates(candidates, wide.nonzero()[:, 0], spectra, logits)
             result = refine_redshifts(
-                self.templates,
-                spectra.wavelength,
-                spectra.flux,
-                spectra.ivar,
-                candidates,
-                everywhere=wide,
-                **settings,
+                self.templates, spectra.wavelength, spectra.flux, spectra.ivar, candidates, **settings
             )
             if config.refinement == "peaks+wide":
                 reduced_chi2 = result.chi2 / spectra.good.sum(1).clamp(min=1)  # [batch]
@@ -1313,8 +1310,8 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
                 )  # [batch]
                 rows = (~wide & doubtful).nonzero()[:, 0]
                 if len(rows):
-                    result, rescanned = self._rescan_whole_range(result, rows, spectra, candidates, settings)
-                    wide = wide.index_fill(0, rescanned, True)
+                    result = self._rescan_wider(result, rows, spectra, candidates, settings, logits)
+                    wide = wide.index_fill(0, rows, True)
         own = torch.tensor([name in settings["own_ranges"] for name in self.templates], device=flux.device)
         in_range = result.redshift.clamp(
             config.z_min, config.z_max
@@ -1332,37 +1329,74 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "chi2_scan": result.scan_chi2.float(),
         }
 
-    def _rescan_whole_range(
+    def _wide_candidates(
+        self, rows: torch.Tensor, spectra: SpecPTSpectra, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """u [n, refinement_modes] of the lowest minima of a cheap chi^2 (+ the p(z) prior) over the whole
+        redshift range for `rows` [n] ([`wide_candidates`]: `refinement_wide_rebin`, `refinement_wide_vectors`)."""
+        config = self.config
+        wave = spectra.wavelength if spectra.wavelength.shape[0] == 1 else spectra.wavelength[rows]
+        sets = {name: t for name, t in self.templates.items() if name not in self._own_ranges()}
+        prior = None if config.refinement_prior == 0 else lambda u: self._pz_prior(logits[rows], u)
+        return wide_candidates(
+            sets,
+            wave,
+            spectra.flux[rows],
+            spectra.ivar[rows],
+            self._refinement_u_range(),
+            modes=config.refinement_modes,
+            separation=2 * config.refinement_window * config.redshift_bin_width,
+            rebin=config.refinement_wide_rebin,
+            vectors=config.refinement_wide_vectors or None,
+            prior=prior,
+        )
+
+    def _add_wide_candidates(
+        self, candidates: torch.Tensor, rows: torch.Tensor, spectra: SpecPTSpectra, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """`candidates` [batch, modes] with the whole range's minima appended for `rows` [n] (the other rows
+        repeat their own): [batch, 2 x modes]."""
+        if len(rows) == 0:
+            return candidates
+        extra = candidates.clone()  # [batch, modes]
+        extra[rows] = self._wide_candidates(rows, spectra, logits).to(extra.dtype)
+        return torch.cat([candidates, extra], 1)
+
+    def _rescan_wider(
         self,
         result: RefinementResult,
         rows: torch.Tensor,
         spectra: SpecPTSpectra,
         candidates: torch.Tensor,
         settings: dict[str, Any],
-    ) -> tuple[RefinementResult, torch.Tensor]:
-        """`result` with `rows` [n] refitted over the whole redshift range wherever that fit is at least as good
-        (so their DELTACHI2 weighs every redshift, not only the p(z) windows); also the rows taken [m]."""
+        logits: torch.Tensor,
+    ) -> RefinementResult:
+        """`result` with `rows` [n] refitted around their p(z) modes and the whole range's minima: the windows
+        searched only grow, and their DELTACHI2 then weighs the best fits anywhere, not only where the network
+        looked."""
         wave = spectra.wavelength if spectra.wavelength.shape[0] == 1 else spectra.wavelength[rows]
+        extended = torch.cat(
+            [candidates[rows], self._wide_candidates(rows, spectra, logits)], 1
+        )  # [n, 2 modes]
         prior = settings["prior"]
         again = refine_redshifts(
             self.templates,
             wave,
             spectra.flux[rows],
             spectra.ivar[rows],
-            candidates[rows],
-            everywhere=torch.ones_like(rows, dtype=torch.bool),
+            extended,
             **{**settings, "prior": None if prior is None else prior[rows]},
         )
-        taken = again.chi2 + again.prior <= result.chi2[rows] + result.prior[rows]  # [n]
-        return _replace_rows(result, rows[taken], again, taken), rows[taken]
+        return _replace_rows(result, rows, again, torch.ones_like(rows, dtype=torch.bool))
 
-    def _pz_prior(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """-2 x `refinement_prior` x ln p(z) on the refinement's coarse grid [batch, grid], 0 at the most probable
-        bin, p(z) floored at `refinement_prior_floor` (None when the weight is 0)."""
+    def _pz_prior(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor | None:
+        """-2 x `refinement_prior` x ln p(z) at u = ln(1 + z) [grid] (default: the refinement's coarse grid),
+        [batch, grid], 0 at the most probable bin, p(z) floored at `refinement_prior_floor` (None when the weight
+        is 0)."""
         config = self.config
         if config.refinement_prior == 0:
             return None
-        u = self._scan_u(logits.device)  # [grid]
+        u = self._scan_u(logits.device) if u is None else u  # [grid]
         bins = ((u - math.log1p(config.z_min)) / config.redshift_bin_width).floor().long()  # [grid]
         bins = bins.clamp(0, config.num_redshift_bins - 1)
         log_p = torch.log_softmax(logits.double(), -1).clamp(min=math.log(config.refinement_prior_floor))

@@ -13,6 +13,7 @@ weigh nothing and are counted in `RefinementResult.npixels`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -599,6 +600,39 @@ def refine_redshifts(
         scan_u=scan_u,
         scan_chi2=scan_chi2,
     )
+
+
+def wide_candidates(
+    template_sets: dict[str, RestFrameTemplates],
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    u_range: tuple[float, float],
+    modes: int,
+    separation: float,
+    rebin: int,
+    vectors: int | None = None,
+    prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """u = ln(1 + z) [batch, modes] of the `modes` lowest minima, at least `separation` apart in u, of a cheap
+    chi^2(z) over the whole of `u_range`: [`chi2_curve`] of each set's first `vectors` vectors with the spectrum
+    binned `rebin` template steps wide, the lowest set at each trial, plus `prior(u)` ([batch, grid]) if given.
+    Binning keeps every line's flux, so a coarse curve still finds the basins that a windowed scan then resolves.
+
+    Args:
+        template_sets: the sets searched over `u_range` (not those with a range of their own, e.g. STAR).
+        wavelength: [pixels] or [batch, pixels], Angstrom; flux, ivar: [batch, pixels].
+    """
+    u = scan_grid(template_sets, u_range, rebin).to(flux.device)  # [grid]
+    curves = [
+        chi2_curve(_leading(t, vectors), wavelength, flux, ivar, u_range, rebin)[1]
+        for t in template_sets.values()
+    ]
+    score = torch.stack(curves).min(0).values  # [batch, grid]
+    if prior is not None:
+        score = score + prior(u)
+    steps = max(1, math.ceil(separation / float(u[1] - u[0]))) if len(u) > 1 else 1
+    return u[pz_modes(-score.nan_to_num(math.inf), modes, steps)]  # [batch, modes]
 
 
 def pz_modes(probability: torch.Tensor, modes: int, separation: int) -> torch.Tensor:

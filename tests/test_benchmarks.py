@@ -283,6 +283,16 @@ def test_refinement_sweep_other_fields(tmp_path, capsys):
     assert "not a numeric refinement_* field" in capsys.readouterr().err
 
 
+def test_refinement_sweep_takes_whole_numbers_for_an_integer_field(tmp_path, capsys):
+    field = ["--field", "refinement_wide_rebin", "--values", "3", "9"]
+    assert refinement_sweep.main(["--quick", "--out", str(tmp_path), *field]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert [row["value"] for row in result["values"]] == [3, 9]
+    with pytest.raises(SystemExit):
+        refinement_sweep.main(["--quick", "--out", str(tmp_path), *field[:3], "2.5"])
+    assert "takes whole numbers" in capsys.readouterr().err
+
+
 def test_stars_quick_types_stars_and_leaves_the_model_alone(tmp_path):
     assert stars.main(["--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "stars.json").read_text())
