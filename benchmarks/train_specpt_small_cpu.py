@@ -4,6 +4,7 @@
     python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu --dry-run  # print the plan only
     python benchmarks/train_specpt_small_cpu.py --work /tmp/t --quick                   # minutes: smoke test
     python benchmarks/train_specpt_small_cpu.py --work runs/control --augment-probability 0   # stage 2 unaugmented
+    python benchmarks/train_specpt_small_cpu.py --work runs/clean-end --augment-until 0.7      # last 30 % unaugmented
     nohup python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu > train.log 2>&1 &
 
 Give it the machine: with other CPU work on the same 2 cores, torch's two OpenMP threads wait on each other and a
@@ -12,7 +13,7 @@ Other work can share the cores if it runs under `nice -n 19`, one process at a t
 stage 1 at 2.35 steps/s alone, 2.0-2.3 beside one such process, 0.25 beside four).
 
 The control run for robustness.py (`--augment-probability 0`: stage 2 without the augmentations), or one with
-another probability, can share an augmented run's data and stage 1: hard-link them into its --work first
+another probability or with the augmentations in the first part of stage 2 only (`--augment-until`), can share an augmented run's data and stage 1: hard-link them into its --work first
 (`cp -al RUN/data RUN/autoencoder RUN/.chunk* W/`).
 
 Run the same command again after an interruption: finished steps are skipped (marker files in --work),
@@ -211,6 +212,8 @@ def train_command(args: argparse.Namespace, stage: str, steps: int, work: Path) 
         cmd += ["--warmup-steps", str(args.warmup_steps)]
     if args.augment_probability is not None and stage == "redshift":
         cmd += ["--augment-probability", f"{args.augment_probability:g}"]
+    if args.augment_until is not None and stage == "redshift":
+        cmd += ["--augment-until-step", str(max(1, round(args.augment_until * steps)))]
     return cmd
 
 
@@ -260,6 +263,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="stage 2's probability of each training augmentation (default: the config's; 0: the control run)",
     )
     parser.add_argument(
+        "--augment-until",
+        type=float,
+        help="augment only this fraction of stage 2's steps, the first ones (default: all of them)",
+    )
+    parser.add_argument(
         "--accelerate-config", help="launch training through `accelerate launch` with this file"
     )
     parser.add_argument(
@@ -275,6 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("n_per_class", "chunk_per_class", "jobs", "batch_size", "eval_steps", "max_val_spectra"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.augment_until is not None and not 0 < args.augment_until <= 1:
+        parser.error(f"--augment-until is a fraction of stage 2's steps in (0, 1], got {args.augment_until}")
     if args.hours <= 0:
         parser.error("--hours must be positive")
     if math.ceil(args.chunk_per_class / 500) > 25 or math.ceil(args.n_per_class / args.chunk_per_class) > 50:

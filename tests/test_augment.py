@@ -166,3 +166,27 @@ def test_a_resumed_augmented_run_ends_with_the_same_weights(tmp_path, monkeypatc
     )  # fmt: skip
     differs = load_file(plain.model_dir / "model.safetensors")
     assert any(not torch.equal(differs[name], expected[name]) for name in expected)  # the augmentations acted
+
+
+def test_augment_until_step_augments_only_the_first_steps(tmp_path, monkeypatch):
+    from specpt_hf.data.mock import write_mock_release
+    from specpt_hf.data.prepare import prepare_dataset
+
+    write_mock_release(tmp_path / "raw", {"elg": 16}, seed=6, spectra_per_file=16, progress=False)
+    prepare_dataset([tmp_path / "raw"], tmp_path / "data", fractions=(0.6, 0.2, 0.2), progress=False)
+    augmented_steps = []
+
+    def recording(seed, step):
+        augmented_steps.append(step)
+        return step_generator(seed, step)
+
+    monkeypatch.setattr(train_module, "step_generator", recording)
+    settings = TrainingSettings(
+        stage="autoencoder", preset="specpt-tiny", data_dir=str(tmp_path / "data"), batch_size=4, max_steps=5,
+        eval_steps=5, logging_steps=5, checkpointing_steps=5, report_to="none", disable_tqdm=True,
+        augment_probability=1.0, augment_calibration=0.02, augment_until_step=2, output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    training_function(settings)
+    assert augmented_steps == [0, 1]
+    with pytest.raises(ValueError, match="augment_until_step"):
+        TrainingSettings(augment_until_step=0)

@@ -482,6 +482,12 @@ def test_training_recipe_plan_fits_the_budget():
         cmd = recipe.train_command(control, "redshift", plan.rs_steps, Path("w"))
         assert cmd[cmd.index("--augment-probability") + 1] == probability
         assert "--augment-probability" not in recipe.train_command(control, "autoencoder", 10, Path("w"))
+    clean_end = recipe.parse_args(["--work", "w", "--augment-until", "0.7"])
+    cmd = recipe.train_command(clean_end, "redshift", 1000, Path("w"))
+    assert cmd[cmd.index("--augment-until-step") + 1] == "700"
+    assert "--augment-until-step" not in recipe.train_command(clean_end, "autoencoder", 1000, Path("w"))
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--work", "w", "--augment-until", "1.5"])
 
 
 def test_training_recipe_quick_data_step_is_resumable(tmp_path, capsys):

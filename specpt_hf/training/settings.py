@@ -66,6 +66,9 @@ class TrainingSettings:
         0.0, "largest extra Gaussian blur sigma, pixels (resolution jitter; e.g. 1)"
     )
     augment_ebv: float = _setting(0.0, "largest Galactic E(B-V) applied (e.g. 0.1)")
+    augment_until_step: int | None = _setting(
+        None, "augment only the first N optimizer steps; the rest train on the spectra as they are"
+    )
     # optimisation
     batch_size: int = _setting(32, "spectra per batch and per process")
     gradient_accumulation_steps: int = _setting(1, "batches summed into one optimizer step")
@@ -116,6 +119,7 @@ class TrainingSettings:
             "max_val_spectra",
             "early_stopping_patience",
             "encoder_learning_rate",
+            "augment_until_step",
         ]
         for name in positive:
             value = getattr(self, name)

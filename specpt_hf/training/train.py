@@ -484,7 +484,8 @@ class _Loop:
     def _train_step(self, batch: dict[str, torch.Tensor]) -> bool:
         """One forward/backward; True when it completed an optimizer step."""
         accelerator = self.accelerator
-        if self.augmentations.enabled:
+        until = self.settings.augment_until_step
+        if self.augmentations.enabled and (until is None or self.state.step < until):
             generator = step_generator(self.settings.seed, self.state.step)
             batch = augment(batch, self.wavelength, self.augmentations, generator)
         with accelerator.accumulate(self.model):
