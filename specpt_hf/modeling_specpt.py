@@ -52,6 +52,7 @@ from .refinement import (
     save_templates,
     scan_grid,
     scan_span,
+    smooth_chi2,
     star_range,
     wide_candidates,
 )
@@ -940,6 +941,8 @@ class SpecPTRedshiftOutput(ModelOutput):
         redshift_net, redshift_err_net (`(batch,)`): the network's own estimates.
         chi2 (`(batch,)`): best chi^2 over the spectrum's good pixels (outside the templates: model 0).
         delta_chi2 (`(batch,)`): chi^2 of the best fit at least 1000 km/s away (any template set) minus the best.
+        chi2_smooth (`(batch,)`): chi^2 of a smooth continuum with no redshift on the same pixels (a Legendre
+            series of degree 4 in ln(lambda)); a fit whose `chi2` does not beat it found no feature.
         coeff (`(batch, vectors)`): template coefficients of the best fit (zero-padded across template sets).
         spectype (`torch.LongTensor` of shape `(batch,)`): index of the winning set in `config.templates`.
         npixels_fit (`torch.LongTensor` of shape `(batch,)`): good pixels inside the winning templates' range.
@@ -962,6 +965,7 @@ class SpecPTRedshiftOutput(ModelOutput):
     redshift_err_net: torch.FloatTensor | None = None
     chi2: torch.FloatTensor | None = None
     delta_chi2: torch.FloatTensor | None = None
+    chi2_smooth: torch.FloatTensor | None = None
     coeff: torch.FloatTensor | None = None
     spectype: torch.LongTensor | None = None
     npixels_fit: torch.LongTensor | None = None
@@ -1321,6 +1325,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "redshift_err": result.redshift_err,
             "chi2": result.chi2,
             "delta_chi2": result.delta_chi2,
+            "chi2_smooth": smooth_chi2(spectra.wavelength, spectra.flux, spectra.ivar).float(),
             "coeff": result.coeff,
             "spectype": result.spectype,
             "npixels_fit": result.npixels,

@@ -55,6 +55,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -104,6 +105,7 @@ CATALOG_COLUMNS: dict[str, tuple[str, str]] = {
     "ZWARN": ("zwarn", "int64"),
     "CHI2": ("chi2", "float64"),
     "DELTACHI2": ("deltachi2", "float64"),
+    "CHI2_SMOOTH": ("chi2_smooth", "float64"),
     "COEFF": ("coeff", "float32"),
     "SPECTYPE": ("spectype", "str"),
     "NPIXELS": ("npixels", "int32"),
@@ -662,6 +664,9 @@ def _catalog_meta(
         "MINCOV": thresholds.min_coverage,
         "MAXANOM": thresholds.max_anomaly,
         "MINDCHI2": thresholds.min_delta_chi2,
+        "MINFCHI2": thresholds.min_feature_chi2
+        if math.isfinite(thresholds.min_feature_chi2)
+        else "-inf",  # FITS: no inf
         "REFINE": model.config.refinement if model.refines else "none",
         "BF16": bf16,
         "NFILES": summary.files,
@@ -768,6 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SMALL_DELTA_CHI2 below this (with refinement)",
     )
     parser.add_argument(
+        "--min-feature-chi2",
+        type=float,
+        default=defaults.min_feature_chi2,
+        help="SMALL_DELTA_CHI2 where CHI2_SMOOTH - CHI2 is below this (with refinement; -inf: off)",
+    )
+    parser.add_argument(
         "--refine",
         choices=REFINEMENTS,
         help="template chi^2 refinement (default: the model's config.refinement; needs its templates)",
@@ -811,7 +822,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    thresholds = FlagThresholds(args.min_quality, args.min_coverage, args.max_anomaly, args.min_delta_chi2)
+    thresholds = FlagThresholds(
+        args.min_quality, args.min_coverage, args.max_anomaly, args.min_delta_chi2, args.min_feature_chi2
+    )
     summary = predict_catalog(
         args.files,
         args.out,

@@ -48,7 +48,8 @@ class SpecPTZwarn(enum.IntFlag):
     - bit 1 `LITTLE_COVERAGE` (Redrock: same): fewer than `min_coverage` of the model's pixels are good, or (with
       refinement) fewer than `min_coverage` of the good pixels lie inside the winning templates' rest range.
     - bit 2 `LOW_QUALITY` (Redrock: SMALL_DELTA_CHI2): `quality` (p(z) mass near the peak) below `min_quality`;
-      with template refinement, as in Redrock, DELTACHI2 below `min_delta_chi2` (alias `SMALL_DELTA_CHI2`).
+      with template refinement, as in Redrock, DELTACHI2 below `min_delta_chi2` (alias `SMALL_DELTA_CHI2`), or
+      a fit that beats a smooth continuum with no redshift (CHI2_SMOOTH) by less than `min_feature_chi2`.
     - bit 4 `ANOMALOUS` (Redrock: MANY_OUTLIERS): the autoencoder's reduced chi^2 exceeds `max_anomaly`
       (only set when an autoencoder is used).
     - bit 5 `AT_Z_LIMIT` (Redrock: Z_FITLIMIT): z within one p(z) bin of the model's z_min or z_max (not for a STAR).
@@ -81,12 +82,16 @@ class FlagThresholds:
         max_anomaly (`float`, defaults to 5.0): `ANOMALOUS` above this reduced chi^2 of the reconstruction.
         min_delta_chi2 (`float`, defaults to 9.0): with refinement, `SMALL_DELTA_CHI2` below this DELTACHI2
             (Redrock's default).
+        min_feature_chi2 (`float`, defaults to 0.0): with refinement, `SMALL_DELTA_CHI2` where CHI2_SMOOTH - CHI2
+            is below this: at 0, a template fit no better than a smooth redshift-free continuum (a fit to noise,
+            or to a continuum without features) is flagged. `-inf` turns it off.
     """
 
     min_quality: float = 0.5
     min_coverage: float = 0.5
     max_anomaly: float = 5.0
     min_delta_chi2: float = 9.0
+    min_feature_chi2: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_quality <= 1.0 or not 0.0 <= self.min_coverage <= 1.0:
@@ -97,6 +102,8 @@ class FlagThresholds:
             raise ValueError(f"`max_anomaly` must be > 0, got {self.max_anomaly}")
         if not self.min_delta_chi2 >= 0:
             raise ValueError(f"`min_delta_chi2` must be >= 0, got {self.min_delta_chi2}")
+        if math.isnan(self.min_feature_chi2) or self.min_feature_chi2 == math.inf:
+            raise ValueError(f"`min_feature_chi2` must be a number or -inf, got {self.min_feature_chi2}")
 
     def as_dict(self) -> dict[str, float]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -186,9 +193,11 @@ def zwarn_flags(
     delta_chi2: np.ndarray | None = None,
     npixels_fit: np.ndarray | None = None,
     spectype: np.ndarray | None = None,
+    feature_chi2: np.ndarray | None = None,
 ) -> np.ndarray:
     """`SpecPTZwarn` bit mask [n] (int64) from the predictions and the thresholds (NaN never sets a bit);
-    `delta_chi2`, `npixels_fit` and `spectype` come from template refinement (None: network-only). A STAR sits
+    `delta_chi2`, `npixels_fit`, `spectype` and `feature_chi2` (CHI2_SMOOTH - CHI2) come from template refinement
+    (None: network-only). A STAR sits
     at z ~ 0 by nature, inside its own velocity range: it never gets AT_Z_LIMIT."""
     with np.errstate(invalid="ignore"):
         u_z = np.log1p(z)
@@ -203,6 +212,8 @@ def zwarn_flags(
         ambiguous = (
             quality < thresholds.min_quality if delta_chi2 is None else delta_chi2 < thresholds.min_delta_chi2
         )
+        if feature_chi2 is not None:
+            ambiguous |= feature_chi2 < thresholds.min_feature_chi2
         bits = [
             (coverage, SpecPTZwarn.LITTLE_COVERAGE),
             (ambiguous, SpecPTZwarn.LOW_QUALITY),
@@ -241,7 +252,7 @@ def predict_spectra(
     Returns numpy arrays [n]: `z`, `zerr`, `quality` (float64, NaN where the head gives none), `npixels` (int64),
     `anomaly` (float64, NaN without autoencoder or ivar), `zwarn` (int64, `SpecPTZwarn`), `z_net`, `zerr_net`
     (the network's own; equal to `z`, `zerr` without refinement); with template refinement (`model.refines`)
-    also `chi2`, `deltachi2` (float64), `spectype` (str), `npixels_fit` (int64) and `coeff` [n, vectors];
+    also `chi2`, `deltachi2`, `chi2_smooth` (float64), `spectype` (str), `npixels_fit` (int64) and `coeff` [n, vectors];
     optionally `embedding` [n, d] and `reconstruction` [n, pixels] (float32, flux units; needs the autoencoder);
     with `return_pdf`, `pz` [n, bins] (the probability of each p(z) bin, at `pdf_redshifts(model)["pz"]`) and,
     when the model refines, `chi2_scan` [n, trials] (the coarse chi^2(z) samples, NaN where not searched).
@@ -257,7 +268,7 @@ def predict_spectra(
     out = {key: np.full(n, np.nan) for key in ("z", "zerr", "quality", "anomaly", "z_net", "zerr_net")}
     out["npixels"] = npixels
     if model.refines:
-        out.update({key: np.full(n, np.nan) for key in ("chi2", "deltachi2")})
+        out.update({key: np.full(n, np.nan) for key in ("chi2", "deltachi2", "chi2_smooth")})
         out["spectype"] = np.full(n, "", dtype="U8")
         out["npixels_fit"] = np.zeros(n, dtype=np.int64)
         vectors = max(info["num_vectors"] for info in model.config.templates["spectypes"].values())
@@ -288,6 +299,7 @@ def predict_spectra(
         out.get("deltachi2"),
         out.get("npixels_fit"),
         out.get("spectype"),
+        out["chi2_smooth"] - out["chi2"] if model.refines else None,
     )
     return out
 
@@ -325,6 +337,7 @@ def _run_models(
     if refined:
         out["chi2"][rows] = _numpy(result.chi2, len(rows))
         out["deltachi2"][rows] = _numpy(result.delta_chi2, len(rows))
+        out["chi2_smooth"][rows] = _numpy(result.chi2_smooth, len(rows))
         out["npixels_fit"][rows] = result.npixels_fit.cpu().numpy()
         out["spectype"][rows] = np.asarray(list(model.config.templates["spectypes"]))[
             result.spectype.cpu().numpy()
@@ -370,7 +383,7 @@ PREDICTION_COLUMNS = {
     "zerr_net": "zerr_net",
 }
 # with template refinement also
-REFINEMENT_COLUMNS = ("chi2", "deltachi2", "spectype", "coeff", "npixels_fit")
+REFINEMENT_COLUMNS = ("chi2", "deltachi2", "chi2_smooth", "spectype", "coeff", "npixels_fit")
 PDF_COLUMNS = ("pz", "chi2_scan")  # [n, bins] and [n, trials], with `return_pdf`
 
 

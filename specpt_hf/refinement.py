@@ -27,6 +27,7 @@ from .atomic import atomic_write
 
 SPEED_OF_LIGHT_KMS = 299_792.458
 STAR_VELOCITY_KMS = 1000.0  # STAR templates are fitted within +-this line-of-sight velocity
+SMOOTH_DEGREE = 4  # Legendre degree in ln(lambda) of the redshift-free continuum of `smooth_chi2`
 # Elements of the largest intermediate per chunk of the chi^2 scan and curve. On a CPU the chunks are sized to stay
 # in cache: 2^24-element chunks ran 2.4x (scan) and 1.5x (curve) slower on 2 Xeon cores; elsewhere they only bound
 # the memory.
@@ -600,6 +601,28 @@ def refine_redshifts(
         scan_u=scan_u,
         scan_chi2=scan_chi2,
     )
+
+
+def smooth_chi2(
+    wavelength: torch.Tensor, flux: torch.Tensor, ivar: torch.Tensor, degree: int = SMOOTH_DEGREE
+) -> torch.Tensor:
+    """chi^2 [batch] (float64) of the best smooth continuum with no redshift: a Legendre series of `degree` in
+    ln(lambda) across each spectrum's range, fitted to its good pixels (wavelength [pixels] or [batch, pixels],
+    flux and ivar [batch, pixels]). A template fit that does not beat it found no feature to place a redshift on."""
+    batch, pixels = flux.shape
+    weight, flux = _good_weight(flux, ivar)  # [batch, pixels]
+    log_wave = torch.log(wavelength.to(flux.device, torch.float64)).expand(batch, pixels)
+    low, high = log_wave.min(1, keepdim=True).values, log_wave.max(1, keepdim=True).values  # [batch, 1]
+    x = 2 * (log_wave - low) / (high - low).clamp(min=1e-12) - 1  # [batch, pixels], in [-1, 1]
+    terms = [torch.ones_like(x), x]
+    for n in range(1, degree):  # Bonnet's recursion
+        terms.append(((2 * n + 1) * x * terms[n] - n * terms[n - 1]) / (n + 1))
+    basis = torch.stack(terms[: degree + 1], -1)  # [batch, pixels, degree + 1]
+    weighted = basis * weight[..., None]  # [batch, pixels, degree + 1]
+    coeff = _solve(
+        weighted.transpose(1, 2) @ basis, (weighted * flux[..., None]).sum(1)
+    )  # [batch, degree + 1]
+    return (weight * (flux - (basis @ coeff[..., None])[..., 0]) ** 2).sum(1)
 
 
 def wide_candidates(

@@ -174,6 +174,22 @@ def test_zwarn_bits():
         FlagThresholds(min_quality=1.5)
 
 
+def test_a_fit_no_better_than_a_smooth_continuum_is_flagged():
+    config = create_model("specpt-tiny", "redshift").config
+    n = 4
+    args = (config, np.full(n, 0.5), np.full(n, 0.9), np.full(n, 7000), np.full(n, 1.0))
+    refined = (np.full(n, 50.0), np.full(n, 7000), np.full(n, "GALAXY"))
+    feature_chi2 = np.array([120.0, 0.5, -3.0, np.nan])  # CHI2_SMOOTH - CHI2
+    flags = zwarn_flags(*args, FlagThresholds(), *refined, feature_chi2)
+    assert flags.tolist() == [0, 0, SpecPTZwarn.SMALL_DELTA_CHI2, 0]  # NaN never sets a bit
+    stricter = zwarn_flags(*args, FlagThresholds(min_feature_chi2=25.0), *refined, feature_chi2)
+    assert stricter.tolist() == [0, SpecPTZwarn.SMALL_DELTA_CHI2, SpecPTZwarn.SMALL_DELTA_CHI2, 0]
+    off = zwarn_flags(*args, FlagThresholds(min_feature_chi2=-math.inf), *refined, feature_chi2)
+    assert off.tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="min_feature_chi2"):
+        FlagThresholds(min_feature_chi2=math.nan)
+
+
 @pytest.mark.parametrize("instrument", [DEIMOS, HST_G102], ids=lambda i: i.name)
 def test_resampler_agrees_with_specutils(instrument):
     """`resample` against specutils' `FluxConservingResampler`, a per-pixel loop written independently, from

@@ -285,6 +285,36 @@ def test_wide_candidates_follow_a_prior_that_outweighs_the_fit(templates):
     assert abs(float(prior[0, 0]) - elsewhere) < 0.005
 
 
+def test_smooth_chi2_is_the_weighted_legendre_fit_and_a_line_beats_it(templates):
+    rng = np.random.default_rng(4)
+    x = 2 * (np.log(WAVELENGTH) - np.log(WAVELENGTH[0])) / np.log(WAVELENGTH[-1] / WAVELENGTH[0]) - 1
+    ivar = rng.uniform(50.0, 200.0, (2, len(WAVELENGTH)))
+    ivar[:, 1000:1300] = 0.0  # masked pixels weigh nothing
+    continuum = np.polynomial.legendre.legval(x, [2.0, 0.3, -0.2, 0.1, 0.05])
+    flux = continuum + rng.normal(size=ivar.shape) / np.sqrt(ivar.clip(1.0))
+    flux[1, 4000:4004] += 5.0  # a line no smooth continuum follows
+    chi2 = refinement.smooth_chi2(
+        torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar)
+    )
+    for row in range(2):  # numpy's weighted Legendre fit as the oracle
+        coeff = np.polynomial.legendre.legfit(x, flux[row], 4, w=np.sqrt(ivar[row]))
+        expected = np.sum(ivar[row] * (flux[row] - np.polynomial.legendre.legval(x, coeff)) ** 2)
+        assert float(chi2[row]) == pytest.approx(expected, rel=1e-9)
+    good = (ivar[0] > 0).sum()
+    assert abs(float(chi2[0]) / good - 1.0) < 0.05 and float(chi2[1]) > float(chi2[0]) + 1000
+
+
+def test_model_reports_the_smooth_continuums_chi2(templates, tiny_model):
+    inputs = _model_inputs(templates, np.array([0.12, 0.47]))
+    tiny_model.set_templates({"GALAXY": templates})
+    with torch.no_grad():
+        out = tiny_model(**inputs)
+    assert out.chi2_smooth.shape == out.chi2.shape == (2,)
+    assert (
+        out.chi2_smooth > out.chi2 + 100
+    ).all()  # the templates' lines and break beat any smooth continuum
+
+
 def test_a_prior_moves_the_choice_only_when_it_outweighs_the_fit(templates):
     z = np.array([0.62])
     flux, ivar = _spectra(templates, z, seed=5, noise=0.5)
