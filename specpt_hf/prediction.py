@@ -49,7 +49,9 @@ class SpecPTZwarn(enum.IntFlag):
       refinement) fewer than `min_coverage` of the good pixels lie inside the winning templates' rest range.
     - bit 2 `LOW_QUALITY` (Redrock: SMALL_DELTA_CHI2): `quality` (p(z) mass near the peak) below `min_quality`;
       with template refinement, as in Redrock, DELTACHI2 below `min_delta_chi2` (alias `SMALL_DELTA_CHI2`), or
-      a fit that beats a smooth continuum with no redshift (CHI2_SMOOTH) by less than `min_feature_chi2`.
+      a fit that beats a smooth continuum with no redshift (CHI2_SMOOTH) by less than `min_feature_chi2` (not for
+      a STAR, whose fit searches no redshift range: a star's continuum is often fitted better by the smooth series
+      than by a few STAR vectors).
     - bit 4 `ANOMALOUS` (Redrock: MANY_OUTLIERS): the autoencoder's reduced chi^2 exceeds `max_anomaly`
       (only set when an autoencoder is used).
     - bit 5 `AT_Z_LIMIT` (Redrock: Z_FITLIMIT): z within one p(z) bin of the model's z_min or z_max (not for a STAR).
@@ -212,8 +214,9 @@ def zwarn_flags(
         ambiguous = (
             quality < thresholds.min_quality if delta_chi2 is None else delta_chi2 < thresholds.min_delta_chi2
         )
-        if feature_chi2 is not None:
-            ambiguous |= feature_chi2 < thresholds.min_feature_chi2
+        if feature_chi2 is not None:  # not for a STAR: its fit searches no redshift range for a feature
+            featureless = feature_chi2 < thresholds.min_feature_chi2
+            ambiguous |= featureless if spectype is None else featureless & (spectype != "STAR")
         bits = [
             (coverage, SpecPTZwarn.LITTLE_COVERAGE),
             (ambiguous, SpecPTZwarn.LOW_QUALITY),

@@ -186,6 +186,8 @@ def test_a_fit_no_better_than_a_smooth_continuum_is_flagged():
     assert stricter.tolist() == [0, SpecPTZwarn.SMALL_DELTA_CHI2, SpecPTZwarn.SMALL_DELTA_CHI2, 0]
     off = zwarn_flags(*args, FlagThresholds(min_feature_chi2=-math.inf), *refined, feature_chi2)
     assert off.tolist() == [0, 0, 0, 0]
+    stars = (refined[0], refined[1], np.full(n, "STAR"))
+    assert zwarn_flags(*args, FlagThresholds(), *stars, feature_chi2).tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="min_feature_chi2"):
         FlagThresholds(min_feature_chi2=math.nan)
 
