@@ -1300,14 +1300,16 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         }
         settings["prior"] = self._pz_prior(logits)  # [batch, grid] or None
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
+        # the whole range is searched by the sets without a range of their own (a STAR-only model has none)
+        look_wide = config.refinement == "peaks+wide" and set(self.templates) > set(settings["own_ranges"])
         with torch.autocast(device_type=flux.device.type, enabled=False):
-            if config.refinement == "peaks+wide":
+            if look_wide:
                 wide = quality < config.refinement_wide_quality
                 candidates = self._add_wide_candidates(candidates, wide.nonzero()[:, 0], spectra, logits)
             result = refine_redshifts(
                 self.templates, spectra.wavelength, spectra.flux, spectra.ivar, candidates, **settings
             )
-            if config.refinement == "peaks+wide":
+            if look_wide:
                 reduced_chi2 = result.chi2 / spectra.good.sum(1).clamp(min=1)  # [batch]
                 doubtful = (reduced_chi2 > config.refinement_wide_chi2) | (
                     result.delta_chi2 < config.refinement_wide_delta_chi2

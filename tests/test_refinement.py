@@ -501,6 +501,23 @@ def test_model_and_pipeline_give_stars_their_own_sign_and_no_z_limit_flag(templa
     assert not predicted["zwarn"][0] & SpecPTZwarn.AT_Z_LIMIT
 
 
+def test_a_star_only_model_fits_stars_with_peaks_wide():
+    from specpt_hf import create_model
+    from specpt_hf.refinement import SPEED_OF_LIGHT_KMS
+
+    torch.manual_seed(0)
+    model = create_model(
+        "specpt-tiny", "redshift", refinement_wide_quality=1.0
+    ).eval()  # every spectrum "wide"
+    model.set_templates({"STAR": _star_templates()})
+    z_star = 120.0 / SPEED_OF_LIGHT_KMS
+    flux, ivar = _spectra_from(_star_templates(), np.array([z_star]), [3.0, 0.5, 0.6, 0.8], seed=8)
+    with torch.no_grad():
+        out = model(flux=torch.from_numpy(flux), ivar=torch.from_numpy(ivar))
+    assert out.spectype.tolist() == [0] and not out.wide.any()  # no set searches the whole range
+    assert abs(float(out.redshift[0]) - z_star) < 3e-5
+
+
 def test_templates_travel_with_the_model_folder(templates, tiny_model, tmp_path):
     from transformers.testing_utils import CaptureLogger
 
