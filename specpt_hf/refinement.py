@@ -614,10 +614,9 @@ def smooth_chi2(
     log_wave = torch.log(wavelength.to(flux.device, torch.float64)).expand(batch, pixels)
     low, high = log_wave.min(1, keepdim=True).values, log_wave.max(1, keepdim=True).values  # [batch, 1]
     x = 2 * (log_wave - low) / (high - low).clamp(min=1e-12) - 1  # [batch, pixels], in [-1, 1]
-    terms = [torch.ones_like(x), x]
-    for n in range(1, degree):  # Bonnet's recursion
-        terms.append(((2 * n + 1) * x * terms[n] - n * terms[n - 1]) / (n + 1))
-    basis = torch.stack(terms[: degree + 1], -1)  # [batch, pixels, degree + 1]
+    basis = torch.stack(
+        [torch.special.legendre_polynomial_p(x, n) for n in range(degree + 1)], -1
+    )  # [batch, pixels, degree + 1]
     weighted = basis * weight[..., None]  # [batch, pixels, degree + 1]
     coeff = _solve(
         weighted.transpose(1, 2) @ basis, (weighted * flux[..., None]).sum(1)
@@ -646,12 +645,12 @@ def wide_candidates(
         template_sets: the sets searched over `u_range` (not those with a range of their own, e.g. STAR).
         wavelength: [pixels] or [batch, pixels], Angstrom; flux, ivar: [batch, pixels].
     """
-    u = scan_grid(template_sets, u_range, rebin).to(flux.device)  # [grid]
     curves = [
-        chi2_curve(_leading(t, vectors), wavelength, flux, ivar, u_range, rebin)[1]
+        chi2_curve(_leading(t, vectors), wavelength, flux, ivar, u_range, rebin)
         for t in template_sets.values()
     ]
-    score = torch.stack(curves).min(0).values  # [batch, grid]
+    u = curves[0][0]  # [grid], shared by the sets
+    score = torch.stack([chi2 for _, chi2 in curves]).min(0).values  # [batch, grid]
     if prior is not None:
         score = score + prior(u)
     steps = max(1, math.ceil(separation / float(u[1] - u[0]))) if len(u) > 1 else 1
