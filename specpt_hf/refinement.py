@@ -233,18 +233,38 @@ def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where((info == 0)[..., None] & torch.isfinite(coeff), coeff, 0.0)
 
 
-def _fit_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """b^T a^-1 b [...], the chi^2 a best linear fit removes, for normal equations a [..., k, k], b [..., k]
-    (float64): by Cholesky, and by [`_solve`] where a is not positive definite. Adds a tiny ridge to a's
-    diagonal in place."""
-    diagonal = a.diagonal(dim1=-2, dim2=-1)  # [..., k], a view
-    diagonal.add_(1e-9 * diagonal.mean(-1, keepdim=True).clamp(min=1e-30))
-    factor, info = torch.linalg.cholesky_ex(a)  # [..., k, k]
-    whitened = torch.linalg.solve_triangular(factor, b[..., None], upper=False)[..., 0]  # [..., k]
-    reduction = (whitened**2).sum(-1)  # [...]
-    failed = (info != 0) | ~torch.isfinite(reduction)
+def _fit_reduction(packed: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """b^T a^-1 b [...] (float64), the chi^2 a best linear fit removes, for symmetric normal matrices a given by
+    their upper triangles `packed` [k(k+1)/2, ...] (rows of `torch.triu_indices` order; any float dtype) and
+    b [k, ...].
+
+    An LDL^T elimination vectorised over the n systems (each step one in-place update of a row of every matrix),
+    in float64 with a tiny ridge on the diagonal: batched LAPACK calls cost about a microsecond per 10 x 10 matrix
+    on a CPU, this a few tens of nanoseconds. A system with a pivot <= 0 (not positive definite) is solved by
+    [`_solve`] instead."""
+    k = b.shape[0]
+    starts = [row * k - row * (row - 1) // 2 for row in range(k)]  # index of (row, row) in `packed`
+    a = packed.to(torch.float64, memory_format=torch.contiguous_format, copy=True)  # [pairs, ...], eliminated
+    rhs = b.to(torch.float64, memory_format=torch.contiguous_format, copy=True)  # [k, ...]
+    a[starts] += 1e-9 * a[starts].mean(0).clamp(min=1e-30)
+    reduction = torch.zeros_like(rhs[0])  # [...]
+    positive = torch.ones_like(reduction, dtype=torch.bool)  # [...]
+    for j in range(k):
+        pivot = a[starts[j]]  # [...]
+        positive &= pivot > 0
+        inverse = pivot.reciprocal()
+        reduction.addcmul_(rhs[j] * rhs[j], inverse)
+        for i in range(j + 1, k):
+            factor = a[starts[j] + i - j] * inverse  # [...], a_ji / a_jj
+            a[starts[i] : starts[i] + k - i].addcmul_(
+                factor, a[starts[j] + i - j : starts[j] + k - j], value=-1.0
+            )
+            rhs[i].addcmul_(factor, rhs[j], value=-1.0)
+    failed = ~positive | ~torch.isfinite(reduction)
     if failed.any():
-        reduction[failed] = (b[failed] * _solve(a[failed], b[failed])).sum(-1)
+        full = packed[:, failed].double().T[:, _pair_index(k, packed.device)].view(-1, k, k)  # [failed, k, k]
+        right = b[:, failed].double().T  # [failed, k]
+        reduction[failed] = (right * _solve(full, right)).sum(-1)
     return reduction
 
 
@@ -383,7 +403,6 @@ def chi2_curve(
     r = torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1, device=device)  # [grid]
     lag = (first - r) % length  # [grid]: observed bin i meets template bin i + first - r
     lag = lag.expand(batch, -1) if trials is None else lag[trials]  # [batch, t]
-    pair_of = _pair_index(k, device)  # [k * k]: the basis product behind each entry of the normal matrix
     pairs = k * (k + 1) // 2
     chi2 = []
     chunk = max(1, _chunk_elements(device, "curve") // (len(spectra) * length))
@@ -392,10 +411,9 @@ def chi2_curve(
         at = lag[rows, None]  # [b, 1, t]
         corr_a = torch.fft.irfft(x[:, :1].conj() * spectra[None, :pairs], n=length)  # [b, pairs, length]
         corr_b = torch.fft.irfft(x[:, 1:].conj() * spectra[None, pairs:], n=length)  # [b, k, length]
-        corr_a = corr_a.gather(2, at.expand(-1, pairs, -1))  # [b, pairs, t]
-        b = corr_b.gather(2, at.expand(-1, k, -1)).double().transpose(1, 2)  # [b, t, k]
-        a = corr_a.transpose(1, 2)[..., pair_of].double().view(*b.shape, k)  # [b, t, k, k]
-        chi2.append(total[rows, None] - _fit_reduction(a, b))
+        corr_a = corr_a.gather(2, at.expand(-1, pairs, -1)).transpose(0, 1)  # [pairs, b, t]
+        corr_b = corr_b.gather(2, at.expand(-1, k, -1)).transpose(0, 1)  # [k, b, t]
+        chi2.append(total[rows, None] - _fit_reduction(corr_a, corr_b))  # [b, t]
     return r.double() * step, torch.cat(chi2)
 
 
