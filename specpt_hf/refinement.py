@@ -584,22 +584,16 @@ def refine_redshifts(
 
     if fine_trials < 3 or fine_trials % 2 == 0:
         raise ValueError(f"`fine_trials` must be odd and >= 3, got {fine_trials}")
-    half = fine_trials // 2
-    fine_u = _coarse_vertex(scan_u, scan_chi2, best)[:, None] + fine_step * torch.arange(
-        -half, half + 1, device=flux.device
-    )  # [batch, fine_trials]
-    vectors = max(t.basis.shape[0] for t in template_sets.values())
-    fine_chi2 = torch.zeros_like(fine_u)  # [batch, f]
-    fine_coeff = torch.zeros(*fine_u.shape, vectors, device=flux.device)  # [batch, f, vectors]
-    fine_npix = torch.zeros_like(fine_u, dtype=torch.long)  # [batch, f]
-    for i, (name, t) in enumerate(template_sets.items()):  # each spectrum with its winning set only
-        rows = (winner == i).nonzero()[:, 0]
-        if len(rows):
-            t = _smoothed(t, (fine_smoothing_kms or {}).get(name, 0.0))
-            wave = wavelength if wavelength.dim() == 1 or wavelength.shape[0] == 1 else wavelength[rows]
-            chi2_t, coeff_t, npix_t = chi2_scan(t, wave, flux[rows], ivar[rows], fine_u[rows])
-            fine_chi2[rows], fine_npix[rows] = chi2_t, npix_t
-            fine_coeff[rows, :, : coeff_t.shape[-1]] = coeff_t
+    fine_u, fine_chi2, fine_coeff, fine_npix = _fine_scan(
+        {name: _smoothed(t, (fine_smoothing_kms or {}).get(name, 0.0)) for name, t in template_sets.items()},
+        winner,
+        wavelength,
+        flux,
+        ivar,
+        _coarse_vertex(scan_u, scan_chi2, best),
+        fine_step,
+        fine_trials,
+    )
     fine_best = fine_chi2.argmin(1)  # [batch]
     around = fine_best.clamp(1, fine_u.shape[1] - 2)[:, None] + torch.arange(-1, 2, device=flux.device)
     u_best, sigma_u, chi2 = _parabola(fine_u.gather(1, around), fine_chi2.gather(1, around))
@@ -619,6 +613,55 @@ def refine_redshifts(
         scan_u=scan_u,
         scan_chi2=scan_chi2,
     )
+
+
+def _fine_scan(
+    template_sets: dict[str, RestFrameTemplates],
+    winner: torch.Tensor,
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    centre: torch.Tensor,
+    step: float,
+    trials: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chi^2 on each spectrum's own pixels with its winning set (`winner` [batch], an index into `template_sets`)
+    at `trials` trials `step` apart in u about `centre` [batch], walked downhill from the middle three: one more
+    trial is fitted beside the lowest fitted one while that is at an end of those fitted, so the lowest ends with a
+    fitted neighbour on each side (or at the end of the trials), at about half the fits of all trials.
+
+    Returns u [batch, trials], chi2 [batch, trials] (inf where not fitted), coefficients [batch, trials, vectors]
+    and fitted pixels [batch, trials]."""
+    batch, device = flux.shape[0], flux.device
+    half = trials // 2
+    fine_u = centre[:, None] + step * torch.arange(-half, half + 1, device=device)  # [batch, trials]
+    vectors = max(t.basis.shape[0] for t in template_sets.values())
+    chi2 = torch.full_like(fine_u, math.inf)  # [batch, trials]
+    coeff = torch.zeros(batch, trials, vectors, device=device)  # [batch, trials, vectors]
+    npixels = torch.zeros_like(fine_u, dtype=torch.long)  # [batch, trials]
+
+    def fit(rows: torch.Tensor, columns: torch.Tensor) -> None:  # rows [n], columns [n, c]
+        for i, t in enumerate(template_sets.values()):
+            chosen = winner[rows] == i
+            r, c = rows[chosen], columns[chosen]
+            if len(r):
+                wave = wavelength if wavelength.dim() == 1 or wavelength.shape[0] == 1 else wavelength[r]
+                chi2_t, coeff_t, npix_t = chi2_scan(t, wave, flux[r], ivar[r], fine_u[r[:, None], c])
+                chi2[r[:, None], c], npixels[r[:, None], c] = chi2_t, npix_t
+                coeff[r[:, None], c, : coeff_t.shape[-1]] = coeff_t
+
+    rows = torch.arange(batch, device=device)
+    fit(rows, half + torch.arange(-1, 2, device=device).expand(batch, -1))
+    low, high = torch.full_like(rows, half - 1), torch.full_like(rows, half + 1)  # [batch], fitted span
+    for _ in range(half - 1):
+        lowest = chi2.argmin(1)  # [batch]
+        left, right = (lowest == low) & (low > 0), (lowest == high) & (high < trials - 1)
+        grow = (left | right).nonzero()[:, 0]
+        if len(grow) == 0:
+            break
+        fit(grow, torch.where(left, low - 1, high + 1)[grow, None])
+        low, high = low - left.long(), high + right.long()
+    return fine_u, chi2, coeff, npixels
 
 
 def smooth_chi2(
