@@ -7,7 +7,8 @@
 The model (with its `templates.safetensors`, `specpt templates`) runs `specpt predict` (`predict_catalog`) on the
 first `--files-per-class` coadd files of each class of the accuracy test set (seed 101, `accuracy.py`), once per
 setting: network-only (`none`), `peaks` with each (K, W) and number of coarse-curve vectors, and `peaks+wide` at the
-config's K and W; then network-only, peaks K=3 with W=2 and W=4, and peaks+wide again with the network under
+config's K and W with all coarse-curve vectors and with the config default's number; then network-only, peaks K=3
+with W=2 and W=4, and peaks+wide again with the network under
 bfloat16 autocast (`specpt predict --bf16`; fast on CPUs with AMX / AVX512-BF16, slow elsewhere). Speed is spectra
 per CPU-second (user + system of all threads) with `--threads` torch threads, end to end (read, network,
 refinement, catalog), next to Redrock's per-core rate from benchmarks/results/speed/speed.json (same machine
@@ -31,6 +32,7 @@ from accuracy import CLASSES, make_test_set, read_truth  # noqa: E402
 from speed import _cpu_seconds, load_redshift_model, machine_info, model_label, predict_coadds  # noqa: E402
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from specpt_hf.configuration_specpt import SpecPTForRedshiftConfig  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         model.set_templates(quick_templates(coadds, truth, model))
     if not model.refines:
         parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    default_coarse = SpecPTForRedshiftConfig().refinement_coarse_vectors
     wide = [
-        ("peaks+wide", model.config.refinement_modes, model.config.refinement_window, 0, bf16)
+        ("peaks+wide", model.config.refinement_modes, model.config.refinement_window, coarse, bf16)
+        for coarse in (0, default_coarse)
         for bf16 in (False, True)
     ]
     result = {

@@ -208,8 +208,11 @@ def test_refinement_frontier_quick_runs_every_setting(tmp_path):
     rows = json.loads((tmp_path / "frontier.json").read_text())["settings"]
     settings = [(r["refinement"], r["modes"], r["window_bins"], r["coarse_vectors"], r["bf16"]) for r in rows]
     assert settings[: len(refinement_frontier.SETTINGS)] == [tuple(s) for s in refinement_frontier.SETTINGS]
-    assert [s[0] for s in settings[len(refinement_frontier.SETTINGS) :]] == ["peaks+wide"] * 2
-    assert sum(s[-1] for s in settings) == 4  # network-only, two peaks and peaks+wide with bf16 autocast
+    wide = settings[len(refinement_frontier.SETTINGS) :]  # all vectors and the default number, fp32 and bf16
+    assert [(s[0], s[3], s[4]) for s in wide] == [
+        ("peaks+wide", coarse, bf16) for coarse in (0, 7) for bf16 in (False, True)
+    ]
+    assert sum(s[-1] for s in settings) == 5  # network-only, two peaks and two peaks+wide with bf16 autocast
     assert all(r["spectra_per_cpu_second"] > 0 and r["by_class"]["all"]["n"] == 24 for r in rows)
     text = (tmp_path / "frontier.md").read_text()
     assert "| peaks | 3 | 2 | 5 | fp32 |" in text and "| peaks | 3 | 2 | all | bf16 |" in text
