@@ -6,13 +6,17 @@
     python benchmarks/speed.py --out runs/benchmarks/attention --presets specpt-small --attention eager sdpa \
         --redrock-per-file 0 --scales                                         # inference: eager vs sdpa
     python benchmarks/speed.py --out runs/benchmarks/speed-gpu --device cuda --presets specpt-small specpt-base
+    python benchmarks/speed.py --out runs/benchmarks/speed-refined --presets specpt-small --model M --bf16 \
+        --scales                                 # a trained model with its templates, fp32 and bf16 network
 
 What is measured (all on mock DESI coadd files written first, 4 classes x --n-per-class spectra):
 
 * throughput, coadd files to catalog with `specpt predict` (`predict_catalog`: read + merge the arms on a
   reader thread, predict, write the FITS catalog), in spectra/s and spectra per CPU-second (user + system
   time of all threads). Per preset, with 1 torch thread ("per core") and with all cores. The weights are
-  freshly initialised (speed does not depend on their values) unless --model is given.
+  freshly initialised (speed does not depend on their values) unless --model is given (with its templates,
+  its template refinement runs too). --bf16 adds a run of each with the network under bfloat16 autocast
+  (`specpt predict --bf16`; fast on CPUs with AMX / AVX512-BF16).
 * Redrock (`rrdesi`, one process: one core) on the first --redrock-per-file fibres of the same files, in
   the same run; its CPU-core-seconds per spectrum end to end and for the fit alone (the "Computing
   redshifts" time in its log, without start-up and template rebinning). The ratio per core is spectra
@@ -142,22 +146,24 @@ def _cpu_seconds() -> float:
 
 
 def time_specpt(
-    model, files: Sequence[Path], threads: int, batch_size: int, workdir: Path
+    model, files: Sequence[Path], threads: int, batch_size: int, workdir: Path, bf16: bool = False
 ) -> dict[str, float]:
-    """Wall and CPU time of `predict_coadds` with `threads` torch threads (after one warm-up batch)."""
+    """Wall and CPU time of `predict_coadds` with `threads` torch threads (after one warm-up batch); `bf16`: the
+    network under bfloat16 autocast."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        predict_coadds(model, files[:1], workdir / "warm-up.fits", batch_size)  # allocator, kernels
+        predict_coadds(model, files[:1], workdir / "warm-up.fits", batch_size, bf16)  # allocator, kernels
         cpu, start = _cpu_seconds(), time.perf_counter()
-        columns = predict_coadds(model, files, workdir / "specpt-catalog.fits", batch_size)
+        columns = predict_coadds(model, files, workdir / "specpt-catalog.fits", batch_size, bf16)
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     finally:
         torch.set_num_threads(previous)
     n = len(columns["z_pred"])
     return {
+        "refinement": model.config.refinement if model.refines else "none",
         "threads": threads,
         "n_spectra": n,
         "wall_seconds": wall,
@@ -423,7 +429,7 @@ def ratios(specpt: list[dict], redrock: dict | None) -> list[dict]:
             "ratio_per_core": rate / rr_e2e,
             "ratio_per_core_vs_redrock_fit_only": rate / rr_fit,
         }
-        if row["preset"] == "specpt-small":
+        if row["preset"] == "specpt-small" or row.get("refinement", "none") != "none":  # the refinement's too
             entry["floor"] = FLOOR_RATIO_PER_CORE
             entry["meets_floor"] = bool(entry["ratio_per_core_vs_redrock_fit_only"] >= FLOOR_RATIO_PER_CORE)
         out.append(entry)
@@ -577,6 +583,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("eager", "sdpa"),
         help="time each model with each attention implementation (default: the models' own, sdpa)",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time each model with the network under bfloat16 autocast (CPU)",
+    )
     parser.add_argument("--n-per-class", type=int, default=250, help="spectra per class in the input files")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
@@ -659,10 +670,10 @@ def main(argv: list[str] | None = None) -> int:
                 if attention:
                     model.set_attn_implementation(attention)
                     label = f"{name} ({attention})"
-                for threads in sorted({1, args.threads}):
-                    results["specpt"].append(
-                        {"preset": label, **time_specpt(model, files, threads, args.batch_size, work)}
-                    )
+                for bf16 in (False, True) if args.bf16 else (False,):
+                    for threads in sorted({1, args.threads}):
+                        timing = time_specpt(model, files, threads, args.batch_size, work, bf16)
+                        results["specpt"].append({"preset": label + (" (bf16)" if bf16 else ""), **timing})
         results["ratios"] = ratios(results["specpt"], results.get("redrock"))
         if args.scales:
             results["scaling"] = run_scaling(

@@ -670,19 +670,26 @@ def smooth_chi2(
     """chi^2 [batch] (float64) of the best smooth continuum with no redshift: a Legendre series of `degree` in
     ln(lambda) across each spectrum's range, fitted to its good pixels (wavelength [pixels] or [batch, pixels],
     flux and ivar [batch, pixels]). A template fit that does not beat it found no feature to place a redshift on."""
-    batch, pixels = flux.shape
     weight, flux = _good_weight(flux, ivar)  # [batch, pixels]
-    log_wave = torch.log(wavelength.to(flux.device, torch.float64)).expand(batch, pixels)
-    low, high = log_wave.min(1, keepdim=True).values, log_wave.max(1, keepdim=True).values  # [batch, 1]
-    x = 2 * (log_wave - low) / (high - low).clamp(min=1e-12) - 1  # [batch, pixels], in [-1, 1]
+    log_wave = torch.log(wavelength.to(flux.device, torch.float64)).reshape(
+        -1, flux.shape[1]
+    )  # [1 or batch, pixels]
+    low, high = log_wave.min(1, keepdim=True).values, log_wave.max(1, keepdim=True).values  # [1 or batch, 1]
+    x = 2 * (log_wave - low) / (high - low).clamp(min=1e-12) - 1  # [1 or batch, pixels], in [-1, 1]
     basis = torch.stack(
         [torch.special.legendre_polynomial_p(x, n) for n in range(degree + 1)], -1
-    )  # [batch, pixels, degree + 1]
-    weighted = basis * weight[..., None]  # [batch, pixels, degree + 1]
-    coeff = _solve(
-        weighted.transpose(1, 2) @ basis, (weighted * flux[..., None]).sum(1)
-    )  # [batch, degree + 1]
-    return (weight * (flux - (basis @ coeff[..., None])[..., 0]) ** 2).sum(1)
+    )  # [1 or batch, pixels, terms]: once for a shared grid
+    terms = degree + 1
+    products = (basis[..., :, None] * basis[..., None, :]).flatten(-2)  # [1 or batch, pixels, terms^2]
+    weighted_flux = weight * flux  # [batch, pixels]
+    if len(basis) == 1:  # one grid for every spectrum: two matrix products
+        a, b = weight @ products[0], weighted_flux @ basis[0]  # [batch, terms^2], [batch, terms]
+    else:
+        a, b = (weight[:, None] @ products)[:, 0], (weighted_flux[:, None] @ basis)[:, 0]
+    a = a.view(-1, terms, terms)  # [batch, terms, terms]
+    coeff = _solve(a, b)  # [batch, terms]
+    fitted = (coeff[:, None, :] @ a @ coeff[:, :, None])[:, 0, 0]  # c^T a c
+    return (weighted_flux * flux).sum(1) - 2 * (b * coeff).sum(1) + fitted  # sum w (f - model)^2, in float64
 
 
 def wide_candidates(

@@ -414,11 +414,13 @@ def test_speed_quick(tmp_path, templates):
         "6",
         "--threads",
         "1",
+        "--bf16",
     ]
     assert speed.main(argv) == 0
     results = json.loads((tmp_path / "speed.json").read_text())
-    (row,) = results["specpt"]  # --threads 1: only the 1-thread run
+    row, bf16 = results["specpt"]  # --threads 1: only the 1-thread run, with an fp32 and a bf16 network
     assert row["preset"] == "specpt-tiny" and row["n_spectra"] == 12 and row["spectra_per_second"] > 0
+    assert bf16["preset"] == "specpt-tiny (bf16)" and bf16["n_spectra"] == 12 and row["refinement"] == "none"
     (scale,) = results["scaling"]
     assert scale["n_spectra"] == 6 and scale["peak_rss_mb"] >= scale["rss_after_warmup_mb"] > 0
     sizes = {r["preset"]: r for r in results["size"]}
@@ -428,8 +430,8 @@ def test_speed_quick(tmp_path, templates):
     assert sizes["specpt-paper"]["flops_redshift"] is None  # not counted in quick mode
     if REDROCK_MISSING is None:
         assert results["redrock"]["n_spectra"] == 4  # one fibre of each of the 4 files
-        (ratio,) = results["ratios"]
-        assert ratio["ratio_per_core"] > 0
+        assert [r["preset"] for r in results["ratios"]] == ["specpt-tiny", "specpt-tiny (bf16)"]
+        assert all(r["ratio_per_core"] > 0 for r in results["ratios"])
     else:
         assert "redrock_skipped" in results and not results["ratios"]
 
