@@ -319,7 +319,7 @@ def test_smooth_chi2_is_the_weighted_legendre_fit_and_a_line_beats_it(templates)
         assert float(chi2[row]) == pytest.approx(expected, rel=1e-9)
     per_row = torch.from_numpy(np.stack([WAVELENGTH, WAVELENGTH]))  # [batch, pixels]: each row's own grid
     again = refinement.smooth_chi2(per_row, torch.from_numpy(flux), torch.from_numpy(ivar))
-    torch.testing.assert_close(again, chi2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(again, chi2, rtol=1e-10, atol=0)
     good = (ivar[0] > 0).sum()
     assert abs(float(chi2[0]) / good - 1.0) < 0.05 and float(chi2[1]) > float(chi2[0]) + 1000
 
