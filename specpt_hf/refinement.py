@@ -502,6 +502,22 @@ def scan_grid(
     return torch.arange(math.ceil(u_range[0] / step), math.floor(u_range[1] / step) + 1).double() * step
 
 
+def _windows(scan_u: torch.Tensor, candidates: torch.Tensor, half_width: float) -> torch.Tensor:
+    """[batch, grid] bool: trials of the uniform grid `scan_u` [grid] within `half_width` of any candidate
+    [batch, modes] (NaN: none), from each window's first and last index (no [batch, modes, grid] comparison)."""
+    n = len(scan_u)
+    step = float(scan_u[1] - scan_u[0]) if n > 1 else 1.0
+    position = (candidates - float(scan_u[0])) / step  # [batch, modes], in steps
+    finite = torch.isfinite(position)
+    position = position.nan_to_num(0.0)
+    first = torch.ceil(position - half_width / step).clamp(0, n).long()  # [batch, modes]
+    end = (torch.floor(position + half_width / step) + 1).clamp(0, n).long()  # [batch, modes], exclusive
+    inside = (finite & (end > first)).long()  # [batch, modes]
+    edges = torch.zeros(len(candidates), n + 1, dtype=torch.long, device=scan_u.device)
+    edges.scatter_add_(1, first, inside).scatter_add_(1, end, -inside)
+    return edges.cumsum(1)[:, :n] > 0
+
+
 def star_range(velocity_kms: float = STAR_VELOCITY_KMS) -> tuple[float, float]:
     """The u = ln(1 + z) range of a star moving at up to `velocity_kms` along the line of sight."""
     beta = velocity_kms / SPEED_OF_LIGHT_KMS
@@ -563,7 +579,7 @@ def refine_redshifts(
     own_ranges = own_ranges or {}
     span = scan_span(u_range, own_ranges)
     scan_u = scan_grid(template_sets, span, rebin).to(flux.device)  # [grid], the grid of `chi2_curve`
-    near = ((scan_u[None, None] - candidates.double()[..., None]).abs() <= half_width).any(1)  # [batch, grid]
+    near = _windows(scan_u, candidates.double(), half_width)  # [batch, grid]
     if everywhere is not None:
         near |= everywhere[:, None]
     near &= (scan_u >= u_range[0]) & (scan_u <= u_range[1])

@@ -180,6 +180,15 @@ def test_fit_reduction_matches_lapack_and_falls_back_where_not_positive_definite
     torch.testing.assert_close(reduction, expected, rtol=1e-7, atol=0)  # the ridge: 1e-9 of the diagonal
 
 
+def test_windows_are_the_trials_near_a_candidate():
+    scan_u = torch.arange(-10, 500).double() * 2.4e-4
+    generator = torch.Generator().manual_seed(1)
+    candidates = torch.rand(16, 4, generator=generator, dtype=torch.float64) * 0.14 - 0.01  # some past the ends
+    candidates[0, 0] = math.nan  # no window
+    expected = ((scan_u[None, None] - candidates[..., None]).abs() <= 0.003).any(1)  # [batch, grid]
+    assert torch.equal(refinement._windows(scan_u, candidates, 0.003), expected)
+
+
 def test_chi2_minimum_at_the_truth_and_reduced_chi2_near_one(templates):
     z = np.array([0.25])
     flux, ivar = _spectra(templates, z)
