@@ -183,7 +183,8 @@ def test_fit_reduction_matches_lapack_and_falls_back_where_not_positive_definite
 def test_windows_are_the_trials_near_a_candidate():
     scan_u = torch.arange(-10, 500).double() * 2.4e-4
     generator = torch.Generator().manual_seed(1)
-    candidates = torch.rand(16, 4, generator=generator, dtype=torch.float64) * 0.14 - 0.01  # some past the ends
+    # some candidates past the grid's ends
+    candidates = torch.rand(16, 4, generator=generator, dtype=torch.float64) * 0.14 - 0.01
     candidates[0, 0] = math.nan  # no window
     expected = ((scan_u[None, None] - candidates[..., None]).abs() <= 0.003).any(1)  # [batch, grid]
     assert torch.equal(refinement._windows(scan_u, candidates, 0.003), expected)
