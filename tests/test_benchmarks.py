@@ -25,6 +25,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
 import fine_scan  # noqa: E402
+import noise_redrock  # noqa: E402
 import parquet_writers  # noqa: E402
 import prepare_rate  # noqa: E402
 import redrock_priors  # noqa: E402
@@ -216,6 +217,34 @@ def test_refinement_frontier_quick_runs_every_setting(tmp_path):
     assert all(r["spectra_per_cpu_second"] > 0 and r["by_class"]["all"]["n"] == 24 for r in rows)
     text = (tmp_path / "frontier.md").read_text()
     assert "| peaks | 3 | 2 | 5 | fp32 |" in text and "| peaks | 3 | 2 | all | bf16 |" in text
+
+
+def test_lower_snr_copy_is_the_same_sky_at_a_shorter_exposure(tmp_path):
+    (source, *_) = accuracy.make_test_set(tmp_path / "testset", 6, accuracy.TEST_SEED, 6)["elg"]
+    target = noise_redrock.lower_snr(source, tmp_path / "low" / source.name, 2.0, seed=3)
+    assert accuracy.truth_path(target).read_bytes() == accuracy.truth_path(source).read_bytes()
+    with fits.open(source) as a, fits.open(target) as b:
+        for arm in noise_redrock.ARMS:
+            ivar, flux = a[f"{arm}_IVAR"].data.astype(float), a[f"{arm}_FLUX"].data.astype(float)
+            good = ivar > 0
+            np.testing.assert_allclose(b[f"{arm}_IVAR"].data, ivar / 4.0, rtol=1e-6)
+            added = (b[f"{arm}_FLUX"].data - flux)[good] * np.sqrt(ivar[good])  # in the original sigmas
+            assert np.std(added) == pytest.approx(np.sqrt(3.0), rel=0.02)  # variance (4 - 1) / ivar
+            assert np.array_equal(b[f"{arm}_FLUX"].data[~good], a[f"{arm}_FLUX"].data[~good])
+        snr = "MEDIAN_COADD_SNR_R"
+        np.testing.assert_allclose(b["SCORES"].data[snr], a["SCORES"].data[snr] / 2.0, rtol=1e-6)
+
+
+def test_noise_redrock_quick_scores_both_depths(tmp_path, templates):
+    argv = ["--quick", "--out", str(tmp_path), "--templates", str(templates), "--mp", "1"]
+    assert noise_redrock.main(argv) == 0
+    result = json.loads((tmp_path / "noise_redrock.json").read_text())
+    methods = ["network", "refined"] + (["redrock"] if REDROCK_MISSING is None else [])
+    for depth in ("original", "lower"):
+        assert list(result["depths"][depth]) == methods
+        assert result["depths"][depth]["refined"]["bgs"]["n"] == 4
+    assert ("redrock_skipped" in result) == (REDROCK_MISSING is not None)
+    assert "| refined | elg | 4 |" in (tmp_path / "noise_redrock.md").read_text()
 
 
 def test_template_smoothing_quick_scores_each_setting(tmp_path):
