@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import CLASSES, make_test_set, read_truth, truth_path  # noqa: E402
 from redrock_templates import QUICK_SETTINGS, build_templates  # noqa: E402
 from refinement_frontier import quick_templates  # noqa: E402
+from refinement_sweep import score  # noqa: E402
 from run_redrock import QUICK_ZSCAN, RedrockError, redrock_missing, run_redrock  # noqa: E402
 from speed import load_redshift_model, machine_info, model_label, predict_coadds  # noqa: E402
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.evaluation import metrics  # noqa: E402
 
 ARMS = ("B", "R", "Z")
 
@@ -61,25 +61,14 @@ def lower_snr(source: Path, target: Path, factor: float, seed: int) -> Path:
     return target
 
 
-def score(table: Table, z_column: str, zwarn_column: str) -> dict[str, dict[str, Any]]:
-    """NMAD, η and the ZWARN = 0 sample (kept fraction, its η) per class and overall."""
-    z_pred, z_true = np.asarray(table[z_column], float), np.asarray(table["Z"], float)
-    classes = np.asarray(table["TARGET_CLASS"]).astype(str)
-    confident = np.asarray(table[zwarn_column]) == 0
-    out = {}
-    for name, m in metrics.metrics_by_group(z_pred, z_true, classes, overall_key="all").items():
-        rows = np.ones(len(table), bool) if name == "all" else classes == name
-        kept = rows & confident
-        out[name] = {
-            "n": m["n"],
-            "nmad": m["nmad"],
-            "eta": m["eta"],
-            "zwarn0_kept": float(kept.sum() / max(rows.sum(), 1)),
-            "zwarn0_eta": metrics.catastrophic_fraction(z_pred[kept], z_true[kept])
-            if kept.any()
-            else float("nan"),
-        }
-    return out
+def score_table(table: Table, z_column: str, zwarn_column: str) -> dict[str, dict[str, Any]]:
+    """refinement_sweep's `score` (NMAD, η and the ZWARN = 0 sample per class) of a joined truth + fit table."""
+    return score(
+        np.asarray(table[z_column], float),
+        np.asarray(table[zwarn_column]),
+        np.asarray(table["Z"], float),
+        np.asarray(table["TARGET_CLASS"]).astype(str),
+    )
 
 
 def first_targets(truth: Table, per_class: int) -> Table:
@@ -104,7 +93,7 @@ def run_depth(
         predicted = Table(
             {"TARGETID": columns["targetid"], "Z_PRED": columns["z_pred"], "ZWARN": columns["zwarn"]}
         )
-        rows[method] = score(join(truth, predicted, "TARGETID"), "Z_PRED", "ZWARN")
+        rows[method] = score_table(join(truth, predicted, "TARGETID"), "Z_PRED", "ZWARN")
     model.config.refinement = refinement
     reason = redrock_missing() if templates is not None else "no Redrock templates"
     if reason is None:
@@ -119,7 +108,7 @@ def run_depth(
             )
             fitted = run.redshifts["TARGETID", "Z", "ZWARN"]
             fitted.rename_columns(["Z", "ZWARN"], ["Z_RR", "ZWARN_RR"])
-            rows["redrock"] = score(join(truth, fitted, "TARGETID"), "Z_RR", "ZWARN_RR")
+            rows["redrock"] = score_table(join(truth, fitted, "TARGETID"), "Z_RR", "ZWARN_RR")
         except RedrockError as err:
             reason = str(err)
     return rows, reason
