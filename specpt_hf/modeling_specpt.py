@@ -49,6 +49,7 @@ from .refinement import (
     load_templates,
     pz_modes,
     refine_redshifts,
+    rows_wavelength,
     save_templates,
     scan_grid,
     scan_span,
@@ -1342,7 +1343,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         """u [n, refinement_modes] of the lowest minima of a cheap chi^2 (+ the p(z) prior) over the whole
         redshift range for `rows` [n] ([`wide_candidates`]: `refinement_wide_rebin`, `refinement_wide_vectors`)."""
         config = self.config
-        wave = _rows_wavelength(spectra, rows)
+        wave = rows_wavelength(spectra.wavelength, rows)
         sets = {name: t for name, t in self.templates.items() if name not in self._own_ranges()}
         prior = None if config.refinement_prior == 0 else lambda u: self._pz_prior(logits[rows], u)
         return wide_candidates(
@@ -1381,7 +1382,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         """`result` with `rows` [n] refitted around their p(z) modes and the whole range's minima: the windows
         searched only grow, and their DELTACHI2 then weighs the best fits anywhere, not only where the network
         looked."""
-        wave = _rows_wavelength(spectra, rows)
+        wave = rows_wavelength(spectra.wavelength, rows)
         extended = torch.cat(
             [candidates[rows], self._wide_candidates(rows, spectra, logits)], 1
         )  # [n, 2 modes]
@@ -1509,11 +1510,6 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
-
-
-def _rows_wavelength(spectra: SpecPTSpectra, rows: torch.Tensor) -> torch.Tensor:
-    """The wavelengths of `rows` [n]: the shared grid [1, pixels] as it is, or those rows' own [n, pixels]."""
-    return spectra.wavelength if spectra.wavelength.shape[0] == 1 else spectra.wavelength[rows]
 
 
 def _replace_rows(

@@ -264,7 +264,8 @@ def _fit_reduction(packed: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if failed.any():
         full = packed[:, failed].double().T[:, _pair_index(k, packed.device)].view(-1, k, k)  # [failed, k, k]
         right = b[:, failed].double().T  # [failed, k]
-        reduction[failed] = (right * _solve(full, right)).sum(-1)
+        solution = _solve(full, right)  # [failed, k]
+        reduction[failed] = sum(right[:, i] * solution[:, i] for i in range(k))  # in one order for any batch
     return reduction
 
 
@@ -631,6 +632,12 @@ def refine_redshifts(
     )
 
 
+def rows_wavelength(wavelength: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The wavelengths of `rows` [n]: a shared grid ([pixels] or [1, pixels]) as it is, or those rows' own
+    [n, pixels] of a per-row grid [batch, pixels]."""
+    return wavelength if wavelength.dim() == 1 or wavelength.shape[0] == 1 else wavelength[rows]
+
+
 def _fine_scan(
     template_sets: dict[str, RestFrameTemplates],
     winner: torch.Tensor,
@@ -661,7 +668,7 @@ def _fine_scan(
             chosen = winner[rows] == i
             r, c = rows[chosen], columns[chosen]
             if len(r):
-                wave = wavelength if wavelength.dim() == 1 or wavelength.shape[0] == 1 else wavelength[r]
+                wave = rows_wavelength(wavelength, r)
                 chi2_t, coeff_t, npix_t = chi2_scan(t, wave, flux[r], ivar[r], fine_u[r[:, None], c])
                 chi2[r[:, None], c], npixels[r[:, None], c] = chi2_t, npix_t
                 coeff[r[:, None], c, : coeff_t.shape[-1]] = coeff_t
