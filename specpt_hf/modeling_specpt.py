@@ -941,7 +941,8 @@ class SpecPTRedshiftOutput(ModelOutput):
         `redshift_err` are the chi^2 fit's (parabola at the minimum, Delta chi^2 = 1) and these are set too:
         redshift_net, redshift_err_net (`(batch,)`): the network's own estimates.
         chi2 (`(batch,)`): best chi^2 over the spectrum's good pixels (outside the templates: model 0).
-        delta_chi2 (`(batch,)`): chi^2 of the best fit at least 1000 km/s away (any template set) minus the best.
+        delta_chi2 (`(batch,)`): chi^2 of the next local minimum at least 1000 km/s away (any template set) minus
+            the best.
         chi2_smooth (`(batch,)`): chi^2 of a smooth continuum with no redshift on the same pixels (a Legendre
             series of degree 4 in ln(lambda)); a fit whose `chi2` does not beat it found no feature.
         coeff (`(batch, vectors)`): template coefficients of the best fit (zero-padded across template sets).

@@ -70,8 +70,8 @@ class RefinementResult:
         redshift: z at the parabola's minimum of chi^2(z).
         redshift_err: (1 + z) x the half-width of chi^2 within Delta chi^2 = 1 of the minimum.
         chi2: the best chi^2.
-        delta_chi2: chi^2 (+ prior) of the best trial at least `exclusion_kms` away minus the best one's (inf
-            without one).
+        delta_chi2: chi^2 (+ prior) of the lowest local minimum of the coarse curve at least `exclusion_kms`
+            away minus the best one's, as Redrock's DELTACHI2 (inf without one).
         coeff (`(batch, vectors)`): the template coefficients at the best trial.
         npixels: pixels that entered the fit at the best trial (ivar > 0 and inside the templates' grid).
         spectype: index of the winning template set.
@@ -617,7 +617,7 @@ def refine_redshifts(
     rows = torch.arange(flux.shape[0], device=flux.device)
     z = torch.expm1(u_best)
     far = (scan_u[None] - u_best[:, None]).abs() > exclusion_kms / SPEED_OF_LIGHT_KMS  # [batch, grid]
-    second = torch.where(far, posterior, math.inf).min(1).values  # [batch]
+    second = torch.where(far & local_minima(posterior), posterior, math.inf).min(1).values  # [batch]
     return RefinementResult(
         redshift=z.float(),
         redshift_err=((1 + z) * sigma_u).float(),
@@ -630,6 +630,14 @@ def refine_redshifts(
         scan_u=scan_u,
         scan_chi2=scan_chi2,
     )
+
+
+def local_minima(curve: torch.Tensor) -> torch.Tensor:
+    """[batch, grid] bool: the finite trials of `curve` [batch, grid] no higher than either neighbour (a missing
+    or unsearched (inf) neighbour counts as higher), as Redrock's `find_minima` picks the candidates whose
+    DELTACHI2 it compares."""
+    padded = torch.nn.functional.pad(curve, (1, 1), value=math.inf)  # [batch, grid + 2]
+    return curve.isfinite() & (curve <= padded[:, :-2]) & (curve <= padded[:, 2:])
 
 
 def rows_wavelength(wavelength: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -179,6 +179,37 @@ def test_fit_reduction_matches_lapack_and_falls_back_where_not_positive_definite
     torch.testing.assert_close(reduction, expected, rtol=1e-7, atol=0)  # the ridge: 1e-9 of the diagonal
 
 
+def test_local_minima_are_redrocks_candidates():
+    inf = math.inf
+    curve = torch.tensor([[3.0, 1.0, 2.0, 0.5, 4.0], [inf, 2.0, 1.0, 1.5, inf], [1.0, 1.0, 2.0, 3.0, 0.0]])
+    expected = [[False, True, False, True, False], [False, False, True, False, False], [True, True, False, False, True]]
+    assert refinement.local_minima(curve).tolist() == expected  # edges and unsearched (inf) neighbours count as higher
+
+
+def test_delta_chi2_compares_minima_not_the_flank_of_the_best_one():
+    step = 0.8 / 9824.0
+    start = math.log(1800.0)
+    wave = np.exp(start + step * np.arange(int((math.log(9824.0) - start) / step) + 1))
+    broad = 1.0 - 0.5 * np.exp(-0.5 * ((wave - 5000.0) / 60.0) ** 2)  # a dip ~3,600 km/s wide, no lines
+    templates = RestFrameTemplates(start, step, torch.from_numpy(broad[None].astype(np.float32)))
+    observed = np.interp(np.log(WAVELENGTH) - math.log1p(0.2), np.log(wave), broad)[None]
+    flux, ivar = observed.astype(np.float32), np.full(observed.shape, 1e4, dtype=np.float32)
+    alone = _refine(templates, flux, ivar, np.array([0.2]))
+    assert abs(float(alone.redshift[0]) - 0.2) < 2e-5
+    assert math.isinf(float(alone.delta_chi2[0]))  # the basin's flank 1,000 km/s out is no second minimum
+    two = refine_redshifts(
+        {"GALAXY": templates},
+        torch.from_numpy(WAVELENGTH),
+        torch.from_numpy(flux),
+        torch.from_numpy(ivar),
+        torch.log1p(torch.tensor([[0.2, 0.6]], dtype=torch.float64)),
+        half_width=0.0126,
+        u_range=(0.0, math.log(2.0)),
+    )
+    far = two.scan_chi2[0][(two.scan_u - math.log1p(0.6)).abs() <= 0.0126]  # the second window's trials
+    assert float(two.delta_chi2[0]) == pytest.approx(float(far.min() - two.scan_chi2[0].min()), rel=1e-5)
+
+
 def test_windows_are_the_trials_near_a_candidate():
     scan_u = torch.arange(-10, 500).double() * 2.4e-4
     generator = torch.Generator().manual_seed(1)
