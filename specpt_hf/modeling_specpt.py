@@ -936,6 +936,8 @@ class SpecPTRedshiftOutput(ModelOutput):
             Per-bin ln(sigma) of u = ln(1 + z), sigma in bin widths.
         embedding (`torch.FloatTensor` of shape `(batch, d_model)`):
             The head's per-spectrum representation the prediction is made from.
+        spectype_logits (`torch.FloatTensor` of shape `(batch, types)`, *optional*):
+            The type head's logits over `config.spectype_labels` (None without a type head).
 
         With template refinement (eval mode, templates present, `config.refinement` not `"none"`), `redshift` and
         `redshift_err` are the chi^2 fit's (parabola at the minimum, Delta chi^2 = 1) and these are set too:
@@ -963,6 +965,7 @@ class SpecPTRedshiftOutput(ModelOutput):
     offsets: torch.FloatTensor | None = None
     log_sigma: torch.FloatTensor | None = None
     embedding: torch.FloatTensor | None = None
+    spectype_logits: torch.FloatTensor | None = None
     redshift_net: torch.FloatTensor | None = None
     redshift_err_net: torch.FloatTensor | None = None
     chi2: torch.FloatTensor | None = None
@@ -1136,9 +1139,39 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         self.head = (
             SpecPTPaperRedshiftHead(config) if config.head_type == "paper" else SpecPTRedshiftPzHead(config)
         )
+        labels = config.spectype_labels
+        self.spectype_head = (
+            nn.Linear(config.d_model, len(labels)) if labels and config.head_type == "pz" else None
+        )
         self.templates: dict[str, RestFrameTemplates] | None = None
         self.post_init()
         self._after_loading()
+
+    def embed(
+        self,
+        flux: torch.Tensor,
+        ivar: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        wavelength: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The head's embedding [batch, d_model] of spectra [batch, pixels] (no refinement)."""
+        encoded = self._encode(flux, ivar, mask, wavelength, False, False)
+        return self.head(encoded.last_hidden_state, encoded.token_padding_mask, encoded.pooled)[0]
+
+    def set_spectype_head(self, labels: list[str], weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Install a spectral-type head: logits = embedding @ weight.T + bias ([types, d_model], [types]) over
+        `labels` (template set names), recorded in `config.spectype_labels`."""
+        if weight.shape != (len(labels), self.config.d_model) or bias.shape != (len(labels),):
+            raise ValueError(
+                f"a type head over {labels} needs weight [{len(labels)}, {self.config.d_model}] and bias "
+                f"[{len(labels)}], got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
+        head = nn.Linear(self.config.d_model, len(labels)).to(self.device)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        self.spectype_head = head
+        self.config.spectype_labels = list(labels)
 
     # --- templates ------------------------------------------------------------------------------------------------
     def set_templates(self, templates: dict[str, RestFrameTemplates] | None) -> None:
@@ -1278,6 +1311,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         logits: torch.Tensor,
         offsets: torch.Tensor,
         quality: torch.Tensor,
+        spectype_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Template chi^2 refinement around the p(z) modes (and the whole range's minima for the `wide` spectra)."""
         config = self.config
@@ -1301,13 +1335,16 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "fine_trials": config.refinement_fine_trials,
         }
         settings["prior"] = self._pz_prior(logits)  # [batch, grid] or None
+        settings["set_prior"] = self._type_prior(spectype_logits)  # {set: [batch]} or None
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
         # the whole range is searched by the sets without a range of their own (a STAR-only model has none)
         look_wide = config.refinement == "peaks+wide" and set(self.templates) > set(settings["own_ranges"])
         with torch.autocast(device_type=flux.device.type, enabled=False):
             if look_wide:
                 wide = quality < config.refinement_wide_quality
-                candidates = self._add_wide_candidates(candidates, wide.nonzero()[:, 0], spectra, logits)
+                candidates = self._add_wide_candidates(
+                    candidates, wide.nonzero()[:, 0], spectra, logits, settings["set_prior"]
+                )
             result = refine_redshifts(
                 self.templates, spectra.wavelength, spectra.flux, spectra.ivar, candidates, **settings
             )
@@ -1339,7 +1376,11 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         }
 
     def _wide_candidates(
-        self, rows: torch.Tensor, spectra: SpecPTSpectra, logits: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        spectra: SpecPTSpectra,
+        logits: torch.Tensor,
+        set_prior: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """u [n, refinement_modes] of the lowest minima of a cheap chi^2 (+ the p(z) prior) over the whole
         redshift range for `rows` [n] ([`wide_candidates`]: `refinement_wide_rebin`, `refinement_wide_vectors`)."""
@@ -1358,17 +1399,23 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             rebin=config.refinement_wide_rebin,
             vectors=config.refinement_wide_vectors or None,
             prior=prior,
+            set_prior=None if set_prior is None else {k: v[rows] for k, v in set_prior.items()},
         )
 
     def _add_wide_candidates(
-        self, candidates: torch.Tensor, rows: torch.Tensor, spectra: SpecPTSpectra, logits: torch.Tensor
+        self,
+        candidates: torch.Tensor,
+        rows: torch.Tensor,
+        spectra: SpecPTSpectra,
+        logits: torch.Tensor,
+        set_prior: dict[str, torch.Tensor] | None,
     ) -> torch.Tensor:
         """`candidates` [batch, modes] with the whole range's minima appended for `rows` [n] (the other rows
         repeat their own): [batch, 2 x modes]."""
         if len(rows) == 0:
             return candidates
         extra = candidates.clone()  # [batch, modes]
-        extra[rows] = self._wide_candidates(rows, spectra, logits).to(extra.dtype)
+        extra[rows] = self._wide_candidates(rows, spectra, logits, set_prior).to(extra.dtype)
         return torch.cat([candidates, extra], 1)
 
     def _rescan_wider(
@@ -1385,18 +1432,33 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         looked."""
         wave = rows_wavelength(spectra.wavelength, rows)
         extended = torch.cat(
-            [candidates[rows], self._wide_candidates(rows, spectra, logits)], 1
+            [candidates[rows], self._wide_candidates(rows, spectra, logits, settings["set_prior"])], 1
         )  # [n, 2 modes]
-        prior = settings["prior"]
+        prior, set_prior = settings["prior"], settings["set_prior"]
         again = refine_redshifts(
             self.templates,
             wave,
             spectra.flux[rows],
             spectra.ivar[rows],
             extended,
-            **{**settings, "prior": None if prior is None else prior[rows]},
+            **{
+                **settings,
+                "prior": None if prior is None else prior[rows],
+                "set_prior": None if set_prior is None else {k: v[rows] for k, v in set_prior.items()},
+            },
         )
         return _replace_rows(result, rows, again, torch.ones_like(rows, dtype=torch.bool))
+
+    def _type_prior(self, spectype_logits: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """{template set: [batch]} -2 x `refinement_type_prior` x ln(p(type) / p(most probable type)), p floored
+        at `refinement_prior_floor` (None without a type head or with weight 0)."""
+        config = self.config
+        if spectype_logits is None or config.refinement_type_prior == 0:
+            return None
+        log_p = torch.log_softmax(spectype_logits.double(), -1)  # [batch, types]
+        log_p = log_p.clamp(min=math.log(config.refinement_prior_floor))
+        penalty = -2.0 * config.refinement_type_prior * (log_p - log_p.max(1, keepdim=True).values)
+        return {name: penalty[:, i] for i, name in enumerate(config.spectype_labels)}
 
     def _pz_prior(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor | None:
         """-2 x `refinement_prior` x ln p(z) at u = ln(1 + z) [grid] (default: the refinement's coarse grid),
@@ -1494,9 +1556,10 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._pz_loss(labels.to(logits.device), logits, offsets, log_sigma)
+        spectype_logits = None if self.spectype_head is None else self.spectype_head(embedding).float()
         refined = {}
         if self.refines and not self.training:
-            refined = self._refine(flux, ivar, mask, wavelength, logits, offsets, quality)
+            refined = self._refine(flux, ivar, mask, wavelength, logits, offsets, quality, spectype_logits)
             refined.update(redshift_net=redshift, redshift_err_net=redshift_err)
         return SpecPTRedshiftOutput(
             loss=loss,
@@ -1507,6 +1570,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             offsets=offsets,
             log_sigma=log_sigma,
             embedding=embedding,
+            spectype_logits=spectype_logits,
             **refined,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,

@@ -75,7 +75,7 @@ class RefinementResult:
         coeff (`(batch, vectors)`): the template coefficients at the best trial.
         npixels: pixels that entered the fit at the best trial (ivar > 0 and inside the templates' grid).
         spectype: index of the winning template set.
-        prior: the prior's chi^2 penalty at the chosen trial (0 without a prior).
+        prior: the priors' chi^2 penalty at the chosen trial (p(z) and type; 0 without a prior).
         scan_u (`(trials,)`), scan_chi2 (`(batch, trials)`): the coarse chi^2(z) curve, lowest over the sets
             (u = ln(1 + z); binned pixels).
     """
@@ -543,6 +543,7 @@ def refine_redshifts(
     u_range: tuple[float, float],
     everywhere: torch.Tensor | None = None,
     prior: torch.Tensor | None = None,
+    set_prior: dict[str, torch.Tensor] | None = None,
     own_ranges: dict[str, tuple[float, float]] | None = None,
     coarse_vectors: int | None = None,
     fine_smoothing_kms: dict[str, float] | None = None,
@@ -565,6 +566,8 @@ def refine_redshifts(
         everywhere: [batch] bool, rows whose minimum may lie anywhere in `u_range`.
         prior: [batch, grid] penalty in chi^2 units on the coarse grid (-2 ln p(z), e.g. the network's p(z)),
             added to chi^2 when choosing the minimum and in `delta_chi2`; `chi2` and `scan_chi2` stay pure.
+        set_prior: [batch] penalty in chi^2 units per template set (e.g. -2 ln p(type) of a type classifier),
+            added to that set's curve when choosing the set and the minimum (a set not named: 0).
         own_ranges: template sets searched over the whole of their own u range for every spectrum and nowhere
             else (e.g. STAR over stellar velocities); the coarse grid spans `u_range` and these.
         coarse_vectors: fit only each set's first this many vectors in the coarse curve (None: all); the fine
@@ -593,8 +596,12 @@ def refine_redshifts(
         coarse = _leading(t, coarse_vectors)
         curves.append(_searched_curve(coarse, wavelength, flux, ivar, span, rebin, searched))
     scan = torch.stack(curves)  # [sets, batch, grid]
-    scan_chi2, spectype = scan.min(0)  # [batch, grid], inf outside the searched trials
-    penalty = torch.zeros_like(scan_chi2) if prior is None else prior.to(scan_chi2)  # [batch, grid]
+    by_set = _set_penalty(template_sets, set_prior, scan)  # [sets, batch, 1]
+    spectype = (scan + by_set).argmin(0)  # [batch, grid], the chosen set at each trial
+    scan_chi2 = scan.gather(0, spectype[None])[0]  # [batch, grid], its chi^2; inf outside the searched trials
+    penalty = by_set.expand_as(scan).gather(0, spectype[None])[0]  # [batch, grid], its type penalty
+    if prior is not None:
+        penalty = penalty + prior.to(scan_chi2)
     posterior = scan_chi2 + penalty  # [batch, grid]
     best = posterior.argmin(1)  # [batch]
     winner = spectype.gather(1, best[:, None])[:, 0]  # [batch]
@@ -630,6 +637,18 @@ def refine_redshifts(
         scan_u=scan_u,
         scan_chi2=scan_chi2,
     )
+
+
+def _set_penalty(
+    template_sets: dict[str, RestFrameTemplates],
+    set_prior: dict[str, torch.Tensor] | None,
+    scan: torch.Tensor,
+) -> torch.Tensor:
+    """The per-set penalties [sets, batch, 1] of `set_prior` ({name: [batch]}; 0 for a set not named) in the dtype
+    and device of the curves `scan` [sets, batch, grid]."""
+    zero = torch.zeros(scan.shape[1], dtype=scan.dtype, device=scan.device)  # [batch]
+    rows = [(set_prior or {}).get(name, zero).to(zero) for name in template_sets]
+    return torch.stack(rows)[:, :, None]
 
 
 def local_minima(curve: torch.Tensor) -> torch.Tensor:
@@ -734,10 +753,12 @@ def wide_candidates(
     rebin: int,
     vectors: int | None = None,
     prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    set_prior: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """u = ln(1 + z) [batch, modes] of the `modes` lowest minima, at least `separation` apart in u, of a cheap
     chi^2(z) over the whole of `u_range`: [`chi2_curve`] of each set's first `vectors` vectors with the spectrum
-    binned `rebin` template steps wide, the lowest set at each trial, plus `prior(u)` ([batch, grid]) if given.
+    binned `rebin` template steps wide, plus its `set_prior` ({name: [batch]}), the lowest set at each trial, plus
+    `prior(u)` ([batch, grid]) if given.
     Binning keeps every line's flux, so a coarse curve still finds the basins that a windowed scan then resolves.
 
     Args:
@@ -749,7 +770,8 @@ def wide_candidates(
         for t in template_sets.values()
     ]
     u = curves[0][0]  # [grid], shared by the sets
-    score = torch.stack([chi2 for _, chi2 in curves]).min(0).values  # [batch, grid]
+    scan = torch.stack([chi2 for _, chi2 in curves])  # [sets, batch, grid]
+    score = (scan + _set_penalty(template_sets, set_prior, scan)).min(0).values  # [batch, grid]
     if prior is not None:
         score = score + prior(u)
     steps = max(1, math.ceil(separation / float(u[1] - u[0]))) if len(u) > 1 else 1

@@ -182,8 +182,14 @@ def test_fit_reduction_matches_lapack_and_falls_back_where_not_positive_definite
 def test_local_minima_are_redrocks_candidates():
     inf = math.inf
     curve = torch.tensor([[3.0, 1.0, 2.0, 0.5, 4.0], [inf, 2.0, 1.0, 1.5, inf], [1.0, 1.0, 2.0, 3.0, 0.0]])
-    expected = [[False, True, False, True, False], [False, False, True, False, False], [True, True, False, False, True]]
-    assert refinement.local_minima(curve).tolist() == expected  # edges and unsearched (inf) neighbours count as higher
+    expected = [
+        [False, True, False, True, False],
+        [False, False, True, False, False],
+        [True, True, False, False, True],
+    ]
+    assert (
+        refinement.local_minima(curve).tolist() == expected
+    )  # edges and unsearched (inf) neighbours count as higher
 
 
 def test_delta_chi2_compares_minima_not_the_flank_of_the_best_one():
@@ -696,3 +702,75 @@ def test_fine_trials_must_be_odd_and_at_least_three(templates):
     flux, ivar = _spectra(templates, np.array([0.3]))
     with pytest.raises(ValueError, match="fine_trials"):
         _refine(templates, flux, ivar, np.array([0.3]), fine_trials=4)
+
+
+def test_a_set_prior_moves_the_type_choice_only_when_it_outweighs_the_fit(templates):
+    z = np.array([0.3])
+    flux, ivar = _spectra(templates, z, seed=6)
+    poor = RestFrameTemplates(
+        templates.log_wavelength_start, templates.log_wavelength_step, templates.basis[:2].clone()
+    )
+    candidates = torch.log1p(torch.tensor([[0.3]], dtype=torch.float64))
+    args = (torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar), candidates)
+    sets = {"POOR": poor, "GOOD": templates}
+    plain = refine_redshifts(sets, *args, half_width=0.01, u_range=(0.0, 0.7))
+    mild = refine_redshifts(
+        sets, *args, half_width=0.01, u_range=(0.0, 0.7), set_prior={"GOOD": torch.tensor([3.0])}
+    )
+    huge = refine_redshifts(
+        sets, *args, half_width=0.01, u_range=(0.0, 0.7), set_prior={"GOOD": torch.tensor([1e9])}
+    )
+    assert int(plain.spectype[0]) == int(mild.spectype[0]) == 1 and int(huge.spectype[0]) == 0
+    torch.testing.assert_close(mild.redshift, plain.redshift)
+    assert float(mild.prior[0]) == pytest.approx(3.0) and float(plain.prior[0]) == 0.0
+    torch.testing.assert_close(mild.scan_chi2, plain.scan_chi2)  # the curve stays pure chi^2
+
+
+def test_type_head_weighs_the_template_sets_and_travels_with_the_folder(templates, tiny_model, tmp_path):
+    z = np.array([0.3, 0.6])
+    inputs = _model_inputs(templates, z, seed=2)
+    poor = RestFrameTemplates(
+        templates.log_wavelength_start, templates.log_wavelength_step, templates.basis[:2].clone()
+    )
+    tiny_model.set_templates({"GALAXY": templates, "QSO": poor})
+    d_model = tiny_model.config.d_model
+    with pytest.raises(ValueError, match=r"weight \[2, "):
+        tiny_model.set_spectype_head(["GALAXY", "QSO"], torch.zeros(3, d_model), torch.zeros(2))
+    tiny_model.set_spectype_head(
+        ["GALAXY", "QSO"], torch.zeros(2, d_model), torch.tensor([0.0, 50.0])
+    )  # "QSO"
+    with torch.no_grad():
+        tiny_model.config.refinement_type_prior = 0.0
+        off = tiny_model(**inputs)
+        tiny_model.config.refinement_type_prior = (
+            1e6  # penalty 2e6 x ln(1e4) for GALAXY: more than its fit gains
+        )
+        weighed = tiny_model(**inputs)
+    assert off.spectype.tolist() == [0, 0] and weighed.spectype.tolist() == [1, 1]
+    assert weighed.spectype_logits.shape == (2, 2)
+    tiny_model.save_pretrained(tmp_path / "model")
+    loaded = type(tiny_model).from_pretrained(tmp_path / "model").eval()
+    assert loaded.config.spectype_labels == ["GALAXY", "QSO"]
+    torch.testing.assert_close(loaded.spectype_head.bias, tiny_model.spectype_head.bias)
+    with torch.no_grad():
+        assert loaded(**inputs).spectype.tolist() == [1, 1]
+
+
+def test_fit_spectype_head_separates_labelled_types(templates, tiny_model):
+    from specpt_hf.templates import fit_spectype_head
+
+    galaxy, galaxy_ivar = _spectra(templates, np.linspace(0.1, 0.8, 40), seed=4)
+    rng = np.random.default_rng(5)
+    slope = (WAVELENGTH / 5000.0) ** -1.5 * rng.uniform(2.0, 8.0, (40, 1))  # blue power laws
+    qso = (slope + rng.normal(0.0, 0.05, slope.shape)).astype(np.float32)
+    spectra = {"QSO": {"flux": qso, "ivar": galaxy_ivar}, "GALAXY": {"flux": galaxy, "ivar": galaxy_ivar}}
+    accuracy = fit_spectype_head(tiny_model, spectra)
+    assert tiny_model.config.spectype_labels == ["GALAXY", "QSO"]
+    assert min(accuracy.values()) > 0.9, accuracy
+    with torch.no_grad():
+        logits = tiny_model.spectype_head(
+            tiny_model.embed(torch.from_numpy(qso[:5]), torch.from_numpy(galaxy_ivar[:5]))
+        )
+    assert (logits.argmax(1) == 1).all()
+    with pytest.raises(ValueError, match="two types"):
+        fit_spectype_head(tiny_model, {"GALAXY": spectra["GALAXY"]})

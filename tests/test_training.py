@@ -695,3 +695,20 @@ def test_head_ablation_trains_each_variant_from_the_same_autoencoder(data_dir, s
         head_ablation.main(argv + ["--variant", "bad", "redshift_label_sigma"])
     with pytest.raises(SystemExit):
         head_ablation.main(argv + ["--variant", "a", "--variant", "a"])
+
+
+def test_training_on_from_a_redshift_model_drops_its_type_head(tmp_path):
+    from accelerate import PartialState
+
+    from specpt_hf import create_model
+
+    PartialState()  # the training's logging needs it, as in `training_function`
+    folder = tmp_path / "typed"
+    model = create_model("specpt-tiny", "redshift")
+    d_model = model.config.d_model
+    model.set_spectype_head(["GALAXY", "QSO"], torch.zeros(2, d_model), torch.zeros(2))
+    model.save_pretrained(folder)
+    settings = TrainingSettings(stage="redshift", preset="specpt-tiny", pretrained_model=str(folder))
+    continued = build_model(settings)
+    assert continued.spectype_head is None and continued.config.spectype_labels is None
+    assert type(model).from_pretrained(folder).spectype_head is not None  # the folder itself keeps it

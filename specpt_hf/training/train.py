@@ -122,7 +122,13 @@ def build_model(settings: TrainingSettings) -> PreTrainedModel:
     preset = preset_config(settings.preset, "redshift", freeze_encoder=settings.freeze_encoder)
     if not source:
         return cls(preset)
-    return cls.from_pretrained(source, **head_settings(preset, source))
+    model = cls.from_pretrained(source, **head_settings(preset, source))
+    if model.spectype_head is not None:  # fitted on an embedding that training changes
+        logger.info(
+            "%s: its spectral-type head is dropped (`specpt templates` fits one to the new model)", source
+        )
+        model.spectype_head, model.config.spectype_labels = None, None
+    return model
 
 
 def head_settings(preset: SpecPTForRedshiftConfig, pretrained_model: str) -> dict[str, Any]:
