@@ -20,6 +20,7 @@ Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum; Redrock's col
 | CHI2, DELTACHI2 | float64 | refined only: best chi^2, and the next minimum >= 1000 km/s away minus it |
 | COEFF | float32 [vectors] | refined only: the winning template set's coefficients |
 | SPECTYPE | str | refined only: the winning template set (GALAXY, QSO) |
+| SPECTYPE_NET | str | with a spectral-type head (`config.spectype_labels`): its most probable type |
 | NPIXELS | int32 | good pixels on the model's grid |
 | Z_NET, ZERR_NET | float64 | the network's own redshift and uncertainty (equal to Z, ZERR without refinement) |
 | QUALITY | float32 | p(z) mass within a few bins of the peak, in [0, 1] |
@@ -108,6 +109,7 @@ CATALOG_COLUMNS: dict[str, tuple[str, str]] = {
     "CHI2_SMOOTH": ("chi2_smooth", "float64"),
     "COEFF": ("coeff", "float32"),
     "SPECTYPE": ("spectype", "str"),
+    "SPECTYPE_NET": ("spectype_net", "str"),
     "NPIXELS": ("npixels", "int32"),
     "Z_NET": ("z_net", "float64"),
     "ZERR_NET": ("zerr_net", "float64"),

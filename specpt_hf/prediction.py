@@ -276,6 +276,8 @@ def predict_spectra(
         out["npixels_fit"] = np.zeros(n, dtype=np.int64)
         vectors = max(info["num_vectors"] for info in model.config.templates["spectypes"].values())
         out["coeff"] = np.full((n, vectors), np.nan, dtype=np.float32)
+    if model.spectype_head is not None:
+        out["spectype_net"] = np.full(n, "", dtype="U8")
     if return_embedding:
         out["embedding"] = np.full((n, model.config.d_model), np.nan, dtype=np.float32)
     if return_reconstruction:
@@ -346,6 +348,9 @@ def _run_models(
             result.spectype.cpu().numpy()
         ]
         out["coeff"][rows] = result.coeff.float().cpu().numpy()
+    if "spectype_net" in out:
+        labels = np.asarray(model.config.spectype_labels)
+        out["spectype_net"][rows] = labels[result.spectype_logits.argmax(1).cpu().numpy()]
     if "embedding" in out:
         out["embedding"][rows] = result.embedding.float().cpu().numpy()
     if "pz" in out:
@@ -387,6 +392,7 @@ PREDICTION_COLUMNS = {
 }
 # with template refinement also
 REFINEMENT_COLUMNS = ("chi2", "deltachi2", "chi2_smooth", "spectype", "coeff", "npixels_fit")
+TYPE_COLUMNS = ("spectype_net",)  # with a spectral-type head
 PDF_COLUMNS = ("pz", "chi2_scan")  # [n, bins] and [n, trials], with `return_pdf`
 
 
@@ -438,7 +444,8 @@ def predict_batch(
     )
     keep = result["npixels"] > 0
     columns = {name: result[key][keep] for name, key in PREDICTION_COLUMNS.items()}
-    columns.update({key: result[key][keep] for key in (*REFINEMENT_COLUMNS, *PDF_COLUMNS) if key in result})
+    extra = (*REFINEMENT_COLUMNS, *TYPE_COLUMNS, *PDF_COLUMNS)
+    columns.update({key: result[key][keep] for key in extra if key in result})
     if autoencoder is not None:
         columns["anomaly"] = result["anomaly"][keep]
     columns.update({key: np.asarray(batch[key])[keep] for key in PASSTHROUGH_FIELDS if key in batch})

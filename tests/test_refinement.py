@@ -680,6 +680,12 @@ def test_predict_save_pdf_writes_pz_and_chi2_scan(templates, tiny_model, tmp_pat
     np.testing.assert_array_equal(parquet.meta["CHI2SCAN_Z"], scan_z)
     predict_catalog([coadd], tmp_path / "plain.fits", tmp_path / "model", progress=False)
     assert [h.name for h in fits.open(tmp_path / "plain.fits")] == ["PRIMARY", "REDSHIFTS"]
+    assert "SPECTYPE_NET" not in catalog.colnames  # no type head
+    d_model = tiny_model.config.d_model
+    tiny_model.set_spectype_head(["GALAXY", "QSO"], torch.zeros(2, d_model), torch.tensor([3.0, 0.0]))
+    tiny_model.save_pretrained(tmp_path / "typed")
+    predict_catalog([coadd], tmp_path / "typed.fits", tmp_path / "typed", progress=False)
+    assert Table.read(tmp_path / "typed.fits")["SPECTYPE_NET"].tolist() == ["GALAXY"] * len(catalog)
 
 
 def test_config_smoothing_defaults_and_rejects_negative():
@@ -727,6 +733,8 @@ def test_a_set_prior_moves_the_type_choice_only_when_it_outweighs_the_fit(templa
 
 
 def test_type_head_weighs_the_template_sets_and_travels_with_the_folder(templates, tiny_model, tmp_path):
+    from specpt_hf.prediction import predict_spectra
+
     z = np.array([0.3, 0.6])
     inputs = _model_inputs(templates, z, seed=2)
     poor = RestFrameTemplates(
@@ -748,6 +756,11 @@ def test_type_head_weighs_the_template_sets_and_travels_with_the_folder(template
         weighed = tiny_model(**inputs)
     assert off.spectype.tolist() == [0, 0] and weighed.spectype.tolist() == [1, 1]
     assert weighed.spectype_logits.shape == (2, 2)
+    columns = predict_spectra(tiny_model, inputs["flux"].numpy(), inputs["ivar"].numpy())
+    assert columns["spectype_net"].tolist() == ["QSO", "QSO"] and columns["spectype"].tolist() == [
+        "QSO",
+        "QSO",
+    ]
     tiny_model.save_pretrained(tmp_path / "model")
     loaded = type(tiny_model).from_pretrained(tmp_path / "model").eval()
     assert loaded.config.spectype_labels == ["GALAXY", "QSO"]
