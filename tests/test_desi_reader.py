@@ -577,3 +577,20 @@ def test_unusual_scalings_read_as_astropy_scales_them(tmp_path):
             assert np.isclose(
                 records[4]["flux"][3000], raw_arms(HEALPIX_COADD)["r"]["FLUX"][4, 300], atol=0.006
             )
+
+
+@pytest.mark.parametrize("path", [HEALPIX_COADD, TILE_COADD], ids=lambda p: p.name)
+def test_reader_equals_desispec_coadd_cameras_on_real_files(path):
+    """Where desispec is installed (`pip install --no-deps desispec`): its own `coadd_cameras` as the oracle."""
+    io = pytest.importorskip("desispec.io")
+    coaddition = pytest.importorskip("desispec.coaddition")
+    merged = coaddition.coadd_cameras(io.read_spectra(str(path)))
+    row = {int(t): i for i, t in enumerate(merged.fibermap["TARGETID"])}
+    records = list(read_desi_spectra(path))
+    assert records
+    for record in records:
+        i = row[record["targetid"]]
+        flux, ivar = merged.flux["brz"][i], merged.ivar["brz"][i]
+        np.testing.assert_allclose(record["flux"], flux, rtol=1e-5, atol=1e-6 * np.abs(flux).max())
+        np.testing.assert_allclose(record["ivar"], ivar, rtol=1e-5, atol=1e-6 * ivar.max())
+        np.testing.assert_array_equal(record["mask"], merged.mask["brz"][i] != 0)
