@@ -408,9 +408,21 @@ def test_two_template_sets_pick_the_one_that_fits(templates):
     )
     candidates = torch.log1p(torch.tensor([[0.3]], dtype=torch.float64))
     args = (torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar), candidates)
-    result = refine_redshifts({"POOR": wrong, "GOOD": templates}, *args, half_width=0.01, u_range=(0.0, 0.7))
+    sets = {"POOR": wrong, "GOOD": templates}
+    result = refine_redshifts(sets, *args, half_width=0.01, u_range=(0.0, 0.7))
     assert int(result.spectype[0]) == 1
     assert result.coeff.shape == (1, 5)
+    # a per-set prior moves the choice only when it outweighs the fit
+    mild = refine_redshifts(
+        sets, *args, half_width=0.01, u_range=(0.0, 0.7), set_prior={"GOOD": torch.tensor([3.0])}
+    )
+    huge = refine_redshifts(
+        sets, *args, half_width=0.01, u_range=(0.0, 0.7), set_prior={"GOOD": torch.tensor([1e9])}
+    )
+    assert int(mild.spectype[0]) == 1 and int(huge.spectype[0]) == 0
+    torch.testing.assert_close(mild.redshift, result.redshift)
+    assert float(mild.prior[0]) == pytest.approx(3.0) and float(result.prior[0]) == 0.0
+    torch.testing.assert_close(mild.scan_chi2, result.scan_chi2)  # the curve stays pure chi^2
 
 
 def _star_templates() -> RestFrameTemplates:
@@ -708,28 +720,6 @@ def test_fine_trials_must_be_odd_and_at_least_three(templates):
     flux, ivar = _spectra(templates, np.array([0.3]))
     with pytest.raises(ValueError, match="fine_trials"):
         _refine(templates, flux, ivar, np.array([0.3]), fine_trials=4)
-
-
-def test_a_set_prior_moves_the_type_choice_only_when_it_outweighs_the_fit(templates):
-    z = np.array([0.3])
-    flux, ivar = _spectra(templates, z, seed=6)
-    poor = RestFrameTemplates(
-        templates.log_wavelength_start, templates.log_wavelength_step, templates.basis[:2].clone()
-    )
-    candidates = torch.log1p(torch.tensor([[0.3]], dtype=torch.float64))
-    args = (torch.from_numpy(WAVELENGTH), torch.from_numpy(flux), torch.from_numpy(ivar), candidates)
-    sets = {"POOR": poor, "GOOD": templates}
-    plain = refine_redshifts(sets, *args, half_width=0.01, u_range=(0.0, 0.7))
-    mild = refine_redshifts(
-        sets, *args, half_width=0.01, u_range=(0.0, 0.7), set_prior={"GOOD": torch.tensor([3.0])}
-    )
-    huge = refine_redshifts(
-        sets, *args, half_width=0.01, u_range=(0.0, 0.7), set_prior={"GOOD": torch.tensor([1e9])}
-    )
-    assert int(plain.spectype[0]) == int(mild.spectype[0]) == 1 and int(huge.spectype[0]) == 0
-    torch.testing.assert_close(mild.redshift, plain.redshift)
-    assert float(mild.prior[0]) == pytest.approx(3.0) and float(plain.prior[0]) == 0.0
-    torch.testing.assert_close(mild.scan_chi2, plain.scan_chi2)  # the curve stays pure chi^2
 
 
 def test_type_head_weighs_the_template_sets_and_travels_with_the_folder(templates, tiny_model, tmp_path):
