@@ -76,8 +76,8 @@ class RefinementResult:
         npixels: pixels that entered the fit at the best trial (ivar > 0 and inside the templates' grid).
         spectype: index of the winning template set.
         prior: the priors' chi^2 penalty at the chosen trial (p(z) and type; 0 without a prior).
-        scan_u (`(trials,)`), scan_chi2 (`(batch, trials)`): the coarse chi^2(z) curve, lowest over the sets
-            (u = ln(1 + z); binned pixels).
+        scan_u (`(trials,)`), scan_chi2 (`(batch, trials)`): the coarse chi^2(z) curve (u = ln(1 + z); binned
+            pixels) of the set chosen at each trial: the lowest chi^2 + `set_prior` (the lowest chi^2 without one).
     """
 
     redshift: torch.Tensor
