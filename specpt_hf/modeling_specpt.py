@@ -1380,7 +1380,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         rows: torch.Tensor,
         spectra: SpecPTSpectra,
         logits: torch.Tensor,
-        set_prior: dict[str, torch.Tensor] | None = None,
+        set_prior: dict[str, torch.Tensor] | None,
     ) -> torch.Tensor:
         """u [n, refinement_modes] of the lowest minima of a cheap chi^2 (+ the p(z) prior) over the whole
         redshift range for `rows` [n] ([`wide_candidates`]: `refinement_wide_rebin`, `refinement_wide_vectors`)."""
