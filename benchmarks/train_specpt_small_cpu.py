@@ -5,6 +5,7 @@
     python benchmarks/train_specpt_small_cpu.py --work /tmp/t --quick                   # minutes: smoke test
     python benchmarks/train_specpt_small_cpu.py --work runs/control --augment-probability 0   # stage 2 unaugmented
     python benchmarks/train_specpt_small_cpu.py --work runs/clean-end --augment-until 0.7      # last 30 % unaugmented
+    python benchmarks/train_specpt_small_cpu.py --work runs/all-labels --no-quality-cuts       # faint spectra too
     nohup python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu > train.log 2>&1 &
 
 Give it the machine: with other CPU work on the same 2 cores, torch's two OpenMP threads wait on each other and a
@@ -25,15 +26,17 @@ Steps and wall-clock plan (`--hours 3` on 2 cores; printed at the start, rates a
 1. data: `--n-per-class` mock spectra per class (BGS, LRG, ELG, QSO) from training seed 1 (file seeds
    SeedSequence([1, chunk, class, file]); the benchmarks' test sets use 101 and 202) on healpix 10000-14999
    (the test sets use 30000+ and 40000+), generated and prepared
-   (`prepare_dataset`, DESI quality cuts, TARGETID-hash splits 80/10/10) a chunk at a time, the coadd
+   (`prepare_dataset`, DESI quality cuts unless `--no-quality-cuts`, TARGETID-hash splits 80/10/10) a chunk
+   at a time, the coadd
    files deleted after each chunk (a coadd holds ~0.43 MB per spectrum, the Parquet rows ~0.07 MB);
    ~100 spectra/s to generate on one core.
 2. stage 1, autoencoder: `examples/configs/specpt-small-autoencoder.yaml` (bf16 autocast, batch 32,
    lr 5e-4 cosine), `--max-steps` from its share of the remaining time at --ae-rate spectra/s.
 3. stage 2, redshift: `examples/configs/specpt-small-redshift.yaml` on the stage-1 model (encoder
    fine-tuned at the head's rate), validation every 1000 steps on 1000 spectra, early stopping after 6;
-4. templates: GALAXY and QSO rest-frame bases from the training split added to the model folder
-   (`specpt_hf.templates.build_model_templates`, ~3 min), so the benchmarks refine its redshifts.
+4. templates: GALAXY and QSO rest-frame bases from the training split added to the model folder, and the
+   spectral-type head fitted on the same spectra (`specpt_hf.templates.build_model_templates`, ~3 min), so the
+   benchmarks refine its redshifts.
 
 The stage shares (25 % / 75 % of what the data step leaves, minus 5 % for validation and checkpoints: the
 redshift head gains more from steps than the autoencoder) and rates (100 / 105 spectra/s: specpt-small, bf16,
@@ -64,6 +67,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specpt_hf.data.redshifts import QualityCuts
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SEED = 1  # never 101 (accuracy test set) or 202 (speed inputs)
@@ -124,8 +131,11 @@ def _mock_file(job: tuple[str, int, int, int, str]) -> None:
     write_mock_healpix(out, target_class, count, seed, healpix=healpix)
 
 
-def make_chunk(work: Path, chunk: int, per_class: int, jobs: int, progress: bool) -> None:
-    """Generate one chunk of mock files, prepare it, move its shards into {work}/data, delete the files."""
+def make_chunk(
+    work: Path, chunk: int, per_class: int, jobs: int, progress: bool, cuts: QualityCuts | None = None
+) -> None:
+    """Generate one chunk of mock files, prepare it (`cuts`: DESI's quality cuts by default), move its shards
+    into {work}/data, delete the files."""
     import numpy as np
 
     from specpt_hf.data.prepare import prepare_dataset
@@ -145,7 +155,7 @@ def make_chunk(work: Path, chunk: int, per_class: int, jobs: int, progress: bool
     else:  # spawn: forking a process that runs torch threads can deadlock
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_mock_file, file_jobs))
-    prepare_dataset([mock], prep, overwrite=True, progress=progress)
+    prepare_dataset([mock], prep, cuts=cuts, overwrite=True, progress=progress)
     for split_dir in prep.iterdir():
         if split_dir.is_dir():
             target = work / "data" / split_dir.name
@@ -258,6 +268,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prepare-rate", type=float, default=400.0, help="prepare spectra/s (plan)")
     parser.add_argument("--no-bf16", action="store_true", help="float32 (CPUs without native bf16)")
     parser.add_argument(
+        "--no-quality-cuts",
+        action="store_true",
+        help="keep every mock spectrum in the shards, also those below DESI's confident-redshift cuts "
+        "(their labels are the mock's truth)",
+    )
+    parser.add_argument(
         "--augment-probability",
         type=float,
         help="stage 2's probability of each training augmentation (default: the config's; 0: the control run)",
@@ -306,19 +322,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    from specpt_hf.data.redshifts import QualityCuts
+
     start = time.perf_counter()
+    cuts = QualityCuts(enabled=not args.no_quality_cuts)
     for chunk in range(plan.chunks) if "data" in args.steps else []:
         marker = work / f".chunk{chunk:03d}.done"
         if marker.is_file():
             continue
         per_class = min(args.chunk_per_class, args.n_per_class - chunk * args.chunk_per_class)
         print(f"[run] data chunk {chunk + 1}/{plan.chunks}: {per_class} spectra per class", flush=True)
-        make_chunk(work, chunk, per_class, args.jobs, progress=not args.quick)
+        make_chunk(work, chunk, per_class, args.jobs, progress=not args.quick, cuts=cuts)
         marker.touch()
     if "data" in args.steps and not (work / "data" / "README.md").is_file():
         from specpt_hf.data.prepare import write_shards_card
 
-        write_shards_card(work / "data", "+".join(CLASSES))  # last: the folder is complete
+        write_shards_card(work / "data", "+".join(CLASSES), cuts=cuts)  # last: the folder is complete
     print(f"[done] data in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     try:
         for stage, steps in (("autoencoder", plan.ae_steps), ("redshift", plan.rs_steps)):

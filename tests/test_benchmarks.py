@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
@@ -537,6 +538,23 @@ def test_training_recipe_quick_data_step_is_resumable(tmp_path, capsys):
     assert recipe.main(argv) == 0  # done chunks are skipped
     assert "data chunk" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in shards["train"]} == before
+
+
+def test_training_recipe_without_quality_cuts_keeps_every_mock_spectrum(tmp_path):
+    def rows(work: Path) -> pa.Table:
+        return pa.concat_tables(
+            pq.read_table(path, columns=["zwarn", "target_class"])
+            for path in (work / "data").rglob("*.parquet")
+        )
+
+    kept = {}
+    for name, flags in (("cut", []), ("all", ["--no-quality-cuts"])):
+        assert recipe.main(["--work", str(tmp_path / name), "--quick", "--steps", "data", *flags]) == 0
+        kept[name] = rows(tmp_path / name)
+    assert len(kept["all"]) == 4 * 40  # --quick: 40 per class, none dropped
+    assert len(kept["cut"]) < len(kept["all"])
+    assert np.any(np.asarray(kept["all"]["zwarn"]) != 0) and np.all(np.asarray(kept["cut"]["zwarn"]) == 0)
+    assert "`enabled` = False" in (tmp_path / "all" / "data" / "README.md").read_text()
 
 
 def test_parquet_writers_quick_writes_the_same_rows_both_ways(tmp_path, capsys):
