@@ -585,13 +585,18 @@ def test_stage2_frozen_encoder_best_model_and_reload(stage1, data_dir, tmp_path)
     )
     assert metrics["validation/nmad"] == pytest.approx(min(nmads)[0], rel=1e-5)
 
-    # (6) save_pretrained -> from_pretrained gives the same predictions (with the attention training used)
+    # (6) save_pretrained -> from_pretrained gives the same weights and predictions (with the attention training
+    # used). Predictions to float32 rounding: bit-for-bit equality failed on a machine busy with other jobs.
     attention = result.model.config._attn_implementation
     reloaded = type(result.model).from_pretrained(result.model_dir, attn_implementation=attention).eval()
+    saved = reloaded.state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in result.model.state_dict().items())
     with torch.no_grad():
         expected, got = result.model.eval()(**batch), reloaded(**batch)
     for field in ("redshift", "redshift_err", "quality", "logits"):
-        assert torch.equal(getattr(expected, field), getattr(got, field)), field
+        torch.testing.assert_close(
+            getattr(got, field), getattr(expected, field), rtol=1e-5, atol=1e-6, msg=field
+        )
 
 
 def test_stage2_early_stopping_and_encoder_learning_rate(stage1, data_dir, tmp_path):
