@@ -131,11 +131,9 @@ def _mock_file(job: tuple[str, int, int, int, str]) -> None:
     write_mock_healpix(out, target_class, count, seed, healpix=healpix)
 
 
-def make_chunk(
-    work: Path, chunk: int, per_class: int, jobs: int, progress: bool, cuts: QualityCuts | None = None
-) -> None:
-    """Generate one chunk of mock files, prepare it (`cuts`: DESI's quality cuts by default), move its shards
-    into {work}/data, delete the files."""
+def make_chunk(work: Path, chunk: int, per_class: int, jobs: int, progress: bool, cuts: QualityCuts) -> None:
+    """Generate one chunk of mock files, prepare it with `cuts`, move its shards into {work}/data, delete the
+    files."""
     import numpy as np
 
     from specpt_hf.data.prepare import prepare_dataset
