@@ -35,7 +35,7 @@ from .modeling_specpt import (
     SpecPTRedshiftOutput,
     prepare_spectra,
 )
-from .pipeline_specpt import TASK, SpecPTRedshiftPipeline
+from .pipeline_specpt import TASK, SpecPTFeatureExtractor, SpecPTRedshiftPipeline
 from .presets import count_parameters, create_model, list_presets, preset_config
 
 __version__ = "0.1.0"
@@ -59,6 +59,7 @@ PIPELINE_REGISTRY.register_pipeline(
 __all__ = [
     "SHORT_NAMES",
     "SpecPTConfig",
+    "SpecPTFeatureExtractor",
     "SpecPTForRedshift",
     "SpecPTForRedshiftConfig",
     "SpecPTForSpectrumReconstruction",

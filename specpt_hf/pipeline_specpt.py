@@ -34,6 +34,11 @@ decoder, so reconstructions always come from the separate autoencoder.
 Call parameters: `batch_size` (spectra per model call, default 64), `return_embedding`, `return_reconstruction`,
 `min_quality`, `min_coverage`, `max_anomaly` (the flag thresholds, see `FlagThresholds`).
 
+Batching is transformers' own: the pipeline is a `ChunkPipeline` whose `preprocess` yields one item per spectrum
+(an input file or array stack is many spectra), `SpecPTFeatureExtractor` puts them on the model's grid, and the
+pipeline's DataLoader collates `batch_size` items from one or several inputs into each model call; `postprocess`
+gathers each input's spectra back into its results.
+
 Shipping with a model: `pipe.save_pretrained(folder)` writes `custom_pipelines` into config.json and copies this
 file and the files it imports relatively (`prediction.py`, `loading.py`, `resampling.py`, `refinement.py`) next
 to `modeling_specpt.py` and `configuration_specpt.py`, so that
@@ -53,12 +58,13 @@ files next to it; nothing from the `specpt_hf` package.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from transformers import Pipeline, PreTrainedModel
+from transformers import BatchFeature, FeatureExtractionMixin, PreTrainedModel
+from transformers.pipelines.base import ChunkPipeline
 from transformers.utils import logging
 
 from .configuration_specpt import SpecPTConfig
@@ -118,28 +124,60 @@ def _check_shapes(flux: np.ndarray, others: dict[str, np.ndarray | None]) -> Non
             raise ValueError(f"`{name}` has shape {value.shape} but `flux` has shape {flux.shape}")
 
 
-def prepare_input(inputs: Any, config: SpecPTConfig) -> dict[str, Any]:
-    """One array input (dict, tuple or Spectrum) -> spectra on the model's grid: `flux`, `ivar`, `mask`
-    [n, pixels], `meta` (one dict per spectrum), `single` (a 1-D input) and `source` (for messages)."""
-    arrays = _input_arrays(inputs)
-    flux = _as_2d(arrays["flux"])
-    single = np.ndim(arrays["flux"]) == 1
-    _check_shapes(flux, {key: _as_2d(arrays.get(key)) for key in ("ivar", "mask")})
-    wave = arrays.get("wave")
-    wave = None if wave is None else np.asarray(getattr(wave, "value", wave), dtype=np.float64)
-    flux, ivar, mask = to_model_grid(
-        config, flux, _as_2d(arrays.get("ivar")), _as_2d(arrays.get("mask")), wave
-    )
-    targetid = arrays.get("targetid")
-    meta = [{} for _ in range(len(flux))]
-    if targetid is not None:
-        targetid = np.atleast_1d(targetid)
-        if len(targetid) != len(flux):
-            raise ValueError(f"`targetid` has {len(targetid)} values for {len(flux)} spectra")
-        for item, value in zip(meta, targetid, strict=True):
-            item["targetid"] = int(value)
-    source = "input spectrum" if wave is None else f"input spectrum ({wave[0]:.1f}-{wave[-1]:.1f} A)"
-    return {"flux": flux, "ivar": ivar, "mask": mask, "meta": meta, "single": single, "source": source}
+class SpecPTFeatureExtractor(FeatureExtractionMixin):
+    """Spectra (a dict, a tuple or a `specutils.Spectrum`) -> the model's inputs on its grid.
+
+    Args:
+        num_pixels, wavelength_start, wavelength_step: the model's grid (`SpecPTConfig`'s fields of those names).
+        padding_value (`float`, defaults to 0.0): the collate's fill value (every spectrum has the grid's length,
+            so nothing is padded).
+    """
+
+    model_input_names = ["flux", "ivar", "mask"]
+
+    def __init__(
+        self,
+        num_pixels: int = 7781,
+        wavelength_start: float = 3600.0,
+        wavelength_step: float = 0.8,
+        padding_value: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_pixels = int(num_pixels)
+        self.wavelength_start = float(wavelength_start)
+        self.wavelength_step = float(wavelength_step)
+        self.padding_value = float(padding_value)
+
+    @classmethod
+    def from_model_config(cls, config: SpecPTConfig) -> SpecPTFeatureExtractor:
+        """The feature extractor of a model's grid."""
+        return cls(config.num_pixels, config.wavelength_start, config.wavelength_step)
+
+    def __call__(self, inputs: Any) -> BatchFeature:
+        """One array input -> `flux`, `ivar` (None without one), `mask` [n, pixels] on the grid, `meta` (one dict
+        per spectrum), `single` (a 1-D input) and `source` (for messages)."""
+        arrays = _input_arrays(inputs)
+        flux = _as_2d(arrays["flux"])
+        single = np.ndim(arrays["flux"]) == 1
+        _check_shapes(flux, {key: _as_2d(arrays.get(key)) for key in ("ivar", "mask")})
+        wave = arrays.get("wave")
+        wave = None if wave is None else np.asarray(getattr(wave, "value", wave), dtype=np.float64)
+        flux, ivar, mask = to_model_grid(
+            self, flux, _as_2d(arrays.get("ivar")), _as_2d(arrays.get("mask")), wave
+        )
+        targetid = arrays.get("targetid")
+        meta = [{} for _ in range(len(flux))]
+        if targetid is not None:
+            targetid = np.atleast_1d(targetid)
+            if len(targetid) != len(flux):
+                raise ValueError(f"`targetid` has {len(targetid)} values for {len(flux)} spectra")
+            for item, value in zip(meta, targetid, strict=True):
+                item["targetid"] = int(value)
+        source = "input spectrum" if wave is None else f"input spectrum ({wave[0]:.1f}-{wave[-1]:.1f} A)"
+        return BatchFeature(
+            {"flux": flux, "ivar": ivar, "mask": mask, "meta": meta, "single": single, "source": source}
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,13 +189,14 @@ def _is_model_type(model: Any, task: str) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == MODEL_TYPES[task]
 
 
-class SpecPTRedshiftPipeline(Pipeline):
+class SpecPTRedshiftPipeline(ChunkPipeline):
     """`spectrum-redshift`: redshift, uncertainty, quality and `SpecPTZwarn` flag of each input spectrum.
 
     Args:
         model: a SpecPT redshift model ([`SpecPTForRedshift`]).
         autoencoder (*optional*): a SpecPT autoencoder, or its folder / repo id / short name, on the same grid;
             adds `anomaly` and allows `return_reconstruction`.
+        feature_extractor (*optional*): a [`SpecPTFeatureExtractor`]; by default the model's grid's.
         batch_size (`int`, *optional*, defaults to 64): spectra per model call.
         min_quality, min_coverage, max_anomaly (`float`, *optional*): the flag thresholds ([`FlagThresholds`]).
         return_embedding, return_reconstruction (`bool`, *optional*): add those arrays to each result.
@@ -167,7 +206,7 @@ class SpecPTRedshiftPipeline(Pipeline):
     See the module docstring for inputs and outputs.
     """
 
-    # a file path input -> `prepare_input`'s dict; `import specpt_hf` sets it to the DESI / MMU file reader
+    # a file path input -> the feature extractor's dict; `import specpt_hf` sets it to the DESI / MMU file reader
     file_reader: ClassVar[Callable[[str, SpecPTConfig], dict[str, Any]] | None] = None
 
     _load_processor = False
@@ -182,6 +221,8 @@ class SpecPTRedshiftPipeline(Pipeline):
                 f"the {TASK} pipeline needs a SpecPT redshift model (model_type 'specpt_redshift'), got "
                 f"{type(model).__name__}; pass an autoencoder as `autoencoder=`"
             )
+        if kwargs.get("feature_extractor") is None:
+            kwargs["feature_extractor"] = SpecPTFeatureExtractor.from_model_config(model.config)
         super().__init__(model, *args, **kwargs)
         self.model.eval()
         if isinstance(autoencoder, (str, os.PathLike)):
@@ -196,16 +237,19 @@ class SpecPTRedshiftPipeline(Pipeline):
         self.autoencoder = autoencoder
 
     def __call__(self, inputs: Any, **kwargs: Any) -> dict[str, Any] | list[Any]:
-        """Predict one input or a list of inputs; `batch_size` sets the spectra per model call (each input is
-        already a batch of spectra, so transformers' own batching of inputs is not used)."""
+        """Predict one input or a list of inputs; `batch_size` spectra per model call, across inputs."""
         if isinstance(inputs, (list, tuple)) and not len(inputs):
             raise ValueError("no inputs: the list is empty")
-        batch_size = kwargs.pop("batch_size", None) or self._batch_size or DEFAULT_BATCH_SIZE
-        return super().__call__(inputs, batch_size=1, max_batch_size=int(batch_size), **kwargs)
+        batch_size = int(kwargs.pop("batch_size", None) or self._batch_size or DEFAULT_BATCH_SIZE)
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        # a list goes through transformers' DataLoader, which batches the spectra; so does a single input
+        one = not isinstance(inputs, list)
+        results = super().__call__([inputs] if one else inputs, batch_size=batch_size, **kwargs)
+        return results[0] if one else results
 
     def _sanitize_parameters(
         self,
-        max_batch_size: int | None = None,
         return_embedding: bool | None = None,
         return_reconstruction: bool | None = None,
         return_pdf: bool | None = None,
@@ -214,8 +258,6 @@ class SpecPTRedshiftPipeline(Pipeline):
         max_anomaly: float | None = None,
     ) -> tuple[dict, dict, dict]:
         forward: dict[str, Any] = {}
-        if max_batch_size is not None:
-            forward["max_batch_size"] = max_batch_size
         if return_embedding is not None:
             forward["return_embedding"] = return_embedding
         if return_reconstruction is not None:
@@ -240,69 +282,93 @@ class SpecPTRedshiftPipeline(Pipeline):
             )
         return self.file_reader(path, self.model.config)
 
-    def preprocess(self, inputs: Any) -> dict[str, Any]:
+    def preprocess(self, inputs: Any) -> Iterator[dict[str, Any]]:
+        """One input -> one item per spectrum: `flux`, `ivar`, `mask` [1, pixels] (ivar zero and `has_ivar`
+        False where the input has none), its `meta`, and what `postprocess` needs of the input."""
         if isinstance(inputs, (str, os.PathLike)):
             if os.path.isdir(inputs):
                 raise ValueError(f"{os.fspath(inputs)}: a directory; pass its coadd-*.fits files one by one")
             prepared = self._read_file(os.fspath(inputs))
         else:
-            prepared = prepare_input(inputs, self.model.config)
+            prepared = self.feature_extractor(inputs)
         if (~prepared["mask"]).sum() == 0:
             grid = f"{self.model.config.wavelength_start:.1f}-{self.model.config.wavelength_end:.1f} A"
             raise ValueError(f"{prepared['source']}: no usable pixel on the model's grid ({grid})")
-        return prepared
+        flux = torch.tensor(prepared["flux"], dtype=torch.float32)  # [n, pixels]
+        has_ivar = prepared["ivar"] is not None
+        ivar = torch.tensor(prepared["ivar"], dtype=torch.float32) if has_ivar else torch.zeros_like(flux)
+        mask = torch.tensor(prepared["mask"], dtype=torch.bool)  # [n, pixels], True = bad
+        n = len(flux)
+        for i in range(n):
+            yield {
+                "flux": flux[i : i + 1],
+                "ivar": ivar[i : i + 1],
+                "mask": mask[i : i + 1],
+                "has_ivar": has_ivar,
+                "meta": prepared["meta"][i],
+                "single": prepared["single"],
+                "source": prepared["source"],
+                "is_last": i == n - 1,
+            }
 
     def _forward(
         self,
         inputs: dict[str, Any],
-        max_batch_size: int = DEFAULT_BATCH_SIZE,
         return_embedding: bool = False,
         return_reconstruction: bool = False,
         return_pdf: bool = False,
         thresholds: dict[str, float] | None = None,
     ) -> dict[str, Any]:
+        """A collated batch of spectra (from one or several inputs) -> their columns; spectra with and without
+        ivar run as separate model calls."""
+        flux, ivar, mask = (inputs[key].cpu().numpy() for key in ("flux", "ivar", "mask"))  # [b, pixels]
+        # collated items hold lists; a batch of one (transformers' `no_collate_fn`) holds the item's own values
+        has_ivar = np.atleast_1d(np.asarray(inputs["has_ivar"], dtype=bool))  # [b]
         limits = FlagThresholds(**(thresholds or {}))
-        parts = []
-        for start in range(0, len(inputs["flux"]), max_batch_size):
-            chunk = slice(start, start + max_batch_size)
-            parts.append(
-                predict_spectra(
-                    self.model,
-                    inputs["flux"][chunk],
-                    None if inputs["ivar"] is None else inputs["ivar"][chunk],
-                    inputs["mask"][chunk],
-                    autoencoder=self.autoencoder,
-                    thresholds=limits,
-                    return_embedding=return_embedding,
-                    return_reconstruction=return_reconstruction,
-                    return_pdf=return_pdf,
-                )
+        columns: dict[str, np.ndarray] = {}
+        for with_ivar in (True, False):
+            rows = np.flatnonzero(has_ivar == with_ivar)
+            if not len(rows):
+                continue
+            part = predict_spectra(
+                self.model,
+                flux[rows],
+                ivar[rows] if with_ivar else None,
+                mask[rows],
+                autoencoder=self.autoencoder,
+                thresholds=limits,
+                return_embedding=return_embedding,
+                return_reconstruction=return_reconstruction,
+                return_pdf=return_pdf,
             )
-        columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-        nodata = int((columns["npixels"] == 0).sum())
-        if nodata:
-            logger.warning(
-                f"{inputs['source']}: {nodata} spectra without a usable pixel on the model's grid (NODATA)"
-            )
-        return {"columns": columns, "meta": inputs["meta"], "single": inputs["single"]}
+            for key, value in part.items():
+                if key not in columns:
+                    columns[key] = np.empty((len(flux), *value.shape[1:]), dtype=value.dtype)
+                columns[key][rows] = value
+        passed = {key: inputs[key] for key in ("meta", "single", "source", "is_last")}
+        return {**columns, **passed}
 
-    def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
-        columns = outputs["columns"]
+    def postprocess(self, outputs: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+        """One input's spectra (`_forward`'s rows, in order) -> its result dicts."""
         scalars = ["z", "zerr", "quality", "zwarn", "npixels", "z_net", "zerr_net"] + (
             ["anomaly"] if self.autoencoder is not None else []
         )
-        scalars += [key for key in ("chi2", "deltachi2", "spectype", "npixels_fit") if key in columns]
-        arrays = [
-            key for key in ("embedding", "reconstruction", "coeff", "pz", "chi2_scan") if key in columns
-        ]
-        grids = pdf_redshifts(self.model) if "pz" in columns else {}
+        first = outputs[0]
+        scalars += [key for key in ("chi2", "deltachi2", "spectype", "npixels_fit") if key in first]
+        arrays = [key for key in ("embedding", "reconstruction", "coeff", "pz", "chi2_scan") if key in first]
+        grids = pdf_redshifts(self.model) if "pz" in first else {}
         results = []
-        for i, meta in enumerate(outputs["meta"]):
-            row = {**meta, **{key: columns[key][i].item() for key in scalars}}
-            row.update({key: columns[key][i] for key in arrays})
-            row.update({f"{key}_z": grid for key, grid in grids.items()})
-            results.append(row)
-        return results[0] if outputs["single"] else results
+        for row in outputs:
+            result = {**row["meta"], **{key: np.asarray(row[key]).item() for key in scalars}}
+            result.update({key: np.asarray(row[key])[0] for key in arrays})
+            result.update({f"{key}_z": grid for key, grid in grids.items()})
+            results.append(result)
+        nodata = sum(result["npixels"] == 0 for result in results)
+        if nodata:
+            logger.warning(
+                f"{first['source']}: {nodata} spectra without a usable pixel on the model's grid (NODATA)"
+            )
+        return results[0] if first["single"] else results
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "TASK", "SpecPTRedshiftPipeline", "prepare_input"]
+__all__ = ["DEFAULT_BATCH_SIZE", "TASK", "SpecPTFeatureExtractor", "SpecPTRedshiftPipeline"]

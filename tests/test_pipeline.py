@@ -19,7 +19,7 @@ from specpt_hf import create_model, load_pipeline
 from specpt_hf.data import desi_brz_wavelength, read_desi_spectra
 from specpt_hf.data.instrument import resample
 from specpt_hf.loading import SHORT_NAMES, load_model, resolve_model_name
-from specpt_hf.pipeline_specpt import SpecPTRedshiftPipeline
+from specpt_hf.pipeline_specpt import SpecPTFeatureExtractor, SpecPTRedshiftPipeline
 from specpt_hf.prediction import SpecPTZwarn, to_model_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -165,6 +165,52 @@ def test_autoencoder_outputs(folders, pipe):
         pipe(str(COADD), return_reconstruction=True)
     with pytest.raises(ValueError, match="redshift model"):
         pipeline("spectrum-redshift", model=str(folders["autoencoder"]), device="cpu")
+
+
+def test_spectra_of_several_inputs_share_model_calls(pipe, records):
+    """transformers' DataLoader batches spectra across inputs; results come back per input, in order, the same
+    as one spectrum per call, inputs with and without ivar mixed in one batch (they run as separate calls)."""
+    rows = [records[i % len(records)] for i in range(5)]  # the file's spectra, repeated
+    stacked = {k: np.stack([r[k] for r in rows]) for k in ("flux", "ivar", "mask")}
+    first = {key: value[:3] for key, value in stacked.items()}
+    second = {key: value[3:] for key, value in stacked.items()}
+    without_ivar = {"flux": stacked["flux"][3:], "mask": stacked["mask"][3:], "targetid": [7, 8]}
+    single = {"flux": stacked["flux"][0], "ivar": stacked["ivar"][0]}
+    calls = []
+    hook = pipe.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(len(kwargs["flux"])), with_kwargs=True
+    )
+    try:
+        pipe([first, second, single], batch_size=4)
+        assert calls == [4, 2]  # 3 + 2 + 1 spectra in two model calls
+        calls.clear()
+        batched = pipe([first, without_ivar, single], batch_size=4)
+        assert calls == [3, 1, 1, 1]  # per batch, the spectra with ivar, then those without
+        alone = [pipe(inputs, batch_size=1) for inputs in (first, without_ivar, single)]
+    finally:
+        hook.remove()
+    assert [len(batched[0]), len(batched[1])] == [3, 2] and isinstance(batched[2], dict)
+    assert [r["targetid"] for r in batched[1]] == [7, 8]
+    for got, expected in zip(
+        [*batched[0], *batched[1], batched[2]], [*alone[0], *alone[1], alone[2]], strict=True
+    ):
+        assert got["z"] == pytest.approx(expected["z"], rel=1e-6) and got["zwarn"] == expected["zwarn"]
+    assert batched[0][0]["z"] == pytest.approx(batched[2]["z"], rel=1e-6)  # the same spectrum twice
+
+
+def test_feature_extractor_puts_spectra_on_the_model_grid(folders, records, tmp_path):
+    config = load_model(folders["redshift"]).config
+    extractor = SpecPTFeatureExtractor.from_model_config(config)
+    extractor.save_pretrained(tmp_path)
+    reloaded = SpecPTFeatureExtractor.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == extractor.to_dict()
+    wave = np.arange(5000.0, 7000.0, 0.5)
+    flux = np.interp(wave, desi_brz_wavelength(), records[0]["flux"])
+    features = reloaded({"wave": wave, "flux": flux, "targetid": 3})
+    expected = to_model_grid(config, flux[None], None, None, wave)
+    np.testing.assert_array_equal(features["flux"], expected[0])
+    np.testing.assert_array_equal(features["mask"], expected[2])
+    assert features["ivar"] is None and features["meta"] == [{"targetid": 3}] and features["single"]
 
 
 def test_load_model_names_and_bad_folders(folders, tmp_path, monkeypatch):
