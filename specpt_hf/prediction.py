@@ -294,19 +294,27 @@ def predict_spectra(
         _run_models(
             model, autoencoder, flux[rows], None if ivar is None else ivar[rows], good[rows], rows, out
         )
-    out["zwarn"] = zwarn_flags(
-        model.config,
-        out["z"],
-        out["quality"],
-        npixels,
-        out["anomaly"],
-        thresholds,
-        out.get("deltachi2"),
-        out.get("npixels_fit"),
-        out.get("spectype"),
-        out["chi2_smooth"] - out["chi2"] if model.refines else None,
-    )
+    out["zwarn"] = zwarn_of_columns(model.config, out, thresholds)
     return out
+
+
+def zwarn_of_columns(
+    config: SpecPTForRedshiftConfig, columns: dict[str, np.ndarray], thresholds: FlagThresholds
+) -> np.ndarray:
+    """`zwarn_flags` of `predict_spectra`'s columns [n] (with or without the refinement's)."""
+    refined = "deltachi2" in columns
+    return zwarn_flags(
+        config,
+        columns["z"],
+        columns["quality"],
+        columns["npixels"],
+        columns["anomaly"],
+        thresholds,
+        columns.get("deltachi2"),
+        columns.get("npixels_fit"),
+        columns.get("spectype"),
+        columns["chi2_smooth"] - columns["chi2"] if refined else None,
+    )
 
 
 def pdf_redshifts(model: SpecPTForRedshift) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ import stars  # noqa: E402
 import template_smoothing  # noqa: E402
 import train_specpt_small_cpu as recipe  # noqa: E402
 import train_throughput  # noqa: E402
+import zwarn_thresholds  # noqa: E402
 
 REDROCK_MISSING = run_redrock.redrock_missing()
 needs_redrock = pytest.mark.skipif(
@@ -592,3 +593,17 @@ def test_redrock_subset_takes_the_first_targets_of_each_class_first_file(tmp_pat
     assert all(
         v["eta"] == 0.0 and v["nmad"] == pytest.approx(1e-3 * NMAD_SCALE) for v in result["refined"].values()
     )
+
+
+def test_zwarn_thresholds_quick_recomputes_the_flags_from_one_model_run(tmp_path):
+    argv = ["--quick", "--out", str(tmp_path), "--values", "0", "9", "1e9"]
+    assert zwarn_thresholds.main(argv) == 0
+    result = json.loads((tmp_path / "thresholds.json").read_text())
+    assert result["field"] == "min_delta_chi2" and result["n"] == 24
+    kept = [row["by_class"]["all"]["kept"] for row in result["values"]]
+    assert kept[0] >= kept[1] >= kept[2] == 0.0  # a higher threshold keeps no more; 1e9 flags every spectrum
+    cache = tmp_path / "columns.npz"
+    written = cache.stat().st_mtime_ns
+    assert zwarn_thresholds.main([*argv[:3], "--field", "min_feature_chi2", "--values", "0"]) == 0
+    assert cache.stat().st_mtime_ns == written  # the model did not run again
+    assert json.loads((tmp_path / "thresholds.json").read_text())["field"] == "min_feature_chi2"

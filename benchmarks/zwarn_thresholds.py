@@ -1,0 +1,169 @@
+"""Choose a ZWARN threshold on a tuning set: the model runs once, the flags are recomputed for each value.
+
+    python benchmarks/zwarn_thresholds.py --model runs/specpt-small-cpu-aug/redshift/best \
+        --test-dir runs/benchmarks/tuning/testset --seed 202 --n-per-class 2000 \
+        --field min_delta_chi2 --values 9 10 12 16 --out benchmarks/results/zwarn_thresholds
+    python benchmarks/zwarn_thresholds.py --quick --out /tmp/zwarn      # seconds: untrained tiny model
+
+The tuning set is drawn like accuracy.py's test set with another seed (`make_test_set`): settings are chosen there,
+never on the test set. For each value of one `FlagThresholds` field (`--field`; the others keep their defaults)
+the ZWARN = 0 sample per class: the fraction kept, its catastrophic rate η (|Δz|/(1+z) > 0.15) and its count of
+failures. The predictions are kept in OUT/columns.npz and reused while the model and the tuning set are the
+same, so further fields need no model run. Writes thresholds.json and thresholds.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import CLASSES, make_test_set  # noqa: E402
+from refinement_sweep import quick_setup  # noqa: E402
+from robustness import held_out  # noqa: E402
+from speed import machine_info  # noqa: E402
+
+from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from specpt_hf.evaluation.metrics import catastrophic_fraction  # noqa: E402
+from specpt_hf.loading import load_model  # noqa: E402
+from specpt_hf.prediction import FlagThresholds, predict_spectra, zwarn_of_columns  # noqa: E402
+
+
+def model_digest(folder: Path) -> str:
+    """SHA-256 of a model folder's config, weights and templates: what its predictions depend on."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "templates.safetensors"):
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def predictions(model: Any, files: list[Path], per_file: int, cache: Path, key: str) -> dict[str, np.ndarray]:
+    """`predict_spectra`'s columns [n] (those ZWARN reads among them), with the true z and class, of the first `per_file` spectra
+    of each file; read from `cache` when it was written for the same `key` (model and tuning set)."""
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            if str(stored["key"]) == key:
+                return {name: stored[name] for name in stored.files if name != "key"}
+    batch, z_true, classes = held_out(files, per_file, model.config)
+    parts = []
+    for start in range(0, len(z_true), 128):
+        rows = slice(start, start + 128)
+        part = predict_spectra(model, *(batch[name][rows].numpy() for name in ("flux", "ivar", "mask")))
+        parts.append({name: value for name, value in part.items() if value.ndim == 1})
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    columns.update(z_true=z_true, target_class=classes)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a file object: np.savez would add ".npz" to a path
+            np.savez(handle, key=key, **columns)
+
+    atomic_write(cache, write)
+    return columns
+
+
+def score(columns: dict[str, np.ndarray], zwarn: np.ndarray) -> dict[str, dict[str, Any]]:
+    """The ZWARN = 0 sample per class: n, kept fraction, η and failures kept."""
+    out = {}
+    for name in [*CLASSES, "all"]:
+        rows = columns["target_class"] == name if name != "all" else np.ones(len(zwarn), bool)
+        kept = rows & (zwarn == 0)
+        eta = (
+            catastrophic_fraction(columns["z"][kept], columns["z_true"][kept]) if kept.any() else float("nan")
+        )
+        out[name] = {
+            "n": int(rows.sum()),
+            "kept": float(kept.sum() / max(rows.sum(), 1)),
+            "eta": eta,
+            "failures": round(eta * kept.sum()) if kept.any() else 0,
+        }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# ZWARN's `{result['field']}`: {result['model']}",
+        "",
+        f"{result['n']} spectra of `{result['test_dir']}`; machine: {result['machine']['summary']}, "
+        f"{result['machine']['date']}. Other thresholds at their defaults; kept and η in %.",
+        "",
+        "| value | class | n | ZWARN = 0 kept | η | failures kept |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["values"]:
+        for name, m in row["by_class"].items():
+            lines.append(
+                f"| {row['value']:g} | {name} | {m['n']} | {100 * m['kept']:.1f} | {100 * m['eta']:.2f} | "
+                f"{m['failures']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="SpecPTForRedshift folder")
+    parser.add_argument("--test-dir", type=Path, help="where the tuning set lives (default: OUT/tuningset)")
+    parser.add_argument("--seed", type=int, default=202, help="mock seed of the tuning set")
+    parser.add_argument("--n-per-class", type=int, default=2000)
+    fields = [f.name for f in dataclasses.fields(FlagThresholds)]
+    parser.add_argument("--field", default="min_delta_chi2", choices=fields, help="a FlagThresholds field")
+    parser.add_argument("--values", type=float, nargs="+", help="values of --field")
+    parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny, 6 spectra per class")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.seed in (0, 1, 101):
+        parser.error("seeds 0 and 1 draw the training set and 101 the test set; tune on another")
+    if args.quick:
+        args.n_per_class = 6
+        args.values = args.values or [9.0, 25.0]
+    elif args.model is None:
+        parser.error("--model is required (or --quick)")
+    if not args.values:
+        parser.error("--values is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.model = args.out / "specpt-tiny"
+        if not (args.model / "templates.safetensors").is_file():
+            quick_setup(args.out)
+    test_dir = args.test_dir or args.out / "tuningset"
+    spf = args.n_per_class if args.quick else None
+    per_class = make_test_set(test_dir, args.n_per_class, args.seed, *([spf] if spf else []))
+    files = [path for name in CLASSES for path in per_class[name]]
+    model = load_model(args.model, task="redshift")
+    key = f"{model_digest(Path(args.model))}|{args.seed}|{args.n_per_class}"
+    columns = predictions(model, files, args.n_per_class, args.out / "columns.npz", key)
+    rows = []
+    for value in args.values:
+        thresholds = dataclasses.replace(FlagThresholds(), **{args.field: value})
+        rows.append(
+            {"value": value, "by_class": score(columns, zwarn_of_columns(model.config, columns, thresholds))}
+        )
+    result = {
+        "machine": machine_info("cpu"),
+        "model": str(args.model),
+        "test_dir": str(test_dir),
+        "n": int(len(columns["z"])),
+        "field": args.field,
+        "values": rows,
+    }
+    atomic_write_json(args.out / "thresholds.json", result)
+    atomic_write_text(args.out / "thresholds.md", markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
