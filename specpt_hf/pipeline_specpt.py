@@ -354,7 +354,8 @@ class SpecPTRedshiftPipeline(ChunkPipeline):
             ["anomaly"] if self.autoencoder is not None else []
         )
         first = outputs[0]
-        scalars += [key for key in ("chi2", "deltachi2", "spectype", "npixels_fit") if key in first]
+        refined = ("chi2", "deltachi2", "spectype", "npixels_fit", "oii_flux", "oii_flux_ivar")
+        scalars += [key for key in refined if key in first]
         arrays = [key for key in ("embedding", "reconstruction", "coeff", "pz", "chi2_scan") if key in first]
         grids = pdf_redshifts(self.model) if "pz" in first else {}
         results = []

@@ -18,6 +18,8 @@ Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum; Redrock's col
 | Z, ZERR | float64 | redshift and its 1-sigma uncertainty (refined: the chi^2 fit's, Delta chi^2 = 1) |
 | ZWARN | int64 | `SpecPTZwarn` bit mask, 0 = no warning (names in the header keywords ZWARN0 ...) |
 | CHI2, DELTACHI2 | float64 | refined only: best chi^2, and the next minimum >= 1000 km/s away minus it |
+| CHI2_SMOOTH | float64 | refined only: chi^2 of a smooth continuum with no redshift on the same pixels |
+| OII_FLUX, OII_FLUX_IVAR | float64 | refined only: the [O II] 3727, 3730 doublet's flux (1e-17 erg/s/cm^2) at Z and its inverse variance (NaN off the grid; `specpt_hf.emission_lines`) |
 | COEFF | float32 [vectors] | refined only: the winning template set's coefficients |
 | SPECTYPE | str | refined only: the winning template set (GALAXY, QSO) |
 | SPECTYPE_NET | str | with a spectral-type head (`config.spectype_labels`): its most probable type |
@@ -107,6 +109,8 @@ CATALOG_COLUMNS: dict[str, tuple[str, str]] = {
     "CHI2": ("chi2", "float64"),
     "DELTACHI2": ("deltachi2", "float64"),
     "CHI2_SMOOTH": ("chi2_smooth", "float64"),
+    "OII_FLUX": ("oii_flux", "float64"),
+    "OII_FLUX_IVAR": ("oii_flux_ivar", "float64"),
     "COEFF": ("coeff", "float32"),
     "SPECTYPE": ("spectype", "str"),
     "SPECTYPE_NET": ("spectype_net", "str"),
@@ -669,6 +673,7 @@ def _catalog_meta(
         "MINFCHI2": thresholds.min_feature_chi2
         if math.isfinite(thresholds.min_feature_chi2)
         else "-inf",  # FITS: no inf
+        "OIIDCHI2": thresholds.oii_delta_chi2,
         "REFINE": model.config.refinement if model.refines else "none",
         "BF16": bf16,
         "NFILES": summary.files,
@@ -781,6 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SMALL_DELTA_CHI2 where CHI2_SMOOTH - CHI2 is below this (with refinement; -inf: off)",
     )
     parser.add_argument(
+        "--oii-delta-chi2",
+        type=float,
+        default=defaults.oii_delta_chi2,
+        help="below this DELTACHI2 a GALAXY fit also needs DESI's ELG [O II] criterion (with refinement; 0: off)",
+    )
+    parser.add_argument(
         "--refine",
         choices=REFINEMENTS,
         help="template chi^2 refinement (default: the model's config.refinement; needs its templates)",
@@ -825,7 +836,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     thresholds = FlagThresholds(
-        args.min_quality, args.min_coverage, args.max_anomaly, args.min_delta_chi2, args.min_feature_chi2
+        args.min_quality,
+        args.min_coverage,
+        args.max_anomaly,
+        args.min_delta_chi2,
+        args.min_feature_chi2,
+        args.oii_delta_chi2,
     )
     summary = predict_catalog(
         args.files,

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
+from .emission_lines import desi_elg_secure, oii_flux
 from .modeling_specpt import SpecPTForRedshift, SpecPTForSpectrumReconstruction
 from .resampling import good_pixels, resample
 
@@ -51,7 +52,9 @@ class SpecPTZwarn(enum.IntFlag):
       with template refinement, as in Redrock, DELTACHI2 below `min_delta_chi2` (alias `SMALL_DELTA_CHI2`), or
       a fit that beats a smooth continuum with no redshift (CHI2_SMOOTH) by less than `min_feature_chi2` (not for
       a STAR, whose fit searches no redshift range: a star's continuum is often fitted better by the smooth series
-      than by a few STAR vectors).
+      than by a few STAR vectors), or a GALAXY fit with DELTACHI2 below `oii_delta_chi2` that fails DESI's ELG
+      criterion on its [O II] doublet at the fitted redshift (`emission_lines.desi_elg_secure`; where the doublet
+      is on the grid).
     - bit 4 `ANOMALOUS` (Redrock: MANY_OUTLIERS): the autoencoder's reduced chi^2 exceeds `max_anomaly`
       (only set when an autoencoder is used).
     - bit 5 `AT_Z_LIMIT` (Redrock: Z_FITLIMIT): z within one p(z) bin of the model's z_min or z_max (not for a STAR).
@@ -87,6 +90,9 @@ class FlagThresholds:
         min_feature_chi2 (`float`, defaults to 0.0): with refinement, `SMALL_DELTA_CHI2` where CHI2_SMOOTH - CHI2
             is below this: at 0, a template fit no better than a smooth redshift-free continuum (a fit to noise,
             or to a continuum without features) is flagged. `-inf` turns it off.
+        oii_delta_chi2 (`float`, defaults to 0.0): with refinement, a GALAXY fit whose DELTACHI2 is below this
+            must also pass DESI's ELG [O II] criterion, log10(FOII_SNR) > 0.9 - 0.2 log10(DELTACHI2), or gets
+            `SMALL_DELTA_CHI2`. 0 turns it off.
     """
 
     min_quality: float = 0.5
@@ -94,6 +100,7 @@ class FlagThresholds:
     max_anomaly: float = 5.0
     min_delta_chi2: float = 9.0
     min_feature_chi2: float = 0.0
+    oii_delta_chi2: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_quality <= 1.0 or not 0.0 <= self.min_coverage <= 1.0:
@@ -104,6 +111,8 @@ class FlagThresholds:
             raise ValueError(f"`max_anomaly` must be > 0, got {self.max_anomaly}")
         if not self.min_delta_chi2 >= 0:
             raise ValueError(f"`min_delta_chi2` must be >= 0, got {self.min_delta_chi2}")
+        if not self.oii_delta_chi2 >= 0:
+            raise ValueError(f"`oii_delta_chi2` must be >= 0, got {self.oii_delta_chi2}")
         if math.isnan(self.min_feature_chi2) or self.min_feature_chi2 == math.inf:
             raise ValueError(f"`min_feature_chi2` must be a number or -inf, got {self.min_feature_chi2}")
 
@@ -196,10 +205,11 @@ def zwarn_flags(
     npixels_fit: np.ndarray | None = None,
     spectype: np.ndarray | None = None,
     feature_chi2: np.ndarray | None = None,
+    oii: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """`SpecPTZwarn` bit mask [n] (int64) from the predictions and the thresholds (NaN never sets a bit);
-    `delta_chi2`, `npixels_fit`, `spectype` and `feature_chi2` (CHI2_SMOOTH - CHI2) come from template refinement
-    (None: network-only). A STAR sits
+    `delta_chi2`, `npixels_fit`, `spectype`, `feature_chi2` (CHI2_SMOOTH - CHI2) and `oii` (the [O II] doublet's
+    flux and its ivar at the fitted redshift) come from template refinement (None: network-only). A STAR sits
     at z ~ 0 by nature, inside its own velocity range: it never gets AT_Z_LIMIT."""
     with np.errstate(invalid="ignore"):
         u_z = np.log1p(z)
@@ -217,6 +227,10 @@ def zwarn_flags(
         if feature_chi2 is not None:  # not for a STAR: its fit searches no redshift range for a feature
             featureless = feature_chi2 < thresholds.min_feature_chi2
             ambiguous |= featureless if spectype is None else featureless & (spectype != "STAR")
+        if oii is not None and spectype is not None:  # a faint galaxy's redshift rests on its [O II] doublet
+            measured = np.isfinite(oii[0])
+            weak = (spectype == "GALAXY") & measured & (delta_chi2 < thresholds.oii_delta_chi2)
+            ambiguous |= weak & ~desi_elg_secure(*oii, delta_chi2)
         bits = [
             (coverage, SpecPTZwarn.LITTLE_COVERAGE),
             (ambiguous, SpecPTZwarn.LOW_QUALITY),
@@ -255,7 +269,8 @@ def predict_spectra(
     Returns numpy arrays [n]: `z`, `zerr`, `quality` (float64, NaN where the head gives none), `npixels` (int64),
     `anomaly` (float64, NaN without autoencoder or ivar), `zwarn` (int64, `SpecPTZwarn`), `z_net`, `zerr_net`
     (the network's own; equal to `z`, `zerr` without refinement); with template refinement (`model.refines`)
-    also `chi2`, `deltachi2`, `chi2_smooth` (float64), `spectype` (str), `npixels_fit` (int64) and `coeff` [n, vectors];
+    also `chi2`, `deltachi2`, `chi2_smooth`, `oii_flux`, `oii_flux_ivar` (float64; the [O II] doublet at `z`, NaN
+    without ivar), `spectype` (str), `npixels_fit` (int64) and `coeff` [n, vectors];
     optionally `embedding` [n, d] and `reconstruction` [n, pixels] (float32, flux units; needs the autoencoder);
     with `return_pdf`, `pz` [n, bins] (the probability of each p(z) bin, at `pdf_redshifts(model)["pz"]`) and,
     when the model refines, `chi2_scan` [n, trials] (the coarse chi^2(z) samples, NaN where not searched).
@@ -271,7 +286,12 @@ def predict_spectra(
     out = {key: np.full(n, np.nan) for key in ("z", "zerr", "quality", "anomaly", "z_net", "zerr_net")}
     out["npixels"] = npixels
     if model.refines:
-        out.update({key: np.full(n, np.nan) for key in ("chi2", "deltachi2", "chi2_smooth")})
+        out.update(
+            {
+                key: np.full(n, np.nan)
+                for key in ("chi2", "deltachi2", "chi2_smooth", "oii_flux", "oii_flux_ivar")
+            }
+        )
         out["spectype"] = np.full(n, "", dtype="U8")
         out["npixels_fit"] = np.zeros(n, dtype=np.int64)
         vectors = max(info["num_vectors"] for info in model.config.templates["spectypes"].values())
@@ -294,6 +314,15 @@ def predict_spectra(
         _run_models(
             model, autoencoder, flux[rows], None if ivar is None else ivar[rows], good[rows], rows, out
         )
+        if model.refines and ivar is not None:
+            out["oii_flux"][rows], out["oii_flux_ivar"][rows] = oii_flux(
+                model_wavelength(model.config),
+                flux[rows],
+                ivar[rows],
+                good[rows],
+                out["z"][rows],
+                sigma_instrument=model.config.wavelength_step,
+            )
     out["zwarn"] = zwarn_of_columns(model.config, out, thresholds)
     return out
 
@@ -314,6 +343,7 @@ def zwarn_of_columns(
         columns.get("npixels_fit"),
         columns.get("spectype"),
         columns["chi2_smooth"] - columns["chi2"] if refined else None,
+        (columns["oii_flux"], columns["oii_flux_ivar"]) if refined else None,
     )
 
 
@@ -399,7 +429,16 @@ PREDICTION_COLUMNS = {
     "zerr_net": "zerr_net",
 }
 # with template refinement also
-REFINEMENT_COLUMNS = ("chi2", "deltachi2", "chi2_smooth", "spectype", "coeff", "npixels_fit")
+REFINEMENT_COLUMNS = (
+    "chi2",
+    "deltachi2",
+    "chi2_smooth",
+    "spectype",
+    "coeff",
+    "npixels_fit",
+    "oii_flux",
+    "oii_flux_ivar",
+)
 TYPE_COLUMNS = ("spectype_net",)  # with a spectral-type head
 PDF_COLUMNS = ("pz", "chi2_scan")  # [n, bins] and [n, trials], with `return_pdf`
 

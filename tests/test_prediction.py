@@ -192,6 +192,23 @@ def test_a_fit_no_better_than_a_smooth_continuum_is_flagged():
         FlagThresholds(min_feature_chi2=math.nan)
 
 
+def test_a_weak_galaxy_fit_needs_its_oii_doublet():
+    config = create_model("specpt-tiny", "redshift").config
+    n = 5
+    args = (config, np.full(n, 1.0), np.full(n, 0.9), np.full(n, 7000), np.full(n, 1.0))
+    delta_chi2 = np.array([12.0, 12.0, 12.0, 40.0, 12.0])
+    spectype = np.array(["GALAXY", "GALAXY", "QSO", "GALAXY", "GALAXY"])
+    # FOII_SNR 2, 8, 2, 2, unmeasured (off the grid); DESI's cut at DELTACHI2 12 needs S/N > 4.8
+    oii = (np.array([2.0, 8.0, 2.0, 2.0, np.nan]), np.ones(n))
+    refined = (delta_chi2, np.full(n, 7000), spectype, np.full(n, 100.0), oii)
+    flags = zwarn_flags(*args, FlagThresholds(oii_delta_chi2=25.0), *refined)
+    small = SpecPTZwarn.SMALL_DELTA_CHI2
+    assert flags.tolist() == [small, 0, 0, 0, 0]  # only the weak GALAXY fit without its doublet
+    assert zwarn_flags(*args, FlagThresholds(), *refined).tolist() == [0] * n  # 0: off
+    with pytest.raises(ValueError, match="oii_delta_chi2"):
+        FlagThresholds(oii_delta_chi2=-1.0)
+
+
 @pytest.mark.parametrize("instrument", [DEIMOS, HST_G102], ids=lambda i: i.name)
 def test_resampler_agrees_with_specutils(instrument):
     """`resample` against specutils' `FluxConservingResampler`, a per-pixel loop written independently, from
