@@ -3,13 +3,16 @@
     python benchmarks/zwarn_thresholds.py --model runs/specpt-small-cpu-aug/redshift/best \
         --test-dir runs/benchmarks/tuning/testset --seed 202 --n-per-class 2000 \
         --field min_delta_chi2 --values 9 10 12 16 --out benchmarks/results/zwarn_thresholds
+    python benchmarks/zwarn_thresholds.py --model M --test-dir runs/benchmarks/accuracy/testset --seed 101 \
+        --n-per-class 5000 --evaluate --field oii_delta_chi2 --values 0 12 --out benchmarks/results/zwarn_thresholds/test
     python benchmarks/zwarn_thresholds.py --quick --out /tmp/zwarn      # seconds: untrained tiny model
 
 The tuning set is drawn like accuracy.py's test set with another seed (`make_test_set`): settings are chosen there,
 never on the test set. For each value of one `FlagThresholds` field (`--field`; the others keep their defaults)
 the ZWARN = 0 sample per class: the fraction kept, its catastrophic rate η (|Δz|/(1+z) > 0.15) and its count of
 failures. The predictions are kept in OUT/columns.npz and reused while the model and the tuning set are the
-same, so further fields need no model run. Writes thresholds.json and thresholds.md to --out.
+same, so further fields need no model run. Writes thresholds.json and thresholds.md to --out. `--evaluate` runs
+values already chosen on the tuning set on accuracy.py's test set (seed 101), for the record.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"# ZWARN's `{result['field']}`: {result['model']}",
         "",
         f"{result['n']} spectra of `{result['test_dir']}`; machine: {result['machine']['summary']}, "
-        f"{result['machine']['date']}. Other thresholds at their defaults; kept and η in %.",
+        f"{result['machine']['date']}; {result['purpose']}. Other thresholds at their defaults; kept and η in %.",
         "",
         "| value | class | n | ZWARN = 0 kept | η | failures kept |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
@@ -116,11 +119,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fields = [f.name for f in dataclasses.fields(FlagThresholds)]
     parser.add_argument("--field", default="min_delta_chi2", choices=fields, help="a FlagThresholds field")
     parser.add_argument("--values", type=float, nargs="+", help="values of --field")
+    parser.add_argument(
+        "--evaluate", action="store_true", help="values already chosen, on the test set (seed 101 allowed)"
+    )
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny, 6 spectra per class")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.seed in (0, 1, 101):
-        parser.error("seeds 0 and 1 draw the training set and 101 the test set; tune on another")
+    if args.seed in (0, 1) or (args.seed == 101 and not args.evaluate):
+        parser.error(
+            "seeds 0 and 1 draw the training set and 101 the test set (only with --evaluate); tune on another"
+        )
     if args.quick:
         args.n_per_class = 6
         args.values = args.values or [9.0, 25.0]
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_dir": str(test_dir),
         "n": int(len(columns["z"])),
         "field": args.field,
+        "purpose": "evaluation of chosen values" if args.evaluate else "tuning",
         "values": rows,
     }
     atomic_write_json(args.out / "thresholds.json", result)
