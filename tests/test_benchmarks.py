@@ -609,5 +609,14 @@ def test_zwarn_thresholds_quick_recomputes_the_flags_from_one_model_run(tmp_path
     assert json.loads((tmp_path / "thresholds.json").read_text())["field"] == "min_feature_chi2"
     with pytest.raises(SystemExit):  # the test set's seed only evaluates values already chosen
         zwarn_thresholds.main(
-            ["--model", str(tmp_path / "specpt-tiny"), "--seed", "101", "--out", str(tmp_path)]
+            [
+                "--model",
+                str(tmp_path / "specpt-tiny"),
+                "--seed",
+                "101",
+                "--values",
+                "9",
+                "--out",
+                str(tmp_path),
+            ]
         )
