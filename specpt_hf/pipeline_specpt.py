@@ -40,8 +40,8 @@ pipeline's DataLoader collates `batch_size` items from one or several inputs int
 gathers each input's spectra back into its results.
 
 Shipping with a model: `pipe.save_pretrained(folder)` writes `custom_pipelines` into config.json and copies this
-file and the files it imports relatively (`prediction.py`, `loading.py`, `resampling.py`, `refinement.py`) next
-to `modeling_specpt.py` and `configuration_specpt.py`, so that
+file and the files it imports relatively (`prediction.py`, `loading.py`, `resampling.py`, `refinement.py`,
+`emission_lines.py`) next to `modeling_specpt.py` and `configuration_specpt.py`, so that
 `pipeline("spectrum-redshift", model=folder, trust_remote_code=True)` works where `specpt_hf` is not installed.
 Where `specpt_hf` is installed and the folder ships the pipeline, `transformers.pipeline` still asks for
 `trust_remote_code=True` (or `pipeline_class=SpecPTRedshiftPipeline`); `specpt_hf.load_pipeline(folder)` uses
@@ -163,6 +163,7 @@ class SpecPTFeatureExtractor(FeatureExtractionMixin):
         _check_shapes(flux, {key: _as_2d(arrays.get(key)) for key in ("ivar", "mask")})
         wave = arrays.get("wave")
         wave = None if wave is None else np.asarray(getattr(wave, "value", wave), dtype=np.float64)
+        # to_model_grid reads only the grid's fields, which the extractor holds under the config's names
         flux, ivar, mask = to_model_grid(
             self, flux, _as_2d(arrays.get("ivar")), _as_2d(arrays.get("mask")), wave
         )

@@ -321,7 +321,7 @@ def predict_spectra(
                 ivar[rows],
                 good[rows],
                 out["z"][rows],
-                sigma_instrument=model.config.wavelength_step,
+                sigma_instrument=model.config.wavelength_step,  # DESI's line-spread sigma is ~1 pixel
             )
     out["zwarn"] = zwarn_of_columns(model.config, out, thresholds)
     return out
