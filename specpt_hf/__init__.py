@@ -48,6 +48,7 @@ SpecPTConfig.register_for_auto_class("AutoConfig")
 SpecPTForRedshiftConfig.register_for_auto_class("AutoConfig")
 SpecPTForSpectrumReconstruction.register_for_auto_class("AutoModel")
 SpecPTForRedshift.register_for_auto_class("AutoModel")
+SpecPTFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 SpecPTRedshiftPipeline.file_reader = staticmethod(read_file_input)
 PIPELINE_REGISTRY.register_pipeline(
     TASK,

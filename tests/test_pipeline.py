@@ -246,11 +246,13 @@ CHILD = r"""
 import sys
 
 import torch
-from transformers import pipeline
+from transformers import AutoFeatureExtractor, pipeline
 
 data = torch.load(sys.argv[1], weights_only=False)
 pipe = pipeline("spectrum-redshift", model=data["folder"], trust_remote_code=True, device="cpu")
 answer = {"class": type(pipe).__name__, "module": type(pipe).__module__}
+extractor = AutoFeatureExtractor.from_pretrained(data["folder"], trust_remote_code=True)
+answer["extractor"] = [type(extractor).__name__, extractor.num_pixels]
 answer["z"] = [r["z"] for r in pipe({"wave": data["wave"], "flux": data["flux"], "ivar": data["ivar"]})]
 for name, call in {
     "desi_file": lambda: pipe(data["coadd"]),
@@ -289,6 +291,10 @@ def test_trust_remote_code_pipeline_without_specpt_hf(pipe, records, tmp_path, f
     )
     report = fresh_python(CHILD, tmp_path / "data.pt", env={"HF_HUB_OFFLINE": "1"})
     assert report["class"] == "SpecPTRedshiftPipeline" and report["module"].startswith("transformers_modules")
+    assert report["extractor"] == [
+        "SpecPTFeatureExtractor",
+        7781,
+    ]  # preprocessor_config.json loads remotely too
     assert report["z"] == pytest.approx(expected, rel=1e-5)
     assert report["desi_file"].startswith("ValueError") and "specpt_hf" in report["desi_file"]
     assert "HF_HUB_OFFLINE=1" in report["offline_autoencoder"]
