@@ -1,10 +1,11 @@
 """Choose a ZWARN threshold on a tuning set: the model runs once, the flags are recomputed for each value.
 
-    python benchmarks/zwarn_thresholds.py --model runs/specpt-small-cpu-aug/redshift/best \
-        --test-dir runs/benchmarks/tuning/testset --seed 202 --n-per-class 2000 \
-        --field min_delta_chi2 --values 9 10 12 16 --out benchmarks/results/zwarn_thresholds
-    python benchmarks/zwarn_thresholds.py --model M --test-dir runs/benchmarks/accuracy/testset --seed 101 \
-        --n-per-class 5000 --evaluate --field oii_delta_chi2 --values 0 12 --out benchmarks/results/zwarn_thresholds/test
+    python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
+        --test-dir runs/benchmarks/tuning/testset --field oii_delta_chi2 --values 0 12 16 20 25 30 40 60 100 \
+        --out runs/benchmarks/zwarn_oii                       # -> benchmarks/results/zwarn_thresholds
+    python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
+        --test-dir runs/benchmarks/accuracy/testset --seed 101 --n-per-class 5000 --evaluate \
+        --field oii_delta_chi2 --values 0 12 --out runs/benchmarks/zwarn_oii_test      # -> .../zwarn_thresholds/test
     python benchmarks/zwarn_thresholds.py --quick --out /tmp/zwarn      # seconds: untrained tiny model
 
 The tuning set is drawn like accuracy.py's test set with another seed (`make_test_set`): settings are chosen there,
@@ -48,8 +49,9 @@ def model_digest(folder: Path) -> str:
 
 
 def predictions(model: Any, files: list[Path], per_file: int, cache: Path, key: str) -> dict[str, np.ndarray]:
-    """`predict_spectra`'s columns [n] (those ZWARN reads among them), with the true z and class, of the first `per_file` spectra
-    of each file; read from `cache` when it was written for the same `key` (model and tuning set)."""
+    """`predict_spectra`'s columns [n] (those ZWARN reads among them), with the true z and class, of the first
+    `per_file` spectra of each file (all of them when `per_file` is at least a file's size); read from `cache` when
+    it was written for the same `key` (model and tuning set)."""
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             if str(stored["key"]) == key:
