@@ -139,6 +139,7 @@ def test_release_recipe_end_to_end(hub, release, capsys):
     files = hub.files(REPO)
     expected = {"README.md", "config.json", "model.safetensors", "training_settings.yaml"}
     expected |= {"configuration_specpt.py", "modeling_specpt.py", "pipeline_specpt.py", "resampling.py"}
+    expected |= {"emission_lines.py", "preprocessor_config.json"}
     assert expected <= set(files), sorted(files)
     assert files["model.safetensors"].lfs_oid, "weights must travel as an LFS object"
     local = release / "runs" / "redshift" / "best" / "model.safetensors"
@@ -146,6 +147,10 @@ def test_release_recipe_end_to_end(hub, release, capsys):
     ae_files = hub.files(autoencoder_repo)
     assert {"README.md", "config.json", "model.safetensors", "modeling_specpt.py"} <= set(ae_files)
     assert "pipeline_specpt.py" not in ae_files and "resampling.py" not in ae_files
+    assert "preprocessor_config.json" not in ae_files
+    extractor = json.loads(hub.read_file(REPO, "preprocessor_config.json"))
+    assert extractor["auto_map"] == {"AutoFeatureExtractor": "pipeline_specpt.SpecPTFeatureExtractor"}
+    assert extractor["num_pixels"] == json.loads(hub.read_file(REPO, "config.json"))["num_pixels"]
     assert hub.read_file(REPO, "README.md") == (release / "hub" / "redshift" / "README.md").read_bytes()
     card = ModelCard(hub.read_file(REPO, "README.md").decode())
     assert card.data.base_model == autoencoder_repo

@@ -2,7 +2,8 @@
 
 It holds the checked weights and, when the model folder has them, `templates.safetensors` and
 `training_settings.yaml` (all copied byte for byte); `config.json` as saved, with `auto_map` and, for a redshift
-model, `custom_pipelines`; the code `trust_remote_code` needs; and the `README.md` card. The code is saved the
+model, `custom_pipelines` and the pipeline's `preprocessor_config.json` (its feature extractor, with its own
+`auto_map`); the code `trust_remote_code` needs; and the `README.md` card. The code is saved the
 way `save_pretrained` saves it: transformers' `custom_object_save` copies the module of each class registered for
 an auto class (`configuration_specpt.py`, `modeling_specpt.py`) and of the pipeline class (`pipeline_specpt.py`),
 with every module they import relatively (`refinement.py`, `resampling.py`, ...), from the installed `specpt_hf`
@@ -26,7 +27,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from ..atomic import FILE_MODE, replaced_folder
 from ..configuration_specpt import SpecPTForRedshiftConfig
 from ..evaluation.results import read_results_json
-from ..pipeline_specpt import SpecPTRedshiftPipeline
+from ..pipeline_specpt import SpecPTFeatureExtractor, SpecPTRedshiftPipeline
 from .card import render_model_card
 from .model_folder import (
     SETTINGS_NAME,
@@ -124,6 +125,8 @@ def write_repo_folder(
         for file in copied:
             shutil.copy2(file, tmp / file.name)
         save_remote_code(folder, tmp, config, bool(pipelines))
+        if pipelines:  # the pipeline's feature extractor: AutoFeatureExtractor loads it from the repo
+            SpecPTFeatureExtractor.from_model_config(folder.config).save_pretrained(tmp)
         (tmp / "config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
