@@ -30,13 +30,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import CLASSES, make_test_set  # noqa: E402
 from refinement_sweep import quick_setup  # noqa: E402
-from robustness import held_out  # noqa: E402
+from robustness import held_out, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.evaluation.metrics import catastrophic_fraction  # noqa: E402
 from specpt_hf.loading import load_model  # noqa: E402
-from specpt_hf.prediction import FlagThresholds, predict_spectra, zwarn_of_columns  # noqa: E402
+from specpt_hf.prediction import FlagThresholds, zwarn_of_columns  # noqa: E402
 
 
 def model_digest(folder: Path) -> str:
@@ -57,12 +57,7 @@ def predictions(model: Any, files: list[Path], per_file: int, cache: Path, key: 
             if str(stored["key"]) == key:
                 return {name: stored[name] for name in stored.files if name != "key"}
     batch, z_true, classes = held_out(files, per_file, model.config)
-    parts = []
-    for start in range(0, len(z_true), 128):
-        rows = slice(start, start + 128)
-        part = predict_spectra(model, *(batch[name][rows].numpy() for name in ("flux", "ivar", "mask")))
-        parts.append({name: value for name, value in part.items() if value.ndim == 1})
-    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    columns = predict_chunks(model, batch, 128)  # every [n] column of predict_spectra
     columns.update(z_true=z_true, target_class=classes)
 
     def write(tmp: Path) -> None:

@@ -69,7 +69,14 @@ from transformers.utils import logging
 
 from .configuration_specpt import SpecPTConfig
 from .loading import MODEL_TYPES, load_model
-from .prediction import FlagThresholds, check_same_grid, pdf_redshifts, predict_spectra, to_model_grid
+from .prediction import (
+    REFINEMENT_COLUMNS,
+    FlagThresholds,
+    check_same_grid,
+    pdf_redshifts,
+    predict_spectra,
+    to_model_grid,
+)
 from .resampling import spectrum_arrays
 
 logger = logging.get_logger(__name__)
@@ -355,8 +362,7 @@ class SpecPTRedshiftPipeline(ChunkPipeline):
             ["anomaly"] if self.autoencoder is not None else []
         )
         first = outputs[0]
-        refined = ("chi2", "deltachi2", "spectype", "npixels_fit", "oii_flux", "oii_flux_ivar")
-        scalars += [key for key in refined if key in first]
+        scalars += [key for key in REFINEMENT_COLUMNS if key != "coeff" and key in first]
         arrays = [key for key in ("embedding", "reconstruction", "coeff", "pz", "chi2_scan") if key in first]
         grids = pdf_redshifts(self.model) if "pz" in first else {}
         results = []
