@@ -1,19 +1,24 @@
-"""Choose a ZWARN threshold on a tuning set: the model runs once, the flags are recomputed for each value.
+"""Choose a ZWARN threshold on tuning sets: the model runs once per set, the flags are recomputed for each value.
 
     python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
-        --test-dir runs/benchmarks/tuning/testset --field oii_delta_chi2 --values 0 12 16 20 25 30 40 60 100 \
-        --out runs/benchmarks/zwarn_oii                       # -> benchmarks/results/zwarn_thresholds
+        --test-dir runs/benchmarks/tuning/testset runs/benchmarks/tuning-303/testset --seed 202 303 \
+        --n-per-class 2000 4000 --field weak_fit_chi2 --values 0 10 12 14 15 16 17 18 20 25 \
+        --out runs/benchmarks/zwarn_weak                      # -> benchmarks/results/zwarn_thresholds/weak_fit_chi2
     python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
         --test-dir runs/benchmarks/accuracy/testset --seed 101 --n-per-class 5000 --evaluate \
-        --field oii_delta_chi2 --values 0 12 --out runs/benchmarks/zwarn_oii_test      # -> .../zwarn_thresholds/test
+        --field weak_fit_chi2 --values 0 16 --out runs/benchmarks/zwarn_weak_test   # -> .../weak_fit_chi2/test
+    python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
+        --test-dir runs/benchmarks/tuning/testset --field oii_delta_chi2 --values 0 12 16 20 25 30 40 60 100 \
+        --set weak_fit_chi2=0 --out runs/benchmarks/zwarn_oii        # -> benchmarks/results/zwarn_thresholds
     python benchmarks/zwarn_thresholds.py --quick --out /tmp/zwarn      # seconds: untrained tiny model
 
-The tuning set is drawn like accuracy.py's test set with another seed (`make_test_set`): settings are chosen there,
-never on the test set. For each value of one `FlagThresholds` field (`--field`; the others keep their defaults)
-the ZWARN = 0 sample per class: the fraction kept, its catastrophic rate η (|Δz|/(1+z) > 0.15) and its count of
-failures. The predictions are kept in OUT/columns.npz and reused while the model and the tuning set are the
-same, so further fields need no model run. Writes thresholds.json and thresholds.md to --out. `--evaluate` runs
-values already chosen on the tuning set on accuracy.py's test set (seed 101), for the record.
+Each tuning set is drawn like accuracy.py's test set with another seed (`make_test_set`; `--test-dir`, `--seed`
+and `--n-per-class` pair up): settings are chosen there, never on the test set. For each value of one
+`FlagThresholds` field (`--field`; the others keep their defaults or the values of `--set`) the ZWARN = 0 sample
+per class of all sets together: the fraction kept, its catastrophic rate η (|Δz|/(1+z) > 0.15) and its count of
+failures. The predictions are kept in OUT/columns-SEED.npz and reused while the model and the set are the same,
+so further fields need no model run. Writes thresholds.json and thresholds.md to --out. `--evaluate` runs values
+already chosen on the tuning sets on accuracy.py's test set (seed 101), for the record.
 """
 
 from __future__ import annotations
@@ -90,8 +95,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# ZWARN's `{result['field']}`: {result['model']}",
         "",
-        f"{result['n']} spectra of `{result['test_dir']}`; machine: {result['machine']['summary']}, "
-        f"{result['machine']['date']}; {result['purpose']}. Other thresholds at their defaults; kept and η in %.",
+        f"{result['n']} spectra of {', '.join(f'`{p}`' for p in result['test_dirs'])} (seeds "
+        f"{', '.join(map(str, result['seeds']))}); machine: {result['machine']['summary']}, "
+        f"{result['machine']['date']}; {result['purpose']}. Other thresholds at their defaults"
+        f"{''.join(f', {k} = {v:g}' for k, v in result['fixed'].items())}; kept and η in %.",
         "",
         "| value | class | n | ZWARN = 0 kept | η | failures kept |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
@@ -110,24 +117,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, help="SpecPTForRedshift folder")
-    parser.add_argument("--test-dir", type=Path, help="where the tuning set lives (default: OUT/tuningset)")
-    parser.add_argument("--seed", type=int, default=202, help="mock seed of the tuning set")
-    parser.add_argument("--n-per-class", type=int, default=2000)
+    parser.add_argument(
+        "--test-dir", type=Path, nargs="+", help="where the tuning sets live (default: OUT/tuningset-SEED)"
+    )
+    parser.add_argument("--seed", type=int, nargs="+", default=[202], help="mock seed of each tuning set")
+    parser.add_argument(
+        "--n-per-class", type=int, nargs="+", default=[2000], help="spectra per class of each set"
+    )
     fields = [f.name for f in dataclasses.fields(FlagThresholds)]
     parser.add_argument("--field", default="min_delta_chi2", choices=fields, help="a FlagThresholds field")
     parser.add_argument("--values", type=float, nargs="+", help="values of --field")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="FIELD=VALUE", help="other FlagThresholds fields held fixed"
+    )
     parser.add_argument(
         "--evaluate", action="store_true", help="values already chosen, on the test set (seed 101 allowed)"
     )
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny, 6 spectra per class")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.seed in (0, 1) or (args.seed == 101 and not args.evaluate):
+    if any(seed in (0, 1) or (seed == 101 and not args.evaluate) for seed in args.seed):
         parser.error(
             "seeds 0 and 1 draw the training set and 101 the test set (only with --evaluate); tune on another"
         )
+    if len(args.n_per_class) == 1:
+        args.n_per_class = args.n_per_class * len(args.seed)
+    paired = [args.n_per_class] + ([args.test_dir] if args.test_dir else [])
+    if any(len(values) != len(args.seed) for values in paired):
+        parser.error("--test-dir and --n-per-class need one value per --seed")
+    try:
+        args.fixed = {name: float(value) for name, value in (item.split("=", 1) for item in args.set)}
+        dataclasses.replace(FlagThresholds(), **args.fixed)
+    except (ValueError, TypeError) as error:
+        parser.error(f"--set takes FlagThresholds FIELD=VALUE pairs: {error}")
     if args.quick:
-        args.n_per_class = 6
+        args.n_per_class = [6] * len(args.seed)
         args.values = args.values or [9.0, 25.0]
     elif args.model is None:
         parser.error("--model is required (or --quick)")
@@ -143,25 +167,30 @@ def main(argv: list[str] | None = None) -> int:
         args.model = args.out / "specpt-tiny"
         if not (args.model / "templates.safetensors").is_file():
             quick_setup(args.out)
-    test_dir = args.test_dir or args.out / "tuningset"
-    spf = args.n_per_class if args.quick else None
-    per_class = make_test_set(test_dir, args.n_per_class, args.seed, *([spf] if spf else []))
-    files = [path for name in CLASSES for path in per_class[name]]
+    test_dirs = args.test_dir or [args.out / f"tuningset-{seed}" for seed in args.seed]
     model = load_model(args.model, task="redshift")
-    key = f"{model_digest(Path(args.model))}|{args.seed}|{args.n_per_class}"
-    columns = predictions(model, files, args.n_per_class, args.out / "columns.npz", key)
+    sets = []
+    for test_dir, seed, n_per_class in zip(test_dirs, args.seed, args.n_per_class, strict=True):
+        spf = [n_per_class] if args.quick else []
+        per_class = make_test_set(test_dir, n_per_class, seed, *spf)
+        files = [path for name in CLASSES for path in per_class[name]]
+        key = f"{model_digest(Path(args.model))}|{seed}|{n_per_class}"
+        sets.append(predictions(model, files, n_per_class, args.out / f"columns-{seed}.npz", key))
+    columns = {name: np.concatenate([c[name] for c in sets]) for name in sets[0]}
     rows = []
     for value in args.values:
-        thresholds = dataclasses.replace(FlagThresholds(), **{args.field: value})
+        thresholds = dataclasses.replace(FlagThresholds(), **{**args.fixed, args.field: value})
         rows.append(
             {"value": value, "by_class": score(columns, zwarn_of_columns(model.config, columns, thresholds))}
         )
     result = {
         "machine": machine_info("cpu"),
         "model": str(args.model),
-        "test_dir": str(test_dir),
+        "test_dirs": [str(path) for path in test_dirs],
+        "seeds": args.seed,
         "n": int(len(columns["z"])),
         "field": args.field,
+        "fixed": args.fixed,
         "purpose": "evaluation of chosen values" if args.evaluate else "tuning",
         "values": rows,
     }

@@ -674,6 +674,7 @@ def _catalog_meta(
         if math.isfinite(thresholds.min_feature_chi2)
         else "-inf",  # FITS: no inf
         "OIIDCHI2": thresholds.oii_delta_chi2,
+        "WEAKCHI2": thresholds.weak_fit_chi2,
         "REFINE": model.config.refinement if model.refines else "none",
         "BF16": bf16,
         "NFILES": summary.files,
@@ -792,6 +793,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="below this DELTACHI2 a GALAXY fit also needs DESI's ELG [O II] criterion (with refinement; 0: off)",
     )
     parser.add_argument(
+        "--weak-fit-chi2",
+        type=float,
+        default=defaults.weak_fit_chi2,
+        help="SMALL_DELTA_CHI2 where DELTACHI2 and CHI2_SMOOTH - CHI2 are both below this (with refinement; 0: off)",
+    )
+    parser.add_argument(
         "--refine",
         choices=REFINEMENTS,
         help="template chi^2 refinement (default: the model's config.refinement; needs its templates)",
@@ -836,12 +843,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     thresholds = FlagThresholds(
-        args.min_quality,
-        args.min_coverage,
-        args.max_anomaly,
-        args.min_delta_chi2,
-        args.min_feature_chi2,
-        args.oii_delta_chi2,
+        min_quality=args.min_quality,
+        min_coverage=args.min_coverage,
+        max_anomaly=args.max_anomaly,
+        min_delta_chi2=args.min_delta_chi2,
+        min_feature_chi2=args.min_feature_chi2,
+        oii_delta_chi2=args.oii_delta_chi2,
+        weak_fit_chi2=args.weak_fit_chi2,
     )
     summary = predict_catalog(
         args.files,

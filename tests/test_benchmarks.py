@@ -602,11 +602,20 @@ def test_zwarn_thresholds_quick_recomputes_the_flags_from_one_model_run(tmp_path
     assert result["field"] == "min_delta_chi2" and result["n"] == 24
     kept = [row["by_class"]["all"]["kept"] for row in result["values"]]
     assert kept[0] >= kept[1] >= kept[2] == 0.0  # a higher threshold keeps no more; 1e9 flags every spectrum
-    cache = tmp_path / "columns.npz"
+    cache = tmp_path / "columns-202.npz"
     written = cache.stat().st_mtime_ns
     assert zwarn_thresholds.main([*argv[:3], "--field", "min_feature_chi2", "--values", "0"]) == 0
     assert cache.stat().st_mtime_ns == written  # the model did not run again
     assert json.loads((tmp_path / "thresholds.json").read_text())["field"] == "min_feature_chi2"
+    # a second tuning set pools with the first; --set holds another field fixed
+    pooled = [*argv[:3], "--seed", "202", "303", "--values", "1e9", "--set", "weak_fit_chi2=0"]
+    assert zwarn_thresholds.main(pooled) == 0
+    result = json.loads((tmp_path / "thresholds.json").read_text())
+    assert result["n"] == 48 and result["seeds"] == [202, 303] and result["fixed"] == {"weak_fit_chi2": 0.0}
+    assert cache.stat().st_mtime_ns == written and (tmp_path / "columns-303.npz").is_file()
+    assert result["values"][0]["by_class"]["all"]["kept"] == 0.0
+    with pytest.raises(SystemExit):  # a field that FlagThresholds does not have
+        zwarn_thresholds.main([*argv[:3], "--values", "9", "--set", "no_such_field=1"])
     with pytest.raises(SystemExit):  # the test set's seed only evaluates values already chosen
         zwarn_thresholds.main(
             [

@@ -87,7 +87,7 @@ def test_parquet_and_csv_hold_the_same_catalog(setup, tmp_path):
         "--no-progress",
     ]
     assert main([*args, "--out", str(tmp_path / "cat.parquet")]) == 0
-    assert main([*args, "--out", str(tmp_path / "cat.txt"), "--format", "csv"]) == 0
+    assert main([*args, "--out", str(tmp_path / "cat.txt"), "--format", "csv", "--weak-fit-chi2", "7.5"]) == 0
     parquet = Table.read(tmp_path / "cat.parquet", format="parquet")
     csv = Table.read(tmp_path / "cat.txt", format="ascii.ecsv")
     expected = reference(setup, setup["coadds"][:2])
@@ -96,6 +96,7 @@ def test_parquet_and_csv_hold_the_same_catalog(setup, tmp_path):
         np.testing.assert_allclose(table["Z"], expected["z_pred"], rtol=1e-6)
         assert table.meta["MODEL"] == str(setup["root"] / "redshift") and "ANOMALY" not in table.colnames
     assert (tmp_path / "cat.txt").read_text().splitlines()[0].startswith("# %ECSV")
+    assert parquet.meta["WEAKCHI2"] == FlagThresholds().weak_fit_chi2 and csv.meta["WEAKCHI2"] == 7.5
 
 
 def test_failure_midway_leaves_no_catalog_and_resume_skips_done_files(setup, tmp_path, monkeypatch):

@@ -209,6 +209,29 @@ def test_a_weak_galaxy_fit_needs_its_oii_doublet():
         FlagThresholds(oii_delta_chi2=-1.0)
 
 
+def test_a_fit_weak_against_both_another_redshift_and_a_smooth_continuum_is_flagged():
+    config = create_model("specpt-tiny", "redshift").config
+    n = 5
+    args = (config, np.full(n, 1.0), np.full(n, 0.9), np.full(n, 7000), np.full(n, 1.0))
+    delta_chi2 = np.array([12.0, 12.0, 40.0, 12.0, 12.0])
+    feature_chi2 = np.array([12.0, 40.0, 12.0, 12.0, np.nan])  # CHI2_SMOOTH - CHI2
+    spectype = np.array(["GALAXY", "QSO", "QSO", "STAR", "GALAXY"])
+    refined = (delta_chi2, np.full(n, 7000), spectype, feature_chi2)
+    small = SpecPTZwarn.SMALL_DELTA_CHI2
+    # weak on both counts: flagged; strong on either: kept; a STAR searches no redshift; NaN sets no bit
+    assert zwarn_flags(*args, FlagThresholds(), *refined).tolist() == [small, 0, 0, 0, 0]
+    assert zwarn_flags(*args, FlagThresholds(weak_fit_chi2=0.0), *refined).tolist() == [0] * n
+    assert zwarn_flags(*args, FlagThresholds(weak_fit_chi2=50.0), *refined).tolist() == [
+        small,
+        small,
+        small,
+        0,
+        0,
+    ]
+    with pytest.raises(ValueError, match="weak_fit_chi2"):
+        FlagThresholds(weak_fit_chi2=-1.0)
+
+
 @pytest.mark.parametrize("instrument", [DEIMOS, HST_G102], ids=lambda i: i.name)
 def test_resampler_agrees_with_specutils(instrument):
     """`resample` against specutils' `FluxConservingResampler`, a per-pixel loop written independently, from
