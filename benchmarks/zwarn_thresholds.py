@@ -3,20 +3,24 @@
     python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
         --test-dir runs/benchmarks/tuning/testset runs/benchmarks/tuning-303/testset --seed 202 303 \
         --n-per-class 2000 4000 --field weak_fit_chi2 --values 0 10 12 14 15 16 17 18 20 25 \
-        --out runs/benchmarks/zwarn_weak                      # -> benchmarks/results/zwarn_thresholds/weak_fit_chi2
+        --out runs/benchmarks/zwarn_alias            # -> benchmarks/results/zwarn_thresholds/alias_lines/on
+    (the same with --config 'refinement_alias_lines=[]'  -> .../alias_lines/off and .../weak_fit_chi2)
     python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
         --test-dir runs/benchmarks/accuracy/testset --seed 101 --n-per-class 5000 --evaluate \
-        --field weak_fit_chi2 --values 0 16 --out runs/benchmarks/zwarn_weak_test   # -> .../weak_fit_chi2/test
+        --field weak_fit_chi2 --values 0 16 --config 'refinement_alias_lines=[]' \
+        --out runs/benchmarks/zwarn_weak_test        # -> benchmarks/results/zwarn_thresholds/weak_fit_chi2/test
     python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
         --test-dir runs/benchmarks/tuning/testset --field oii_delta_chi2 --values 0 12 16 20 25 30 40 60 100 \
-        --set weak_fit_chi2=0 --out runs/benchmarks/zwarn_oii        # -> benchmarks/results/zwarn_thresholds
+        --set weak_fit_chi2=0 --config 'refinement_alias_lines=[]' \
+        --out runs/benchmarks/zwarn_oii              # -> benchmarks/results/zwarn_thresholds
     python benchmarks/zwarn_thresholds.py --quick --out /tmp/zwarn      # seconds: untrained tiny model
 
 Each tuning set is drawn like accuracy.py's test set with another seed (`make_test_set`; `--test-dir`, `--seed`
 and `--n-per-class` pair up): settings are chosen there, never on the test set. For each value of one
-`FlagThresholds` field (`--field`; the others keep their defaults or the values of `--set`) the ZWARN = 0 sample
-per class of all sets together: the fraction kept, its catastrophic rate η (|Δz|/(1+z) > 0.15) and its count of
-failures. The predictions are kept in OUT/columns-SEED.npz and reused while the model and the set are the same,
+`FlagThresholds` field (`--field`; the others keep their defaults or the values of `--set`), per class of all sets
+together: η of all spectra, and the ZWARN = 0 sample's fraction kept, catastrophic rate η (|Δz|/(1+z) > 0.15) and
+count of failures. `--config FIELD=JSON` changes a model setting first (e.g. `refinement_alias_lines=[]`). The
+predictions are kept in OUT/columns-SEED.npz and reused while the model, its settings and the set are the same,
 so further fields need no model run. Writes thresholds.json and thresholds.md to --out. `--evaluate` runs values
 already chosen on the tuning sets on accuracy.py's test set (seed 101), for the record.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,10 +49,11 @@ from specpt_hf.loading import load_model  # noqa: E402
 from specpt_hf.prediction import FlagThresholds, zwarn_of_columns  # noqa: E402
 
 
-def model_digest(folder: Path) -> str:
-    """SHA-256 of a model folder's config, weights and templates: what its predictions depend on."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "templates.safetensors"):
+def model_digest(model: Any, folder: Path) -> str:
+    """SHA-256 of a model folder's weights and templates and of the model's settings as loaded (config.json with
+    today's defaults filled in): what its predictions depend on."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name in ("model.safetensors", "templates.safetensors"):
         if (folder / name).is_file():
             digest.update((folder / name).read_bytes())
     return digest.hexdigest()
@@ -74,7 +80,7 @@ def predictions(model: Any, files: list[Path], per_file: int, cache: Path, key: 
 
 
 def score(columns: dict[str, np.ndarray], zwarn: np.ndarray) -> dict[str, dict[str, Any]]:
-    """The ZWARN = 0 sample per class: n, kept fraction, η and failures kept."""
+    """Per class: n, η of every spectrum (`eta_all`), and the ZWARN = 0 sample's kept fraction, η and failures."""
     out = {}
     for name in [*CLASSES, "all"]:
         rows = columns["target_class"] == name if name != "all" else np.ones(len(zwarn), bool)
@@ -84,6 +90,7 @@ def score(columns: dict[str, np.ndarray], zwarn: np.ndarray) -> dict[str, dict[s
         )
         out[name] = {
             "n": int(rows.sum()),
+            "eta_all": catastrophic_fraction(columns["z"][rows], columns["z_true"][rows]),
             "kept": float(kept.sum() / max(rows.sum(), 1)),
             "eta": eta,
             "failures": round(eta * kept.sum()) if kept.any() else 0,
@@ -98,15 +105,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['n']} spectra of {', '.join(f'`{p}`' for p in result['test_dirs'])} (seeds "
         f"{', '.join(map(str, result['seeds']))}); machine: {result['machine']['summary']}, "
         f"{result['machine']['date']}; {result['purpose']}. Other thresholds at their defaults"
-        f"{''.join(f', {k} = {v:g}' for k, v in result['fixed'].items())}; kept and η in %.",
+        f"{''.join(f', {k} = {v:g}' for k, v in result['fixed'].items())}; kept and η in %"
+        f"{''.join(f'; model setting {k} = {json.dumps(v)}' for k, v in result.get('config', {}).items())}.",
         "",
-        "| value | class | n | ZWARN = 0 kept | η | failures kept |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| value | class | n | η of all | ZWARN = 0 kept | η | failures kept |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["values"]:
         for name, m in row["by_class"].items():
+            eta_all = f"{100 * m['eta_all']:.2f}" if "eta_all" in m else "—"
             lines.append(
-                f"| {row['value']:g} | {name} | {m['n']} | {100 * m['kept']:.1f} | {100 * m['eta']:.2f} | "
+                f"| {row['value']:g} | {name} | {m['n']} | {eta_all} | {100 * m['kept']:.1f} | {100 * m['eta']:.2f} | "
                 f"{m['failures']} |"
             )
     return "\n".join(lines) + "\n"
@@ -131,6 +140,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", nargs="+", default=[], metavar="FIELD=VALUE", help="other FlagThresholds fields held fixed"
     )
     parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="FIELD=JSON",
+        help="model config fields to override, e.g. refinement_alias_lines=[] (part of the cache key)",
+    )
+    parser.add_argument(
         "--evaluate", action="store_true", help="values already chosen, on the test set (seed 101 allowed)"
     )
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny, 6 spectra per class")
@@ -150,6 +166,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dataclasses.replace(FlagThresholds(), **args.fixed)
     except (ValueError, TypeError) as error:
         parser.error(f"--set takes FlagThresholds FIELD=VALUE pairs: {error}")
+    try:
+        args.overrides = {
+            name: json.loads(value) for name, value in (item.split("=", 1) for item in args.config)
+        }
+    except ValueError as error:
+        parser.error(f"--config takes FIELD=JSON pairs: {error}")
     if args.quick:
         args.n_per_class = [6] * len(args.seed)
         args.values = args.values or [9.0, 25.0]
@@ -169,12 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             quick_setup(args.out)
     test_dirs = args.test_dir or [args.out / f"tuningset-{seed}" for seed in args.seed]
     model = load_model(args.model, task="redshift")
+    for name, value in args.overrides.items():
+        if not hasattr(model.config, name):
+            raise SystemExit(f"--config: {args.model} has no config field {name!r}")
+        setattr(model.config, name, value)
     sets = []
     for test_dir, seed, n_per_class in zip(test_dirs, args.seed, args.n_per_class, strict=True):
         spf = [n_per_class] if args.quick else []
         per_class = make_test_set(test_dir, n_per_class, seed, *spf)
         files = [path for name in CLASSES for path in per_class[name]]
-        key = f"{model_digest(Path(args.model))}|{seed}|{n_per_class}"
+        key = f"{model_digest(model, Path(args.model))}|{seed}|{n_per_class}"
         sets.append(predictions(model, files, n_per_class, args.out / f"columns-{seed}.npz", key))
     columns = {name: np.concatenate([c[name] for c in sets]) for name in sets[0]}
     rows = []
@@ -191,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "n": int(len(columns["z"])),
         "field": args.field,
         "fixed": args.fixed,
+        "config": args.overrides,
         "purpose": "evaluation of chosen values" if args.evaluate else "tuning",
         "values": rows,
     }

@@ -46,6 +46,7 @@ from .refinement import (
     RefinementResult,
     RestFrameTemplates,
     describe_templates,
+    line_aliases,
     load_templates,
     pz_modes,
     refine_redshifts,
@@ -1323,7 +1324,8 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             config.refinement_modes,
             max(1, math.ceil(2 * config.refinement_window)),
         )  # [batch, modes]
-        candidates = centers[peaks] + offsets.float().gather(1, peaks).double() * width  # [batch, modes]
+        modes = centers[peaks] + offsets.float().gather(1, peaks).double() * width  # [batch, modes]
+        candidates = modes
         settings = {
             "half_width": config.refinement_window * width,
             "u_range": self._refinement_u_range(),
@@ -1339,8 +1341,11 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
         # the whole range is searched by the sets without a range of their own (a STAR-only model has none)
         look_wide = config.refinement == "peaks+wide" and set(self.templates) > set(settings["own_ranges"])
+        own = torch.tensor([name in settings["own_ranges"] for name in self.templates], device=flux.device)
         with torch.autocast(device_type=flux.device.type, enabled=False):
             if look_wide:
+                aliases = line_aliases(modes[:, 0], config.refinement_alias_lines, settings["half_width"])
+                candidates = torch.cat([modes, aliases], 1)  # [batch, modes + 2 x aliases]
                 wide = quality < config.refinement_wide_quality
                 candidates = self._add_wide_candidates(
                     candidates, wide.nonzero()[:, 0], spectra, logits, settings["set_prior"]
@@ -1350,14 +1355,21 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             )
             if look_wide:
                 reduced_chi2 = result.chi2 / spectra.good.sum(1).clamp(min=1)  # [batch]
-                doubtful = (reduced_chi2 > config.refinement_wide_chi2) | (
-                    result.delta_chi2 < config.refinement_wide_delta_chi2
+                distance = (
+                    (torch.log1p(result.redshift.double())[:, None] - modes).abs().min(1).values
+                )  # [batch]
+                at_alias = (distance > 2 * settings["half_width"]) & ~own[
+                    result.spectype
+                ]  # not at a p(z) mode
+                doubtful = (
+                    (reduced_chi2 > config.refinement_wide_chi2)
+                    | (result.delta_chi2 < config.refinement_wide_delta_chi2)
+                    | at_alias
                 )  # [batch]
                 rows = (~wide & doubtful).nonzero()[:, 0]
                 if len(rows):
                     result = self._rescan_wider(result, rows, spectra, candidates, settings, logits)
                     wide = wide.index_fill(0, rows, True)
-        own = torch.tensor([name in settings["own_ranges"] for name in self.templates], device=flux.device)
         in_range = result.redshift.clamp(
             config.z_min, config.z_max
         )  # [batch]; STAR redshifts keep their sign
@@ -1410,11 +1422,11 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         logits: torch.Tensor,
         set_prior: dict[str, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """`candidates` [batch, modes] with the whole range's minima appended for `rows` [n] (the other rows
-        repeat their own): [batch, 2 x modes]."""
+        """`candidates` [batch, c] with the whole range's `modes` minima appended for `rows` [n] (the other rows
+        repeat their first `modes`): [batch, c + modes]."""
         if len(rows) == 0:
             return candidates
-        extra = candidates.clone()  # [batch, modes]
+        extra = candidates[:, : self.config.refinement_modes].clone()  # [batch, modes]
         extra[rows] = self._wide_candidates(rows, spectra, logits, set_prior).to(extra.dtype)
         return torch.cat([candidates, extra], 1)
 

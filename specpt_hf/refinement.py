@@ -13,7 +13,7 @@ weigh nothing and are counted in `RefinementResult.npixels`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -776,6 +776,18 @@ def wide_candidates(
         score = score + prior(u)
     steps = max(1, math.ceil(separation / float(u[1] - u[0]))) if len(u) > 1 else 1
     return u[pz_modes(-score.nan_to_num(math.inf), modes, steps)]  # [batch, modes]
+
+
+def line_aliases(u: torch.Tensor, lines: Sequence[float], spread: float) -> torch.Tensor:
+    """Candidates u = ln(1 + z) [batch, 2 x aliases] where the line that puts a spectrum at `u` [batch] would be
+    another of `lines` (rest wavelengths): u + ln(λ_i / λ_j) for every ordered pair i != j, each as two candidates
+    `spread` below and above it, so that windows of half-width `spread` about them cover twice the width of one
+    (`u`'s own error carries over to its aliases). [batch, 0] for fewer than two lines."""
+    shifts = torch.tensor(
+        [math.log(a / b) for a in lines for b in lines if a != b], dtype=u.dtype, device=u.device
+    )
+    aliases = u[:, None] + shifts  # [batch, aliases]
+    return torch.cat([aliases - spread, aliases + spread], 1)  # [batch, 2 x aliases]
 
 
 def pz_modes(probability: torch.Tensor, modes: int, separation: int) -> torch.Tensor:

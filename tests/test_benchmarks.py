@@ -616,6 +616,12 @@ def test_zwarn_thresholds_quick_recomputes_the_flags_from_one_model_run(tmp_path
     assert result["values"][0]["by_class"]["all"]["kept"] == 0.0
     with pytest.raises(SystemExit):  # a field that FlagThresholds does not have
         zwarn_thresholds.main([*argv[:3], "--values", "9", "--set", "no_such_field=1"])
+    # a model setting overridden is part of the cache key: the model runs again
+    assert zwarn_thresholds.main([*argv[:3], "--values", "9", "--config", "refinement_alias_lines=[]"]) == 0
+    result = json.loads((tmp_path / "thresholds.json").read_text())
+    assert result["config"] == {"refinement_alias_lines": []} and cache.stat().st_mtime_ns != written
+    all_eta = result["values"][0]["by_class"]["all"]["eta_all"]
+    assert 0.0 <= all_eta <= 1.0
     with pytest.raises(SystemExit):  # the test set's seed only evaluates values already chosen
         zwarn_thresholds.main(
             [

@@ -14,6 +14,7 @@ from specpt_hf.refinement import (
     build_templates,
     chi2_curve,
     chi2_scan,
+    line_aliases,
     load_templates,
     pz_modes,
     refine_redshifts,
@@ -547,6 +548,7 @@ def test_ambiguous_fits_are_refitted_at_the_whole_ranges_minima(templates, tiny_
     config = tiny_model.config
     config.refinement_modes, config.refinement_window = 1, 1.0  # one narrow window at the untrained p(z) peak
     config.refinement_wide_quality, config.refinement_wide_chi2 = 0.0, 1e9  # neither gate opens
+    config.refinement_alias_lines = []  # nor does a fit won at a line alias
     with torch.no_grad():
         windows = tiny_model(**inputs)
         config.refinement_wide_delta_chi2 = 1e12  # every fit counts as ambiguous
@@ -556,6 +558,42 @@ def test_ambiguous_fits_are_refitted_at_the_whole_ranges_minima(templates, tiny_
     assert np.abs(error).max() < 2e-5, error
     searched = np.isfinite(rescanned.chi2_scan.numpy()).sum(1)  # the windows only grow
     assert (searched > np.isfinite(windows.chi2_scan.numpy()).sum(1)).all()
+
+
+def test_line_aliases_are_the_other_readings_of_a_line():
+    u = torch.tensor([0.5], dtype=torch.float64)
+    aliases = line_aliases(u, [3728.5, 5008.2], spread=0.01)  # [1, 2 readings x 2 sides]
+    shift = math.log(5008.2 / 3728.5)
+    expected = [0.5 - shift - 0.01, 0.5 + shift - 0.01, 0.5 - shift + 0.01, 0.5 + shift + 0.01]
+    torch.testing.assert_close(aliases[0], torch.tensor(expected, dtype=torch.float64))
+    assert line_aliases(u, [3728.5], spread=0.01).shape == (1, 0)
+
+
+def test_a_line_the_network_misread_is_fitted_at_its_other_reading(templates, tiny_model):
+    """The network puts its whole p(z) where the spectrum's [O III] would be [O II]: the scan of that line alias
+    finds the true redshift; without alias lines it stays at the misreading."""
+    z = np.array([0.3])
+    inputs = _model_inputs(templates, z, seed=5)
+    tiny_model.set_templates({"GALAXY": templates})
+    config = tiny_model.config
+    config.refinement_wide_quality, config.refinement_wide_chi2 = 0.0, 1e9  # no whole-range search
+    config.refinement_wide_delta_chi2 = 0.0
+    config.refinement_modes, config.refinement_window = 1, 1.0  # one window, +-0.05 in ln(1 + z)
+    misread = math.log1p(z[0]) + math.log(5006.8 / 3727.0)  # [O III] 5007 taken for [O II]
+    bins = tiny_model.redshift_bin_centers().double()
+    logits = torch.full((1, config.num_redshift_bins), -30.0)
+    logits[0, (bins - misread).abs().argmin()] = 30.0  # [1, bins]: p(z) certain of the misreading
+    offsets = torch.zeros_like(logits)
+    quality = torch.ones(1)
+
+    def refine() -> np.ndarray:
+        with torch.no_grad():
+            out = tiny_model._refine(inputs["flux"], inputs["ivar"], None, None, logits, offsets, quality)
+        return out["redshift"].numpy()
+
+    assert np.abs(refine() - z).max() < 2e-5 * (1 + z[0])
+    config.refinement_alias_lines = []
+    assert (np.abs(refine() - z) / (1 + z) > 0.15).all()  # a catastrophic failure near the misreading
 
 
 def test_model_and_pipeline_give_stars_their_own_sign_and_no_z_limit_flag(templates):
