@@ -1325,7 +1325,6 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             max(1, math.ceil(2 * config.refinement_window)),
         )  # [batch, modes]
         modes = centers[peaks] + offsets.float().gather(1, peaks).double() * width  # [batch, modes]
-        candidates = modes
         settings = {
             "half_width": config.refinement_window * width,
             "u_range": self._refinement_u_range(),
@@ -1342,6 +1341,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         # the whole range is searched by the sets without a range of their own (a STAR-only model has none)
         look_wide = config.refinement == "peaks+wide" and set(self.templates) > set(settings["own_ranges"])
         own = torch.tensor([name in settings["own_ranges"] for name in self.templates], device=flux.device)
+        candidates = modes
         with torch.autocast(device_type=flux.device.type, enabled=False):
             if look_wide:
                 aliases = line_aliases(modes[:, 0], config.refinement_alias_lines, settings["half_width"])
@@ -1354,18 +1354,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
                 self.templates, spectra.wavelength, spectra.flux, spectra.ivar, candidates, **settings
             )
             if look_wide:
-                reduced_chi2 = result.chi2 / spectra.good.sum(1).clamp(min=1)  # [batch]
-                distance = (
-                    (torch.log1p(result.redshift.double())[:, None] - modes).abs().min(1).values
-                )  # [batch]
-                at_alias = (distance > 2 * settings["half_width"]) & ~own[
-                    result.spectype
-                ]  # not at a p(z) mode
-                doubtful = (
-                    (reduced_chi2 > config.refinement_wide_chi2)
-                    | (result.delta_chi2 < config.refinement_wide_delta_chi2)
-                    | at_alias
-                )  # [batch]
+                doubtful = self._doubtful(result, spectra.good, modes, own, settings["half_width"])  # [batch]
                 rows = (~wide & doubtful).nonzero()[:, 0]
                 if len(rows):
                     result = self._rescan_wider(result, rows, spectra, candidates, settings, logits)
@@ -1386,6 +1375,26 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "chi2_scan_z": torch.expm1(result.scan_u).float().expand(len(flux), -1),
             "chi2_scan": result.scan_chi2.float(),
         }
+
+    def _doubtful(
+        self,
+        result: RefinementResult,
+        good: torch.Tensor,
+        modes: torch.Tensor,
+        own: torch.Tensor,
+        half_width: float,
+    ) -> torch.Tensor:
+        """[batch] bool: the fits to redo with the whole range's minima: a poor one (reduced chi^2 above
+        `refinement_wide_chi2`; `good` [batch, pixels]), an ambiguous one (DELTACHI2 below
+        `refinement_wide_delta_chi2`), or one won away from every p(z) mode (`modes` [batch, modes], u), at a line
+        alias: the network misread the spectrum, so its windows cannot be trusted (not for a set with a range of
+        its own, `own` [sets], e.g. STAR)."""
+        config = self.config
+        reduced_chi2 = result.chi2 / good.sum(1).clamp(min=1)  # [batch]
+        distance = (torch.log1p(result.redshift.double())[:, None] - modes).abs().min(1).values  # [batch]
+        at_alias = (distance > 2 * half_width) & ~own[result.spectype]  # [batch]
+        poor = reduced_chi2 > config.refinement_wide_chi2
+        return poor | (result.delta_chi2 < config.refinement_wide_delta_chi2) | at_alias
 
     def _wide_candidates(
         self,
