@@ -3,8 +3,10 @@
     python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
         --test-dir runs/benchmarks/tuning/testset runs/benchmarks/tuning-303/testset --seed 202 303 \
         --n-per-class 2000 4000 --field weak_fit_chi2 --values 0 10 12 14 15 16 17 18 20 25 \
-        --out runs/benchmarks/zwarn_alias            # -> benchmarks/results/zwarn_thresholds/alias_lines/on
-    (the same with --config 'refinement_alias_lines=[]'  -> .../alias_lines/off and .../weak_fit_chi2)
+        --out runs/benchmarks/zwarn_alias            # -> benchmarks/results/zwarn_thresholds/alias_lines/galaxy
+    (the same with --config 'refinement_alias_lines=[[3728.5, 5008.2, 6564.6], [1215.67, 1549.5, 1908.7, 2799.9]]'
+    -> .../alias_lines/galaxy+quasar, and with --config 'refinement_alias_lines=[]' -> .../alias_lines/off and
+    .../weak_fit_chi2)
     python benchmarks/zwarn_thresholds.py --model benchmarks/models/specpt-small-cpu-aug \
         --test-dir runs/benchmarks/accuracy/testset --seed 101 --n-per-class 5000 --evaluate \
         --field weak_fit_chi2 --values 0 16 --config 'refinement_alias_lines=[]' \

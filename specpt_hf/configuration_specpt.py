@@ -27,9 +27,12 @@ REFINEMENTS = ("none", "peaks", "peaks+wide")
 # resolution-limited (DESI: sigma ~ 40-70 km/s), quasars' broad lines thousands of km/s wide
 # (benchmarks/template_smoothing.py).
 REFINEMENT_SMOOTHING_KMS = {"GALAXY": 50.0, "QSO": 400.0, "STAR": 50.0}
-# vacuum rest wavelengths (Angstrom) of the lines most often taken for one another in faint galaxy spectra:
-# the [O II] 3726/3729 doublet's mean, [O III] 5007, H-alpha
-REFINEMENT_ALIAS_LINES = [3728.5, 5008.2, 6564.6]
+# groups of vacuum rest wavelengths (Angstrom) of lines most often taken for one another: in faint galaxies the
+# [O II] 3726/3729 doublet's mean, [O III] 5007 and H-alpha
+REFINEMENT_ALIAS_LINES = [[3728.5, 5008.2, 6564.6]]
+# quasars' Ly-alpha, C IV 1548/1551, C III] 1909 and Mg II 2796/2804 (doublet means): a group measured as an option,
+# not a default (benchmarks/README.md, "Line aliases")
+QUASAR_ALIAS_LINES = [1215.67, 1549.5, 1908.7, 2799.9]
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -346,15 +349,17 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             `benchmarks/accuracy.py --seed 202`): ELG η 8.45 / 8.05 / 7.75 / 7.95 % at 0 / 2 / 4 / 8, its
             ZWARN = 0 sample 73.0 / 74.2 / 75.1 / 75.6 % kept at η 0.75 / 0.88 / 0.73 / 0.86 %; QSO η 3.00 /
             2.90 / 2.75 / 2.60 %; BGS and LRG unchanged.
-        refinement_alias_lines (`list[float]`, *optional*, defaults to `REFINEMENT_ALIAS_LINES`):
-            `peaks+wide`: rest wavelengths (Angstrom, vacuum) of lines a single detected line may be any of. The
-            scan also searches where the strongest p(z) mode's line would be each of the others (u + ln(λ_i / λ_j),
-            every ordered pair; windows twice a mode's width, as the mode's own error carries over), so a line the
-            network misread (e.g. [O III] 5007 taken for [O II]) is fitted at its other reading too and DELTACHI2
-            weighs the two; a fit won at an alias is refitted with the whole range's minima. [] turns it off.
-            On two tuning sets (`benchmarks/zwarn_thresholds.py --config`, seeds 202 and 303, 6,000 mocks per
-            class): η of the ZWARN = 0 sample ELG 0.55 -> 0.46 %, BGS 0.09 -> 0.03 %, QSO 0.39 -> 0.35 % at the
-            same fractions kept; η of all spectra BGS 0.20 -> 0.17 %, QSO 2.55 -> 2.38 %, ELG 7.35 -> 7.43 %.
+        refinement_alias_lines (`list[list[float]]`, *optional*, defaults to `REFINEMENT_ALIAS_LINES`):
+            `peaks+wide`: groups of rest wavelengths (Angstrom, vacuum) of lines a single detected line may be any
+            of (one group per kind of spectrum). The scan also searches where the strongest p(z) mode's line would
+            be each of the others of its group (u + ln(λ_i / λ_j), every ordered pair; windows twice a mode's width,
+            as the mode's own error carries over), so a line the network misread (e.g. [O III] 5007 taken for
+            [O II]) is fitted at its other reading too and DELTACHI2 weighs the two; a fit won at an alias is
+            refitted with the whole range's minima. [] turns it off. On two tuning sets
+            (`benchmarks/zwarn_thresholds.py --config`, seeds 202 and 303, 6,000 mocks per class), without -> with:
+            η of the ZWARN = 0 sample ELG 0.55 -> 0.46 %, BGS 0.09 -> 0.03 %, QSO 0.39 -> 0.35 % at the same
+            fractions kept; η of all spectra BGS 0.20 -> 0.17 %, QSO 2.55 -> 2.38 %, ELG 7.35 -> 7.43 %. Adding
+            `QUASAR_ALIAS_LINES` as a second group gained little more there (QSO 0.29 % and 2.33 %, ELG 7.45 %).
         spectype_labels (`list[str]`, *optional*):
             The spectral types (template set names, e.g. `["GALAXY", "QSO"]`) the type head tells apart: a linear
             layer on the head's embedding, fitted on the labelled training split by `specpt templates`
@@ -399,7 +404,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_prior: float = 4.0,
         refinement_prior_floor: float = 1e-4,
         refinement_type_prior: float = 4.0,
-        refinement_alias_lines: list[float] | None = None,
+        refinement_alias_lines: list[list[float]] | None = None,
         spectype_labels: list[str] | None = None,
         templates: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -432,7 +437,9 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         self.refinement_prior = float(refinement_prior)
         self.refinement_prior_floor = float(refinement_prior_floor)
         aliases = REFINEMENT_ALIAS_LINES if refinement_alias_lines is None else refinement_alias_lines
-        self.refinement_alias_lines = [float(line) for line in aliases]
+        if not all(isinstance(group, (list, tuple)) for group in aliases):
+            raise ValueError(f"`refinement_alias_lines` must be groups (lists) of wavelengths, got {aliases}")
+        self.refinement_alias_lines = [[float(line) for line in group] for group in aliases]
         self.refinement_type_prior = float(refinement_type_prior)
         self.spectype_labels = None if spectype_labels is None else [str(name) for name in spectype_labels]
         self.templates = templates
@@ -492,11 +499,12 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         )
         if not 0.0 < self.refinement_prior_floor < 1.0:
             raise ValueError(f"`refinement_prior_floor` must be in (0, 1), got {self.refinement_prior_floor}")
-        bad_lines = [line for line in self.refinement_alias_lines if not (math.isfinite(line) and line > 0)]
-        if bad_lines or len(set(self.refinement_alias_lines)) != len(self.refinement_alias_lines):
-            raise ValueError(
-                f"`refinement_alias_lines` must be distinct positive wavelengths, got {self.refinement_alias_lines}"
-            )
+        for group in self.refinement_alias_lines:
+            if len(set(group)) != len(group) or not all(math.isfinite(line) and line > 0 for line in group):
+                raise ValueError(
+                    "`refinement_alias_lines` must be groups of distinct positive wavelengths, got "
+                    f"{self.refinement_alias_lines}"
+                )
 
     @property
     def redshift_bin_width(self) -> float:

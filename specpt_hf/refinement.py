@@ -778,14 +778,14 @@ def wide_candidates(
     return u[pz_modes(-score.nan_to_num(math.inf), modes, steps)]  # [batch, modes]
 
 
-def line_aliases(u: torch.Tensor, lines: Sequence[float], spread: float) -> torch.Tensor:
+def line_aliases(u: torch.Tensor, groups: Sequence[Sequence[float]], spread: float) -> torch.Tensor:
     """Candidates u = ln(1 + z) [batch, 2 x aliases] where the line that puts a spectrum at `u` [batch] would be
-    another of `lines` (rest wavelengths): u + ln(λ_i / λ_j) for every ordered pair i != j, each as two candidates
-    `spread` below and above it, so that windows of half-width `spread` about them cover twice the width of one
-    (`u`'s own error carries over to its aliases). [batch, 0] for fewer than two lines."""
-    shifts = torch.tensor(
-        [math.log(a / b) for a in lines for b in lines if a != b], dtype=u.dtype, device=u.device
-    )
+    another line of its group (rest wavelengths; `groups` of lines that may be read as one another): u + ln(λ_i /
+    λ_j) for every ordered pair i != j within a group, each as two candidates `spread` below and above it, so that
+    windows of half-width `spread` about them cover twice the width of one (`u`'s own error carries over to its
+    aliases). [batch, 0] without a group of two lines."""
+    ratios = [a / b for lines in groups for a in lines for b in lines if a != b]
+    shifts = torch.tensor([math.log(r) for r in ratios], dtype=u.dtype, device=u.device)  # [aliases]
     aliases = u[:, None] + shifts  # [batch, aliases]
     return torch.cat([aliases - spread, aliases + spread], 1)  # [batch, 2 x aliases]
 

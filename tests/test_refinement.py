@@ -562,11 +562,23 @@ def test_ambiguous_fits_are_refitted_at_the_whole_ranges_minima(templates, tiny_
 
 def test_line_aliases_are_the_other_readings_of_a_line():
     u = torch.tensor([0.5], dtype=torch.float64)
-    aliases = line_aliases(u, [3728.5, 5008.2], spread=0.01)  # [1, 2 readings x 2 sides]
-    shift = math.log(5008.2 / 3728.5)
-    expected = [0.5 - shift - 0.01, 0.5 + shift - 0.01, 0.5 - shift + 0.01, 0.5 + shift + 0.01]
+    groups = [[3728.5, 5008.2], [1908.7, 2799.9]]  # never read across groups
+    aliases = line_aliases(u, groups, spread=0.01)  # [1, 4 readings x 2 sides]
+    oiii, mgii = math.log(5008.2 / 3728.5), math.log(2799.9 / 1908.7)
+    centres = [0.5 - oiii, 0.5 + oiii, 0.5 - mgii, 0.5 + mgii]
+    expected = [c - 0.01 for c in centres] + [c + 0.01 for c in centres]
     torch.testing.assert_close(aliases[0], torch.tensor(expected, dtype=torch.float64))
-    assert line_aliases(u, [3728.5], spread=0.01).shape == (1, 0)
+    assert line_aliases(u, [[3728.5], []], spread=0.01).shape == (1, 0)
+
+
+def test_alias_lines_are_groups_of_distinct_wavelengths():
+    from specpt_hf.configuration_specpt import REFINEMENT_ALIAS_LINES, SpecPTForRedshiftConfig
+
+    assert SpecPTForRedshiftConfig().refinement_alias_lines == REFINEMENT_ALIAS_LINES
+    assert SpecPTForRedshiftConfig(refinement_alias_lines=[]).refinement_alias_lines == []
+    for bad in ([[3728.5, 3728.5]], [[3728.5, -1.0]], [[3728.5, math.nan]], [3728.5, 5008.2]):
+        with pytest.raises(ValueError, match="refinement_alias_lines"):
+            SpecPTForRedshiftConfig(refinement_alias_lines=bad)
 
 
 def test_a_line_the_network_misread_is_fitted_at_its_other_reading(templates, tiny_model):
