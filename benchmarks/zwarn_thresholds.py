@@ -108,16 +108,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', '.join(map(str, result['seeds']))}); machine: {result['machine']['summary']}, "
         f"{result['machine']['date']}; {result['purpose']}. Other thresholds at their defaults"
         f"{''.join(f', {k} = {v:g}' for k, v in result['fixed'].items())}; kept and η in %"
-        f"{''.join(f'; model setting {k} = {json.dumps(v)}' for k, v in result.get('config', {}).items())}.",
+        f"{''.join(f'; model setting {k} = {json.dumps(v)}' for k, v in result['config'].items())}.",
         "",
         "| value | class | n | η of all | ZWARN = 0 kept | η | failures kept |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["values"]:
         for name, m in row["by_class"].items():
-            eta_all = f"{100 * m['eta_all']:.2f}" if "eta_all" in m else "—"
             lines.append(
-                f"| {row['value']:g} | {name} | {m['n']} | {eta_all} | {100 * m['kept']:.1f} | {100 * m['eta']:.2f} | "
+                f"| {row['value']:g} | {name} | {m['n']} | {100 * m['eta_all']:.2f} | {100 * m['kept']:.1f} | "
+                f"{100 * m['eta']:.2f} | "
                 f"{m['failures']} |"
             )
     return "\n".join(lines) + "\n"
@@ -197,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(model.config, name):
             raise SystemExit(f"--config: {args.model} has no config field {name!r}")
         setattr(model.config, name, value)
+    digest = model_digest(model, Path(args.model))
     sets = []
     for test_dir, seed, n_per_class in zip(test_dirs, args.seed, args.n_per_class, strict=True):
         spf = [n_per_class] if args.quick else []
         per_class = make_test_set(test_dir, n_per_class, seed, *spf)
         files = [path for name in CLASSES for path in per_class[name]]
-        key = f"{model_digest(model, Path(args.model))}|{seed}|{n_per_class}"
+        key = f"{digest}|{seed}|{n_per_class}"
         sets.append(predictions(model, files, n_per_class, args.out / f"columns-{seed}.npz", key))
     columns = {name: np.concatenate([c[name] for c in sets]) for name in sets[0]}
     rows = []
