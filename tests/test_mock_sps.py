@@ -1,4 +1,4 @@
-"""The sps mock family: E-MILES populations, star-formation histories, BPT line ratios, files and readers."""
+"""The sps and bc03 mock families: E-MILES and BC03 populations, star-formation histories, BPT line ratios, files and readers."""
 
 from __future__ import annotations
 
@@ -21,9 +21,19 @@ def _library_available() -> bool:
     return True
 
 
+def _bc03_available() -> bool:
+    try:
+        mock_sps.bc03_file().stat()
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
 pytestmark = pytest.mark.skipif(
     not _library_available(), reason="E-MILES SSPs not installed (specpt-hf[sps])"
 )
+needs_bc03 = pytest.mark.skipif(not _bc03_available(), reason="BC03 SSPs not installed (specpt-hf[sps])")
+LIBRARY_FAMILIES = ["sps", pytest.param("bc03", marks=needs_bc03)]
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +57,38 @@ def test_library_units_and_grid():
     assert young[4, uv] / ssp[4, 0, uv] > young[4, red] / ssp[4, 0, red] > 1.0  # younger stars: bluer
 
 
-def test_library_on_vacuum_wavelengths():
+@needs_bc03
+def test_bc03_library_units_and_grid():
+    """BC03 (Chabrier IMF) in L☉/Å per M☉ formed: the 9 Gyr solar SSP has M_V ≈ 6.8, brighter per M☉ formed
+    than E-MILES's unimodal-IMF 7.13; 7 metallicities, ages 5 Myr-14 Gyr every 0.1 dex."""
+    wave, ages, mets, ssp = mock_sps.bc03_library()
+    assert ssp.shape == (7, len(ages), len(wave)) and np.all(np.isfinite(ssp)) and np.all(ssp >= 0)
+    assert ages[0] == pytest.approx(0.005, rel=0.01) and 14.0 < ages[-1] <= mock_sps.BC03_AGE_RANGE[1]
+    np.testing.assert_allclose(np.diff(np.log10(ages)), 0.1, atol=0.02)
+    np.testing.assert_allclose(mets, np.log10([0.005, 0.02, 0.2, 0.4, 1.0, 2.5, 5.0]))
+    v = (wave > 5060) & (wave < 5900)
+    flux_10pc = (
+        float(ssp[4, np.argmin(np.abs(ages - 9.0)), v].mean()) * mock_sps.L_SUN / (4 * np.pi * 3.0857e19**2)
+    )
+    assert 6.5 < -2.5 * np.log10(flux_10pc / 3.63e-9) < 7.1
+
+
+def test_bc03_library_names_a_bad_file(tmp_path, monkeypatch):
+    path = tmp_path / "grid.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros(3), name="WAVELENGTHS_AA")]).writeto(path)
+    with pytest.raises(ValueError, match="grid.fits: not a BC03 grid"):
+        mock_sps.bc03_library.__wrapped__(str(path))
+    monkeypatch.setenv("SPECPT_BC03_FILE", str(path))
+    assert mock_sps.bc03_file() == path
+    with pytest.raises(ValueError, match="library must be one of"):
+        mock_sps.ssp_library("fsps")
+
+
+@pytest.mark.parametrize("library", ["emiles", pytest.param("bc03", marks=needs_bc03)])
+def test_library_on_vacuum_wavelengths(library):
     """MILES is in air: Ca II K and H of the 10 Gyr solar SSP lie at their vacuum wavelengths (1.1 Å redder)."""
-    wave, ages, _, ssp = mock_sps.emiles_library()
-    flux = ssp[4, np.argmin(np.abs(ages - 10.0))]
+    wave, ages, mets, ssp = mock_sps.ssp_library(library)
+    flux = ssp[int(np.argmin(np.abs(mets))), np.argmin(np.abs(ages - 10.0))]
     for air, vacuum in ((3933.663, 3934.777), (3968.468, 3969.591)):  # NIST ASD
         i = int(np.argmin(np.where(np.abs(wave - air) < 3.0, flux, np.inf)))
         y = flux[i - 1 : i + 2].astype(np.float64)
@@ -123,12 +161,14 @@ def test_family_is_a_separate_stream():
         generate_spectra("elg", 3, seed=0, family="fsps")
 
 
-def test_sps_files_through_the_readers(tmp_path):
-    coadd, redrock = write_mock_healpix(tmp_path, "lrg", 5, seed=3, healpix=26500, family="sps")
-    assert fits.getheader(coadd, 0)["MOCKFAM"] == "sps"
+@pytest.mark.parametrize("family", LIBRARY_FAMILIES)
+def test_sps_files_through_the_readers(tmp_path, family):
+    coadd, redrock = write_mock_healpix(tmp_path, "lrg", 5, seed=3, healpix=26500, family=family)
+    assert fits.getheader(coadd, 0)["MOCKFAM"] == family
     truth = fits.getdata(coadd.parent / coadd.name.replace("coadd", "truth"), "TRUTH")
-    assert set(truth["FAMILY"]) == {"sps"} and "KIND" in truth.names and "D4000N" in truth.names
-    assert np.all((truth["TARGETID"] >> 42) & 0xFFFF == 9011)  # RELEASE field: never a basis TARGETID
+    assert set(truth["FAMILY"]) == {family} and "KIND" in truth.names and "D4000N" in truth.names
+    release = {"sps": 9011, "bc03": 9012}[family]
+    assert np.all((truth["TARGETID"] >> 42) & 0xFFFF == release)  # RELEASE field: never a basis TARGETID
     records = list(join_redshifts(read_desi_spectra(coadd), read_redrock(redrock)))
     z = dict(zip(truth["TARGETID"].tolist(), truth["Z"].tolist(), strict=True))
     assert len(records) == 5
@@ -136,10 +176,33 @@ def test_sps_files_through_the_readers(tmp_path):
         assert r["target_class"] == "lrg" and r["spectype"] == "GALAXY" and r["z"] == z[r["targetid"]]
     assert (
         mock.main(
-            ["--out", str(tmp_path / "cli"), "--n-per-class", "2", "--family", "sps", "--classes", "elg"]
+            ["--out", str(tmp_path / "cli"), "--n-per-class", "2", "--family", family, "--classes", "elg"]
         )
         == 0
     )
     assert len(list((tmp_path / "cli").rglob("coadd-*.fits"))) == 1
     with pytest.raises(SystemExit):
-        mock.main(["--out", str(tmp_path / "bad"), "--family", "sps", "--classes", "qso"])
+        mock.main(["--out", str(tmp_path / "bad"), "--family", family, "--classes", "qso"])
+
+
+@needs_bc03
+def test_bc03_continua_differ_from_emiles_at_equal_populations():
+    """The same star-formation history and metallicity on the two libraries: close in shape (both MILES stars
+    over 3540-7350 Å), not the same spectrum."""
+    ages = {lib: mock_sps.ssp_library(lib)[1] for lib in mock_sps.SSP_LIBRARIES}
+    sfh = {
+        "onset": np.array([10.0]),
+        "tau": np.array([0.5]),
+        "psb": np.array([False]),
+        "burst_age": np.array([0.0]),
+        "burst_frac": np.array([0.0]),
+    }
+    wave = mock_sps.ssp_library("emiles")[0]
+    optical = (wave > 4000) & (wave < 7000)
+    flux = {}
+    for lib in mock_sps.SSP_LIBRARIES:
+        mass, _ = mock_sps.mass_in_age_bins(sfh, ages[lib])
+        f = mock_sps.stellar_continuum(mass, np.array([0.0]), np.array([150.0]), lib)[0]
+        flux[lib] = f / np.median(f[optical])
+    ratio = flux["bc03"][optical] / flux["emiles"][optical]
+    assert ratio.min() > 0.8 and ratio.max() < 1.25 and np.std(ratio) > 0.005

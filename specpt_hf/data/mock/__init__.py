@@ -16,8 +16,8 @@ The physics, in rest-frame vacuum Å and 1e-17 erg/s/cm²/Å:
 * magnitude, redshift and S/N distributions of the four DESI dark/bright target classes;
 * Milky Way Survey stars (class `mws`, SPECTYPE STAR at Z = v/c; `stars`);
 * a second galaxy family, `family="sps"` (E-MILES stellar populations, star-formation histories, Charlot &
-  Fall dust, BPT line ratios with AGN and post-starbursts; `sps`), to hold out of training; the default
-  family is `basis`.
+  Fall dust, BPT line ratios with AGN and post-starbursts; `sps`), and a third, `family="bc03"`, the same
+  physics on BC03 populations, to hold out of training; the default family is `basis`.
 
 The modules, in the order a spectrum passes through them:
 
@@ -59,7 +59,7 @@ from .physics import (
     nanomaggies,
     rest_templates,
 )
-from .populations import DRAWERS, FAMILIES, MOCK_CLASSES, SPS_CLASSES
+from .populations import DRAWERS, FAMILIES, MOCK_CLASSES, SPS_CLASSES, SPS_FAMILIES
 from .render import (
     DELTACHI2_CUT,
     HARD_FLAGS,
@@ -87,6 +87,7 @@ __all__ = [
     "NEBULAR_LINES",
     "QSO_LINES",
     "SPS_CLASSES",
+    "SPS_FAMILIES",
     "VAR_REF_1000S",
     "ZWARN_NODATA",
     "ZWARN_SKY",

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..redshifts import EXTRAGALACTIC_CLASSES
-from .populations import FAMILIES, MOCK_CLASSES, SPS_CLASSES
+from .populations import FAMILIES, MOCK_CLASSES, SPS_CLASSES, SPS_FAMILIES
 from .writers import _SURVEY_PREFIX, write_mock_release
 
 
@@ -20,13 +20,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         choices=MOCK_CLASSES,
-        help="default: bgs lrg elg qso (sps: bgs lrg elg)",
+        help="default: bgs lrg elg qso (sps, bc03: bgs lrg elg)",
     )
     parser.add_argument(
         "--family",
         default="basis",
         choices=FAMILIES,
-        help="galaxy physics: basis (default) or sps (E-MILES, BPT)",
+        help="galaxy physics: basis (default), sps (E-MILES, BPT) or bc03 (the same on BC03 populations)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spectra-per-file", type=int, default=500)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_per_class < 1:
         parser.error("--n-per-class must be positive")
-    classes = args.classes or (SPS_CLASSES if args.family == "sps" else EXTRAGALACTIC_CLASSES)
+    classes = args.classes or (SPS_CLASSES if args.family in SPS_FAMILIES else EXTRAGALACTIC_CLASSES)
     counts = dict.fromkeys(classes, args.n_per_class)
     try:
         paths = write_mock_release(

@@ -16,7 +16,9 @@ from . import stars
 from .physics import QSO_LINES
 
 MOCK_CLASSES = (*EXTRAGALACTIC_CLASSES, "mws")  # and Milky Way Survey stars
-FAMILIES = ("basis", "sps")  # galaxy physics: the three-component basis of `physics`, or `sps`
+# galaxy physics: the three-component basis of `physics`, or `sps` on E-MILES or (family bc03) BC03 populations
+FAMILIES = ("basis", "sps", "bc03")
+SPS_FAMILIES = ("sps", "bc03")
 SPS_CLASSES = ("bgs", "lrg", "elg")
 _DEFAULT_PROGRAM = {"bgs": "bright", "mws": "bright"}  # the others: dark
 
@@ -190,5 +192,5 @@ def _check_class_family(target_class: str, family: str) -> None:
         raise ValueError(f"target_class must be one of {MOCK_CLASSES}, got {target_class!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if family == "sps" and target_class not in SPS_CLASSES:
-        raise ValueError(f"the sps family has the classes {SPS_CLASSES}, got {target_class!r}")
+    if family in SPS_FAMILIES and target_class not in SPS_CLASSES:
+        raise ValueError(f"the {family} family has the classes {SPS_CLASSES}, got {target_class!r}")

@@ -16,7 +16,7 @@ from specpt_hf.data.instrument import DESI, FWHM_PER_SIGMA, Arm, Instrument, app
 from . import sps
 from .noise import EFFTIME, VAR_REF_1000S, _sky_flux, sky_variance_shape, strong_sky_lines
 from .physics import BANDS, C_KMS, _bal, _continuum, _forest, _lines, _normalise
-from .populations import _DEFAULT_PROGRAM, DRAWERS, FAMILIES, MOCK_CLASSES, _check_class_family
+from .populations import _DEFAULT_PROGRAM, DRAWERS, FAMILIES, MOCK_CLASSES, SPS_FAMILIES, _check_class_family
 
 # Truth flags for hard cases (bit values of the `hard` truth column; 0 = an ordinary spectrum).
 HARD_FLAGS: dict[str, int] = {
@@ -169,8 +169,8 @@ def generate_spectra(
     float32 [n, n_pix], `mask` bool [n, n_pix] (True = bad), `arms` {name: {wave, flux, ivar, mask (int32
     DESI bits), model, resolution [ndiag, n_pix]}} and `truth` {column: [n]} (z, spectype, magnitudes,
     line fluxes, efftime, redrock-like zerr / zwarn / deltachi2, `hard` flags — see HARD_FLAGS).
-    `family` "sps" draws the same populations with the physics of `specpt_hf.data.mock.sps` (classes
-    bgs, lrg, elg). Deterministic in (target_class, n, seed, instrument, program, family).
+    `family` "sps" (E-MILES) or "bc03" (BC03) draws the same populations with the physics of
+    `specpt_hf.data.mock.sps` (classes bgs, lrg, elg). Deterministic in (target_class, n, seed, instrument, program, family).
     """
     target_class = target_class.lower()
     _check_class_family(target_class, family)
@@ -185,8 +185,8 @@ def generate_spectra(
     )
     rng = np.random.default_rng(stream)
     p = DRAWERS[target_class](rng, n)
-    if family == "sps":
-        sps.apply(p, target_class, rng)
+    if family in SPS_FAMILIES:
+        sps.apply(p, target_class, rng, family)
     _normalise(p)
     # SV3-like depth: nominal EFFTIME x ~1.2 with 0.12 dex spread; observing conditions 0.15 dex
     p["efftime"] = EFFTIME[program] * 10.0 ** rng.normal(0.08, 0.12, n)

