@@ -123,19 +123,28 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def _mock_file(job: tuple[str, int, int, int, str]) -> None:
+def _mock_file(job: tuple[str, int, int, int, str, str]) -> None:
     """One mock healpix file (runs in a worker process)."""
     from specpt_hf.data.mock import write_mock_healpix
 
-    target_class, count, seed, healpix, out = job
-    write_mock_healpix(out, target_class, count, seed, healpix=healpix)
+    target_class, count, seed, healpix, out, family = job
+    write_mock_healpix(out, target_class, count, seed, healpix=healpix, family=family)
 
 
-def make_chunk(work: Path, chunk: int, per_class: int, jobs: int, progress: bool, cuts: QualityCuts) -> None:
-    """Generate one chunk of mock files, prepare it with `cuts`, move its shards into {work}/data, delete the
-    files."""
+def make_chunk(
+    work: Path,
+    chunk: int,
+    per_class: int,
+    jobs: int,
+    progress: bool,
+    cuts: QualityCuts,
+    sps_fraction: float = 0.0,
+) -> None:
+    """Generate one chunk of mock files (the first `sps_fraction` of each sps class's files in the `sps` family),
+    prepare it with `cuts`, move its shards into {work}/data, delete the files."""
     import numpy as np
 
+    from specpt_hf.data.mock.populations import SPS_CLASSES
     from specpt_hf.data.prepare import prepare_dataset
 
     mock, prep = work / f"mock-chunk{chunk:03d}", work / f"prep-chunk{chunk:03d}"
@@ -143,10 +152,13 @@ def make_chunk(work: Path, chunk: int, per_class: int, jobs: int, progress: bool
     spf = 500
     file_jobs = []
     for c, name in enumerate(CLASSES):
-        for k, start in enumerate(range(0, per_class, spf)):
+        starts = range(0, per_class, spf)
+        n_sps = round(sps_fraction * len(starts)) if name in SPS_CLASSES else 0
+        for k, start in enumerate(starts):
             healpix = 10000 + chunk * 100 + c * 25 + k
             seed = int(np.random.SeedSequence([TRAIN_SEED, chunk, c, k]).generate_state(1)[0])
-            file_jobs.append((name, min(spf, per_class - start), seed, healpix, str(mock)))
+            family = "sps" if k < n_sps else "basis"
+            file_jobs.append((name, min(spf, per_class - start), seed, healpix, str(mock), family))
     if jobs == 1:
         for job in file_jobs:
             _mock_file(job)
@@ -272,6 +284,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(their labels are the mock's truth)",
     )
     parser.add_argument(
+        "--sps-fraction",
+        type=float,
+        default=0.0,
+        help="share of the BGS, LRG and ELG mock files written in the `sps` family (E-MILES populations, "
+        "BPT lines; needs `pip install specpt-hf[sps]`); the rest and all QSOs in the default family",
+    )
+    parser.add_argument(
         "--augment-probability",
         type=float,
         help="stage 2's probability of each training augmentation (default: the config's; 0: the control run)",
@@ -299,6 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.augment_until is not None and not 0 < args.augment_until <= 1:
         parser.error(f"--augment-until is a fraction of stage 2's steps in (0, 1], got {args.augment_until}")
+    if not 0 <= args.sps_fraction <= 1:
+        parser.error(f"--sps-fraction is a share in [0, 1], got {args.sps_fraction}")
     if args.hours <= 0:
         parser.error("--hours must be positive")
     if math.ceil(args.chunk_per_class / 500) > 25 or math.ceil(args.n_per_class / args.chunk_per_class) > 50:
@@ -330,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         per_class = min(args.chunk_per_class, args.n_per_class - chunk * args.chunk_per_class)
         print(f"[run] data chunk {chunk + 1}/{plan.chunks}: {per_class} spectra per class", flush=True)
-        make_chunk(work, chunk, per_class, args.jobs, progress=not args.quick, cuts=cuts)
+        make_chunk(work, chunk, per_class, args.jobs, not args.quick, cuts, args.sps_fraction)
         marker.touch()
     if "data" in args.steps and not (work / "data" / "README.md").is_file():
         from specpt_hf.data.prepare import write_shards_card
