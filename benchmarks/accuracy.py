@@ -67,9 +67,14 @@ MAGNITUDES = ("MAG_R", "FIBERMAG_G", "FIBERMAG_Z")
 TEST_SEED = 101
 TEST_HEALPIX = 30000
 SPS_TEST_HEALPIX = 35000  # the sps family's held-out set (benchmarks/robustness.py)
+BC03_TEST_HEALPIX = 36000  # the bc03 family's
 SPECTRA_PER_FILE = 500
 # Held-out sets per mock family: (classes, first healpix).
-TEST_SETS = {"basis": (CLASSES, TEST_HEALPIX), "sps": (SPS_CLASSES, SPS_TEST_HEALPIX)}
+TEST_SETS = {
+    "basis": (CLASSES, TEST_HEALPIX),
+    "sps": (SPS_CLASSES, SPS_TEST_HEALPIX),
+    "bc03": (SPS_CLASSES, BC03_TEST_HEALPIX),
+}
 # True-redshift bins per class, covering each mock population.
 Z_BINS = {
     "bgs": (0.0, 0.1, 0.2, 0.3, 0.4, 0.6),

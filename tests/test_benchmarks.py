@@ -187,22 +187,34 @@ def test_robustness_quick_writes_every_perturbation(tmp_path):
     assert all(value > 0 for value in sigma.values())
     assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| masked span ≤ 200 px | network | all | 32 |" in (tmp_path / "robustness.md").read_text()
-    if "second_family_skipped" in results:  # no E-MILES library
+    if "second_family_skipped" in results:  # no BC03 library
         return
     family = results["second_family"]
-    assert family["family"] == "sps" and "healpix 35000+" in family["test_set"]
+    assert family["family"] == "bc03" and "healpix 36000+" in family["test_set"]
     rows = family["metrics"]["network"]
     assert [rows[cls]["n"] for cls in ("all", "bgs", "lrg", "elg")] == [24, 8, 8, 8]
     basis = results["metrics"]["none"]["network"]
     assert rows["lrg"]["basis_nmad"] == basis["lrg"]["nmad"] and rows["all"]["basis_n"] == 24
     assert rows["bgs"]["nmad_ratio"] == pytest.approx(rows["bgs"]["nmad"] / basis["bgs"]["nmad"])
     assert "| network | elg | 8 |" in (tmp_path / "robustness.md").read_text()
-    files = sorted(p.name for p in (tmp_path / "testset-sps").rglob("coadd-*.fits"))
-    assert files == ["coadd-sv3-bright-35000.fits", "coadd-sv3-dark-35001.fits", "coadd-sv3-dark-35002.fits"]
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "testset-sps").rglob("coadd-*.fits")}
-    again = accuracy.make_test_set(tmp_path / "testset-sps", 8, accuracy.TEST_SEED, 8, family="sps")
+    assert "## A held-out mock family (`bc03`)" in (tmp_path / "robustness.md").read_text()
+    files = sorted(p.name for p in (tmp_path / "testset-bc03").rglob("coadd-*.fits"))
+    assert files == ["coadd-sv3-bright-36000.fits", "coadd-sv3-dark-36001.fits", "coadd-sv3-dark-36002.fits"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "testset-bc03").rglob("coadd-*.fits")}
+    again = accuracy.make_test_set(tmp_path / "testset-bc03", 8, accuracy.TEST_SEED, 8, family="bc03")
     assert sorted(p for paths in again.values() for p in paths) == sorted(stamps)  # reused, not written again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_robustness_takes_the_sps_family(tmp_path):
+    argv = ["--quick", "--perturbations", "none", "--family", "sps", "--out", str(tmp_path)]
+    assert robustness.main(argv) == 0
+    results = json.loads((tmp_path / "robustness.json").read_text())
+    if "second_family_skipped" in results:  # no E-MILES library
+        return
+    assert results["family"] == results["second_family"]["family"] == "sps"
+    assert "healpix 35000+" in results["second_family"]["test_set"]
+    assert "E-MILES stellar populations" in (tmp_path / "robustness.md").read_text()
 
 
 def test_refinement_frontier_quick_runs_every_setting(tmp_path):
@@ -552,6 +564,21 @@ def test_training_recipe_without_quality_cuts_keeps_every_mock_spectrum(tmp_path
     assert len(zwarn["cut"]) < len(zwarn["all"])
     assert np.any(zwarn["all"] != 0) and np.all(zwarn["cut"] == 0)
     assert "`enabled` = False" in (tmp_path / "all" / "data" / "README.md").read_text()
+
+
+def test_training_recipe_mixes_in_the_sps_family(tmp_path):
+    """--sps-fraction 1: every BGS, LRG and ELG file in the sps family (TARGETID RELEASE 9011), QSOs basis."""
+    pytest.importorskip("ppxf")
+    argv = ["--work", str(tmp_path), "--quick", "--steps", "data", "--sps-fraction", "1"]
+    assert recipe.main(argv) == 0
+    tables = [
+        pq.read_table(p, columns=["targetid", "target_class"]) for p in (tmp_path / "data").rglob("*.parquet")
+    ]
+    release = np.concatenate([(t["targetid"].to_numpy() >> 42) & 0xFFFF for t in tables])
+    classes = np.concatenate([t["target_class"].to_numpy(zero_copy_only=False) for t in tables])
+    assert set(release[classes == "qso"]) == {9010} and set(release[classes != "qso"]) == {9011}
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--work", "w", "--sps-fraction", "1.5"])
 
 
 def test_parquet_writers_quick_writes_the_same_rows_both_ways(tmp_path, capsys):
