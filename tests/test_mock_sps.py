@@ -80,6 +80,8 @@ def test_bc03_library_names_a_bad_file(tmp_path, monkeypatch):
         mock_sps.bc03_library.__wrapped__(str(path))
     monkeypatch.setenv("SPECPT_BC03_FILE", str(path))
     assert mock_sps.bc03_file() == path
+    with pytest.raises(ImportError, match=r"specpt-hf\[sps\].*SPECPT_NO_SUCH_FILE"):
+        mock_sps._shipped_file("SPECPT_NO_SUCH_FILE", "no_such_package_xyz", "grid.fits", "a grid")
     with pytest.raises(ValueError, match="library must be one of"):
         mock_sps.ssp_library("fsps")
 

