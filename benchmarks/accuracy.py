@@ -67,7 +67,7 @@ MAGNITUDES = ("MAG_R", "FIBERMAG_G", "FIBERMAG_Z")
 TEST_SEED = 101
 TEST_HEALPIX = 30000
 SPS_TEST_HEALPIX = 35000  # the sps family's held-out set (benchmarks/robustness.py)
-BC03_TEST_HEALPIX = 36000  # the bc03 family's
+BC03_TEST_HEALPIX = 37000  # the bc03 family's
 SPECTRA_PER_FILE = 500
 # Held-out sets per mock family: (classes, first healpix).
 TEST_SETS = {

@@ -190,7 +190,7 @@ def test_robustness_quick_writes_every_perturbation(tmp_path):
     if "second_family_skipped" in results:  # no BC03 library
         return
     family = results["second_family"]
-    assert family["family"] == "bc03" and "healpix 36000+" in family["test_set"]
+    assert family["family"] == "bc03" and "healpix 37000+" in family["test_set"]
     rows = family["metrics"]["network"]
     assert [rows[cls]["n"] for cls in ("all", "bgs", "lrg", "elg")] == [24, 8, 8, 8]
     basis = results["metrics"]["none"]["network"]
@@ -199,7 +199,7 @@ def test_robustness_quick_writes_every_perturbation(tmp_path):
     assert "| network | elg | 8 |" in (tmp_path / "robustness.md").read_text()
     assert "## A held-out mock family (`bc03`)" in (tmp_path / "robustness.md").read_text()
     files = sorted(p.name for p in (tmp_path / "testset-bc03").rglob("coadd-*.fits"))
-    assert files == ["coadd-sv3-bright-36000.fits", "coadd-sv3-dark-36001.fits", "coadd-sv3-dark-36002.fits"]
+    assert files == ["coadd-sv3-bright-37000.fits", "coadd-sv3-dark-37001.fits", "coadd-sv3-dark-37002.fits"]
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "testset-bc03").rglob("coadd-*.fits")}
     again = accuracy.make_test_set(tmp_path / "testset-bc03", 8, accuracy.TEST_SEED, 8, family="bc03")
     assert sorted(p for paths in again.values() for p in paths) == sorted(stamps)  # reused, not written again
