@@ -1,6 +1,6 @@
-"""The recipe model the benchmark figures come from (benchmarks/models/specpt-small-cpu-aug): it loads with
-today's code, its network places bright mock galaxies within a few p(z) bins, and its templates refine them to a
-fraction of a pixel."""
+"""The recipe models the benchmark figures come from (benchmarks/models/specpt-small-cpu-aug, and -sps, trained
+with the sps family mixed in): each loads with today's code, its network places bright mock galaxies within a few
+p(z) bins, and its templates refine them to a fraction of a pixel."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from specpt_hf.prediction import model_wavelength, predict_spectra
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-MODEL = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "specpt-small-cpu-aug"
+MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
 
 
-def test_recipe_model_measures_bright_mock_galaxies():
-    model = load_model(MODEL, task="redshift")
+@pytest.mark.parametrize("name", ["specpt-small-cpu-aug", "specpt-small-cpu-sps"])
+def test_recipe_model_measures_bright_mock_galaxies(name):
+    model = load_model(MODELS / name, task="redshift")
     assert model.refines and model.config.spectype_labels == ["GALAXY", "QSO"]
     for target_class in ("bgs", "lrg"):
         mock = generate_spectra(target_class, 24, seed=17)
