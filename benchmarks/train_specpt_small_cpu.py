@@ -85,6 +85,7 @@ class Plan:
     """Step counts and the expected minutes of each step."""
 
     n_per_class: int
+    n_spectra: int
     chunks: int
     data_minutes: float
     ae_steps: int
@@ -97,7 +98,7 @@ class Plan:
         return "\n".join(
             [
                 f"{'step':<34} {'size':>22} {'minutes':>8}",
-                f"{'1 mock + prepare':<34} {f'{4 * self.n_per_class} spectra, {self.chunks} chunks':>22} "
+                f"{'1 mock + prepare':<34} {f'{self.n_spectra} spectra, {self.chunks} chunks':>22} "
                 f"{self.data_minutes:>8.0f}",
                 f"{'2 stage 1 (autoencoder)':<34} {f'{self.ae_steps} steps':>22} {self.ae_minutes:>8.0f}",
                 f"{'3 stage 2 (redshift)':<34} {f'{self.rs_steps} steps':>22} {self.rs_minutes:>8.0f}",
@@ -108,13 +109,14 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Step counts that fit `args.hours` at the given rates (explicit --ae-steps / --rs-steps win)."""
-    n_total = 4 * args.n_per_class
+    n_total = round((4 + 3 * args.sps_extra) * args.n_per_class)
     data_minutes = n_total / args.mock_rate / max(args.jobs, 1) / 60 + n_total / args.prepare_rate / 60
     left = max(args.hours * 60 * 0.95 - data_minutes, 0.0)
     ae_steps = args.ae_steps or max(1, int(0.25 * left * 60 * args.ae_rate / args.batch_size))
     rs_steps = args.rs_steps or max(1, int(0.75 * left * 60 * args.rs_rate / args.batch_size))
     return Plan(
         n_per_class=args.n_per_class,
+        n_spectra=n_total,
         chunks=math.ceil(args.n_per_class / args.chunk_per_class),
         data_minutes=data_minutes,
         ae_steps=ae_steps,
@@ -140,9 +142,11 @@ def make_chunk(
     progress: bool,
     cuts: QualityCuts,
     sps_fraction: float = 0.0,
+    sps_extra: float = 0.0,
 ) -> None:
-    """Generate one chunk of mock files (the first `sps_fraction` of each sps class's files in the `sps` family),
-    prepare it with `cuts`, move its shards into {work}/data, delete the files."""
+    """Generate one chunk of mock files (the first `sps_fraction` of each sps class's files in the `sps` family,
+    and `sps_extra` × `per_class` more spectra of each sps class in it after them), prepare it with `cuts`, move its
+    shards into {work}/data, delete the files."""
     import numpy as np
 
     from specpt_hf.data.mock.populations import SPS_CLASSES
@@ -153,13 +157,17 @@ def make_chunk(
     spf = 500
     file_jobs = []
     for c, name in enumerate(CLASSES):
-        starts = range(0, per_class, spf)
-        n_sps = round(sps_fraction * len(starts)) if name in SPS_CLASSES else 0
-        for k, start in enumerate(starts):
+        sps = name in SPS_CLASSES
+        n_sps = round(sps_fraction * math.ceil(per_class / spf)) if sps else 0
+        extra = round(sps_extra * per_class) if sps else 0
+        files = [
+            (min(spf, per_class - start), "sps" if k < n_sps else "basis")
+            for k, start in enumerate(range(0, per_class, spf))
+        ] + [(min(spf, extra - start), "sps") for start in range(0, extra, spf)]
+        for k, (count, family) in enumerate(files):
             healpix = 10000 + chunk * 100 + c * 25 + k
             seed = int(np.random.SeedSequence([TRAIN_SEED, chunk, c, k]).generate_state(1)[0])
-            family = "sps" if k < n_sps else "basis"
-            file_jobs.append((name, min(spf, per_class - start), seed, healpix, str(mock), family))
+            file_jobs.append((name, count, seed, healpix, str(mock), family))
     if jobs == 1:
         for job in file_jobs:
             _mock_file(job)
@@ -292,6 +300,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "BPT lines; needs `pip install specpt-hf[sps]`); the rest and all QSOs in the default family",
     )
     parser.add_argument(
+        "--sps-extra",
+        type=float,
+        default=0.0,
+        help="`sps`-family BGS, LRG and ELG spectra added on top of the basis ones, as a share of --n-per-class",
+    )
+    parser.add_argument(
         "--augment-probability",
         type=float,
         help="stage 2's probability of each training augmentation (default: the config's; 0: the control run)",
@@ -321,9 +335,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--augment-until is a fraction of stage 2's steps in (0, 1], got {args.augment_until}")
     if not 0 <= args.sps_fraction <= 1:
         parser.error(f"--sps-fraction is a share in [0, 1], got {args.sps_fraction}")
+    if args.sps_extra < 0:
+        parser.error(f"--sps-extra is a share >= 0, got {args.sps_extra}")
     if args.hours <= 0:
         parser.error("--hours must be positive")
-    if math.ceil(args.chunk_per_class / 500) > 25 or math.ceil(args.n_per_class / args.chunk_per_class) > 50:
+    if (
+        math.ceil(args.chunk_per_class / 500) + math.ceil(args.chunk_per_class * args.sps_extra / 500) > 25
+        or math.ceil(args.n_per_class / args.chunk_per_class) > 50
+    ):
         parser.error("at most 12500 spectra per class per chunk and 50 chunks (healpix 10000-14999)")
     return args
 
@@ -352,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         per_class = min(args.chunk_per_class, args.n_per_class - chunk * args.chunk_per_class)
         print(f"[run] data chunk {chunk + 1}/{plan.chunks}: {per_class} spectra per class", flush=True)
-        make_chunk(work, chunk, per_class, args.jobs, not args.quick, cuts, args.sps_fraction)
+        make_chunk(work, chunk, per_class, args.jobs, not args.quick, cuts, args.sps_fraction, args.sps_extra)
         marker.touch()
     if "data" in args.steps and not (work / "data" / "README.md").is_file():
         from specpt_hf.data.prepare import write_shards_card

@@ -566,19 +566,32 @@ def test_training_recipe_without_quality_cuts_keeps_every_mock_spectrum(tmp_path
     assert "`enabled` = False" in (tmp_path / "all" / "data" / "README.md").read_text()
 
 
-def test_training_recipe_mixes_in_the_sps_family(tmp_path):
-    """--sps-fraction 1: every BGS, LRG and ELG file in the sps family (TARGETID RELEASE 9011), QSOs basis."""
-    pytest.importorskip("ppxf")
-    argv = ["--work", str(tmp_path), "--quick", "--steps", "data", "--sps-fraction", "1"]
-    assert recipe.main(argv) == 0
+def _releases(work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """TARGETID RELEASE fields and target classes of every row of a recipe's shards."""
     tables = [
-        pq.read_table(p, columns=["targetid", "target_class"]) for p in (tmp_path / "data").rglob("*.parquet")
+        pq.read_table(p, columns=["targetid", "target_class"]) for p in (work / "data").rglob("*.parquet")
     ]
     release = np.concatenate([(t["targetid"].to_numpy() >> 42) & 0xFFFF for t in tables])
-    classes = np.concatenate([t["target_class"].to_numpy(zero_copy_only=False) for t in tables])
+    return release, np.concatenate([t["target_class"].to_numpy(zero_copy_only=False) for t in tables])
+
+
+def test_training_recipe_mixes_in_the_sps_family(tmp_path):
+    """--sps-fraction 1: every BGS, LRG and ELG file in the sps family (TARGETID RELEASE 9011), QSOs basis;
+    --sps-extra 0.5: the basis files plus half as many sps spectra on top."""
+    pytest.importorskip("ppxf")
+    argv = ["--work", str(tmp_path / "fraction"), "--quick", "--steps", "data", "--sps-fraction", "1"]
+    assert recipe.main(argv) == 0
+    release, classes = _releases(tmp_path / "fraction")
     assert set(release[classes == "qso"]) == {9010} and set(release[classes != "qso"]) == {9011}
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--work", "w", "--sps-fraction", "1.5"])
+    argv = ["--work", str(tmp_path / "extra"), "--quick", "--steps", "data", "--sps-extra", "0.5"]
+    assert recipe.main(argv) == 0
+    release, classes = _releases(tmp_path / "extra")
+    galaxies = classes != "qso"
+    assert set(release[classes == "qso"]) == {9010} and set(release[galaxies]) == {9010, 9011}
+    assert 0.2 < (release[galaxies] == 9011).mean() < 0.5  # 20 of 60 per class written, before the cuts
+    for flag, value in (("--sps-fraction", "1.5"), ("--sps-extra", "-1")):
+        with pytest.raises(SystemExit):
+            recipe.parse_args(["--work", "w", flag, value])
 
 
 def test_parquet_writers_quick_writes_the_same_rows_both_ways(tmp_path, capsys):
