@@ -7,6 +7,7 @@
     python benchmarks/train_specpt_small_cpu.py --work runs/clean-end --augment-until 0.7      # last 30 % unaugmented
     python benchmarks/train_specpt_small_cpu.py --work runs/all-labels --no-quality-cuts       # faint spectra too
     python benchmarks/train_specpt_small_cpu.py --work runs/sps --sps-fraction 0.4   # 40 % of galaxies from `sps`
+    python benchmarks/train_specpt_small_cpu.py --work runs/sps-extra --sps-extra 0.4  # 40 % more, from `sps`
     nohup python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu > train.log 2>&1 &
 
 Give it the machine: with other CPU work on the same 2 cores, torch's two OpenMP threads wait on each other and a
