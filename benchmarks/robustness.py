@@ -17,7 +17,7 @@ the DESI footprint lies below).
 The second family (--family) is one of the mock's population-synthesis families (specpt_hf/data/mock/sps.py:
 star-formation histories, Charlot & Fall dust, BPT / AGN / post-starburst lines; classes BGS, LRG, ELG): `bc03`
 (the default: BC03 populations, which no training recipe uses) or `sps` (E-MILES populations, which
-`train_specpt_small_cpu.py --sps-fraction` mixes into training). Its own held-out set (seed 101, healpix 37000+ /
+`train_specpt_small_cpu.py --sps-fraction` / `--sps-extra` mix into training). Its own held-out set (seed 101, healpix 37000+ /
 35000+, written once into --family-test-dir and reused), the same first --per-class spectra of each class's first
 file, unperturbed, predicted network-only and refined. NMAD and η per class and their ratios to the basis set's
 same classes (the `none` row) go to the same outputs; floors: both ratios ≤ 1.5 (`FAMILY_FLOORS`). Without the
