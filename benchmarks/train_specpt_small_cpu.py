@@ -8,6 +8,7 @@
     python benchmarks/train_specpt_small_cpu.py --work runs/all-labels --no-quality-cuts       # faint spectra too
     python benchmarks/train_specpt_small_cpu.py --work runs/sps --sps-fraction 0.4   # 40 % of galaxies from `sps`
     python benchmarks/train_specpt_small_cpu.py --work runs/sps-extra --sps-extra 0.4  # 40 % more, from `sps`
+    python benchmarks/train_specpt_small_cpu.py --work runs/seed7 --train-seed 7      # stage 2 with another seed
     nohup python benchmarks/train_specpt_small_cpu.py --work runs/specpt-small-cpu > train.log 2>&1 &
 
 Give it the machine: with other CPU work on the same 2 cores, torch's two OpenMP threads wait on each other and a
@@ -16,7 +17,8 @@ Other work can share the cores if it runs under `nice -n 19`, one process at a t
 stage 1 at 2.35 steps/s alone, 2.0-2.3 beside one such process, 0.25 beside four).
 
 The control run for robustness.py (`--augment-probability 0`: stage 2 without the augmentations), or one with
-another probability or with the augmentations in the first part of stage 2 only (`--augment-until`), can share an augmented run's data and stage 1: hard-link them into its --work first
+another probability, with the augmentations in the first part of stage 2 only (`--augment-until`) or with another
+stage-2 seed (`--train-seed`, the spread between runs), can share an augmented run's data and stage 1: hard-link them into its --work first
 (`cp -al RUN/data RUN/autoencoder RUN/.chunk* W/`).
 
 Run the same command again after an interruption: finished steps are skipped (marker files in --work),
@@ -242,6 +244,8 @@ def train_command(args: argparse.Namespace, stage: str, steps: int, work: Path) 
         cmd += ["--warmup-steps", str(args.warmup_steps)]
     if args.augment_probability is not None and stage == "redshift":
         cmd += ["--augment-probability", f"{args.augment_probability:g}"]
+    if args.train_seed is not None and stage == "redshift":
+        cmd += ["--seed", str(args.train_seed)]
     if args.augment_until is not None and stage == "redshift":
         cmd += ["--augment-until-step", str(max(1, round(args.augment_until * steps)))]
     return cmd
@@ -315,6 +319,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--augment-until",
         type=float,
         help="augment only this fraction of stage 2's steps, the first ones (default: all of them)",
+    )
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        help="stage 2's seed (weights of the head, data order, dropout; default: the config's): a second seed on "
+        "the same data and stage 1 measures the spread between training runs",
     )
     parser.add_argument(
         "--accelerate-config", help="launch training through `accelerate launch` with this file"

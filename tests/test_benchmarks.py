@@ -529,6 +529,10 @@ def test_training_recipe_plan_fits_the_budget():
         cmd = recipe.train_command(control, "redshift", plan.rs_steps, Path("w"))
         assert cmd[cmd.index("--augment-probability") + 1] == probability
         assert "--augment-probability" not in recipe.train_command(control, "autoencoder", 10, Path("w"))
+    seeded = recipe.parse_args(["--work", "w", "--train-seed", "7"])
+    assert recipe.train_command(seeded, "redshift", 10, Path("w"))[-2:] == ["--seed", "7"]
+    assert "--seed" not in recipe.train_command(seeded, "autoencoder", 10, Path("w"))
+    assert "--seed" not in recipe.train_command(recipe.parse_args(["--work", "w"]), "redshift", 10, Path("w"))
     clean_end = recipe.parse_args(["--work", "w", "--augment-until", "0.7"])
     cmd = recipe.train_command(clean_end, "redshift", 1000, Path("w"))
     assert cmd[cmd.index("--augment-until-step") + 1] == "700"
