@@ -112,7 +112,9 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Step counts that fit `args.hours` at the given rates (explicit --ae-steps / --rs-steps win)."""
-    n_total = round((4 + 3 * args.sps_extra) * args.n_per_class)
+    from specpt_hf.data.mock.populations import SPS_CLASSES
+
+    n_total = round((len(CLASSES) + len(SPS_CLASSES) * args.sps_extra) * args.n_per_class)
     data_minutes = n_total / args.mock_rate / max(args.jobs, 1) / 60 + n_total / args.prepare_rate / 60
     left = max(args.hours * 60 * 0.95 - data_minutes, 0.0)
     ae_steps = args.ae_steps or max(1, int(0.25 * left * 60 * args.ae_rate / args.batch_size))

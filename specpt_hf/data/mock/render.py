@@ -170,7 +170,8 @@ def generate_spectra(
     DESI bits), model, resolution [ndiag, n_pix]}} and `truth` {column: [n]} (z, spectype, magnitudes,
     line fluxes, efftime, redrock-like zerr / zwarn / deltachi2, `hard` flags — see HARD_FLAGS).
     `family` "sps" (E-MILES) or "bc03" (BC03) draws the same populations with the physics of
-    `specpt_hf.data.mock.sps` (classes bgs, lrg, elg). Deterministic in (target_class, n, seed, instrument, program, family).
+    `specpt_hf.data.mock.sps` (classes bgs, lrg, elg). Deterministic in (target_class, n, seed, instrument,
+    program, family).
     """
     target_class = target_class.lower()
     _check_class_family(target_class, family)
