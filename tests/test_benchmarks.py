@@ -7,6 +7,7 @@ Redrock parts are skipped and the scripts are checked to report the skip.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
+import attention_kernels  # noqa: E402
+import compare_predictions  # noqa: E402
 import fine_scan  # noqa: E402
 import noise_redrock  # noqa: E402
 import parquet_writers  # noqa: E402
@@ -509,6 +512,78 @@ def test_train_throughput_quick_times_the_training_step(tmp_path):
     assert row["spectra_per_second"] == pytest.approx(16 / (row["step_ms"] / 1e3))
     with pytest.raises(SystemExit):  # the 1.12 B-parameter paper autoencoder is refused on the CPU
         train_throughput.parse_args(["--presets", "specpt-paper"])
+
+
+def _write_predictions(folder: Path, targetid, classes, z, z_pred, model: str) -> None:
+    folder.mkdir()
+    table = Table({"TARGETID": targetid, "TARGET_CLASS": classes, "Z": z})
+    table[f"Z_{model} network"] = z
+    table[f"Z_{model} refined"] = z_pred
+    table.write(folder / "predictions.ecsv", format="ascii.ecsv")
+
+
+def test_compare_predictions_counts_shared_and_own_failures_on_matched_targets(tmp_path):
+    n = 40
+    z = np.linspace(0.1, 1.5, n)
+    classes = np.array(["elg"] * 30 + ["qso"] * 10)
+    first, second = z.copy(), z.copy()
+    first[[0, 1, 2, 3, 4, 5, 30]] += 0.5  # ELG failures 0-5, one QSO failure
+    second[[0, 1, 6]] += 0.5  # shares 0 and 1, adds 6
+    offsets = np.linspace(-0.002, 0.002, 10)  # small QSO errors: no failures, a known NMAD
+    second[30:] += offsets * (1 + z[30:])
+    order = np.random.default_rng(0).permutation(n)  # rows are matched by TARGETID, not by position
+    ids = np.arange(100, 100 + n)
+    _write_predictions(tmp_path / "a", ids, classes, z, first, "m1")
+    _write_predictions(tmp_path / "b", ids[order], classes[order], z[order], second[order], "m2")
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--out", str(out)]
+    assert compare_predictions.main(argv) == 0
+    result = json.loads((out / "comparison.json").read_text())["refined"]
+    elg, qso = result["elg"], result["qso"]
+    assert (elg["n"], elg["both"], elg["first_only"], elg["second_only"]) == (30, 2, 4, 1)
+    assert elg["eta"] == pytest.approx([6 / 30, 3 / 30])
+    assert elg["p_value"] == pytest.approx(0.375)  # 1 of 5 discordant failures: two-sided binomial
+    assert (qso["both"], qso["first_only"], qso["second_only"]) == (0, 1, 0)
+    assert qso["nmad"][1] == pytest.approx(NMAD_SCALE * np.median(np.abs(offsets - np.median(offsets))))
+    assert "| ELG | 30 |" in (out / "comparison.md").read_text()
+    network = json.loads((out / "comparison.json").read_text())["network"]["elg"]  # the unperturbed column
+    assert (network["both"], network["first_only"], network["second_only"]) == (0, 0, 0)
+
+
+def test_compare_predictions_refuses_other_test_sets_and_missing_columns(tmp_path):
+    z = np.array([0.1, 0.2])
+    _write_predictions(tmp_path / "a", [1, 2], ["elg", "elg"], z, z, "m")
+    _write_predictions(tmp_path / "b", [1, 2], ["elg", "elg"], z + 0.1, z, "m")
+    with pytest.raises(SystemExit):
+        compare_predictions.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="different true redshifts"):
+        compare_predictions.compare(
+            compare_predictions.read_predictions(tmp_path / "a", "refined"),
+            compare_predictions.read_predictions(tmp_path / "b", "refined"),
+        )
+    table = Table.read(tmp_path / "a" / "predictions.ecsv")
+    with pytest.raises(ValueError, match="expected one `Z_... refined` column"):
+        compare_predictions.method_column(table["TARGETID", "Z"], "refined", tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="predictions.ecsv"):
+        compare_predictions.read_predictions(tmp_path / "missing", "refined")
+
+
+def test_attention_kernels_quick_times_each_kernel_at_the_training_shape(tmp_path):
+    argv = ["--quick", "--presets", "specpt-tiny", "--precisions", "fp32", "--dropouts", "0", "0.1"]
+    assert attention_kernels.main([*argv, "--json", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    config = preset_config("specpt-tiny", "redshift")
+    tokens = math.ceil(config.num_pixels / config.patch_size)
+    heads, head_dim = config.num_heads, config.d_model // config.num_heads
+    assert {tuple(r["shape"]) for r in rows} == {(16, heads, tokens, head_dim)}
+    assert {(r["kernel"], r["dropout"]) for r in rows} == {
+        (k, p) for k in attention_kernels.KERNELS for p in (0.0, 0.1)
+    }
+    refused = {(r["kernel"], r["dropout"]) for r in rows if r["ms"] is None}
+    assert refused == {("sdpa-flash", 0.1)}  # torch's fused CPU kernel has no attention dropout
+    assert all(r["ms"] > 0 for r in rows if r["ms"] is not None)
+    with pytest.raises(SystemExit):
+        attention_kernels.parse_args(["--presets", "specpt-huge"])
 
 
 # ------------------------------------------------------------------------------------ training recipe
