@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     from specpt_hf.atomic import atomic_write_text
 
     args = parse_args(argv)
+    # torch says why a forced flash kernel is refused; the rows record that refusal
     warnings.filterwarnings("ignore", message="Both fused kernels do not support non-zero dropout")
+    warnings.filterwarnings("ignore", message="Flash attention kernel not used")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
