@@ -18,8 +18,9 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from train_throughput import DEFAULT_BATCH
+
 KERNELS = ("eager", "sdpa", "sdpa-flash", "sdpa-math")
-DEFAULT_BATCH = {"specpt-tiny": 16, "specpt-small": 32, "specpt-base": 128, "specpt-paper": 128}
 
 
 @dataclass

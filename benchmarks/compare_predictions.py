@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 from astropy.table import Table, join
+from redrock_subset import CLASSES
 from scipy.stats import binomtest
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text
 from specpt_hf.evaluation import metrics
 
-CLASSES = ("bgs", "lrg", "elg", "qso")
 METHODS = ("network", "refined")
 
 
@@ -38,16 +38,18 @@ def method_column(predictions: Table, method: str, path: Path) -> str:
     return columns[0]
 
 
-def read_predictions(folder: Path, method: str) -> Table:
-    """TARGETID, TARGET_CLASS, Z and one method's redshift (`network` or `refined`, as column `Z_PRED`) of an
-    accuracy.py output folder."""
+def read_predictions(folder: Path) -> Table:
+    """The `predictions.ecsv` of an accuracy.py output folder."""
     path = folder / "predictions.ecsv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (an accuracy.py --out folder holds one)")
-    table = Table.read(path)
-    column = method_column(table, method, path)
-    out = table["TARGETID", "TARGET_CLASS", "Z"]
-    out["Z_PRED"] = table[column]
+    return Table.read(path)
+
+
+def method_redshifts(predictions: Table, method: str, path: Path) -> Table:
+    """TARGETID, TARGET_CLASS, Z and one method's redshift (`network` or `refined`, as column `Z_PRED`)."""
+    out = predictions["TARGETID", "TARGET_CLASS", "Z"]
+    out["Z_PRED"] = predictions[method_column(predictions, method, path)]
     return out
 
 
@@ -108,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     labels = args.labels or [folder.name for folder in args.folders]
     try:
+        tables = [read_predictions(folder) for folder in args.folders]
         result = {
-            method: compare(*(read_predictions(folder, method) for folder in args.folders))
+            method: compare(
+                *(method_redshifts(t, method, f) for t, f in zip(tables, args.folders, strict=True))
+            )
             for method in METHODS
         }
     except (FileNotFoundError, ValueError) as err:

@@ -558,14 +558,18 @@ def test_compare_predictions_refuses_other_test_sets_and_missing_columns(tmp_pat
         compare_predictions.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="different true redshifts"):
         compare_predictions.compare(
-            compare_predictions.read_predictions(tmp_path / "a", "refined"),
-            compare_predictions.read_predictions(tmp_path / "b", "refined"),
+            *(
+                compare_predictions.method_redshifts(
+                    compare_predictions.read_predictions(tmp_path / name), "refined", tmp_path / name
+                )
+                for name in ("a", "b")
+            )
         )
     table = Table.read(tmp_path / "a" / "predictions.ecsv")
     with pytest.raises(ValueError, match="expected one `Z_... refined` column"):
         compare_predictions.method_column(table["TARGETID", "Z"], "refined", tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="predictions.ecsv"):
-        compare_predictions.read_predictions(tmp_path / "missing", "refined")
+        compare_predictions.read_predictions(tmp_path / "missing")
 
 
 def test_attention_kernels_quick_times_each_kernel_at_the_training_shape(tmp_path):
