@@ -23,8 +23,9 @@ and `--n-per-class` pair up): settings are chosen there, never on the test set. 
 together: η of all spectra, and the ZWARN = 0 sample's fraction kept, catastrophic rate η (|Δz|/(1+z) > 0.15) and
 count of failures. `--config FIELD=JSON` changes a model setting first (e.g. `refinement_alias_lines=[]`). The
 predictions are kept in OUT/columns-SEED.npz and reused while the model, its settings and the set are the same,
-so further fields need no model run. Writes thresholds.json and thresholds.md to --out. `--evaluate` runs values
-already chosen on the tuning sets on accuracy.py's test set (seed 101), for the record.
+so further fields need no model run. Writes thresholds.json and thresholds.md to --out, with a count per class of
+the template set that won each fit (SPECTYPE), its failures and its DELTACHI2 below `min_delta_chi2`. `--evaluate`
+runs values already chosen on the tuning sets on accuracy.py's test set (seed 101), for the record.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ from robustness import held_out, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.evaluation.metrics import catastrophic_fraction  # noqa: E402
+from specpt_hf.evaluation.metrics import (  # noqa: E402
+    CATASTROPHIC_THRESHOLD,
+    catastrophic_fraction,
+    redshift_errors,
+)
 from specpt_hf.loading import load_model  # noqa: E402
 from specpt_hf.prediction import FlagThresholds, zwarn_of_columns  # noqa: E402
 
@@ -100,6 +105,27 @@ def score(columns: dict[str, np.ndarray], zwarn: np.ndarray) -> dict[str, dict[s
     return out
 
 
+def fitted_as(columns: dict[str, np.ndarray], min_delta_chi2: float) -> dict[str, dict[str, dict[str, int]]]:
+    """Per class and winning template set (SPECTYPE): how many spectra, how many of them catastrophic failures, and
+    how many with DELTACHI2 below `min_delta_chi2` (flagged whatever the other thresholds); {} without refinement."""
+    if "spectype" not in columns:
+        return {}
+    failed = np.abs(redshift_errors(columns["z"], columns["z_true"])) > CATASTROPHIC_THRESHOLD
+    out = {}
+    for name in CLASSES:
+        rows = columns["target_class"] == name
+        out[name] = {
+            str(kind): {
+                "n": int((rows & won).sum()),
+                "failures": int((rows & won & failed).sum()),
+                "small_delta_chi2": int((rows & won & (columns["deltachi2"] < min_delta_chi2)).sum()),
+            }
+            for kind in np.unique(columns["spectype"][rows])
+            for won in [columns["spectype"] == kind]
+        }
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# ZWARN's `{result['field']}`: {result['model']}",
@@ -120,6 +146,18 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{100 * m['eta']:.2f} | "
                 f"{m['failures']} |"
             )
+    if result["fitted_as"]:
+        lines += [
+            "",
+            f"Which template set won (SPECTYPE), per class; DELTACHI2 < {result['min_delta_chi2']:g} is flagged "
+            "whatever the value above:",
+            "",
+            "| class | set | n | failures | DELTACHI2 below |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for name, kinds in result["fitted_as"].items():
+            for kind, m in kinds.items():
+                lines.append(f"| {name} | {kind} | {m['n']} | {m['failures']} | {m['small_delta_chi2']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{digest}|{seed}|{n_per_class}"
         sets.append(predictions(model, files, n_per_class, args.out / f"columns-{seed}.npz", key))
     columns = {name: np.concatenate([c[name] for c in sets]) for name in sets[0]}
+    min_delta_chi2 = dataclasses.replace(FlagThresholds(), **args.fixed).min_delta_chi2
     rows = []
     for value in args.values:
         thresholds = dataclasses.replace(FlagThresholds(), **{**args.fixed, args.field: value})
@@ -223,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.overrides,
         "purpose": "evaluation of chosen values" if args.evaluate else "tuning",
         "values": rows,
+        "min_delta_chi2": min_delta_chi2,
+        "fitted_as": fitted_as(columns, min_delta_chi2),
     }
     atomic_write_json(args.out / "thresholds.json", result)
     atomic_write_text(args.out / "thresholds.md", markdown(result))

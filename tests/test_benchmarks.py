@@ -718,6 +718,23 @@ def test_redrock_subset_takes_the_first_targets_of_each_class_first_file(tmp_pat
     )
 
 
+def test_zwarn_thresholds_counts_the_winning_template_set_per_class():
+    columns = {
+        "target_class": np.array(["elg", "elg", "elg", "qso"]),
+        "spectype": np.array(["GALAXY", "QSO", "QSO", "QSO"]),
+        "z": np.array([1.0, 1.0, 2.0, 2.0]),
+        "z_true": np.array([1.0, 1.0, 1.0, 2.0]),
+        "deltachi2": np.array([30.0, 2.0, 50.0, 8.9]),
+    }
+    table = zwarn_thresholds.fitted_as(columns, 9.0)
+    assert table["elg"] == {
+        "GALAXY": {"n": 1, "failures": 0, "small_delta_chi2": 0},
+        "QSO": {"n": 2, "failures": 1, "small_delta_chi2": 1},
+    }
+    assert table["qso"] == {"QSO": {"n": 1, "failures": 0, "small_delta_chi2": 1}}
+    assert table["bgs"] == {} and zwarn_thresholds.fitted_as({"z": columns["z"]}, 9.0) == {}
+
+
 def test_zwarn_thresholds_quick_recomputes_the_flags_from_one_model_run(tmp_path):
     argv = ["--quick", "--out", str(tmp_path), "--values", "0", "9", "1e9"]
     assert zwarn_thresholds.main(argv) == 0
@@ -725,6 +742,7 @@ def test_zwarn_thresholds_quick_recomputes_the_flags_from_one_model_run(tmp_path
     assert result["field"] == "min_delta_chi2" and result["n"] == 24
     kept = [row["by_class"]["all"]["kept"] for row in result["values"]]
     assert kept[0] >= kept[1] >= kept[2] == 0.0  # a higher threshold keeps no more; 1e9 flags every spectrum
+    assert sum(m["n"] for kinds in result["fitted_as"].values() for m in kinds.values()) == 24
     cache = tmp_path / "columns-202.npz"
     written = cache.stat().st_mtime_ns
     assert zwarn_thresholds.main([*argv[:3], "--field", "min_feature_chi2", "--values", "0"]) == 0
