@@ -195,10 +195,12 @@ def _principal_components(data: np.ndarray, num_vectors: int) -> np.ndarray:
 
 
 def _weighted_coefficients(basis: np.ndarray, flux: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients [n, vectors] of each row of `flux` on `basis` under `weight` [n, grid]."""
-    weighted = weight[:, None, :] * basis[None]  # [n, k, grid]
-    a = weighted @ basis.T + 1e-9 * np.eye(len(basis))  # [n, k, k]
-    b = (weighted @ flux[:, :, None])[..., 0]  # [n, k]
+    """Least-squares coefficients [n, vectors] of each row of `flux` on `basis` under `weight` [n, grid], in
+    O(n x grid) memory (no [n, vectors, grid] product)."""
+    k = len(basis)
+    pairs = (basis[:, None, :] * basis[None, :, :]).reshape(k * k, -1)  # [k * k, grid]
+    a = (weight @ pairs.T).reshape(-1, k, k) + 1e-9 * np.eye(k)  # [n, k, k]
+    b = (weight * flux) @ basis.T  # [n, k]
     return np.linalg.solve(a, b[..., None])[..., 0]
 
 

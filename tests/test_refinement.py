@@ -283,6 +283,29 @@ def test_fine_smoothing_keeps_the_coarse_choice_and_the_truth(templates):
     assert np.abs(error).max() < 5e-5, error
 
 
+def test_weighted_coefficients_are_each_rows_weighted_least_squares():
+    rng = np.random.default_rng(11)
+    basis, flux = rng.normal(size=(4, 300)), rng.normal(size=(5, 300))
+    weight = rng.uniform(0.0, 2.0, size=(5, 300))
+    weight[:, :40] = 0.0  # pixels without weight do not count
+    root = np.sqrt(weight)
+    expected = [np.linalg.lstsq((basis * w).T, f * w, rcond=None)[0] for f, w in zip(flux, root, strict=True)]
+    np.testing.assert_allclose(refinement._weighted_coefficients(basis, flux, weight), expected, rtol=1e-9)
+
+
+def test_weighted_coefficients_need_no_spectra_by_vectors_by_pixels_array():
+    import tracemalloc
+
+    basis, flux, weight = np.ones((10, 20_000)), np.ones((100, 20_000)), np.ones((100, 20_000))
+    tracemalloc.start()
+    try:
+        refinement._weighted_coefficients(basis, flux, weight)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * flux.nbytes  # an [n, vectors, pixels] product alone would be 10 x flux.nbytes
+
+
 def test_build_templates_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="do not match"):
         build_templates(WAVELENGTH, np.ones((3, 10)), np.ones((3, 10)), np.zeros(3))
