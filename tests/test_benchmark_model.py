@@ -1,5 +1,5 @@
 """The recipe models the benchmark figures come from (benchmarks/models/specpt-small-cpu-aug, and -sps, trained
-with the sps family mixed in): each loads with today's code, its network places bright mock galaxies within a few
+with the sps family mixed in, and -sps-t9000, its templates from 9,000 spectra per type): each loads with today's code, its network places bright mock galaxies within a few
 p(z) bins, and its templates refine them to a fraction of a pixel."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
 
 
-@pytest.mark.parametrize("name", ["specpt-small-cpu-aug", "specpt-small-cpu-sps"])
+@pytest.mark.parametrize(
+    "name", ["specpt-small-cpu-aug", "specpt-small-cpu-sps", "specpt-small-cpu-sps-t9000"]
+)
 def test_recipe_model_measures_bright_mock_galaxies(name):
     model = load_model(MODELS / name, task="redshift")
     assert model.refines and model.config.spectype_labels == ["GALAXY", "QSO"]
