@@ -1,6 +1,7 @@
-"""The recipe models the benchmark figures come from (benchmarks/models/specpt-small-cpu-aug, and -sps, trained
-with the sps family mixed in, and -sps-t9000, its templates from 9,000 spectra per type): each loads with today's code, its network places bright mock galaxies within a few
-p(z) bins, and its templates refine them to a fraction of a pixel."""
+"""The recipe models the benchmark figures come from (benchmarks/models/specpt-small-cpu-aug; -sps, trained with
+the sps family mixed in; -sps-t9000, the same with templates from 9,000 spectra per type): each loads with today's
+code, its network places bright mock galaxies within a few p(z) bins, and its templates refine them to a fraction of
+a pixel."""
 
 from __future__ import annotations
 
