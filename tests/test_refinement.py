@@ -713,9 +713,13 @@ def test_spectra_outside_the_templates_get_little_coverage(templates, tiny_model
 
 
 def _fine_span(model, scan_z: np.ndarray) -> float:
-    """Half the width in ln(1 + z) of the fine grid around a coarse minimum (+-1 coarse step in fine steps)."""
-    fine = model.config.refinement_fine_step
-    return math.ceil(np.diff(np.log1p(scan_z[:2]))[0] / fine) * fine + 1e-6  # + float32 rounding of Z
+    """How far in ln(1 + z) the refined Z can lie from the coarse curve's minimum: the fine grid is centred on the
+    coarse parabola's vertex (within one coarse step of the minimum) and reaches `refinement_fine_trials` // 2 fine
+    steps either side; the fine parabola's vertex lies within two fine steps of an inner trial."""
+    config = model.config
+    coarse = np.diff(np.log1p(scan_z[:2]))[0]
+    fine = (config.refinement_fine_trials // 2 + 1) * config.refinement_fine_step
+    return coarse + fine + 1e-6  # + float32 rounding of Z
 
 
 def test_pipeline_returns_pz_and_the_chi2_scan(templates, tiny_model):
