@@ -67,7 +67,7 @@ def compare(first: Table, second: Table) -> dict[str, dict[str, Any]]:
             continue
         z = np.asarray(rows["Z_1"])
         predictions = [np.asarray(rows["Z_PRED_1"]), np.asarray(rows["Z_PRED_2"])]
-        failed = [np.abs(metrics.redshift_errors(p, z)) > metrics.CATASTROPHIC_THRESHOLD for p in predictions]
+        failed = [metrics.catastrophic(p, z) for p in predictions]
         first_only = int(np.sum(failed[0] & ~failed[1]))
         second_only = int(np.sum(failed[1] & ~failed[0]))
         discordant = first_only + second_only

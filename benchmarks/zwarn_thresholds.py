@@ -47,11 +47,7 @@ from robustness import held_out, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.evaluation.metrics import (  # noqa: E402
-    CATASTROPHIC_THRESHOLD,
-    catastrophic_fraction,
-    redshift_errors,
-)
+from specpt_hf.evaluation.metrics import catastrophic, catastrophic_fraction  # noqa: E402
 from specpt_hf.loading import load_model  # noqa: E402
 from specpt_hf.prediction import FlagThresholds, zwarn_of_columns  # noqa: E402
 
@@ -110,19 +106,18 @@ def fitted_as(columns: dict[str, np.ndarray], min_delta_chi2: float) -> dict[str
     how many with DELTACHI2 below `min_delta_chi2` (flagged whatever the other thresholds); {} without refinement."""
     if "spectype" not in columns:
         return {}
-    failed = np.abs(redshift_errors(columns["z"], columns["z_true"])) > CATASTROPHIC_THRESHOLD
-    out = {}
+    failed = catastrophic(columns["z"], columns["z_true"])
+    small = columns["deltachi2"] < min_delta_chi2
+    out: dict[str, dict[str, dict[str, int]]] = {name: {} for name in CLASSES}
     for name in CLASSES:
         rows = columns["target_class"] == name
-        out[name] = {
-            str(kind): {
-                "n": int((rows & won).sum()),
-                "failures": int((rows & won & failed).sum()),
-                "small_delta_chi2": int((rows & won & (columns["deltachi2"] < min_delta_chi2)).sum()),
+        for kind in np.unique(columns["spectype"][rows]):
+            won = rows & (columns["spectype"] == kind)
+            out[name][str(kind)] = {
+                "n": int(won.sum()),
+                "failures": int((won & failed).sum()),
+                "small_delta_chi2": int((won & small).sum()),
             }
-            for kind in np.unique(columns["spectype"][rows])
-            for won in [columns["spectype"] == kind]
-        }
     return out
 
 

@@ -17,6 +17,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from specpt_hf.evaluation import (
     METRIC_MODULE_PATH,
     bias,
+    catastrophic,
     catastrophic_fraction,
     completeness_purity,
     eval_results,
@@ -103,6 +104,8 @@ def test_catastrophic_threshold_is_strict_and_configurable():
     z_pred = np.array([0.15, 0.150001, -0.2, 0.06])
     assert catastrophic_fraction(z_pred, z_true) == 0.5
     assert catastrophic_fraction(z_pred, z_true, threshold=0.05) == 1.0
+    assert catastrophic(z_pred, z_true).tolist() == [False, True, True, False]
+    assert catastrophic(z_pred, z_true, threshold=0.05).all()
     assert redshift_metrics(z_pred, z_true, catastrophic_threshold=0.1)["n_catastrophic"] == 3
 
 

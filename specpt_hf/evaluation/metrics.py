@@ -125,6 +125,14 @@ def nmad_centred(z_pred: npt.ArrayLike, z_true: npt.ArrayLike) -> float:
     return _nmad_centred(redshift_errors(z_pred, z_true))
 
 
+def catastrophic(
+    z_pred: npt.ArrayLike, z_true: npt.ArrayLike, threshold: float = CATASTROPHIC_THRESHOLD
+) -> np.ndarray:
+    """Per object, whether it is a catastrophic failure: |Δz|/(1+z_true) > `threshold` (strictly), bool [n]."""
+    threshold = _check_threshold(threshold, "threshold")
+    return np.abs(redshift_errors(z_pred, z_true)) > threshold
+
+
 def catastrophic_fraction(
     z_pred: npt.ArrayLike, z_true: npt.ArrayLike, threshold: float = CATASTROPHIC_THRESHOLD
 ) -> float:
