@@ -35,6 +35,8 @@ Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum; Redrock's col
 coarse chi^2(z) samples (NaN where not searched): FITS HDUs `PZ` and `CHI2SCAN` (TARGETID and one vector per row, in
 the order of REDSHIFTS) with images `PZ_Z` and `CHI2SCAN_Z` of the redshifts; Parquet / ECSV columns `PZ` and
 `CHI2SCAN` with the redshifts in the metadata keys `PZ_Z` and `CHI2SCAN_Z`.
+Z comes from a finer scan about the vertex of the coarse minimum, so CHI2SCAN's lowest sample may lie up to one
+coarse step plus (`refinement_fine_trials` // 2 + 1) fine steps from Z (narrow-line spectra give jagged coarse curves).
 
 `--priors-out FILE` writes Redrock's priors file (HDU PRIORS: TARGETID, Z, SIGMA, FUNCTION; see `specpt_hf.priors`)
 from each target's p(z), so that `rrdesi --priors FILE` searches only inside SpecPT's window.
