@@ -39,8 +39,8 @@ Steps and wall-clock plan (`--hours 3` on 2 cores; printed at the start, rates a
 3. stage 2, redshift: `examples/configs/specpt-small-redshift.yaml` on the stage-1 model (encoder
    fine-tuned at the head's rate), validation every 1000 steps on 1000 spectra, early stopping after 6;
 4. templates: GALAXY and QSO rest-frame bases from the training split added to the model folder, and the
-   spectral-type head fitted on the same spectra (`specpt_hf.templates.build_model_templates`, ~3 min), so the
-   benchmarks refine its redshifts.
+   spectral-type head fitted on the same spectra (`specpt_hf.templates.build_model_templates`, ~3 min for
+   `--template-spectra` 3000 per type; 9000 take ~20 min and 13 GB), so the benchmarks refine its redshifts.
 
 The stage shares (25 % / 75 % of what the data step leaves, minus 5 % for validation and checkpoints: the
 redshift head gains more from steps than the autoencoder) and rates (100 / 105 spectra/s: specpt-small, bf16,
@@ -323,6 +323,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="augment only this fraction of stage 2's steps, the first ones (default: all of them)",
     )
     parser.add_argument(
+        "--template-spectra",
+        type=int,
+        default=3000,
+        help="training spectra per spectral type for the templates and the type head (default 3000)",
+    )
+    parser.add_argument(
         "--train-seed",
         type=int,
         help="stage 2's seed (weights of the head, data order, dropout; default: the config's): a second seed on "
@@ -341,7 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.preset, args.n_per_class, args.chunk_per_class = "specpt-tiny", 40, 40
         args.ae_steps, args.rs_steps, args.batch_size, args.eval_steps = 3, 4, 8, 2
         args.max_val_spectra, args.warmup_steps = 16, 1
-    for name in ("n_per_class", "chunk_per_class", "jobs", "batch_size", "eval_steps", "max_val_spectra"):
+    positive = ("n_per_class", "chunk_per_class", "jobs", "batch_size", "eval_steps", "max_val_spectra")
+    for name in (*positive, "template_spectra"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.augment_until is not None and not 0 < args.augment_until <= 1:
@@ -405,8 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         from specpt_hf.templates import build_model_templates
 
         if not (model / TEMPLATES_NAME).is_file():
-            print(f"[run] templates: GALAXY and QSO rest-frame bases from {work / 'data'}", flush=True)
-            build_model_templates(model, work / "data")
+            print(
+                f"[run] templates: GALAXY and QSO rest-frame bases from up to {args.template_spectra} spectra "
+                f"per type of {work / 'data'}",
+                flush=True,
+            )
+            build_model_templates(model, work / "data", max_per_type=args.template_spectra)
     if "redshift" not in args.steps:
         return 0
     print(

@@ -7,6 +7,7 @@ Redrock parts are skipped and the scripts are checked to report the skip.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sys
@@ -633,6 +634,20 @@ def test_training_recipe_quick_data_step_is_resumable(tmp_path, capsys):
     assert recipe.main(argv) == 0  # done chunks are skipped
     assert "data chunk" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in shards["train"]} == before
+
+
+def test_training_recipe_quick_builds_templates_from_template_spectra_per_type(tmp_path, caplog):
+    """All four steps on specpt-tiny; the templates step learns each basis from --template-spectra spectra."""
+    argv = ["--work", str(tmp_path), "--quick", "--template-spectra", "7"]
+    with caplog.at_level(logging.INFO, logger="specpt_hf.templates"):
+        assert recipe.main(argv) == 0
+    model = tmp_path / "redshift" / "best"
+    assert (model / "templates.safetensors").is_file()
+    learned = [r.getMessage() for r in caplog.records if "vectors from" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in learned) == ["GALAXY", "QSO"]
+    assert all(m.endswith("from 7 spectra") for m in learned), learned
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--work", "w", "--template-spectra", "0"])
 
 
 def test_training_recipe_without_quality_cuts_keeps_every_mock_spectrum(tmp_path):
