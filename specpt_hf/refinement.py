@@ -98,6 +98,9 @@ def _spectrum_norm(flux: np.ndarray, good: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(norm) & (norm > 0), norm, 1.0)
 
 
+LANCZOS_MIN_SPECTRA = 500  # `build_templates` with this many spectra or more: top eigenvectors by Lanczos
+
+
 def build_templates(
     wavelength: np.ndarray,
     flux: np.ndarray,
@@ -187,10 +190,18 @@ def _smoothed(templates: RestFrameTemplates, smoothing_kms: float) -> RestFrameT
 
 
 def _principal_components(data: np.ndarray, num_vectors: int) -> np.ndarray:
-    """The leading right singular vectors [vectors, grid] of `data` [n, grid], from the eigenvectors of the
-    n x n Gram matrix (n spectra << grid points)."""
-    values, vectors = np.linalg.eigh(data @ data.T)  # ascending
-    top = vectors[:, ::-1][:, :num_vectors] / np.sqrt(np.maximum(values[::-1][:num_vectors], 1e-300))
+    """The leading right singular vectors [vectors, grid] of `data` [n, grid], from the top eigenvectors of the
+    n x n Gram matrix (n spectra << grid points): by Lanczos (ARPACK, to machine precision, fixed start vector)
+    for `LANCZOS_MIN_SPECTRA` spectra or more, where a full `eigh` would cost O(n^3), else by `eigh`."""
+    gram = data @ data.T  # [n, n]
+    if len(gram) >= LANCZOS_MIN_SPECTRA:
+        from scipy.sparse.linalg import eigsh
+
+        values, vectors = eigsh(gram, k=num_vectors, which="LA", v0=np.ones(len(gram)), tol=0)
+    else:
+        values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1][:num_vectors]  # descending
+    top = vectors[:, order] / np.sqrt(np.maximum(values[order], 1e-300))  # [n, vectors]
     return top.T @ data  # [vectors, grid], orthonormal rows
 
 

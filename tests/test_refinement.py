@@ -306,6 +306,22 @@ def test_weighted_coefficients_need_no_spectra_by_vectors_by_pixels_array():
     assert peak < 3 * flux.nbytes  # an [n, vectors, pixels] product alone would be 10 x flux.nbytes
 
 
+def test_principal_components_by_lanczos_span_the_full_eigh_subspace():
+    """From LANCZOS_MIN_SPECTRA spectra on, the top vectors come from Lanczos: the same vectors (up to sign) and
+    reconstruction as a full eigendecomposition of the Gram matrix."""
+    rng = np.random.default_rng(5)
+    n = refinement.LANCZOS_MIN_SPECTRA
+    data = (rng.normal(size=(n, 12)) * np.geomspace(10, 0.1, 12)) @ rng.normal(size=(12, 900))  # [n, grid]
+    data += 0.01 * rng.normal(size=data.shape)
+    basis = refinement._principal_components(data, 6)  # [6, grid]
+    values, vectors = np.linalg.eigh(data @ data.T)
+    expected = (vectors[:, ::-1][:, :6] / np.sqrt(values[::-1][:6])).T @ data  # [6, grid]
+    np.testing.assert_allclose(basis @ basis.T, np.eye(6), atol=1e-10)
+    np.testing.assert_allclose(np.abs((basis * expected).sum(1)), 1.0, atol=1e-10)
+    small = refinement._principal_components(data[: n - 1], 6)  # the eigh path
+    np.testing.assert_allclose(np.abs((small * basis).sum(1)), 1.0, atol=1e-3)
+
+
 def test_build_templates_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="do not match"):
         build_templates(WAVELENGTH, np.ones((3, 10)), np.ones((3, 10)), np.zeros(3))
