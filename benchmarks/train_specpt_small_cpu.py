@@ -347,8 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.preset, args.n_per_class, args.chunk_per_class = "specpt-tiny", 40, 40
         args.ae_steps, args.rs_steps, args.batch_size, args.eval_steps = 3, 4, 8, 2
         args.max_val_spectra, args.warmup_steps = 16, 1
-    positive = ("n_per_class", "chunk_per_class", "jobs", "batch_size", "eval_steps", "max_val_spectra")
-    for name in (*positive, "template_spectra"):
+    counts = ("n_per_class", "chunk_per_class", "jobs", "batch_size", "eval_steps", "max_val_spectra")
+    for name in (*counts, "template_spectra"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.augment_until is not None and not 0 < args.augment_until <= 1:

@@ -307,8 +307,8 @@ def test_weighted_coefficients_need_no_spectra_by_vectors_by_pixels_array():
 
 
 def test_principal_components_by_lanczos_span_the_full_eigh_subspace():
-    """From LANCZOS_MIN_SPECTRA spectra on, the top vectors come from Lanczos: the same vectors (up to sign) and
-    reconstruction as a full eigendecomposition of the Gram matrix."""
+    """From LANCZOS_MIN_SPECTRA spectra on, the top vectors come from Lanczos: the same orthonormal vectors (up to
+    sign) as a full eigendecomposition of the Gram matrix, and close to the eigh path's on one spectrum fewer."""
     rng = np.random.default_rng(5)
     n = refinement.LANCZOS_MIN_SPECTRA
     data = (rng.normal(size=(n, 12)) * np.geomspace(10, 0.1, 12)) @ rng.normal(size=(12, 900))  # [n, grid]
