@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from astropy.io import fits
 from astropy.table import Table
 
@@ -29,6 +30,7 @@ import accuracy  # noqa: E402
 import attention_kernels  # noqa: E402
 import compare_predictions  # noqa: E402
 import fine_scan  # noqa: E402
+import ideal_observer  # noqa: E402
 import noise_redrock  # noqa: E402
 import parquet_writers  # noqa: E402
 import prepare_rate  # noqa: E402
@@ -250,6 +252,51 @@ def test_lower_snr_copy_is_the_same_sky_at_a_shorter_exposure(tmp_path):
             assert np.array_equal(b[f"{arm}_FLUX"].data[~good], a[f"{arm}_FLUX"].data[~good])
         snr = "MEDIAN_COADD_SNR_R"
         np.testing.assert_allclose(b["SCORES"].data[snr], a["SCORES"].data[snr] / 2.0, rtol=1e-6)
+
+
+def test_ideal_observer_finds_each_spectrum_with_its_own_model():
+    s = ideal_observer.test_spectra("elg", 6)
+    z_range = (0.5, 1.8)
+    z = ideal_observer.best_redshifts(s["wave"], s["model"], s["ivar"], s["model"], s["z"], z_range)
+    np.testing.assert_allclose(z, s["z"], atol=1e-5)  # noiseless: the truth, to a fraction of a 1e-5 step
+    noisy = ideal_observer.best_redshifts(s["wave"], s["flux"], s["ivar"], s["model"], s["z"], z_range)
+    assert np.all(np.abs(noisy - s["z"]) / (1 + s["z"]) < 0.15)
+    narrow = ideal_observer.best_redshifts(s["wave"], s["model"], s["ivar"], s["model"], s["z"], (0.1, 0.2))
+    assert np.all((narrow > 0.1 - 1e-4) & (narrow < 0.2 + 1e-4))  # inside, or up to 2 local steps beyond
+
+
+def test_ideal_observer_lowers_each_spectrums_snr_by_one_factor():
+    s = ideal_observer.test_spectra("bgs", 20)
+    flux, ivar = ideal_observer.lower_snr(s["flux"], s["ivar"], 2.0, torch.Generator().manual_seed(0))
+    good = s["ivar"] > 0
+    ratio = np.where(good, s["ivar"] / np.where(ivar > 0, ivar, 1), np.nan)  # f² per pixel
+    per_spectrum = np.nanmedian(ratio, axis=1)
+    assert np.all((per_spectrum >= 1.0) & (per_spectrum <= 4.0)) and np.ptp(per_spectrum) > 0.5
+    np.testing.assert_allclose(
+        ratio[good], np.broadcast_to(per_spectrum[:, None], good.shape)[good], rtol=1e-4
+    )
+    assert np.array_equal(ivar[~good], np.zeros((~good).sum())) and not np.array_equal(
+        flux[good], s["flux"][good]
+    )
+
+
+def test_ideal_observer_quick_puts_specpt_beside(tmp_path):
+    row = {"all": {"nmad": 1e-4, "eta": 0.01}, "elg": {"nmad": 2e-4, "eta": 0.02}}
+    lower = {"all": {"nmad": 2e-4, "eta": 0.05}, "elg": {"nmad": 5e-4, "eta": 0.12}}
+    metrics = {"none": {"refined": row}, "S/N ÷ ≤ 2": {"refined": lower}}
+    (tmp_path / "robustness.json").write_text(json.dumps({"metrics": metrics}))
+    argv = ["--quick", "--out", str(tmp_path / "io"), "--robustness", str(tmp_path / "robustness.json")]
+    assert ideal_observer.main(argv) == 0
+    result = json.loads((tmp_path / "io" / "ideal_observer.json").read_text())
+    assert list(result["metrics"]) == ["own depth", "S/N ÷ ≤ 2"]
+    assert [result["metrics"]["own depth"][c]["n"] for c in ("all", *accuracy.CLASSES)] == [32, 8, 8, 8, 8]
+    assert result["specpt_refined"]["elg"] == pytest.approx([2.5, 10.0])
+    assert "| 2.50 | +10.00 |" in (tmp_path / "io" / "ideal_observer.md").read_text()
+    fitted = Table.read(tmp_path / "io" / "ideal_observer.ecsv")
+    assert fitted.colnames == ["CLASS", "Z", "Z_OWN", "Z_LOWER"] and len(fitted) == 32
+    assert ideal_observer.metrics(fitted, 2.0) == result["metrics"]
+    with pytest.raises(ValueError, match="no 'S/N ÷ ≤ 3' row"):
+        ideal_observer.specpt_rows(tmp_path / "robustness.json", "S/N ÷ ≤ 3")
 
 
 def test_noise_redrock_quick_scores_both_depths(tmp_path, templates):

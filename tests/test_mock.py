@@ -19,6 +19,7 @@ from specpt_hf.data.mock import (
     generate_spectra,
     healpix_nest_centre,
     noise_shape_from_desi_files,
+    release_file_seed,
     rest_templates,
     sky_variance_shape,
     write_mock_healpix,
@@ -243,6 +244,15 @@ def test_release_and_cli(tmp_path):
     assert len(np.unique(ids)) == len(ids)
     assert mock.main(["--out", str(tmp_path / "cli"), "--n-per-class", "2", "--classes", "lrg"]) == 0
     assert len(list((tmp_path / "cli").rglob("coadd-sv3-dark-*.fits"))) == 1
+
+
+def test_release_file_seed_regenerates_a_release_file(tmp_path):
+    paths = write_mock_release(tmp_path, {"elg": 4}, seed=7, spectra_per_file=2, progress=False)
+    coadds = sorted(p for p in paths if p.name.startswith("coadd"))
+    for k, coadd in enumerate(coadds):  # files on consecutive healpix pixels, in order
+        again = generate_spectra("elg", 2, release_file_seed(7, "elg", k))
+        np.testing.assert_array_equal(fits.getdata(coadd, "R_FLUX")[:2], again["arms"]["r"]["flux"])
+    assert release_file_seed(7, "elg", 0) != release_file_seed(7, "elg", 0, family="bc03")
 
 
 def test_plot_command(tmp_path):

@@ -26,7 +26,8 @@ The modules, in the order a spectrum passes through them:
   `stars` and `sps` bring their own rest-frame spectra and lines;
 * `noise`: the sky-limited variance per pixel, measured on real DESI coadds;
 * `render`: `generate_spectra`, the spectra on an instrument's arms with noise, and their truth;
-* `writers`: `write_mock_healpix` / `write_mock_release`, the DESI-format files;
+* `writers`: `write_mock_healpix` / `write_mock_release`, the DESI-format files (`release_file_seed`: which
+  `generate_spectra` seed made a release's file);
 * `cli`: `specpt mock`, the command line (also `python -m specpt_hf.data.mock`).
 
 `generate_spectra` returns arrays for any `Instrument`; everything listed here is importable from
@@ -68,7 +69,13 @@ from .render import (
     ZWARN_SMALL_DELTA_CHI2,
     generate_spectra,
 )
-from .writers import healpix_dir, healpix_nest_centre, write_mock_healpix, write_mock_release
+from .writers import (
+    healpix_dir,
+    healpix_nest_centre,
+    release_file_seed,
+    write_mock_healpix,
+    write_mock_release,
+)
 
 __all__ = [
     "ABSORPTION",
@@ -101,6 +108,7 @@ __all__ = [
     "main",
     "nanomaggies",
     "noise_shape_from_desi_files",
+    "release_file_seed",
     "rest_templates",
     "sky_variance_shape",
     "strong_sky_lines",

@@ -474,6 +474,14 @@ def write_mock_healpix(
     return coadd_path, redrock_path
 
 
+def release_file_seed(seed: int, target_class: str, k: int, family: str = "basis") -> int:
+    """The `generate_spectra` seed of the `k`-th file (from 0) of a class in `write_mock_release(seed=seed)`."""
+    key = [int(seed), _CLASS_CODE[target_class], int(k)] + (
+        [FAMILIES.index(family)] if family != "basis" else []
+    )
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
 def write_mock_release(
     out_root: str | os.PathLike,
     n_per_class: Mapping[str, int],
@@ -503,13 +511,15 @@ def write_mock_release(
     paths: list[Path] = []
     with tqdm(total=sum(j[1] for j in jobs), unit="spectra", disable=not progress, desc="mock") as bar:
         for target_class, count, k, hpx in jobs:
-            key = [int(seed), _CLASS_CODE[target_class], k] + (
-                [FAMILIES.index(family)] if family != "basis" else []
-            )
-            file_seed = int(np.random.SeedSequence(key).generate_state(1)[0])
             paths.extend(
                 write_mock_healpix(
-                    out_root, target_class, count, file_seed, survey=survey, healpix=hpx, family=family
+                    out_root,
+                    target_class,
+                    count,
+                    release_file_seed(seed, target_class, k, family),
+                    survey=survey,
+                    healpix=hpx,
+                    family=family,
                 )
             )
             bar.update(count)
