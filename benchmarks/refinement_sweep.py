@@ -4,13 +4,16 @@
         --data runs/main-aug/data/parquet --out runs/benchmarks/refinement_prior          # the p(z) prior's weight
     python benchmarks/refinement_sweep.py --model M --data DATA --field refinement_wide_delta_chi2 \
         --values 0 9 16 25 --out runs/benchmarks/wide_delta_chi2
+    python benchmarks/refinement_sweep.py --model M --data DATA --perturbation "S/N ÷ ≤ 2" \
+        --values 0 1 2 4 --out runs/benchmarks/refinement_prior_low_snr    # the split at lower S/N
     python benchmarks/refinement_sweep.py --quick --out /tmp/sweep      # seconds: untrained tiny model
 
 The model (with its `templates.safetensors`) refines every spectrum of the prepared dataset's `--split` (validation
 by default: settings are chosen there, never on the test set) once per value of the config field `--field`
 (default `refinement_prior`, the weight of the network's p(z)): NMAD, catastrophic rate η (|Δz|/(1+z) > 0.15), its
 own ZWARN = 0 sample (`specpt predict`'s flags: the fraction kept and its η) per class, and spectra per CPU-second.
-Writes sweep.json and sweep.md to --out.
+With --perturbation, the split is first perturbed as robustness.py perturbs its spectra (one of its
+`PERTURBATIONS`, probability 1, seeded). Writes sweep.json and sweep.md to --out.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import predict_chunks  # noqa: E402
+from robustness import PERTURBATIONS, predict_chunks  # noqa: E402
 from speed import _cpu_seconds, machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
+from specpt_hf.prediction import model_wavelength  # noqa: E402
+from specpt_hf.training.augment import augment, step_generator  # noqa: E402
 from specpt_hf.training.data import load_split  # noqa: E402
 
 PRIOR_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 6.0, 10.0, 30.0)
@@ -59,7 +64,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# `{result['field']}` of the refinement: {result['model']}",
         "",
-        f"{result['n']} spectra of `{result['data']}` ({result['split']} split); machine: "
+        f"{result['n']} spectra of `{result['data']}` ({result['split']} split"
+        + (f", perturbed: {result['perturbation']}" if result.get("perturbation") else "")
+        + "); machine: "
         f"{result['machine']['summary']}, {result['machine']['date']}. η in %; ZWARN as `specpt predict` sets it; speed in "
         "spectra per CPU-second (all threads, refinement included).",
         "",
@@ -103,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--values", type=float, nargs="+", help=f"values of --field (refinement_prior: {PRIOR_WEIGHTS})"
     )
+    parser.add_argument(
+        "--perturbation",
+        choices=[name for name in PERTURBATIONS if name != "none"],
+        help="perturb the split first, as robustness.py does (e.g. 'S/N ÷ ≤ 2')",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the perturbation")
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -129,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))
     rows_all = split[:]  # every row: tensors, and a list for target_class
     batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
+    if args.perturbation:
+        stream = list(PERTURBATIONS).index(args.perturbation)  # robustness.py's generator for it
+        settings = PERTURBATIONS[args.perturbation]
+        batch = augment(batch, model_wavelength(model.config), settings, step_generator(args.seed, stream))
     z_true = rows_all["z"].double().numpy()
     classes = np.asarray(rows_all["target_class"], dtype=str)
     rows = []
@@ -151,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": args.split,
         "n": int(len(z_true)),
         "field": args.field,
+        "perturbation": args.perturbation,
         "values": rows,
     }
     atomic_write_json(args.out / "sweep.json", result)

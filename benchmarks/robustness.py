@@ -54,7 +54,7 @@ from specpt_hf.data.mock import SPS_CLASSES  # noqa: E402
 from specpt_hf.evaluation.metrics import metrics_by_group  # noqa: E402
 from specpt_hf.evaluation.plots import _figure  # noqa: E402
 from specpt_hf.loading import load_model  # noqa: E402
-from specpt_hf.prediction import model_wavelength, predict_spectra, to_model_grid  # noqa: E402
+from specpt_hf.prediction import PDF_COLUMNS, model_wavelength, predict_spectra, to_model_grid  # noqa: E402
 from specpt_hf.training.augment import Augmentations, augment, step_generator  # noqa: E402
 
 PERTURBATIONS: dict[str, Augmentations] = {
@@ -94,16 +94,22 @@ def held_out(
     return batch, np.array([z_of[t] for t in ids]), np.array([class_of[t] for t in ids])
 
 
-def predict_chunks(model: Any, batch: dict[str, Any], size: int = 64) -> dict[str, np.ndarray]:
+def predict_chunks(
+    model: Any, batch: dict[str, Any], size: int = 64, return_pdf: bool = False
+) -> dict[str, np.ndarray]:
     """`predict_spectra` of `batch`'s flux, ivar, mask ([n, pixels] tensors or arrays), `size` spectra at a time:
-    its scalar columns concatenated, [n] each."""
+    its scalar columns concatenated, [n] each (with `return_pdf`, also `pz` and `chi2_scan`, [n, bins])."""
     parts = []
     for start in range(0, len(batch["flux"]), size):
         part = slice(start, start + size)
-        parts.append(
-            predict_spectra(model, *(np.asarray(batch[key][part]) for key in ("flux", "ivar", "mask")))
-        )
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if parts[0][key].ndim == 1}
+        arrays = (np.asarray(batch[key][part]) for key in ("flux", "ivar", "mask"))
+        parts.append(predict_spectra(model, *arrays, return_pdf=return_pdf))
+    keep = PDF_COLUMNS if return_pdf else ()
+    return {
+        key: np.concatenate([p[key] for p in parts])
+        for key in parts[0]
+        if parts[0][key].ndim == 1 or key in keep
+    }
 
 
 def predict(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

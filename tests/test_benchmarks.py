@@ -29,6 +29,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import accuracy  # noqa: E402
 import attention_kernels  # noqa: E402
 import compare_predictions  # noqa: E402
+import failure_causes  # noqa: E402
 import fine_scan  # noqa: E402
 import ideal_observer  # noqa: E402
 import noise_redrock  # noqa: E402
@@ -299,6 +300,64 @@ def test_ideal_observer_quick_puts_specpt_beside(tmp_path):
         ideal_observer.specpt_rows(tmp_path / "robustness.json", "S/N ÷ ≤ 3")
 
 
+def test_failure_causes_tells_templates_priors_and_search_apart():
+    scan_u = np.arange(0.0, 1.0, 0.001)  # [trials]
+    z_true = np.full(4, 0.5)
+    z = np.array([0.502, 1.2, 1.2, 1.2])  # right; then three failures at z = 1.2
+    chi2_truth, chi2_answer = (
+        np.full(4, 100.0),
+        np.array([100.0, 50.0, 120.0, 120.0]),
+    )  # row 1: the answer fits
+    searched = np.full((4, len(scan_u)), 200.0)
+    searched[3, np.abs(scan_u - np.log1p(0.5)) <= 2 * failure_causes.NEAR] = (
+        np.nan
+    )  # row 3 never searched the truth
+    cause = failure_causes.causes(z, chi2_truth, chi2_answer, searched, scan_u, z_true)
+    assert cause.tolist() == ["", "templates", "priors", "search"]
+    tally = failure_causes.tally(cause, np.array([0.5, 1.2, 0.5, 0.5]), z_true, np.array(["elg"] * 4))
+    assert tally["elg"] == {
+        "n": 4,
+        "failures": 3,
+        "templates": 1,
+        "priors": 1,
+        "search": 1,
+        "whole_range_failures": 1,
+    }
+    assert tally["bgs"]["n"] == 0 and tally["all"]["failures"] == 3
+
+
+def test_failure_causes_template_chi2_is_lowest_at_the_truth_of_a_template_spectrum():
+    import torch
+
+    from specpt_hf import create_model
+    from specpt_hf.prediction import model_wavelength
+    from specpt_hf.refinement import RestFrameTemplates
+
+    model = create_model("specpt-tiny", "redshift")
+    wave = model_wavelength(model.config)
+    step = 1e-4
+    rest = np.exp(np.log(wave[0] / 3.0) + step * np.arange(int(np.log(3.0 * wave[-1] / wave[0]) / step)))
+    line = np.exp(-0.5 * ((rest - 3728.0) / 2.0) ** 2) + 0.3 * np.exp(-0.5 * ((rest - 5008.0) / 2.0) ** 2)
+    basis = torch.tensor(np.stack([np.ones_like(rest), 20.0 * line]))  # [vectors, rest pixels]
+    model.set_templates({"GALAXY": RestFrameTemplates(float(np.log(rest[0])), step, basis)})
+    z_true = np.array([0.6, 0.9])
+    flux = np.stack([np.interp(wave / (1 + z), rest, 1.0 + 20.0 * line) for z in z_true]).astype(np.float32)
+    batch = {"flux": flux, "ivar": np.full_like(flux, 100.0), "mask": np.zeros(flux.shape, bool)}
+    at_truth = failure_causes.template_chi2(model, batch, z_true)
+    elsewhere = failure_causes.template_chi2(model, batch, z_true + 0.3)
+    assert np.all(at_truth < 1.0) and np.all(elsewhere > 100.0 * at_truth + 10.0)
+
+
+def test_failure_causes_quick_counts_both_sets(tmp_path):
+    assert failure_causes.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "failure_causes.json").read_text())
+    assert list(result["perturbations"]) == ["none", "S/N ÷ ≤ 2"]
+    for rows in result["perturbations"].values():
+        assert rows["all"]["n"] == 24
+        assert rows["all"]["failures"] == sum(rows["all"][c] for c in failure_causes.CAUSES)
+    assert "| S/N ÷ ≤ 2 | elg | 6 |" in (tmp_path / "failure_causes.md").read_text()
+
+
 def test_noise_redrock_quick_scores_both_depths(tmp_path, templates):
     argv = ["--quick", "--out", str(tmp_path), "--templates", str(templates), "--mp", "1"]
     assert noise_redrock.main(argv) == 0
@@ -366,6 +425,21 @@ def test_refinement_sweep_quick_scores_each_value(tmp_path):
         assert m["n"] == result["n"] > 0 and 0 <= m["zwarn0_kept"] <= 1 and m["nmad"] >= 0
         assert row["spectra_per_cpu_second"] > 0
     assert "| 4 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_refinement_sweep_perturbs_the_split_first(tmp_path):
+    plain, lower = tmp_path / "plain", tmp_path / "lower"
+    assert refinement_sweep.main(["--quick", "--out", str(plain), "--values", "4"]) == 0
+    assert (
+        refinement_sweep.main(
+            ["--quick", "--out", str(lower), "--values", "4", "--perturbation", "S/N ÷ ≤ 2"]
+        )
+        == 0
+    )
+    a, b = (json.loads((folder / "sweep.json").read_text()) for folder in (plain, lower))
+    assert a["perturbation"] is None and b["perturbation"] == "S/N ÷ ≤ 2" and a["n"] == b["n"]
+    assert a["values"][0]["by_class"]["all"]["nmad"] != b["values"][0]["by_class"]["all"]["nmad"]
+    assert "split, perturbed: S/N ÷ ≤ 2)" in (lower / "sweep.md").read_text()
 
 
 def test_refinement_sweep_other_fields(tmp_path, capsys):
