@@ -51,7 +51,7 @@ STEP = 1e-5  # trial step in ln(1 + z), ~3 km/s
 RANGE_PADDING = 0.05  # the trial range: the class's true redshifts ± this
 
 
-def test_spectra(target_class: str, n: int, seed: int = TEST_SEED) -> dict[str, Any]:
+def spectra_with_models(target_class: str, n: int, seed: int = TEST_SEED) -> dict[str, Any]:
     """The first `n` spectra of a class in the accuracy test set (files of SPECTRA_PER_FILE), with their noiseless
     models: `generate_spectra`'s wave, flux, ivar (0 on masked pixels), model [n, pixels] and true z."""
     parts = []
@@ -97,7 +97,7 @@ def best_redshifts(
     locally (`_local_peak`: up to 2 steps, possibly beyond the range).
 
     On a log-wavelength grid u (spacing `step`), data and weights are binned to their nearest node and the
-    template interpolated; the amplitude-fitted χ² gain at shift k, max(Σ w f T(u + k·step), 0)² / Σ w T²(u + k·step),
+    template (a cubic spline through `model`) sampled; the amplitude-fitted χ² gain at shift k, max(Σ w f T(u + k·step), 0)² / Σ w T²(u + k·step),
     is two cross-correlations (FFT). A template shifted by k is the spectrum at 1 + z = (1 + z_true) e^(-k·step).
     """
     u0, size = np.log(wave[0]), int(np.ceil(np.log(wave[-1] / wave[0]) / step)) + 1
@@ -148,7 +148,7 @@ def run(per_class: int, factor: float, seed: int, step: float = STEP) -> Table:
     columns = depth_columns(factor)
     parts = []
     for k, target_class in enumerate(tqdm(CLASSES, desc="ideal observer", unit="class")):
-        s = test_spectra(target_class, per_class)
+        s = spectra_with_models(target_class, per_class)
         z_range = (max(0.0, s["z"].min() - RANGE_PADDING), s["z"].max() + RANGE_PADDING)
         depths = [(s["flux"], s["ivar"]), lower_snr(s["flux"], s["ivar"], factor, step_generator(seed, k))]
         part = Table({"CLASS": np.full(len(s["z"]), target_class), "Z": s["z"]})

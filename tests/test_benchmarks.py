@@ -256,7 +256,7 @@ def test_lower_snr_copy_is_the_same_sky_at_a_shorter_exposure(tmp_path):
 
 
 def test_ideal_observer_finds_each_spectrum_with_its_own_model():
-    s = ideal_observer.test_spectra("elg", 6)
+    s = ideal_observer.spectra_with_models("elg", 6)
     z_range = (0.5, 1.8)
     z = ideal_observer.best_redshifts(s["wave"], s["model"], s["ivar"], s["model"], s["z"], z_range)
     np.testing.assert_allclose(z, s["z"], atol=1e-5)  # noiseless: the truth, to a fraction of a 1e-5 step
@@ -267,7 +267,7 @@ def test_ideal_observer_finds_each_spectrum_with_its_own_model():
 
 
 def test_ideal_observer_lowers_each_spectrums_snr_by_one_factor():
-    s = ideal_observer.test_spectra("bgs", 20)
+    s = ideal_observer.spectra_with_models("bgs", 20)
     flux, ivar = ideal_observer.lower_snr(s["flux"], s["ivar"], 2.0, torch.Generator().manual_seed(0))
     good = s["ivar"] > 0
     ratio = np.where(good, s["ivar"] / np.where(ivar > 0, ivar, 1), np.nan)  # f² per pixel
