@@ -40,9 +40,7 @@ from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import chi2_scan, star_range  # noqa: E402
 from specpt_hf.training.augment import augment, step_generator  # noqa: E402
 
-NEAR = (
-    0.003  # half-width in ln(1 + z) of "at the truth" and "at the answer" on the coarse χ² curve (~900 km/s)
-)
+NEAR = 0.003  # half-width in ln(1 + z) of "at the truth" and "at the answer" (~900 km/s)
 CAUSES = ("templates", "priors", "search")
 
 
