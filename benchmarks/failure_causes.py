@@ -32,13 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import CLASSES  # noqa: E402
-from robustness import PERTURBATIONS, predict_chunks  # noqa: E402
+from robustness import PERTURBATIONS, perturb, predict_chunks  # noqa: E402
 from template_smoothing import benchmark_parser, refined_test_spectra, write_result  # noqa: E402
 
 from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD  # noqa: E402
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import chi2_scan, star_range  # noqa: E402
-from specpt_hf.training.augment import augment, step_generator  # noqa: E402
 
 NEAR = 0.003  # half-width in ln(1 + z) of "at the truth" and "at the answer" (~900 km/s)
 CAUSES = ("templates", "priors", "search")
@@ -150,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     scan_z = pdf_redshifts(model)["chi2_scan"]
     result = {}
     for name in ("none", args.perturbation):
-        settings = PERTURBATIONS[name]
-        stream = list(PERTURBATIONS).index(name)  # robustness.py's generator for this perturbation
-        perturbed = augment(
-            batch, model_wavelength(model.config), settings, step_generator(args.seed, stream)
-        )
+        perturbed = perturb(batch, model_wavelength(model.config), name, args.seed)
         configured = predict_with_scan(model, perturbed, whole_range=False)
         whole = predict_with_scan(model, perturbed, whole_range=True)
         answer = np.nan_to_num(configured["z"], nan=-0.5)

@@ -104,12 +104,11 @@ def best_redshifts(
     node = np.rint((np.log(wave) - u0) / step).astype(np.int64)  # [pixels]
     grid = np.exp(u0 + step * np.arange(size))  # [size]
     length = scipy.fft.next_fast_len(2 * size, real=True)
-    lags = np.fft.fftfreq(length, 1.0 / length).astype(np.int64)  # circular index -> shift k
+    shifts = np.fft.fftfreq(length, 1.0 / length) * step  # circular index -> shift k · step in ln λ
     z_out = np.empty(len(flux))
     for i in range(len(flux)):
-        data, weight = np.zeros(size), np.zeros(size)
-        np.add.at(data, node, ivar[i] * flux[i])
-        np.add.at(weight, node, ivar[i])
+        data = np.bincount(node, weights=ivar[i] * flux[i], minlength=size)  # [size]
+        weight = np.bincount(node, weights=ivar[i], minlength=size)
         spline = CubicSpline(wave, model[i])
         template = spline(grid)  # [size]
         spectra = scipy.fft.rfft(np.stack([data, weight, template, template**2]), n=length)  # [4, freq]
@@ -117,10 +116,10 @@ def best_redshifts(
         gain = np.where(
             cross[1] > 0, np.clip(cross[0], 0.0, None) ** 2 / np.where(cross[1] > 0, cross[1], 1), 0
         )
-        log_z = np.log1p(z_true[i]) - lags * step  # [length] ln(1 + z) of each shift
+        log_z = np.log1p(z_true[i]) - shifts  # [length] ln(1 + z) of each shift
         allowed = (log_z >= np.log1p(z_range[0])) & (log_z <= np.log1p(z_range[1]))
         best = int(np.argmax(np.where(allowed, gain, -1.0)))
-        shift = _local_peak(wave, flux[i], ivar[i], spline, lags[best] * step, step)
+        shift = _local_peak(wave, flux[i], ivar[i], spline, shifts[best], step)
         z_out[i] = np.expm1(np.log1p(z_true[i]) - shift)
     return z_out
 

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import PERTURBATIONS, predict_chunks  # noqa: E402
+from robustness import PERTURBATIONS, perturb, predict_chunks  # noqa: E402
 from speed import _cpu_seconds, machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.evaluation import metrics  # noqa: E402
 from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
 from specpt_hf.prediction import model_wavelength  # noqa: E402
-from specpt_hf.training.augment import augment, step_generator  # noqa: E402
 from specpt_hf.training.data import load_split  # noqa: E402
 
 PRIOR_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 6.0, 10.0, 30.0)
@@ -143,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_all = split[:]  # every row: tensors, and a list for target_class
     batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
     if args.perturbation:
-        stream = list(PERTURBATIONS).index(args.perturbation)  # robustness.py's generator for it
-        settings = PERTURBATIONS[args.perturbation]
-        batch = augment(batch, model_wavelength(model.config), settings, step_generator(args.seed, stream))
+        batch = perturb(batch, model_wavelength(model.config), args.perturbation, args.seed)
     z_true = rows_all["z"].double().numpy()
     classes = np.asarray(rows_all["target_class"], dtype=str)
     rows = []

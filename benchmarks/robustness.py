@@ -143,12 +143,11 @@ def run(
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """({perturbation: {"refined"|"network": metrics by class}}, the unperturbed (z, zerr) per method), for the
     perturbations `names` (default all; `none` always; each keeps its seed whichever others run)."""
-    wave = model_wavelength(model.config)
     out, unperturbed = {}, {}
-    for k, (name, settings) in enumerate(PERTURBATIONS.items()):
+    for name in PERTURBATIONS:
         if names is not None and name not in (*names, "none"):
             continue
-        z = predict(model, augment(batch, wave, settings, step_generator(seed, k)))
+        z = predict(model, perturb(batch, model_wavelength(model.config), name, seed))
         if name == "none":
             unperturbed = z
         out[name] = by_class(z, z_true, classes)
@@ -160,6 +159,13 @@ def run(
             )
         )
     return out, unperturbed
+
+
+def perturb(batch: dict[str, Any], wavelength: np.ndarray, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """`batch` (flux, ivar, mask [n, pixels] on `wavelength`) under the perturbation `name` of `PERTURBATIONS`, from
+    its own generator stream of `seed`: the same draws whichever other perturbations run, in any benchmark."""
+    stream = list(PERTURBATIONS).index(name)
+    return augment(batch, wavelength, PERTURBATIONS[name], step_generator(seed, stream))
 
 
 def ratio(value: float, base: float) -> float:
