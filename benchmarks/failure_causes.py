@@ -16,13 +16,16 @@ vectors, no prior) then puts each failure (|Δz| / (1 + z) > 0.15) down to
   chose the answer;
 - `search`: the truth fits better but lay outside every window searched (p(z) modes, aliases, whole range).
 
-The set is predicted a second time with every spectrum searched over the whole range (`refinement_wide_quality`
-above 1; priors kept), and its failures go beside. Writes failure_causes.json and
+Beside the causes: the failures whose truth lies within the search window of one of the network's p(z) modes (the
+`refinement_modes` strongest, as the refinement takes them), a measure of how often p(z) points at the truth at
+all. The set is predicted a second time with every spectrum searched over the whole range
+(`refinement_wide_quality` above 1; priors kept), and its failures go beside. Writes failure_causes.json and
 failure_causes.md to --out.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from template_smoothing import benchmark_parser, refined_test_spectra, write_res
 
 from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD  # noqa: E402
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
-from specpt_hf.refinement import chi2_scan, star_range  # noqa: E402
+from specpt_hf.refinement import chi2_scan, pz_modes, star_range  # noqa: E402
 
 NEAR = 0.003  # half-width in ln(1 + z) of "at the truth" and "at the answer" (~900 km/s)
 CAUSES = ("templates", "priors", "search")
@@ -79,6 +82,17 @@ def template_chi2(model: Any, batch: dict[str, Any], z: np.ndarray, trials: int 
     return torch.stack(best).min(0).values.double().numpy()
 
 
+def truth_in_modes(model: Any, pz: np.ndarray, z_true: np.ndarray) -> np.ndarray:
+    """[n] bool: the true redshift lies within the refinement's window (± `refinement_window` bins) of one of the
+    `refinement_modes` strongest modes of p(z) (`pz` [n, bins], at the bins' centres)."""
+    config = model.config
+    separation = max(1, math.ceil(2 * config.refinement_window))
+    peaks = pz_modes(torch.as_tensor(pz), config.refinement_modes, separation).numpy()  # [n, modes]
+    u_modes = np.log1p(pdf_redshifts(model)["pz"])[peaks]  # [n, modes]
+    half_width = config.refinement_window * config.redshift_bin_width
+    return (np.abs(u_modes - np.log1p(z_true)[:, None]) <= half_width).any(1)
+
+
 def causes(
     z: np.ndarray,
     chi2_truth: np.ndarray,
@@ -96,8 +110,11 @@ def causes(
     return np.where(failed, cause, "")
 
 
-def tally(cause: np.ndarray, z_whole: np.ndarray, z_true: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
-    """{class or "all": n, failures, each cause's count, and η of the whole-range prediction}."""
+def tally(
+    cause: np.ndarray, in_modes: np.ndarray, z_whole: np.ndarray, z_true: np.ndarray, classes: np.ndarray
+) -> dict[str, Any]:
+    """{class or "all": n, failures, each cause's count, the failures whose truth lies near a p(z) mode
+    (`in_modes` [n]) and the failures of the whole-range prediction}."""
     whole_failed = ~(np.abs(z_whole - z_true) / (1 + z_true) <= CATASTROPHIC_THRESHOLD)
     rows = {}
     for name in ("all", *CLASSES):
@@ -106,6 +123,7 @@ def tally(cause: np.ndarray, z_whole: np.ndarray, z_true: np.ndarray, classes: n
             "n": int(sel.sum()),
             "failures": int((cause[sel] != "").sum()),
             **{c: int((cause[sel] == c).sum()) for c in CAUSES},
+            "truth_in_pz_modes": int(((cause[sel] != "") & in_modes[sel]).sum()),
             "whole_range_failures": int(whole_failed[sel].sum()),
         }
     return rows
@@ -119,17 +137,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"perturbed as robustness.py does (seed {result['seed']}). A failure (|Δz| / (1 + z) > 0.15) is `templates` "
         f"where the templates' lowest χ² within ± {NEAR:g} in ln(1 + z) of the answer (every set, all vectors, no "
         "prior) is no higher than near the truth, `priors` where the truth fits better and the coarse curve was "
-        "searched near it, `search` where it fits better but was not searched. The last column: failures when "
-        "every spectrum is searched over the whole range (priors kept).",
+        "searched near it, `search` where it fits better but was not searched. `in p(z) modes`: failures whose truth "
+        "lies within the search window of one of the network's p(z) modes. The last column: failures when every "
+        "spectrum is searched over the whole range (priors kept).",
         "",
-        "| perturbation | class | n | failures | templates | priors | search | whole range: failures |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| perturbation | class | n | failures | templates | priors | search | in p(z) modes | whole range: failures |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, rows in result["perturbations"].items():
         for cls, r in rows.items():
             lines.append(
                 f"| {name} | {cls} | {r['n']} | {r['failures']} | {r['templates']} | {r['priors']} | "
-                f"{r['search']} | {r['whole_range_failures']} |"
+                f"{r['search']} | {r['truth_in_pz_modes']} | {r['whole_range_failures']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -155,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         answer = np.nan_to_num(configured["z"], nan=-0.5)
         chi2_truth, chi2_answer = (template_chi2(model, perturbed, z) for z in (z_true, answer))
         cause = causes(answer, chi2_truth, chi2_answer, configured["chi2_scan"], np.log1p(scan_z), z_true)
-        result[name] = tally(cause, whole["z"], z_true, classes)
+        in_modes = truth_in_modes(model, configured["pz"], z_true)
+        result[name] = tally(cause, in_modes, whole["z"], z_true, classes)
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result[name]["all"].items()))
     write_result(args, "failure_causes", markdown, seed=args.seed, perturbations=result)
     return 0

@@ -314,16 +314,36 @@ def test_failure_causes_tells_templates_priors_and_search_apart():
     )  # row 3 never searched the truth
     cause = failure_causes.causes(z, chi2_truth, chi2_answer, searched, scan_u, z_true)
     assert cause.tolist() == ["", "templates", "priors", "search"]
-    tally = failure_causes.tally(cause, np.array([0.5, 1.2, 0.5, 0.5]), z_true, np.array(["elg"] * 4))
+    in_modes = np.array([True, True, False, False])  # the right answer's and row 1's p(z) held the truth
+    whole = np.array([0.5, 1.2, 0.5, 0.5])
+    tally = failure_causes.tally(cause, in_modes, whole, z_true, np.array(["elg"] * 4))
     assert tally["elg"] == {
         "n": 4,
         "failures": 3,
         "templates": 1,
         "priors": 1,
         "search": 1,
+        "truth_in_pz_modes": 1,
         "whole_range_failures": 1,
     }
     assert tally["bgs"]["n"] == 0 and tally["all"]["failures"] == 3
+
+
+def test_failure_causes_truth_in_modes_looks_within_the_refinement_window():
+    from specpt_hf import create_model
+    from specpt_hf.prediction import pdf_redshifts
+
+    model = create_model("specpt-tiny", "redshift")
+    config = model.config
+    u = np.log1p(pdf_redshifts(model)["pz"])  # [bins]
+    pz = np.full((3, len(u)), 1e-6)
+    peak = len(u) // 2
+    pz[:, peak] = 1.0  # the strongest mode, at the same bin for all three; weaker ones at both ends
+    pz[:, [0, -1]] = 1e-3
+    width = config.refinement_window * config.redshift_bin_width
+    z_true = np.expm1(u[peak] + np.array([0.0, 0.9 * width, 3.0 * width]))
+    assert config.refinement_modes == 3 and len(u) > 20
+    assert failure_causes.truth_in_modes(model, pz, z_true).tolist() == [True, True, False]
 
 
 def test_failure_causes_template_chi2_is_lowest_at_the_truth_of_a_template_spectrum():
