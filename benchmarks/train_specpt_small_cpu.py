@@ -40,7 +40,7 @@ Steps and wall-clock plan (`--hours 3` on 2 cores; printed at the start, rates a
    fine-tuned at the head's rate), validation every 1000 steps on 1000 spectra, early stopping after 6;
 4. templates: GALAXY and QSO rest-frame bases from the training split added to the model folder, and the
    spectral-type head fitted on the same spectra (`specpt_hf.templates.build_model_templates`, ~3 min for
-   `--template-spectra` 3000 per type; 9000 take ~8 min and 13 GB), so the benchmarks refine its redshifts.
+   `--template-spectra` 3000 per type; 9000 take ~5 min and 7 GB), so the benchmarks refine its redshifts.
 
 The stage shares (25 % / 75 % of what the data step leaves, minus 5 % for validation and checkpoints: the
 redshift head gains more from steps than the autoencoder) and rates (100 / 105 spectra/s: specpt-small, bf16,
