@@ -27,6 +27,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
+import archetypes  # noqa: E402
 import attention_kernels  # noqa: E402
 import compare_predictions  # noqa: E402
 import failure_causes  # noqa: E402
@@ -298,6 +299,52 @@ def test_ideal_observer_quick_puts_specpt_beside(tmp_path):
     assert ideal_observer.metrics(fitted, 2.0) == result["metrics"]
     with pytest.raises(ValueError, match="no 'S/N ÷ ≤ 3' row"):
         ideal_observer.specpt_rows(tmp_path / "robustness.json", "S/N ÷ ≤ 3")
+
+
+def test_archetype_curve_is_lowest_at_the_redshift_of_a_scaled_archetype_on_a_slope():
+    from specpt_hf.prediction import model_wavelength
+    from specpt_hf.presets import preset_config
+    from specpt_hf.refinement import RestFrameTemplates
+
+    wave = torch.as_tensor(model_wavelength(preset_config("specpt-tiny", "redshift")))
+    step = 1e-4
+    rest = np.exp(
+        np.log(wave[0].item() / 3.0)
+        + step * np.arange(int(np.log(3.0 * wave[-1].item() / wave[0].item()) / step))
+    )
+    lines = [np.exp(-0.5 * ((rest - c) / 3.0) ** 2) for c in (3728.0, 4863.0, 5008.0, 6565.0)]
+    shapes = torch.tensor(
+        np.stack([1.0 + 8.0 * lines[0] + 3.0 * lines[2], 1.0 + 5.0 * lines[1] + 9.0 * lines[3]])
+    )
+    sets = RestFrameTemplates(float(np.log(rest[0])), step, shapes.float())  # two archetypes [2, grid]
+    z_true = np.array([0.35, 0.8])
+    slope = 0.3 * (wave.double() - wave.double().mean()) / (wave.double().max() - wave.double().min())
+    flux = torch.stack(
+        [
+            2.0 * torch.as_tensor(np.interp(wave / (1 + z), rest, shapes[i].numpy())) + slope
+            for i, z in enumerate(z_true)
+        ]
+    ).float()  # archetype 0 at 0.35, archetype 1 at 0.8, tilted
+    ivar = torch.full_like(flux, 100.0)
+    scan_u = torch.arange(0.05, 1.0, 3 * step, dtype=torch.float64)
+    chi2 = archetypes.archetype_curve(sets, wave, flux, ivar, scan_u)  # [2, grid]
+    best = scan_u[chi2.argmin(1)].numpy()
+    np.testing.assert_allclose(best, np.log1p(z_true), atol=3 * step)
+    assert torch.all(chi2.min(1).values < 0.05 * chi2.median(1).values)
+
+
+def test_archetypes_quick_reports_both_depths(tmp_path):
+    assert archetypes.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "archetypes.json").read_text())
+    assert list(result["depths"]) == ["own depth", "S/N ÷ ≤ 2"]
+    for depth in result["depths"].values():
+        counts = depth["truth_preferred"]
+        assert 0 <= counts["archetypes_prefer_truth"] <= counts["failures"]
+        assert 0 <= counts["bases_prefer_truth"] <= counts["failures"]
+        assert list(depth["eta"]) == ["model", "archetypes, whole range", "re-ranked"]
+        eta = depth["eta"]["model"]["all"]
+        assert counts["failures"] == round(eta * result["n"])
+    assert "| S/N ÷ ≤ 2 | re-ranked |" in (tmp_path / "archetypes.md").read_text()
 
 
 def test_failure_causes_tells_templates_priors_and_search_apart():

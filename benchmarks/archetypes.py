@@ -1,0 +1,324 @@
+"""Data-driven archetypes at lower S/N: do whole spectra tell the truth from the refinement's wrong answers where
+the model's rest-frame bases cannot?
+
+    python benchmarks/archetypes.py --model benchmarks/models/specpt-small-cpu-sps-t9000 \
+        --data runs/recipe-sps/data --out benchmarks/results/archetypes       # ~8 min on 2 cores
+    python benchmarks/archetypes.py --quick --out /tmp/arch                      # seconds: untrained tiny model
+
+The model's bases (GALAXY, QSO) fit any combination of their vectors, so a few lines of noise can be fitted at a
+wrong redshift. An archetype is one whole spectrum with a free positive amplitude (Redrock's archetypes; here with a
+Legendre polynomial of --degree in observed ln(lambda) for the calibration). They are learned from the training
+split (--per-type labelled spectra per type): each spectrum's coefficients on its type's basis at its redshift,
+their directions clustered by k-means (--archetypes per type), each centre's spectrum an archetype. Their χ²(z) comes
+from FFT cross-correlations on the refinement's coarse grid (binned pixels).
+
+The split (--split, validation by default) is refined as the model is configured, at its own depth and after
+dividing the S/N by up to 2 (robustness.py's "S/N ÷ ≤ 2", seed 0). Reported per depth:
+- for the refined failures (|Δz| / (1 + z) > 0.15), how often the archetypes' lowest χ² within ± 2 coarse trials of
+  the truth is below that at the answer, and how often the model's bases' is (all vectors, every set);
+- η per class of three answers: the model's; the archetypes' whole-range minimum of χ² + `PRIOR_SHARE` x the p(z)
+  penalty; and a re-ranking that keeps the model's answer unless a candidate (the `CANDIDATES` lowest minima of the
+  refinement's χ² + priors and of its χ² alone, at least 0.01 apart in ln(1 + z)) scores lower by `MARGIN` in
+  archetype χ² + `PRIOR_SHARE` x p(z) penalty. The re-ranking's settings were chosen on the reference's validation split.
+Writes archetypes.json and archetypes.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.cluster.vq import kmeans2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from failure_causes import template_chi2  # noqa: E402
+from refinement_sweep import quick_setup  # noqa: E402
+from robustness import perturb, predict_chunks  # noqa: E402
+from speed import machine_info  # noqa: E402
+
+from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD, metrics_by_group  # noqa: E402
+from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
+from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
+from specpt_hf.refinement import (  # noqa: E402
+    RestFrameTemplates,
+    _coarse_basis,
+    _fft_length,
+    _good_weight,
+    chi2_scan,
+)
+from specpt_hf.templates import read_labelled  # noqa: E402
+from specpt_hf.training.data import load_split  # noqa: E402
+
+TYPES = ("GALAXY", "QSO")
+CANDIDATES = 3  # lowest minima taken from each curve
+SEPARATION = 0.01  # between candidates, in ln(1 + z)
+NEAR_TRIALS = 2  # coarse trials either side of a redshift where its χ² is looked up
+PRIOR_SHARE = 0.5  # of the model's p(z) penalty added to the archetypes' χ²
+MARGIN = 10.0  # χ² units by which a candidate must beat the model's answer
+PERTURBATION = "S/N ÷ ≤ 2"
+
+
+def learn_archetypes(
+    model: Any, data: Path, per_type: int, archetypes: int, seed: int = 0
+) -> dict[str, RestFrameTemplates]:
+    """Per type of `TYPES`: the spectra of `archetypes` k-means centres of the directions of the training spectra's
+    coefficients on the model's basis at their redshifts, on the basis's rest grid ([archetypes, grid])."""
+    spectra = read_labelled(data, "train", per_type, seed)
+    wavelength = torch.as_tensor(model_wavelength(model.config))
+    out = {}
+    for name in TYPES:
+        if name not in spectra or name not in model.templates:
+            continue
+        s, basis = spectra[name], model.templates[name]
+        u = torch.as_tensor(np.log1p(s["z"]))[:, None]  # [n, 1]
+        coeff = chi2_scan(basis, wavelength, torch.as_tensor(s["flux"]), torch.as_tensor(s["ivar"]), u)[1][
+            :, 0
+        ]
+        directions = coeff.double().numpy()  # [n, vectors]
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True).clip(min=1e-30)
+        k = min(archetypes, len(directions))
+        centres, _ = kmeans2(directions, k, rng=seed, minit="++")  # [k, vectors]
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True).clip(min=1e-30)
+        spectra_k = torch.from_numpy(centres).float() @ basis.basis.float()  # [k, grid]
+        out[name] = RestFrameTemplates(basis.log_wavelength_start, basis.log_wavelength_step, spectra_k)
+    return out
+
+
+def archetype_curve(
+    archetypes: RestFrameTemplates,
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    scan_u: torch.Tensor,
+    rebin: int = 3,
+    degree: int = 2,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """χ² [batch, grid] (float64) of the best archetype (free amplitude >= 0) plus a Legendre polynomial of `degree`
+    in observed ln(lambda), at the trials `scan_u` (multiples of the coarse step), for spectra flux, ivar [batch,
+    pixels] at `wavelength` [pixels], binned onto the archetypes' coarse grid (`rebin` grid points)."""
+    basis, start, step = _coarse_basis(archetypes, rebin)  # [k, n_rest]
+    k, n_rest = basis.shape
+    weight, flux = _good_weight(flux, ivar)  # [batch, pixels]
+    index = torch.round((torch.log(wavelength.double()) - start) / step).long()  # [pixels]
+    first = int(index.min())
+    n_obs = int(index.max()) - first + 1
+    w = torch.zeros(len(flux), n_obs, dtype=torch.float64).index_add_(
+        1, index - first, weight
+    )  # [batch, n_obs]
+    wf = torch.zeros_like(w).index_add_(1, index - first, weight * flux)
+    x = torch.linspace(-1, 1, n_obs, dtype=torch.float64)
+    poly = torch.as_tensor(np.polynomial.legendre.legvander(x.numpy(), degree))  # [n_obs, d]
+    normal = torch.einsum("bo,od,oe->bde", w, poly, poly) + 1e-9 * torch.eye(degree + 1)  # [batch, d, d]
+    inverse = torch.linalg.inv(normal)
+    residual = (
+        wf / w.clamp(min=1e-300) - (inverse @ (wf @ poly)[..., None])[..., 0] @ poly.T
+    )  # [batch, n_obs]
+    chi2_poly = (w * residual**2).sum(1)  # [batch]
+    length = _fft_length(n_obs + n_rest - 1)
+    spectra = torch.fft.rfft(torch.cat([basis, basis**2]).float(), n=length)  # [2k, f]
+    lag = (first - torch.round(scan_u / step).long()) % length  # [grid]
+    chi2 = []
+    for rows in torch.arange(len(flux)).split(chunk):
+        signals = torch.cat(
+            [(w * residual)[rows, None], w[rows, None] * poly.T, w[rows, None]], 1
+        )  # [b, d+2, n_obs]
+        x_f = torch.fft.rfft(signals.float(), n=length)[:, :, None].conj()  # [b, d+2, 1, f]
+        linear = torch.fft.irfft(x_f[:, :-1] * spectra[:k], n=length)[..., lag].double()  # [b, d+1, k, grid]
+        square = torch.fft.irfft(x_f[:, -1] * spectra[k:], n=length)[..., lag].double()  # [b, k, grid]
+        s, p = linear[:, 0], linear[:, 1:]  # archetype · residual [b, k, grid]; · polynomials [b, d, k, grid]
+        denominator = square - torch.einsum("bdkg,bde,bekg->bkg", p, inverse[rows], p)
+        gain = torch.where((s > 0) & (denominator > 0), s**2 / denominator.clamp(min=1e-30), 0.0)
+        chi2.append(chi2_poly[rows, None] - gain.max(1).values)
+    return torch.cat(chi2)
+
+
+def lowest_minima(curve: np.ndarray, scan_u: np.ndarray, count: int) -> np.ndarray:
+    """Indices [n, count] of each row's `count` lowest local minima at least `SEPARATION` apart (-1: none)."""
+    padded = np.pad(curve, ((0, 0), (1, 1)), constant_values=np.inf)
+    work = np.where(np.isfinite(curve) & (curve <= padded[:, :-2]) & (curve <= padded[:, 2:]), curve, np.inf)
+    out = np.full((len(curve), count), -1)
+    for c in range(count):
+        best = work.argmin(1)
+        out[:, c] = np.where(np.isfinite(work[np.arange(len(best)), best]), best, -1)
+        work = np.where(np.abs(scan_u[None] - scan_u[best][:, None]) > SEPARATION, work, np.inf)
+    return out
+
+
+def near(curve: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The lowest value of each row of `curve` [n, grid] within ± NEAR_TRIALS of `index` [n, c] (inf at -1)."""
+    window = np.clip(index[..., None] + np.arange(-NEAR_TRIALS, NEAR_TRIALS + 1), 0, curve.shape[1] - 1)
+    values = curve[np.arange(len(curve))[:, None, None], window].min(-1)  # [n, c]
+    return np.where(index >= 0, values, np.inf)
+
+
+def answers(
+    model: Any,
+    batch: dict[str, Any],
+    archetypes: dict[str, RestFrameTemplates],
+    scan_u: np.ndarray,
+    degree: int = 2,
+) -> dict[str, np.ndarray]:
+    """The model's refined z, the archetypes' whole-range z and the re-ranked z [n], and the archetypes' and the
+    bases' χ² near the answer and near each trial (`archetype_chi2` [n, grid], `pca_answer`)."""
+    out = predict_chunks(model, batch, 128, return_pdf=True)
+    z_model = np.nan_to_num(out["z"], nan=-0.5)
+    flux = torch.as_tensor(np.asarray(batch["flux"]), dtype=torch.float32)
+    ivar = torch.where(
+        torch.as_tensor(np.asarray(batch["mask"])), 0.0, torch.as_tensor(np.asarray(batch["ivar"]))
+    )
+    wavelength = torch.as_tensor(model_wavelength(model.config))
+    u = torch.as_tensor(scan_u)
+    curves = [
+        archetype_curve(t, wavelength, flux, ivar.float(), u, degree=degree) for t in archetypes.values()
+    ]
+    arch = torch.stack(curves).min(0).values.numpy()  # [n, grid]
+    log_p = torch.log(torch.as_tensor(out["pz"]).double().clamp(min=1e-300))
+    prior = model._pz_prior(log_p, u)  # [n, grid], the refinement's p(z) penalty (None: no prior)
+    penalty = np.zeros_like(arch) if prior is None else prior.numpy()
+    chi2 = np.nan_to_num(out["chi2_scan"], nan=np.inf)  # [n, grid]
+    star = out["spectype"] == "STAR"
+    whole = np.expm1(scan_u[(arch + PRIOR_SHARE * penalty).argmin(1)])
+    answer = np.abs(scan_u[None] - np.log1p(np.clip(z_model, 0, None))[:, None]).argmin(1)  # [n]
+    candidates = np.concatenate(
+        [
+            lowest_minima(chi2 + penalty, scan_u, CANDIDATES),
+            lowest_minima(chi2, scan_u, CANDIDATES),
+            answer[:, None],
+        ],
+        1,
+    )  # [n, 2 x CANDIDATES + 1]
+    score = near(arch, candidates) + PRIOR_SHARE * np.take_along_axis(penalty, candidates.clip(min=0), 1)
+    pick = candidates[np.arange(len(score)), score.argmin(1)]
+    switch = ~star & (score[:, -1] - score.min(1) > MARGIN) & (np.abs(scan_u[pick] - scan_u[answer]) > 0.003)
+    return {
+        "model": z_model,
+        "archetypes, whole range": np.where(star, z_model, whole),
+        "re-ranked": np.where(switch, np.expm1(scan_u[pick]), z_model),
+        "archetype_chi2": arch,
+        "answer": answer,
+    }
+
+
+def truth_preferred(
+    model: Any, batch: dict[str, Any], result: dict[str, np.ndarray], z_true: np.ndarray, scan_u: np.ndarray
+) -> dict[str, Any]:
+    """For the model's failures: how many, and in how many the archetypes' / the bases' χ² is lower near the truth
+    than near the answer."""
+    failed = np.abs(result["model"] - z_true) / (1 + z_true) > CATASTROPHIC_THRESHOLD
+    truth = np.abs(scan_u[None] - np.log1p(z_true)[:, None]).argmin(1)
+    at = {
+        name: near(result["archetype_chi2"], index[:, None])[:, 0]
+        for name, index in (("truth", truth), ("answer", result["answer"]))
+    }
+    rows = {key: np.asarray(value)[failed] for key, value in batch.items()}
+    pca_truth = template_chi2(model, rows, z_true[failed])
+    pca_answer = template_chi2(model, rows, np.clip(result["model"][failed], 0, None))
+    return {
+        "failures": int(failed.sum()),
+        "archetypes_prefer_truth": int((at["truth"] < at["answer"])[failed].sum()),
+        "bases_prefer_truth": int((pca_truth < pca_answer).sum()),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Archetypes at lower S/N: {result['model']}",
+        "",
+        f"{result['n']} spectra of `{result['data']}` ({result['split']} split); {result['archetypes']} archetypes per "
+        f"type from {result['per_type']} training spectra per type, polynomial degree {result['degree']}; machine: "
+        f"{result['machine']['summary']}, {result['machine']['date']}. η in % (|Δz| / (1 + z) > 0.15). The "
+        "re-ranking's settings were chosen on the reference's validation split (runs/recipe-sps/data).",
+        "",
+        "| depth | failures | archetypes prefer the truth | bases prefer the truth |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for depth, d in result["depths"].items():
+        t = d["truth_preferred"]
+        lines.append(
+            f"| {depth} | {t['failures']} | {t['archetypes_prefer_truth']} | {t['bases_prefer_truth']} |"
+        )
+    classes = list(next(iter(result["depths"].values()))["eta"]["model"])
+    lines += [
+        "",
+        "| depth | answer | " + " | ".join(classes) + " |",
+        "| --- | --- |" + " ---: |" * len(classes),
+    ]
+    for depth, d in result["depths"].items():
+        for method, by_class in d["eta"].items():
+            lines.append(
+                f"| {depth} | {method} | " + " | ".join(f"{100 * by_class[c]:.2f}" for c in classes) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="SpecPTForRedshift folder with templates")
+    parser.add_argument("--data", type=Path, help="prepared dataset (Parquet shards, `specpt prepare`)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument(
+        "--per-type", type=int, default=4000, help="training spectra per type for the archetypes"
+    )
+    parser.add_argument("--archetypes", type=int, default=32, help="archetypes per type")
+    parser.add_argument("--degree", type=int, default=2, help="Legendre degree beside each archetype")
+    parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.model, args.data = quick_setup(args.out)
+        args.split, args.archetypes, args.per_type = "train", 4, 40
+    if args.model is None or args.data is None:
+        parser.error("--model and --data are required (or --quick)")
+    model = SpecPTForRedshift.from_pretrained(args.model).eval()
+    if not model.refines:
+        parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    archetypes = learn_archetypes(model, args.data, args.per_type, args.archetypes)
+    scan_u = np.log1p(pdf_redshifts(model)["chi2_scan"])
+    rows = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))[:]
+    batch = {key: rows[key] for key in ("flux", "ivar", "mask")}
+    z_true = rows["z"].double().numpy()
+    classes = np.asarray(rows["target_class"], dtype=str)
+    depths = {}
+    for depth in ("own depth", PERTURBATION):
+        spectra = batch if depth == "own depth" else perturb(batch, model_wavelength(model.config), depth, 0)
+        result = answers(model, spectra, archetypes, scan_u, args.degree)
+        eta = {
+            method: {
+                c: m["eta"]
+                for c, m in metrics_by_group(result[method], z_true, classes, overall_key="all").items()
+            }
+            for method in ("model", "archetypes, whole range", "re-ranked")
+        }
+        depths[depth] = {
+            "truth_preferred": truth_preferred(model, spectra, result, z_true, scan_u),
+            "eta": eta,
+        }
+        print(depth, depths[depth]["truth_preferred"], {m: round(100 * e["all"], 2) for m, e in eta.items()})
+    result = {
+        "machine": machine_info("cpu"),
+        "model": str(args.model),
+        "data": str(args.data),
+        "split": args.split,
+        "n": len(z_true),
+        "per_type": args.per_type,
+        "archetypes": args.archetypes,
+        "degree": args.degree,
+        "depths": depths,
+    }
+    atomic_write_json(args.out / "archetypes.json", result)
+    atomic_write_text(args.out / "archetypes.md", markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
