@@ -36,13 +36,12 @@ from scipy.cluster.vq import kmeans2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from failure_causes import template_chi2  # noqa: E402
-from refinement_sweep import quick_setup  # noqa: E402
+from refinement_sweep import model_and_split, quick_setup  # noqa: E402
 from robustness import perturb, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD, metrics_by_group  # noqa: E402
-from specpt_hf.modeling_specpt import SpecPTForRedshift  # noqa: E402
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import (  # noqa: E402
     RestFrameTemplates,
@@ -52,7 +51,6 @@ from specpt_hf.refinement import (  # noqa: E402
     chi2_scan,
 )
 from specpt_hf.templates import read_labelled  # noqa: E402
-from specpt_hf.training.data import load_split  # noqa: E402
 
 TYPES = ("GALAXY", "QSO")
 CANDIDATES = 3  # lowest minima taken from each curve
@@ -278,15 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         args.split, args.archetypes, args.per_type = "train", 4, 40
     if args.model is None or args.data is None:
         parser.error("--model and --data are required (or --quick)")
-    model = SpecPTForRedshift.from_pretrained(args.model).eval()
-    if not model.refines:
-        parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    model, batch, z_true, classes = model_and_split(args, parser)
     archetypes = learn_archetypes(model, args.data, args.per_type, args.archetypes)
     scan_u = np.log1p(pdf_redshifts(model)["chi2_scan"])
-    rows = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))[:]
-    batch = {key: rows[key] for key in ("flux", "ivar", "mask")}
-    z_true = rows["z"].double().numpy()
-    classes = np.asarray(rows["target_class"], dtype=str)
     depths = {}
     for depth in ("own depth", PERTURBATION):
         spectra = batch if depth == "own depth" else perturb(batch, model_wavelength(model.config), depth, 0)

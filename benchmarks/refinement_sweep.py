@@ -98,6 +98,19 @@ def quick_setup(out: Path) -> tuple[Path, Path]:
     return out / "specpt-tiny", data
 
 
+def model_and_split(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[SpecPTForRedshift, dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+    """The model with templates (--model) and every row of --data's --split: (model, its flux / ivar / mask
+    [n, pixels], z [n], target classes [n])."""
+    model = SpecPTForRedshift.from_pretrained(args.model).eval()
+    if not model.refines:
+        parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    rows = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))[:]
+    batch = {key: rows[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
+    return model, batch, rows["z"].double().numpy(), np.asarray(rows["target_class"], dtype=str)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.field != "refinement_prior":
             parser.error("--values is required with --field")
         args.values = list(PRIOR_WEIGHTS)
-    model = SpecPTForRedshift.from_pretrained(args.model).eval()
-    if not model.refines:
-        parser.error(f"{args.model}: the model has no templates (add them with `specpt templates`)")
+    model, batch, z_true, classes = model_and_split(args, parser)
     kind = type(getattr(model.config, args.field, None))
     if not args.field.startswith("refinement_") or kind not in (int, float):
         parser.error(
@@ -138,13 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if kind is int and any(value != int(value) for value in args.values):
         parser.error(f"--values: {args.field} takes whole numbers, got {args.values}")
-    split = load_split(args.data, args.split, ("flux", "ivar", "mask", "z", "target_class"))
-    rows_all = split[:]  # every row: tensors, and a list for target_class
-    batch = {key: rows_all[key] for key in ("flux", "ivar", "mask")}  # [n, pixels] each
     if args.perturbation:
         batch = perturb(batch, model_wavelength(model.config), args.perturbation, args.seed)
-    z_true = rows_all["z"].double().numpy()
-    classes = np.asarray(rows_all["target_class"], dtype=str)
     rows = []
     for value in args.values:
         value = kind(value)
