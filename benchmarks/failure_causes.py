@@ -18,9 +18,10 @@ vectors, no prior) then puts each failure (|Δz| / (1 + z) > 0.15) down to
 
 Beside the causes: the failures whose truth lies within the search window of one of the network's p(z) modes (the
 `refinement_modes` strongest, as the refinement takes them), a measure of how often p(z) points at the truth at
-all. The set is predicted a second time with every spectrum searched over the whole range
-(`refinement_wide_quality` above 1; priors kept), and its failures go beside. Writes failure_causes.json and
-failure_causes.md to --out.
+all, and the network's p(z) calibration over every spectrum: the share of truths inside the central 68 % and 95 %
+intervals of their p(z) (from the PIT). The set is predicted a second time with every spectrum searched over the
+whole range (`refinement_wide_quality` above 1; priors kept), and its failures go beside. Writes
+failure_causes.json and failure_causes.md to --out.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from accuracy import CLASSES  # noqa: E402
 from robustness import PERTURBATIONS, perturb, predict_chunks  # noqa: E402
 from template_smoothing import benchmark_parser, refined_test_spectra, write_result  # noqa: E402
 
-from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD  # noqa: E402
+from specpt_hf.evaluation.metrics import (  # noqa: E402
+    CATASTROPHIC_THRESHOLD,
+    pdf_coverage,
+    pdf_integral_transform,
+)
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import chi2_scan, pz_modes, star_range  # noqa: E402
 
@@ -93,6 +98,22 @@ def truth_in_modes(model: Any, pz: np.ndarray, z_true: np.ndarray) -> np.ndarray
     return (np.abs(u_modes - np.log1p(z_true)[:, None]) <= half_width).any(1)
 
 
+def pz_coverage(model: Any, pz: np.ndarray, z_true: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
+    """{class or "all": the shares of true redshifts inside the central 68 % and 95 % intervals of the network's
+    p(z) (`pz` [n, bins]; calibrated: 0.68 and 0.95)}."""
+    centres = model.redshift_bin_centers().double().numpy()  # [bins], in ln(1 + z)
+    half = model.config.redshift_bin_width / 2
+    pit = pdf_integral_transform(pz, np.append(centres - half, centres[-1] + half), np.log1p(z_true))
+    return {name: pdf_coverage(pit[sel]) for name, sel in class_rows(classes).items()}
+
+
+def class_rows(classes: np.ndarray) -> dict[str, np.ndarray]:
+    """{"all" and each of CLASSES: its rows [n] bool}."""
+    return {
+        name: np.ones(len(classes), bool) if name == "all" else classes == name for name in ("all", *CLASSES)
+    }
+
+
 def causes(
     z: np.ndarray,
     chi2_truth: np.ndarray,
@@ -117,8 +138,7 @@ def tally(
     (`in_modes` [n]) and the failures of the whole-range prediction}."""
     whole_failed = ~(np.abs(z_whole - z_true) / (1 + z_true) <= CATASTROPHIC_THRESHOLD)
     rows = {}
-    for name in ("all", *CLASSES):
-        sel = np.ones(len(cause), bool) if name == "all" else classes == name
+    for name, sel in class_rows(classes).items():
         rows[name] = {
             "n": int(sel.sum()),
             "failures": int((cause[sel] != "").sum()),
@@ -150,6 +170,17 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {name} | {cls} | {r['n']} | {r['failures']} | {r['templates']} | {r['priors']} | "
                 f"{r['search']} | {r['truth_in_pz_modes']} | {r['whole_range_failures']} |"
             )
+    lines += [
+        "",
+        "The network's p(z) (every spectrum, not only the failures): the share of true redshifts inside the central "
+        "68 % and 95 % intervals of their p(z) (calibrated: 68 and 95 %).",
+        "",
+        "| perturbation | class | in 68 % interval (%) | in 95 % interval (%) |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for name, rows in result["pz_coverage"].items():
+        for cls, c in rows.items():
+            lines.append(f"| {name} | {cls} | {100 * c['0.68']:.1f} | {100 * c['0.95']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model, batch, z_true, classes = refined_test_spectra(args, parser)
     scan_z = pdf_redshifts(model)["chi2_scan"]
-    result = {}
+    result, coverage = {}, {}
     for name in ("none", args.perturbation):
         perturbed = perturb(batch, model_wavelength(model.config), name, args.seed)
         configured = predict_with_scan(model, perturbed, whole_range=False)
@@ -176,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         cause = causes(answer, chi2_truth, chi2_answer, configured["chi2_scan"], np.log1p(scan_z), z_true)
         in_modes = truth_in_modes(model, configured["pz"], z_true)
         result[name] = tally(cause, in_modes, whole["z"], z_true, classes)
+        coverage[name] = pz_coverage(model, configured["pz"], z_true, classes)
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result[name]["all"].items()))
-    write_result(args, "failure_causes", markdown, seed=args.seed, perturbations=result)
+    write_result(args, "failure_causes", markdown, seed=args.seed, perturbations=result, pz_coverage=coverage)
     return 0
 
 

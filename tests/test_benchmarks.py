@@ -422,7 +422,11 @@ def test_failure_causes_quick_counts_both_sets(tmp_path):
     for rows in result["perturbations"].values():
         assert rows["all"]["n"] == 24
         assert rows["all"]["failures"] == sum(rows["all"][c] for c in failure_causes.CAUSES)
+    for rows in result["pz_coverage"].values():
+        assert set(rows) == {"all", "bgs", "elg", "lrg", "qso"}
+        assert 0 <= rows["all"]["0.68"] <= rows["all"]["0.95"] <= 1
     assert "| S/N ÷ ≤ 2 | elg | 6 |" in (tmp_path / "failure_causes.md").read_text()
+    assert "| S/N ÷ ≤ 2 | all |" in (tmp_path / "failure_causes.md").read_text().split("in 68 % interval")[1]
 
 
 def test_noise_redrock_quick_scores_both_depths(tmp_path, templates):
