@@ -359,6 +359,12 @@ def zwarn_of_columns(
     )
 
 
+def pz_bin_edges(model: SpecPTForRedshift) -> np.ndarray:
+    """The edges of the p(z) bins in u = ln(1 + z), float64 [bins + 1]."""
+    config = model.config
+    return math.log1p(config.z_min) + config.redshift_bin_width * np.arange(config.num_redshift_bins + 1)
+
+
 def pdf_redshifts(model: SpecPTForRedshift) -> dict[str, np.ndarray]:
     """The redshifts of the `return_pdf` arrays: `pz` (the p(z) bin centres [bins]) and, when the model refines,
     `chi2_scan` (the coarse chi^2(z) trials [trials]); float64."""
@@ -482,16 +488,19 @@ def predict_batch(
     thresholds: FlagThresholds | None = None,
     stats: InferenceStats | None = None,
     return_pdf: bool = False,
+    pit: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run `model` on one batch (`flux`, optional `ivar` and `mask`, [batch, pixels] on the model's grid).
 
     Returns numpy columns for the spectra with a usable pixel: `z_pred`, `zerr_pred`, `quality` (NaN where the head
     gives none), `zwarn` (`SpecPTZwarn` bits), `npixels`, `z_net`, `zerr_net`, the `REFINEMENT_COLUMNS` when the
-    model refines, `anomaly` (with an autoencoder), `pz` and `chi2_scan` (with `return_pdf`, see `predict_spectra`)
-    and the passthrough fields present in `batch`.
+    model refines, `anomaly` (with an autoencoder), `pz` and `chi2_scan` (with `return_pdf`, see `predict_spectra`),
+    `pz_pit` (with `pit`, a `z` label in `batch` and the p(z) head: the p(z) mass below the label, see
+    `pdf_integral_transform`; NaN where the label is missing) and the passthrough fields present in `batch`.
     """
     ivar = batch.get("ivar")
     mask = batch.get("mask")
+    pit = pit and "z" in batch and model.config.head_type == "pz"
     result = predict_spectra(
         model,
         np.asarray(batch["flux"]),
@@ -499,12 +508,21 @@ def predict_batch(
         None if mask is None else np.asarray(mask, dtype=bool),
         autoencoder=autoencoder,
         thresholds=thresholds,
-        return_pdf=return_pdf,
+        return_pdf=return_pdf or pit,
     )
     keep = result["npixels"] > 0
     columns = {name: result[key][keep] for name, key in PREDICTION_COLUMNS.items()}
-    extra = (*REFINEMENT_COLUMNS, *TYPE_COLUMNS, *PDF_COLUMNS)
+    extra = (*REFINEMENT_COLUMNS, *TYPE_COLUMNS, *(PDF_COLUMNS if return_pdf else ()))
     columns.update({key: result[key][keep] for key in extra if key in result})
+    if pit:
+        from .evaluation.metrics import pdf_integral_transform  # the evaluation package loads matplotlib
+
+        label = np.log1p(np.asarray(batch["z"], dtype=np.float64)[keep])  # [n]; NaN where unlabelled
+        known = np.isfinite(label)
+        columns["pz_pit"] = np.full(len(label), np.nan)
+        columns["pz_pit"][known] = pdf_integral_transform(
+            result["pz"][keep][known], pz_bin_edges(model), label[known]
+        )
     if autoencoder is not None:
         columns["anomaly"] = result["anomaly"][keep]
     columns.update({key: np.asarray(batch[key])[keep] for key in PASSTHROUGH_FIELDS if key in batch})
@@ -522,8 +540,10 @@ def predict_batches(
     autoencoder: SpecPTForSpectrumReconstruction | None = None,
     thresholds: FlagThresholds | None = None,
     stats: InferenceStats | None = None,
+    pit: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Predict every batch and concatenate the columns; spectra without usable pixels are skipped and logged.
+    """Predict every batch and concatenate the columns (`pit`: see `predict_batch`); spectra without usable pixels
+    are skipped and logged.
 
     Raises:
         ValueError: when no spectrum at all could be predicted.
@@ -534,7 +554,7 @@ def predict_batches(
     stats = stats if stats is not None else InferenceStats()
     skipped_before = stats.skipped
     parts = [
-        predict_batch(model, batch, autoencoder=autoencoder, thresholds=thresholds, stats=stats)
+        predict_batch(model, batch, autoencoder=autoencoder, thresholds=thresholds, stats=stats, pit=pit)
         for batch in batches
     ]
     skipped = stats.skipped - skipped_before

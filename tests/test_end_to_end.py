@@ -60,10 +60,12 @@ def test_main_job_quick_writes_report(tmp_path, capsys):
     for name in ("all", "bgs", "lrg", "elg", "qso"):
         assert f"| {name} |" in report
     evaluation = tmp_path / "evaluation"
-    for png in ("redshift_comparison", "error_histogram", "pull_distribution", "reconstructions"):
+    for png in ("redshift_comparison", "error_histogram", "pull_distribution", "pz_pit", "reconstructions"):
         assert (evaluation / f"{png}.png").stat().st_size > 10_000
         assert f"evaluation/{png}.png" in report
     results = read_results_json(evaluation / "results.json")
+    coverage = json.loads((evaluation / "results.json").read_text())["pz_calibration"]["all"]
+    assert 0 <= coverage["0.68"] <= coverage["0.95"] <= 1
     assert {entry["config"] for r in results["model-index"] for entry in _metric_entries(r)} >= {"bgs", "elg"}
     real = json.loads((tmp_path / "real_desi_predictions.json").read_text())
     expected = [int(r["targetid"]) for path in job.REAL_DESI_FILES for r in read_desi_spectra(DATA / path)]

@@ -13,6 +13,7 @@ from specpt_hf.evaluation import (
     plot_completeness_purity,
     plot_error_histogram,
     plot_metrics_vs_redshift,
+    plot_pit_histogram,
     plot_pull_distribution,
     plot_reconstructions,
     plot_redshift_comparison,
@@ -72,6 +73,9 @@ def test_redshift_plots_write_pngs(tmp_path, sample, with_groups):
         plot_error_histogram(*args, tmp_path / "hist.png", groups=groups),
         plot_metrics_vs_redshift(*args, tmp_path / "vs_z.png", groups=groups),
         plot_pull_distribution(*args, sample["z_err"], tmp_path / "pull.png", groups=groups),
+        plot_pit_histogram(
+            np.random.default_rng(2).random(len(args[0])), tmp_path / "pit.png", groups=groups
+        ),
         plot_completeness_purity(*args, sample["quality"], tmp_path / "cp.png", groups=groups),
         plot_completeness_purity(
             *args, sample["z_err"], tmp_path / "cp_err.png", higher_is_better=False, score_label="z_err"

@@ -28,6 +28,7 @@ from specpt_hf.prediction import (
     predict_batches,
     predict_records,
     predict_spectra,
+    pz_bin_edges,
     zwarn_flags,
 )
 from specpt_hf.resampling import FLUX_UNIT, bin_edges, resample
@@ -273,3 +274,23 @@ def test_resampler_agrees_with_specutils(instrument):
     clean = covered & (n_bad[np.clip(last, 0, wave.size - 1) + 1] == n_bad[np.clip(first, 0, wave.size - 1)])
     assert 0 < clean.sum() < covered.sum() and not masked_mask[clean].any()
     np.testing.assert_allclose(masked_flux[clean], their_flux[clean], rtol=1e-10)
+
+
+def test_predict_batches_pit_is_the_pz_mass_below_the_label(models, records):
+    model = models[0]
+    batch = next(batched(records, len(records)))
+    batch["z"] = np.array([0.3, 1.1, np.nan])  # labels; the last spectrum has none
+    pit = predict_batches(model, [batch], pit=True)["pz_pit"]  # [n]
+    pz = predict_spectra(model, batch["flux"], batch["ivar"], batch["mask"], return_pdf=True)[
+        "pz"
+    ]  # [n, bins]
+    edges = pz_bin_edges(model)  # [bins + 1], in ln(1 + z)
+    np.testing.assert_allclose(edges[[0, -1]], np.log1p([model.config.z_min, model.config.z_max]), atol=1e-9)
+    u = np.log1p(batch["z"][:2])
+    below = np.array([p[edges[1:] <= t].sum() for p, t in zip(pz, u, strict=False)]) / pz[:2].sum(1)
+    own_bin = np.array([p[(edges[:-1] <= t) & (t < edges[1:])].sum() for p, t in zip(pz, u, strict=False)])
+    assert np.all(pit[:2] >= below - 1e-6) and np.all(pit[:2] <= below + own_bin / pz[:2].sum(1) + 1e-6)
+    assert np.isnan(pit[2])
+    assert "pz_pit" not in predict_batches(model, [batch])  # only when asked
+    unlabelled = {key: value for key, value in batch.items() if key != "z"}
+    assert "pz_pit" not in predict_batches(model, [unlabelled], pit=True)

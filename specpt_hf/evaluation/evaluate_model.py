@@ -4,7 +4,8 @@
         [--autoencoder runs/autoencoder/model]
 
 Writes to `--out`: `results.json` (metrics per class and per redshift bin, completeness / purity, uncertainty
-calibration, `model-index` for the model card), `predictions.csv`, and the PNG plots.
+calibration, the p(z)'s interval coverage, `model-index` for the model card), `predictions.csv` (with each p(z)'s
+PIT), and the PNG plots.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def as_numpy(rows: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def summarize(predictions: dict[str, np.ndarray]) -> dict[str, Any]:
     """Metrics of the predictions: per class (with "all"), per redshift bin, completeness / purity by quality,
-    and the calibration of the uncertainty."""
+    the calibration of the uncertainty and (with `pz_pit`) of p(z): the truths' shares in its central 68 % and
+    95 % intervals per class."""
     z_pred, z_true = predictions["z_pred"], predictions["z"]
     classes = predictions["target_class"].astype(str)
     summary: dict[str, Any] = {
@@ -82,6 +84,12 @@ def summarize(predictions: dict[str, np.ndarray]) -> dict[str, Any]:
         summary["completeness_purity"] = {key: np.asarray(value).tolist() for key, value in cp.items()}
     if np.isfinite(predictions["zerr_pred"]).all():
         summary["calibration"] = metrics.uncertainty_calibration(z_pred, z_true, predictions["zerr_pred"])
+    if "pz_pit" in predictions:
+        pit, known = predictions["pz_pit"], np.isfinite(predictions["pz_pit"])
+        summary["pz_calibration"] = {
+            name: metrics.pdf_coverage(pit[rows & known])
+            for name, rows in [("all", known), *((c, classes == c) for c in np.unique(classes))]
+        }
     return summary
 
 
@@ -108,6 +116,10 @@ def write_plots(predictions: dict[str, np.ndarray], out: Path, title: str) -> li
                 groups=groups,
                 title=title,
             )
+        )
+    if "pz_pit" in predictions and np.isfinite(predictions["pz_pit"]).all():
+        written.append(
+            plots.plot_pit_histogram(predictions["pz_pit"], out / "pz_pit.png", groups=groups, title=title)
         )
     if np.isfinite(predictions["quality"]).all():
         written.append(
@@ -172,7 +184,7 @@ def evaluate_model(
     dataset = load_eval_split(data_dir, split)
     out = Path(out_dir)
     make_folder(out)
-    predictions = predict_dataset(model, dataset, batch_size)
+    predictions = predict_dataset(model, dataset, batch_size, pit=True)
     summary = summarize(predictions)
     name = model_name or Path(model_dir).resolve().name
     summary["results_json"] = str(

@@ -29,6 +29,7 @@ from .metrics import (
     _labels,
     completeness_purity,
     metrics_by_redshift_bin,
+    pdf_coverage,
     pulls,
     redshift_errors,
     redshift_metrics,
@@ -346,6 +347,40 @@ def plot_pull_distribution(
             xlim=(-limit, limit),
         )
         ax.legend(loc="upper left", handlelength=1.2)
+        ax.set_ylim(0, ax.get_ylim()[1] * (1.15 + 0.08 * len(ax.get_legend().get_texts())))
+        _title(fig, title)
+    return Path(path)
+
+
+def plot_pit_histogram(
+    pit: npt.ArrayLike,
+    path: str | os.PathLike,
+    *,
+    groups: npt.ArrayLike | None = None,
+    bins: int = 20,
+    title: str | None = None,
+) -> Path:
+    """Calibration of p(z): the histogram of the PITs (the p(z) mass below each truth) against the uniform density
+    of calibrated p(z)s. A U shape: p(z)s too narrow or misplaced; a hump: too wide. The legend gives the shares
+    of truths in the central 68 % and 95 % intervals."""
+    pit = np.asarray(pit, dtype=np.float64)
+    with _figure(path, figsize=(7.0, 4.6)) as fig:
+        ax = fig.subplots()
+        ax.axhline(1.0, color="0.6", lw=1.0, ls="--", label="calibrated: uniform, 68 % / 95 %")
+        for name, sel, color in _split(groups, len(pit)):
+            coverage = pdf_coverage(pit[sel])
+            label = f"{_display(name)}: {100 * coverage['0.68']:.1f} % / {100 * coverage['0.95']:.1f} %, n={sel.sum()}"
+            ax.hist(
+                pit[sel],
+                bins=np.linspace(0, 1, bins + 1),
+                density=bool(sel.any()),
+                histtype="step",
+                lw=1.6,
+                color=color,
+                label=label,
+            )
+        ax.set(xlabel="PIT: p(z) mass below the true redshift", ylabel="density", xlim=(0, 1))
+        ax.legend(loc="upper center", handlelength=1.2)
         ax.set_ylim(0, ax.get_ylim()[1] * (1.15 + 0.08 * len(ax.get_legend().get_texts())))
         _title(fig, title)
     return Path(path)
