@@ -44,7 +44,7 @@ from specpt_hf.evaluation.metrics import (  # noqa: E402
     pdf_coverage,
     pdf_integral_transform,
 )
-from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
+from specpt_hf.prediction import model_wavelength, pdf_redshifts, pz_bin_edges  # noqa: E402
 from specpt_hf.refinement import chi2_scan, pz_modes, star_range  # noqa: E402
 
 NEAR = 0.003  # half-width in ln(1 + z) of "at the truth" and "at the answer" (~900 km/s)
@@ -101,9 +101,7 @@ def truth_in_modes(model: Any, pz: np.ndarray, z_true: np.ndarray) -> np.ndarray
 def pz_coverage(model: Any, pz: np.ndarray, z_true: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
     """{class or "all": the shares of true redshifts inside the central 68 % and 95 % intervals of the network's
     p(z) (`pz` [n, bins]; calibrated: 0.68 and 0.95)}."""
-    centres = model.redshift_bin_centers().double().numpy()  # [bins], in ln(1 + z)
-    half = model.config.redshift_bin_width / 2
-    pit = pdf_integral_transform(pz, np.append(centres - half, centres[-1] + half), np.log1p(z_true))
+    pit = pdf_integral_transform(pz, pz_bin_edges(model), np.log1p(z_true))
     return {name: pdf_coverage(pit[sel]) for name, sel in class_rows(classes).items()}
 
 
