@@ -39,12 +39,13 @@ from accuracy import CLASSES  # noqa: E402
 from robustness import PERTURBATIONS, perturb, predict_chunks  # noqa: E402
 from template_smoothing import benchmark_parser, refined_test_spectra, write_result  # noqa: E402
 
-from specpt_hf.evaluation.metrics import (  # noqa: E402
-    CATASTROPHIC_THRESHOLD,
-    pdf_coverage,
+from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD, pdf_coverage  # noqa: E402
+from specpt_hf.prediction import (  # noqa: E402
+    model_wavelength,
     pdf_integral_transform,
+    pdf_redshifts,
+    pz_bin_edges,
 )
-from specpt_hf.prediction import model_wavelength, pdf_redshifts, pz_bin_edges  # noqa: E402
 from specpt_hf.refinement import chi2_scan, pz_modes, star_range  # noqa: E402
 
 NEAR = 0.003  # half-width in ln(1 + z) of "at the truth" and "at the answer" (~900 km/s)

@@ -365,6 +365,31 @@ def pz_bin_edges(model: SpecPTForRedshift) -> np.ndarray:
     return math.log1p(config.z_min) + config.redshift_bin_width * np.arange(config.num_redshift_bins + 1)
 
 
+def pdf_integral_transform(probability: np.ndarray, edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """PIT [n]: the probability each p(z) puts below its true value, for `probability` [n, bins] (each row the mass
+    of the bins, spread evenly within a bin) over bins with `edges` [bins + 1] (increasing, e.g. `pz_bin_edges`)
+    and finite `values` [n] in the same units; 0 below the first edge, 1 above the last. Calibrated p(z)s give
+    PITs uniform on [0, 1] (`specpt_hf.evaluation.metrics.pdf_coverage` reads them)."""
+    probability = np.asarray(probability, dtype=np.float64)
+    edges, values = np.asarray(edges, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if probability.ndim != 2 or probability.shape[1] != len(edges) - 1:
+        raise ValueError(
+            f"probability must be [n, {len(edges) - 1}] for {len(edges)} edges, got {probability.shape}"
+        )
+    if values.shape != (len(probability),) or not np.isfinite(values).all():
+        raise ValueError(f"values must be {len(probability)} finite numbers, got shape {values.shape}")
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError("edges must increase")
+    total = probability.sum(1, keepdims=True)  # [n, 1]
+    cdf = np.concatenate([np.zeros_like(total), np.cumsum(probability, 1)], 1) / np.where(
+        total > 0, total, 1.0
+    )
+    bin_index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)  # [n]
+    within = np.clip((values - edges[bin_index]) / np.diff(edges)[bin_index], 0.0, 1.0)  # [n]
+    rows = np.arange(len(values))
+    return cdf[rows, bin_index] + within * (cdf[rows, bin_index + 1] - cdf[rows, bin_index])
+
+
 def pdf_redshifts(model: SpecPTForRedshift) -> dict[str, np.ndarray]:
     """The redshifts of the `return_pdf` arrays: `pz` (the p(z) bin centres [bins]) and, when the model refines,
     `chi2_scan` (the coarse chi^2(z) trials [trials]); float64."""
@@ -515,8 +540,6 @@ def predict_batch(
     extra = (*REFINEMENT_COLUMNS, *TYPE_COLUMNS, *(PDF_COLUMNS if return_pdf else ()))
     columns.update({key: result[key][keep] for key in extra if key in result})
     if pit:
-        from .evaluation.metrics import pdf_integral_transform  # the evaluation package loads matplotlib
-
         label = np.log1p(np.asarray(batch["z"], dtype=np.float64)[keep])  # [n]; NaN where unlabelled
         known = np.isfinite(label)
         columns["pz_pit"] = np.full(len(label), np.nan)

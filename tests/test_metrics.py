@@ -27,7 +27,6 @@ from specpt_hf.evaluation import (
     nmad,
     nmad_centred,
     pdf_coverage,
-    pdf_integral_transform,
     pulls,
     read_results_json,
     redshift_errors,
@@ -36,6 +35,7 @@ from specpt_hf.evaluation import (
     uncertainty_calibration,
     write_results_json,
 )
+from specpt_hf.prediction import pdf_integral_transform
 
 
 def gaussian_sample(n: int, sigma: float, offset: float = 0.0, seed: int = 0):
@@ -440,7 +440,9 @@ def test_pdf_integral_transform_names_bad_arguments():
     edges = np.array([0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="probability must be"):
         pdf_integral_transform(np.ones((2, 3)), edges, np.zeros(2))
-    with pytest.raises(ValueError, match="values"):
+    with pytest.raises(ValueError, match="values must be 2 finite numbers"):
         pdf_integral_transform(np.ones((2, 2)), edges, np.zeros(3))
+    with pytest.raises(ValueError, match="values must be 2 finite numbers"):
+        pdf_integral_transform(np.ones((2, 2)), edges, np.array([0.5, np.nan]))
     with pytest.raises(ValueError, match="edges must increase"):
         pdf_integral_transform(np.ones((2, 2)), np.array([0.0, 1.0, 1.0]), np.zeros(2))

@@ -9,8 +9,8 @@ All metrics work on the normalised error Δz/(1+z) = (z_pred − z_true) / (1 + 
 - bias = median(Δz/(1+z)),
 - σ68 = half the width of the 16–84 percentile interval of Δz/(1+z).
 
-For p(z)s: the PIT (the p(z) mass below the truth) and the coverage of central intervals, which a calibrated
-p(z) gives at their nominal levels.
+For p(z)s: the coverage of central intervals from the PITs (the p(z) mass below each truth,
+`specpt_hf.prediction.pdf_integral_transform`), which calibrated p(z)s give at their nominal levels.
 
 Every function validates its inputs (1-D, equal lengths, finite, 1 + z_true > 0) and raises a ValueError
 naming the offending argument. Empty inputs give NaN metrics with ``n = 0``.
@@ -306,32 +306,6 @@ def uncertainty_calibration(
         "within_1sigma": float(np.mean(np.abs(pull) <= 1.0)),
         "within_2sigma": float(np.mean(np.abs(pull) <= 2.0)),
     }
-
-
-def pdf_integral_transform(
-    probability: npt.ArrayLike, edges: npt.ArrayLike, values: npt.ArrayLike
-) -> np.ndarray:
-    """PIT [n]: the probability each p(z) puts below its true value, for `probability` [n, bins] (each row the mass
-    of the bins, spread evenly within a bin) over bins with `edges` [bins + 1] (increasing, e.g. in ln(1 + z)) and
-    `values` [n] in the same units; 0 below the first edge, 1 above the last. Calibrated p(z)s give PITs uniform on
-    [0, 1]."""
-    probability = np.asarray(probability, dtype=np.float64)
-    edges, values = _as_1d(edges, "edges"), _as_1d(values, "values")
-    if probability.ndim != 2 or probability.shape[1] != len(edges) - 1:
-        raise ValueError(
-            f"probability must be [n, {len(edges) - 1}] for {len(edges)} edges, got {probability.shape}"
-        )
-    _check_length(values, "values", len(probability))
-    if np.any(np.diff(edges) <= 0):
-        raise ValueError("edges must increase")
-    total = probability.sum(1, keepdims=True)  # [n, 1]
-    cdf = np.concatenate([np.zeros_like(total), np.cumsum(probability, 1)], 1) / np.where(
-        total > 0, total, 1.0
-    )
-    bin_index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)  # [n]
-    within = np.clip((values - edges[bin_index]) / np.diff(edges)[bin_index], 0.0, 1.0)  # [n]
-    rows = np.arange(len(values))
-    return cdf[rows, bin_index] + within * (cdf[rows, bin_index + 1] - cdf[rows, bin_index])
 
 
 def pdf_coverage(pit: npt.ArrayLike, levels: Sequence[float] = (0.68, 0.95)) -> dict[str, float]:
