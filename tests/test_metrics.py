@@ -35,7 +35,6 @@ from specpt_hf.evaluation import (
     uncertainty_calibration,
     write_results_json,
 )
-from specpt_hf.prediction import pdf_integral_transform
 
 
 def gaussian_sample(n: int, sigma: float, offset: float = 0.0, seed: int = 0):
@@ -407,42 +406,8 @@ def test_results_inputs_are_checked(tmp_path, per_class):
         read_results_json(tmp_path / "bad.json")
 
 
-def _gaussian_pdfs(centres: np.ndarray, sigma: float, edges: np.ndarray) -> np.ndarray:
-    """Bin masses [n, bins] of Gaussians N(centre, sigma) over `edges`."""
-    from scipy.stats import norm
-
-    return np.diff(norm.cdf((edges[None, :] - centres[:, None]) / sigma), axis=1)
-
-
-def test_pdf_integral_transform_is_uniform_and_covers_its_levels_for_calibrated_pdfs():
-    rng = np.random.default_rng(3)
-    edges = np.linspace(0.0, 2.0, 401)  # bins of 0.005
-    truth = rng.uniform(0.5, 1.5, 20_000)
-    centres = truth + rng.normal(0.0, 0.05, truth.size)  # each p(z) is N(centre, 0.05): calibrated
-    pit = pdf_integral_transform(_gaussian_pdfs(centres, 0.05, edges), edges, truth)
-    assert np.histogram(pit, bins=10, range=(0, 1))[0].min() > 0.9 * truth.size / 10
-    coverage = pdf_coverage(pit)
-    assert abs(coverage["0.68"] - 0.68) < 0.015 and abs(coverage["0.95"] - 0.95) < 0.01
-    narrow = pdf_integral_transform(_gaussian_pdfs(centres, 0.02, edges), edges, truth)  # too confident
-    assert pdf_coverage(narrow)["0.68"] < 0.4
-
-
-def test_pdf_integral_transform_interpolates_within_a_bin_and_clips_outside():
-    edges = np.array([0.0, 1.0, 2.0, 3.0])
-    probability = np.array([[0.2, 0.6, 0.2]] * 4)
-    pit = pdf_integral_transform(probability, edges, np.array([-1.0, 0.5, 1.5, 4.0]))
-    np.testing.assert_allclose(pit, [0.0, 0.1, 0.5, 1.0])
-    unnormalised = pdf_integral_transform(2 * probability[:1], edges, np.array([1.5]))
-    np.testing.assert_allclose(unnormalised, [0.5])
-
-
-def test_pdf_integral_transform_names_bad_arguments():
-    edges = np.array([0.0, 1.0, 2.0])
-    with pytest.raises(ValueError, match="probability must be"):
-        pdf_integral_transform(np.ones((2, 3)), edges, np.zeros(2))
-    with pytest.raises(ValueError, match="values must be 2 finite numbers"):
-        pdf_integral_transform(np.ones((2, 2)), edges, np.zeros(3))
-    with pytest.raises(ValueError, match="values must be 2 finite numbers"):
-        pdf_integral_transform(np.ones((2, 2)), edges, np.array([0.5, np.nan]))
-    with pytest.raises(ValueError, match="edges must increase"):
-        pdf_integral_transform(np.ones((2, 2)), np.array([0.0, 1.0, 1.0]), np.zeros(2))
+def test_pdf_coverage_counts_the_pits_inside_central_intervals():
+    pit = np.array([0.5, 0.2, 0.8, 0.01, 0.99, 0.15])  # |pit - 0.5|: 0, 0.3, 0.3, 0.49, 0.49, 0.35
+    assert pdf_coverage(pit) == {"0.68": 0.5, "0.95": 4 / 6}  # 0.68: |.| <= 0.34; 0.95: |.| <= 0.475
+    assert pdf_coverage(pit, levels=(0.5,)) == {"0.5": 1 / 6}
+    assert math.isnan(pdf_coverage([])["0.68"])

@@ -20,11 +20,13 @@ from specutils.manipulation import FluxConservingResampler
 from specpt_hf import create_model
 from specpt_hf.data import read_desi_spectra
 from specpt_hf.data.instrument import DEIMOS, DESI, HST_G102
+from specpt_hf.evaluation.metrics import pdf_coverage
 from specpt_hf.prediction import (
     FlagThresholds,
     InferenceStats,
     SpecPTZwarn,
     batched,
+    pdf_integral_transform,
     predict_batches,
     predict_records,
     predict_spectra,
@@ -294,3 +296,44 @@ def test_predict_batches_pit_is_the_pz_mass_below_the_label(models, records):
     assert "pz_pit" not in predict_batches(model, [batch])  # only when asked
     unlabelled = {key: value for key, value in batch.items() if key != "z"}
     assert "pz_pit" not in predict_batches(model, [unlabelled], pit=True)
+
+
+def _gaussian_pdfs(centres: np.ndarray, sigma: float, edges: np.ndarray) -> np.ndarray:
+    """Bin masses [n, bins] of Gaussians N(centre, sigma) over `edges`."""
+    from scipy.stats import norm
+
+    return np.diff(norm.cdf((edges[None, :] - centres[:, None]) / sigma), axis=1)
+
+
+def test_pdf_integral_transform_is_uniform_and_covers_its_levels_for_calibrated_pdfs():
+    rng = np.random.default_rng(3)
+    edges = np.linspace(0.0, 2.0, 401)  # bins of 0.005
+    truth = rng.uniform(0.5, 1.5, 20_000)
+    centres = truth + rng.normal(0.0, 0.05, truth.size)  # each p(z) is N(centre, 0.05): calibrated
+    pit = pdf_integral_transform(_gaussian_pdfs(centres, 0.05, edges), edges, truth)
+    assert np.histogram(pit, bins=10, range=(0, 1))[0].min() > 0.9 * truth.size / 10
+    coverage = pdf_coverage(pit)
+    assert abs(coverage["0.68"] - 0.68) < 0.015 and abs(coverage["0.95"] - 0.95) < 0.01
+    narrow = pdf_integral_transform(_gaussian_pdfs(centres, 0.02, edges), edges, truth)  # too confident
+    assert pdf_coverage(narrow)["0.68"] < 0.4
+
+
+def test_pdf_integral_transform_interpolates_within_a_bin_and_clips_outside():
+    edges = np.array([0.0, 1.0, 2.0, 3.0])
+    probability = np.array([[0.2, 0.6, 0.2]] * 4)
+    pit = pdf_integral_transform(probability, edges, np.array([-1.0, 0.5, 1.5, 4.0]))
+    np.testing.assert_allclose(pit, [0.0, 0.1, 0.5, 1.0])
+    unnormalised = pdf_integral_transform(2 * probability[:1], edges, np.array([1.5]))
+    np.testing.assert_allclose(unnormalised, [0.5])
+
+
+def test_pdf_integral_transform_names_bad_arguments():
+    edges = np.array([0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="probability must be"):
+        pdf_integral_transform(np.ones((2, 3)), edges, np.zeros(2))
+    with pytest.raises(ValueError, match="values must be 2 finite numbers"):
+        pdf_integral_transform(np.ones((2, 2)), edges, np.zeros(3))
+    with pytest.raises(ValueError, match="values must be 2 finite numbers"):
+        pdf_integral_transform(np.ones((2, 2)), edges, np.array([0.5, np.nan]))
+    with pytest.raises(ValueError, match="edges must increase"):
+        pdf_integral_transform(np.ones((2, 2)), np.array([0.0, 1.0, 1.0]), np.zeros(2))
