@@ -49,6 +49,7 @@ from specpt_hf.refinement import (  # noqa: E402
     _fft_length,
     _good_weight,
     chi2_scan,
+    local_minima,
 )
 from specpt_hf.templates import read_labelled  # noqa: E402
 
@@ -137,15 +138,23 @@ def archetype_curve(
 
 
 def lowest_minima(curve: np.ndarray, scan_u: np.ndarray, count: int) -> np.ndarray:
-    """Indices [n, count] of each row's `count` lowest local minima at least `SEPARATION` apart (-1: none)."""
-    padded = np.pad(curve, ((0, 0), (1, 1)), constant_values=np.inf)
-    work = np.where(np.isfinite(curve) & (curve <= padded[:, :-2]) & (curve <= padded[:, 2:]), curve, np.inf)
+    """Indices [n, count] of each row's `count` lowest local minima ([`local_minima`]) at least `SEPARATION` apart
+    (-1: none)."""
+    work = np.where(local_minima(torch.as_tensor(curve)).numpy(), curve, np.inf)  # [n, grid]
     out = np.full((len(curve), count), -1)
     for c in range(count):
         best = work.argmin(1)
         out[:, c] = np.where(np.isfinite(work[np.arange(len(best)), best]), best, -1)
         work = np.where(np.abs(scan_u[None] - scan_u[best][:, None]) > SEPARATION, work, np.inf)
     return out
+
+
+def nearest_trial(scan_u: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Index [n] of the trial of the uniform grid `scan_u` nearest to each ln(1 + z) (z [n], clipped at 0)."""
+    step = scan_u[1] - scan_u[0]
+    return np.clip(np.rint((np.log1p(np.clip(z, 0, None)) - scan_u[0]) / step), 0, len(scan_u) - 1).astype(
+        int
+    )
 
 
 def near(curve: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -162,8 +171,8 @@ def answers(
     scan_u: np.ndarray,
     degree: int = 2,
 ) -> dict[str, np.ndarray]:
-    """The model's refined z, the archetypes' whole-range z and the re-ranked z [n], and the archetypes' and the
-    bases' χ² near the answer and near each trial (`archetype_chi2` [n, grid], `pca_answer`)."""
+    """The model's refined z, the archetypes' whole-range z and the re-ranked z [n], the archetypes' χ² at each
+    trial (`archetype_chi2` [n, grid]) and the trial nearest the model's answer (`answer` [n])."""
     out = predict_chunks(model, batch, 128, return_pdf=True)
     z_model = np.nan_to_num(out["z"], nan=-0.5)
     flux = torch.as_tensor(np.asarray(batch["flux"]), dtype=torch.float32)
@@ -182,7 +191,7 @@ def answers(
     chi2 = np.nan_to_num(out["chi2_scan"], nan=np.inf)  # [n, grid]
     star = out["spectype"] == "STAR"
     whole = np.expm1(scan_u[(arch + PRIOR_SHARE * penalty).argmin(1)])
-    answer = np.abs(scan_u[None] - np.log1p(np.clip(z_model, 0, None))[:, None]).argmin(1)  # [n]
+    answer = nearest_trial(scan_u, z_model)  # [n]
     candidates = np.concatenate(
         [
             lowest_minima(chi2 + penalty, scan_u, CANDIDATES),
@@ -209,7 +218,7 @@ def truth_preferred(
     """For the model's failures: how many, and in how many the archetypes' / the bases' χ² is lower near the truth
     than near the answer."""
     failed = np.abs(result["model"] - z_true) / (1 + z_true) > CATASTROPHIC_THRESHOLD
-    truth = np.abs(scan_u[None] - np.log1p(z_true)[:, None]).argmin(1)
+    truth = nearest_trial(scan_u, z_true)
     at = {
         name: near(result["archetype_chi2"], index[:, None])[:, 0]
         for name, index in (("truth", truth), ("answer", result["answer"]))

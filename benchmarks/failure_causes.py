@@ -94,7 +94,7 @@ def truth_in_modes(model: Any, pz: np.ndarray, z_true: np.ndarray) -> np.ndarray
     config = model.config
     separation = max(1, math.ceil(2 * config.refinement_window))
     peaks = pz_modes(torch.as_tensor(pz), config.refinement_modes, separation).numpy()  # [n, modes]
-    u_modes = np.log1p(pdf_redshifts(model)["pz"])[peaks]  # [n, modes]
+    u_modes = model.redshift_bin_centers().double().numpy()[peaks]  # [n, modes]
     half_width = config.refinement_window * config.redshift_bin_width
     return (np.abs(u_modes - np.log1p(z_true)[:, None]) <= half_width).any(1)
 

@@ -97,8 +97,8 @@ def best_redshifts(
     locally (`_local_peak`: up to 2 steps, possibly beyond the range).
 
     On a log-wavelength grid u (spacing `step`), data and weights are binned to their nearest node and the
-    template (a cubic spline through `model`) sampled; the amplitude-fitted χ² gain at shift k, max(Σ w f T(u + k·step), 0)² / Σ w T²(u + k·step),
-    is two cross-correlations (FFT). A template shifted by k is the spectrum at 1 + z = (1 + z_true) e^(-k·step).
+    template (a cubic spline through `model`) sampled; the amplitude-fitted χ² gain at shift k,
+    max(Σ w f T(u + k·step), 0)² / Σ w T²(u + k·step), is two cross-correlations (FFT). A template shifted by k is the spectrum at 1 + z = (1 + z_true) e^(-k·step).
     """
     u0, size = np.log(wave[0]), int(np.ceil(np.log(wave[-1] / wave[0]) / step)) + 1
     node = np.rint((np.log(wave) - u0) / step).astype(np.int64)  # [pixels]

@@ -143,11 +143,12 @@ def run(
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """({perturbation: {"refined"|"network": metrics by class}}, the unperturbed (z, zerr) per method), for the
     perturbations `names` (default all; `none` always; each keeps its seed whichever others run)."""
+    wave = model_wavelength(model.config)
     out, unperturbed = {}, {}
     for name in PERTURBATIONS:
         if names is not None and name not in (*names, "none"):
             continue
-        z = predict(model, perturb(batch, model_wavelength(model.config), name, seed))
+        z = predict(model, perturb(batch, wave, name, seed))
         if name == "none":
             unperturbed = z
         out[name] = by_class(z, z_true, classes)
