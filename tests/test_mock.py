@@ -20,6 +20,7 @@ from specpt_hf.data.mock import (
     healpix_nest_centre,
     noise_shape_from_desi_files,
     release_file_seed,
+    rest_frame_models,
     rest_templates,
     sky_variance_shape,
     write_mock_healpix,
@@ -86,6 +87,33 @@ def test_oii_peak_at_redshifted_wavelength(elgs):
         peak = wave[window][np.argmax(model[i, window])]
         doublet = np.array([NEBULAR_LINES["OII_3727"], NEBULAR_LINES["OII_3729"]]) * (1 + z[i])
         assert np.min(np.abs(doublet - peak)) < 1.5 * 0.8
+
+
+@pytest.mark.parametrize(("target_class", "family"), [("elg", "basis"), ("lrg", "sps"), ("qso", "basis")])
+def test_rest_frame_models_are_the_observed_objects_at_rest(target_class, family):
+    """The same objects as `generate_spectra`'s, whose rest-frame spectrum stretched by 1 + z is its noiseless model
+    (up to the line-spread function and, for quasars, the forest's fluctuations), and whose lines keep their
+    observed fluxes / (1 + z)."""
+    observed = generate_spectra(target_class, 6, seed=4, family=family)
+    rest = np.exp(np.arange(np.log(900.0), np.log(11000.0), 1e-4))
+    models = rest_frame_models(target_class, 6, seed=4, rest_wavelength=rest, family=family)
+    np.testing.assert_array_equal(models["z"], observed["truth"]["z"])
+    assert models["flux"].shape == (6, len(rest)) and models["flux"].dtype == np.float32
+    box = np.ones(41) / 41  # 33 A: beyond the line-spread function
+    for i, z in enumerate(models["z"]):
+        stretched = np.interp(observed["wave"], rest * (1 + z), models["flux"][i])
+        smooth = np.convolve(stretched, box, "same")[50:-50]
+        truth = np.convolve(observed["model"][i], box, "same")[50:-50]
+        limit = 0.1 if target_class == "qso" and z > 2.0 else 0.01  # the forest's fluctuations
+        assert np.median(np.abs(smooth / truth - 1)) < limit
+    if target_class == "elg":
+        truth = observed["truth"]
+        i = int(np.argmax(truth["flux_OII_3729"]))
+        window = np.abs(rest - 3728.5) < 15.0
+        continuum = np.median(models["flux"][i, (np.abs(rest - 3728.5) > 20) & (np.abs(rest - 3728.5) < 60)])
+        line = np.trapezoid(models["flux"][i, window] - continuum, rest[window])
+        expected = (truth["flux_OII_3727"][i] + truth["flux_OII_3729"][i]) / (1 + truth["z"][i])
+        np.testing.assert_allclose(line, expected, rtol=0.05)
 
 
 def test_balmer_decrement_and_dust():

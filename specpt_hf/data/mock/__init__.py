@@ -26,6 +26,7 @@ The modules, in the order a spectrum passes through them:
   `stars` and `sps` bring their own rest-frame spectra and lines;
 * `noise`: the sky-limited variance per pixel, measured on real DESI coadds;
 * `render`: `generate_spectra`, the spectra on an instrument's arms with noise, and their truth;
+  `rest_frame_models`, the same objects' noiseless rest-frame spectra (template shapes);
 * `writers`: `write_mock_healpix` / `write_mock_release`, the DESI-format files (`release_file_seed`: which
   `generate_spectra` seed made a release's file);
 * `cli`: `specpt mock`, the command line (also `python -m specpt_hf.data.mock`).
@@ -68,6 +69,7 @@ from .render import (
     ZWARN_SKY,
     ZWARN_SMALL_DELTA_CHI2,
     generate_spectra,
+    rest_frame_models,
 )
 from .writers import (
     healpix_dir,
@@ -103,6 +105,7 @@ __all__ = [
     "calzetti_k",
     "d4000n",
     "generate_spectra",
+    "rest_frame_models",
     "healpix_dir",
     "healpix_nest_centre",
     "main",

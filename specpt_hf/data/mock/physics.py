@@ -119,6 +119,7 @@ def nanomaggies(mag: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Rest-frame stellar-population basis
 # ---------------------------------------------------------------------------------------------------
+LY_ALPHA, LY_BETA, LY_LIMIT = 1215.67, 1025.72, 911.75  # Å, vacuum
 _LN_REST = np.arange(np.log(600.0), np.log(40000.0), 1e-4)  # 30 km/s steps
 
 
@@ -307,10 +308,7 @@ def _forest(z: np.ndarray, wave: np.ndarray, rng: np.random.Generator, sigma_g: 
     """Lyα + Lyβ forest transmission [n, n_pix], mean τ_eff(z) = 0.0018 (1+z)^3.92 (Faucher-Giguère et al.
     2008, ApJ 681, 831), Lyβ τ = 0.16 τ_α (oscillator strengths × wavelengths), flux 10 % below the
     Lyman limit; fluctuations a log-normal field smoothed over ~2 pixels (Bi & Davidsen 1997, ApJ 479, 523)."""
-    lya, lyb, lyl = 1215.67, 1025.72, 911.75
-    zp1 = (1.0 + z)[:, None]
-    tau = np.where(wave < lya * zp1, 0.0018 * (wave / lya) ** 3.92, 0.0)
-    tau = tau + np.where(wave < lyb * zp1, 0.16 * 0.0018 * (wave / lyb) ** 3.92, 0.0)
+    tau = _forest_tau_eff(z, wave)
     g = rng.standard_normal(tau.shape)
     for _ in range(2):  # [1, 2, 1]/4 smoothing twice: unit variance restored below
         g[:, 1:-1] = 0.25 * g[:, :-2] + 0.5 * g[:, 1:-1] + 0.25 * g[:, 2:]
@@ -318,7 +316,24 @@ def _forest(z: np.ndarray, wave: np.ndarray, rng: np.random.Generator, sigma_g: 
     tau_grid, amp_grid = _forest_amplitude_table(sigma_g)
     amp = np.interp(tau, tau_grid, amp_grid, left=0.0)
     trans = np.exp(-amp * np.exp(sigma_g * g - 0.5 * sigma_g**2))
-    return np.where(tau > 0, trans, 1.0) * np.where(wave < lyl * zp1, 0.1, 1.0)
+    return np.where(tau > 0, trans, 1.0) * _lyman_limit(z, wave)
+
+
+def _forest_tau_eff(z: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """Mean Lyα + Lyβ forest optical depth τ_eff [n, m] at observed `wave` [m] or [n, m] of sources at `z` [n]."""
+    zp1 = (1.0 + z)[:, None]
+    tau = np.where(wave < LY_ALPHA * zp1, 0.0018 * (wave / LY_ALPHA) ** 3.92, 0.0)
+    return tau + np.where(wave < LY_BETA * zp1, 0.16 * 0.0018 * (wave / LY_BETA) ** 3.92, 0.0)
+
+
+def _lyman_limit(z: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """Transmission below the Lyman limit: 0.1 blueward of 911.75 Å rest, else 1, [n, m]."""
+    return np.where(wave < LY_LIMIT * (1.0 + z)[:, None], 0.1, 1.0)
+
+
+def mean_forest_transmission(z: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """The forest's mean transmission exp(-τ_eff) (no fluctuations), with the Lyman limit, [n, m]."""
+    return np.exp(-_forest_tau_eff(z, wave)) * _lyman_limit(z, wave)
 
 
 def _bal(p: Mapping[str, Any], wave: np.ndarray) -> np.ndarray:

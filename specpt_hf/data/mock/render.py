@@ -15,7 +15,7 @@ from specpt_hf.data.instrument import DESI, FWHM_PER_SIGMA, Arm, Instrument, app
 
 from . import sps
 from .noise import EFFTIME, VAR_REF_1000S, _sky_flux, sky_variance_shape, strong_sky_lines
-from .physics import BANDS, C_KMS, _bal, _continuum, _forest, _lines, _normalise
+from .physics import BANDS, C_KMS, _bal, _continuum, _forest, _lines, _normalise, mean_forest_transmission
 from .populations import _DEFAULT_PROGRAM, DRAWERS, FAMILIES, MOCK_CLASSES, SPS_FAMILIES, _check_class_family
 
 # Truth flags for hard cases (bit values of the `hard` truth column; 0 = an ordinary spectrum).
@@ -154,6 +154,21 @@ def _merge_arms(
     }
 
 
+def _draw_population(
+    target_class: str, n: int, seed: int, family: str
+) -> tuple[dict[str, Any], np.random.Generator]:
+    """The objects of a population (its physics and magnitudes) and the generator that goes on to observe them."""
+    stream = [int(seed), MOCK_CLASSES.index(target_class)] + (
+        [FAMILIES.index(family)] if family != "basis" else []
+    )
+    rng = np.random.default_rng(stream)
+    p = DRAWERS[target_class](rng, n)
+    if family in SPS_FAMILIES:
+        sps.apply(p, target_class, rng, family)
+    _normalise(p)
+    return p, rng
+
+
 def generate_spectra(
     target_class: str,
     n: int,
@@ -181,14 +196,7 @@ def generate_spectra(
     program = program or _DEFAULT_PROGRAM.get(target_class, "dark")
     if program not in EFFTIME:
         raise ValueError(f"program must be one of {sorted(EFFTIME)}, got {program!r}")
-    stream = [int(seed), MOCK_CLASSES.index(target_class)] + (
-        [FAMILIES.index(family)] if family != "basis" else []
-    )
-    rng = np.random.default_rng(stream)
-    p = DRAWERS[target_class](rng, n)
-    if family in SPS_FAMILIES:
-        sps.apply(p, target_class, rng, family)
-    _normalise(p)
+    p, rng = _draw_population(target_class, n, seed, family)
     # SV3-like depth: nominal EFFTIME x ~1.2 with 0.12 dex spread; observing conditions 0.15 dex
     p["efftime"] = EFFTIME[program] * 10.0 ** rng.normal(0.08, 0.12, n)
     p["noise_level"] = VAR_REF_1000S * 1000.0 / p["efftime"] * 10.0 ** rng.normal(0.0, 0.15, n)
@@ -225,6 +233,32 @@ def generate_spectra(
         "arms": {name: {k: out[k] for k in public} for name, out in arm_out.items()},
         "truth": truth,
     }
+
+
+def rest_frame_models(
+    target_class: str, n: int, seed: int, rest_wavelength: np.ndarray, family: str = "basis"
+) -> dict[str, np.ndarray]:
+    """Noiseless rest-frame spectra of a population: what each source emits, before the instrument.
+
+    The population is drawn as `generate_spectra` draws it (the same `target_class`, `n`, `seed`, `family` give the
+    same objects), and each spectrum is its observed-frame continuum and emission lines evaluated at
+    `rest_wavelength` × (1 + z) [m] (Å): f_λ(λ(1 + z)), the shape a template fit stretches. Quasars carry the mean
+    Lyα-forest transmission (no fluctuations) and their BAL troughs. No line-spread function, no noise.
+    Returns `flux` float32 [n, m] and `z` [n].
+    """
+    target_class = target_class.lower()
+    _check_class_family(target_class, family)
+    p, _ = _draw_population(target_class, n, seed, family)
+    rest = np.asarray(rest_wavelength, dtype=np.float64)  # [m]
+    observed = rest[None, :] * (1.0 + p["z"][:, None])  # [n, m]
+    flux = _continuum(p, observed) * p["scale"][:, None]  # [n, m]
+    _, centre, sigma, line_flux = _lines(p)  # [n, L]
+    for k in range(centre.shape[1]):
+        c, s = centre[:, k, None], sigma[:, k, None]
+        flux += line_flux[:, k, None] * np.exp(-0.5 * ((observed - c) / s) ** 2) / (s * np.sqrt(2.0 * np.pi))
+    if p["spectype"][0] == "QSO":
+        flux *= mean_forest_transmission(p["z"], observed) * _bal({**p, "z": np.zeros(n)}, rest)
+    return {"flux": flux.astype(np.float32), "z": np.asarray(p["z"])}
 
 
 def _truth(
