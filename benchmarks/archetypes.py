@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
+from scipy.ndimage import gaussian_filter1d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from failure_causes import template_chi2  # noqa: E402
@@ -41,6 +42,7 @@ from robustness import perturb, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from specpt_hf.data.mock import C_KMS, rest_frame_models  # noqa: E402
 from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD, metrics_by_group  # noqa: E402
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import (  # noqa: E402
@@ -59,7 +61,18 @@ SEPARATION = 0.01  # between candidates, in ln(1 + z)
 NEAR_TRIALS = 2  # coarse trials either side of a redshift where its χ² is looked up
 PRIOR_SHARE = 0.5  # of the model's p(z) penalty added to the archetypes' χ²
 MARGIN = 10.0  # χ² units by which a candidate must beat the model's answer
+MAX_REDSHIFT = {
+    "GALAXY": 1.7
+}  # archetypes scanned no further, as Redrock's galaxy templates (0.005 < z < 1.7)
+PHYSICAL_SEED = 7  # the physical archetypes' draws (the training mocks use 1, the test sets 101 and 202)
+LSF_KMS = 50.0  # Gaussian sigma of the physical archetypes' line-spread function (DESI: ~25-65 km/s)
+# type: (mock class, family, share of --per-type): the galaxy families as the sps recipe mixes them (40 % sps)
+PHYSICAL_DRAWS = {
+    "GALAXY": [(c, f, s / 3) for c in ("bgs", "lrg", "elg") for f, s in (("basis", 0.6), ("sps", 0.4))],
+    "QSO": [("qso", "basis", 1.0)],
+}
 PERTURBATION = "S/N ÷ ≤ 2"
+ANSWERS = ("model", "archetypes alone", "archetypes, whole range", "re-ranked", "best candidate")
 
 
 def learn_archetypes(
@@ -85,6 +98,40 @@ def learn_archetypes(
         centres /= np.linalg.norm(centres, axis=1, keepdims=True).clip(min=1e-30)
         spectra_k = torch.from_numpy(centres).float() @ basis.basis.float()  # [k, grid]
         out[name] = RestFrameTemplates(basis.log_wavelength_start, basis.log_wavelength_step, spectra_k)
+    return out
+
+
+def physical_archetypes(
+    model: Any, per_type: int, archetypes: int, seed: int = PHYSICAL_SEED
+) -> dict[str, RestFrameTemplates]:
+    """Per type of `TYPES`: `archetypes` noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`),
+    the members nearest the k-means centres of `per_type` drawn ones (unit-normalised), through a Gaussian
+    line-spread function of `LSF_KMS`, on the model's basis step over every rest wavelength that the model's
+    pixels see at its z_min..z_max ([archetypes, grid]): no trial redshift leaves pixels without a template."""
+    wavelength = model_wavelength(model.config)
+    out = {}
+    for name, draws in PHYSICAL_DRAWS.items():
+        if name not in model.templates:
+            continue
+        step = model.templates[name].log_wavelength_step
+        start = np.log(wavelength[0] / (1 + model.config.z_max)) - step
+        rest = np.exp(np.arange(start, np.log(wavelength[-1] / (1 + model.config.z_min)) + 2 * step, step))
+        spectra = np.concatenate(
+            [
+                rest_frame_models(cls, max(1, round(share * per_type)), seed, rest, family)["flux"]
+                for cls, family, share in draws
+            ]
+        )  # [n, grid]
+        spectra = gaussian_filter1d(spectra, LSF_KMS / C_KMS / step, axis=1)
+        spectra /= np.linalg.norm(spectra, axis=1, keepdims=True)
+        coarse = spectra[:, ::4]  # [n, grid / 4]: enough to cluster shapes
+        centres, label = kmeans2(coarse, min(archetypes, len(spectra)), rng=seed, minit="++")
+        members = [
+            np.flatnonzero(label == k)[np.linalg.norm(coarse[label == k] - c, axis=1).argmin()]
+            for k, c in enumerate(centres)
+            if (label == k).any()
+        ]
+        out[name] = RestFrameTemplates(float(start), step, torch.from_numpy(spectra[members]).float())
     return out
 
 
@@ -172,7 +219,8 @@ def answers(
     degree: int = 2,
 ) -> dict[str, np.ndarray]:
     """The model's refined z, the archetypes' whole-range z and the re-ranked z [n], the archetypes' χ² at each
-    trial (`archetype_chi2` [n, grid]) and the trial nearest the model's answer (`answer` [n])."""
+    trial (`archetype_chi2` [n, grid]), the trial nearest the model's answer (`answer` [n]) and the re-ranking's
+    candidate trials (`candidates` [n, c], -1: none)."""
     out = predict_chunks(model, batch, 128, return_pdf=True)
     z_model = np.nan_to_num(out["z"], nan=-0.5)
     flux = torch.as_tensor(np.asarray(batch["flux"]), dtype=torch.float32)
@@ -182,7 +230,10 @@ def answers(
     wavelength = torch.as_tensor(model_wavelength(model.config))
     u = torch.as_tensor(scan_u)
     curves = [
-        archetype_curve(t, wavelength, flux, ivar.float(), u, degree=degree) for t in archetypes.values()
+        archetype_curve(t, wavelength, flux, ivar.float(), u, degree=degree).masked_fill(
+            torch.as_tensor(np.expm1(scan_u) > MAX_REDSHIFT.get(name, np.inf)), np.inf
+        )
+        for name, t in archetypes.items()
     ]
     arch = torch.stack(curves).min(0).values.numpy()  # [n, grid]
     log_p = torch.log(torch.as_tensor(out["pz"]).double().clamp(min=1e-300))
@@ -191,6 +242,7 @@ def answers(
     chi2 = np.nan_to_num(out["chi2_scan"], nan=np.inf)  # [n, grid]
     star = out["spectype"] == "STAR"
     whole = np.expm1(scan_u[(arch + PRIOR_SHARE * penalty).argmin(1)])
+    alone = np.expm1(scan_u[arch.argmin(1)])
     answer = nearest_trial(scan_u, z_model)  # [n]
     candidates = np.concatenate(
         [
@@ -205,11 +257,21 @@ def answers(
     switch = ~star & (score[:, -1] - score.min(1) > MARGIN) & (np.abs(scan_u[pick] - scan_u[answer]) > 0.003)
     return {
         "model": z_model,
+        "archetypes alone": np.where(star, z_model, alone),
         "archetypes, whole range": np.where(star, z_model, whole),
         "re-ranked": np.where(switch, np.expm1(scan_u[pick]), z_model),
         "archetype_chi2": arch,
         "answer": answer,
+        "candidates": candidates,
     }
+
+
+def best_candidate(candidates: np.ndarray, scan_u: np.ndarray, z_true: np.ndarray) -> np.ndarray:
+    """The candidate [n] of `candidates` [n, c] (trial indices, -1: none) nearest each truth: what a perfect
+    re-ranking of the refinement's candidates would answer."""
+    u = np.where(candidates >= 0, scan_u[candidates.clip(min=0)], np.inf)  # [n, c]
+    pick = np.abs(u - np.log1p(z_true)[:, None]).argmin(1)
+    return np.expm1(u[np.arange(len(u)), pick])
 
 
 def truth_preferred(
@@ -234,11 +296,15 @@ def truth_preferred(
 
 
 def markdown(result: dict[str, Any]) -> str:
+    source = {
+        "learned": "k-means of training spectra's coefficients on the model's bases",
+        "physical": f"noiseless spectra of the mock's physics (seed {PHYSICAL_SEED}, LSF {LSF_KMS:g} km/s)",
+    }[result.get("source", "learned")]
     lines = [
         f"# Archetypes at lower S/N: {result['model']}",
         "",
         f"{result['n']} spectra of `{result['data']}` ({result['split']} split); {result['archetypes']} archetypes per "
-        f"type from {result['per_type']} training spectra per type, polynomial degree {result['degree']}; machine: "
+        f"type from {result['per_type']} spectra per type ({source}), polynomial degree {result['degree']}; machine: "
         f"{result['machine']['summary']}, {result['machine']['date']}. η in % (|Δz| / (1 + z) > 0.15). The "
         "re-ranking's settings were chosen on the reference's validation split (runs/recipe-sps/data).",
         "",
@@ -275,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         "--per-type", type=int, default=4000, help="training spectra per type for the archetypes"
     )
     parser.add_argument("--archetypes", type=int, default=32, help="archetypes per type")
+    parser.add_argument(
+        "--source",
+        choices=("learned", "physical"),
+        default="learned",
+        help="learned: k-means of the training spectra's coefficients on the model's bases; physical: noiseless "
+        "spectra of the mock's own physics (--per-type drawn per type, seed PHYSICAL_SEED)",
+    )
     parser.add_argument("--degree", type=int, default=2, help="Legendre degree beside each archetype")
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
     parser.add_argument("--out", type=Path, required=True)
@@ -286,18 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None or args.data is None:
         parser.error("--model and --data are required (or --quick)")
     model, batch, z_true, classes = model_and_split(args, parser)
-    archetypes = learn_archetypes(model, args.data, args.per_type, args.archetypes)
+    if args.source == "physical":
+        archetypes = physical_archetypes(model, args.per_type, args.archetypes)
+    else:
+        archetypes = learn_archetypes(model, args.data, args.per_type, args.archetypes)
     scan_u = np.log1p(pdf_redshifts(model)["chi2_scan"])
     depths = {}
     for depth in ("own depth", PERTURBATION):
         spectra = batch if depth == "own depth" else perturb(batch, model_wavelength(model.config), depth, 0)
         result = answers(model, spectra, archetypes, scan_u, args.degree)
+        result["best candidate"] = best_candidate(result["candidates"], scan_u, z_true)
         eta = {
             method: {
                 c: m["eta"]
                 for c, m in metrics_by_group(result[method], z_true, classes, overall_key="all").items()
             }
-            for method in ("model", "archetypes, whole range", "re-ranked")
+            for method in ANSWERS
         }
         depths[depth] = {
             "truth_preferred": truth_preferred(model, spectra, result, z_true, scan_u),
@@ -312,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "n": len(z_true),
         "per_type": args.per_type,
         "archetypes": args.archetypes,
+        "source": args.source,
         "degree": args.degree,
         "depths": depths,
     }
