@@ -333,18 +333,48 @@ def test_archetype_curve_is_lowest_at_the_redshift_of_a_scaled_archetype_on_a_sl
     assert torch.all(chi2.min(1).values < 0.05 * chi2.median(1).values)
 
 
-def test_archetypes_quick_reports_both_depths(tmp_path):
-    assert archetypes.main(["--quick", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("source", ["learned", "physical"])
+def test_archetypes_quick_reports_both_depths(tmp_path, source):
+    assert archetypes.main(["--quick", "--source", source, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "archetypes.json").read_text())
-    assert list(result["depths"]) == ["own depth", "S/N ÷ ≤ 2"]
+    assert list(result["depths"]) == ["own depth", "S/N ÷ ≤ 2"] and result["source"] == source
     for depth in result["depths"].values():
         counts = depth["truth_preferred"]
         assert 0 <= counts["archetypes_prefer_truth"] <= counts["failures"]
         assert 0 <= counts["bases_prefer_truth"] <= counts["failures"]
-        assert list(depth["eta"]) == ["model", "archetypes, whole range", "re-ranked"]
+        assert list(depth["eta"]) == list(archetypes.ANSWERS)
         eta = depth["eta"]["model"]["all"]
         assert counts["failures"] == round(eta * result["n"])
-    assert "| S/N ÷ ≤ 2 | re-ranked |" in (tmp_path / "archetypes.md").read_text()
+        assert depth["eta"]["best candidate"]["all"] <= eta  # the model's answer is one of the candidates
+    assert "| S/N ÷ ≤ 2 | best candidate |" in (tmp_path / "archetypes.md").read_text()
+
+
+def test_best_candidate_is_the_one_nearest_the_truth():
+    scan_u = np.arange(0.0, 1.0, 0.01)
+    candidates = np.array([[10, 50, -1], [-1, 70, 20]])
+    z = archetypes.best_candidate(candidates, scan_u, np.expm1(np.array([0.49, 0.18])))
+    np.testing.assert_allclose(np.log1p(z), [0.50, 0.20])
+
+
+def test_physical_archetypes_cover_every_trial_redshift():
+    from types import SimpleNamespace
+
+    from specpt_hf.prediction import model_wavelength
+    from specpt_hf.refinement import RestFrameTemplates
+
+    config = preset_config("specpt-tiny", "redshift")
+    basis = RestFrameTemplates(
+        float(np.log(3000.0)), 1e-4, torch.ones(2, 1000)
+    )  # narrower than the data need
+    model = SimpleNamespace(config=config, templates={"GALAXY": basis})
+    built = archetypes.physical_archetypes(model, per_type=12, archetypes=3)
+    assert list(built) == ["GALAXY"]  # no QSO archetypes for a model without QSO templates
+    galaxy = built["GALAXY"]
+    wave = model_wavelength(config)
+    rest = np.exp(galaxy.log_wavelength.numpy())
+    assert rest[0] <= wave[0] / (1 + model.config.z_max) and rest[-1] >= wave[-1] / (1 + model.config.z_min)
+    assert galaxy.basis.shape[0] == 3 and bool(torch.isfinite(galaxy.basis).all())
+    assert bool((galaxy.basis > 0).all())  # whole spectra: positive flux everywhere
 
 
 def test_failure_causes_tells_templates_priors_and_search_apart():
