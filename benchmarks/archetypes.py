@@ -1,25 +1,33 @@
-"""Data-driven archetypes at lower S/N: do whole spectra tell the truth from the refinement's wrong answers where
-the model's rest-frame bases cannot?
+"""Archetypes at lower S/N: do whole spectra tell the truth from the refinement's wrong answers where the model's
+rest-frame bases cannot?
 
     python benchmarks/archetypes.py --model benchmarks/models/specpt-small-cpu-sps-t9000 \
         --data runs/recipe-sps/data --out benchmarks/results/archetypes       # ~8 min on 2 cores
+    python benchmarks/archetypes.py ... --source physical --per-type 3000 --out benchmarks/results/archetypes-physical
     python benchmarks/archetypes.py --quick --out /tmp/arch                      # seconds: untrained tiny model
 
-The model's bases (GALAXY, QSO) fit any combination of their vectors, so a few lines of noise can be fitted at a
-wrong redshift. An archetype is one whole spectrum with a free positive amplitude (Redrock's archetypes; here with a
-Legendre polynomial of --degree in observed ln(lambda) for the calibration). They are learned from the training
-split (--per-type labelled spectra per type): each spectrum's coefficients on its type's basis at its redshift,
-their directions clustered by k-means (--archetypes per type), each centre's spectrum an archetype. Their χ²(z) comes
-from FFT cross-correlations on the refinement's coarse grid (binned pixels).
+The model's bases fit any combination of their vectors, so a few lines of noise can be fitted at a wrong redshift.
+An archetype is one whole spectrum with a free positive amplitude (Redrock's archetypes; here with a Legendre
+polynomial of --degree in observed ln(lambda) for the calibration). --archetypes per type, from --source:
+- `learned` (default): from the training split (--per-type labelled spectra per type), each spectrum's coefficients
+  on its type's basis at its redshift, their directions clustered by k-means, each centre's spectrum an archetype;
+- `physical`: noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`, --per-type drawn per type
+  from `PHYSICAL_DRAWS`, seed `PHYSICAL_SEED`, through a `LSF_KMS` line-spread function), the members nearest the
+  k-means centres of their unit-normalised shapes: templates that know how the spectra were made, but not each one;
+- `physical-sps`: the same with the galaxies drawn from the `sps` family only (E-MILES populations, BPT lines).
+Their χ²(z) comes from FFT cross-correlations on the refinement's coarse grid (binned pixels); galaxy archetypes are
+scanned to z = 1.7 (`MAX_REDSHIFT`, as Redrock's galaxy templates).
 
 The split (--split, validation by default) is refined as the model is configured, at its own depth and after
 dividing the S/N by up to 2 (robustness.py's "S/N ÷ ≤ 2", seed 0). Reported per depth:
 - for the refined failures (|Δz| / (1 + z) > 0.15), how often the archetypes' lowest χ² within ± 2 coarse trials of
   the truth is below that at the answer, and how often the model's bases' is (all vectors, every set);
-- η per class of three answers: the model's; the archetypes' whole-range minimum of χ² + `PRIOR_SHARE` x the p(z)
-  penalty; and a re-ranking that keeps the model's answer unless a candidate (the `CANDIDATES` lowest minima of the
-  refinement's χ² + priors and of its χ² alone, at least 0.01 apart in ln(1 + z)) scores lower by `MARGIN` in
-  archetype χ² + `PRIOR_SHARE` x p(z) penalty. The re-ranking's settings were chosen on the reference's validation split.
+- η per class of five answers (`ANSWERS`): the model's; the archetypes' whole-range minimum of χ² alone, and of χ² +
+  `PRIOR_SHARE` x the p(z) penalty; a re-ranking that keeps the model's answer unless a candidate (the `CANDIDATES`
+  lowest minima of the refinement's χ² + priors and of its χ² alone, at least 0.01 apart in ln(1 + z)) scores
+  lower by `MARGIN` in archetype χ² + `PRIOR_SHARE` x p(z) penalty; and the candidate nearest the truth (what a
+  perfect re-ranking of the same candidates would answer). The re-ranking's settings were chosen on the
+  reference's validation split with learned archetypes.
 Writes archetypes.json and archetypes.md to --out.
 """
 
@@ -61,15 +69,22 @@ SEPARATION = 0.01  # between candidates, in ln(1 + z)
 NEAR_TRIALS = 2  # coarse trials either side of a redshift where its χ² is looked up
 PRIOR_SHARE = 0.5  # of the model's p(z) penalty added to the archetypes' χ²
 MARGIN = 10.0  # χ² units by which a candidate must beat the model's answer
-MAX_REDSHIFT = {
-    "GALAXY": 1.7
-}  # archetypes scanned no further, as Redrock's galaxy templates (0.005 < z < 1.7)
+# archetypes scanned no further, as Redrock's galaxy templates (0.005 < z < 1.7)
+MAX_REDSHIFT = {"GALAXY": 1.7}
 PHYSICAL_SEED = 7  # the physical archetypes' draws (the training mocks use 1, the test sets 101 and 202)
 LSF_KMS = 50.0  # Gaussian sigma of the physical archetypes' line-spread function (DESI: ~25-65 km/s)
-# type: (mock class, family, share of --per-type): the galaxy families as the sps recipe mixes them (40 % sps)
+# --source: {type: [(mock class, family, share of --per-type)]}. `physical`: the galaxy families as the sps recipe
+# mixes them (40 % sps); `physical-sps`: galaxies from the sps family's physics only (E-MILES populations, BPT
+# lines), none from the basis family that 60 % of the recipe's spectra come from
 PHYSICAL_DRAWS = {
-    "GALAXY": [(c, f, s / 3) for c in ("bgs", "lrg", "elg") for f, s in (("basis", 0.6), ("sps", 0.4))],
-    "QSO": [("qso", "basis", 1.0)],
+    "physical": {
+        "GALAXY": [(c, f, s / 3) for c in ("bgs", "lrg", "elg") for f, s in (("basis", 0.6), ("sps", 0.4))],
+        "QSO": [("qso", "basis", 1.0)],
+    },
+    "physical-sps": {
+        "GALAXY": [(c, "sps", 1 / 3) for c in ("bgs", "lrg", "elg")],
+        "QSO": [("qso", "basis", 1.0)],
+    },
 }
 PERTURBATION = "S/N ÷ ≤ 2"
 ANSWERS = ("model", "archetypes alone", "archetypes, whole range", "re-ranked", "best candidate")
@@ -102,15 +117,15 @@ def learn_archetypes(
 
 
 def physical_archetypes(
-    model: Any, per_type: int, archetypes: int, seed: int = PHYSICAL_SEED
+    model: Any, per_type: int, archetypes: int, source: str = "physical", seed: int = PHYSICAL_SEED
 ) -> dict[str, RestFrameTemplates]:
-    """Per type of `TYPES`: `archetypes` noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`),
-    the members nearest the k-means centres of `per_type` drawn ones (unit-normalised), through a Gaussian
+    """Per type of `TYPES`: `archetypes` noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`;
+    the classes and families of `PHYSICAL_DRAWS[source]`), the members nearest the k-means centres of `per_type` drawn ones (unit-normalised), through a Gaussian
     line-spread function of `LSF_KMS`, on the model's basis step over every rest wavelength that the model's
     pixels see at its z_min..z_max ([archetypes, grid]): no trial redshift leaves pixels without a template."""
     wavelength = model_wavelength(model.config)
     out = {}
-    for name, draws in PHYSICAL_DRAWS.items():
+    for name, draws in PHYSICAL_DRAWS[source].items():
         if name not in model.templates:
             continue
         step = model.templates[name].log_wavelength_step
@@ -299,6 +314,8 @@ def markdown(result: dict[str, Any]) -> str:
     source = {
         "learned": "k-means of training spectra's coefficients on the model's bases",
         "physical": f"noiseless spectra of the mock's physics (seed {PHYSICAL_SEED}, LSF {LSF_KMS:g} km/s)",
+        "physical-sps": f"noiseless spectra of the mock's physics, galaxies from the sps family only (seed "
+        f"{PHYSICAL_SEED}, LSF {LSF_KMS:g} km/s)",
     }[result.get("source", "learned")]
     lines = [
         f"# Archetypes at lower S/N: {result['model']}",
@@ -343,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archetypes", type=int, default=32, help="archetypes per type")
     parser.add_argument(
         "--source",
-        choices=("learned", "physical"),
+        choices=("learned", *PHYSICAL_DRAWS),
         default="learned",
         help="learned: k-means of the training spectra's coefficients on the model's bases; physical: noiseless "
-        "spectra of the mock's own physics (--per-type drawn per type, seed PHYSICAL_SEED)",
+        "spectra of the mock's own physics (--per-type drawn per type, seed PHYSICAL_SEED); physical-sps: the "
+        "same with galaxies from the sps family only",
     )
     parser.add_argument("--degree", type=int, default=2, help="Legendre degree beside each archetype")
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
@@ -359,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None or args.data is None:
         parser.error("--model and --data are required (or --quick)")
     model, batch, z_true, classes = model_and_split(args, parser)
-    if args.source == "physical":
-        archetypes = physical_archetypes(model, args.per_type, args.archetypes)
+    if args.source in PHYSICAL_DRAWS:
+        archetypes = physical_archetypes(model, args.per_type, args.archetypes, args.source)
     else:
         archetypes = learn_archetypes(model, args.data, args.per_type, args.archetypes)
     scan_u = np.log1p(pdf_redshifts(model)["chi2_scan"])
