@@ -44,14 +44,16 @@ from scipy.cluster.vq import kmeans2
 from scipy.ndimage import gaussian_filter1d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import CLASSES, SPECTRA_PER_FILE, TEST_SEED, make_test_set  # noqa: E402
 from failure_causes import template_chi2  # noqa: E402
 from refinement_sweep import model_and_split, quick_setup  # noqa: E402
-from robustness import perturb, predict_chunks  # noqa: E402
+from robustness import held_out, perturb, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.data.mock import C_KMS, rest_frame_models  # noqa: E402
 from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD, metrics_by_group  # noqa: E402
+from specpt_hf.loading import load_model  # noqa: E402
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import (  # noqa: E402
     RestFrameTemplates,
@@ -367,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         "same with galaxies from the sps family only",
     )
     parser.add_argument("--degree", type=int, default=2, help="Legendre degree beside each archetype")
+    parser.add_argument(
+        "--test-dir",
+        type=Path,
+        help="instead of --split: the first --per-class spectra of each class of this accuracy test set (seed "
+        f"{TEST_SEED}, as robustness.py reads them)",
+    )
+    parser.add_argument("--per-class", type=int, default=250, help="spectra per class with --test-dir")
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -374,9 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.model, args.data = quick_setup(args.out)
         args.split, args.archetypes, args.per_type = "train", 4, 40
-    if args.model is None or args.data is None:
-        parser.error("--model and --data are required (or --quick)")
-    model, batch, z_true, classes = model_and_split(args, parser)
+    if args.model is None or (args.data is None and (args.test_dir is None or args.source == "learned")):
+        parser.error("--model and --data are required (or --quick; --test-dir with a physical --source)")
+    if args.test_dir is None:
+        model, batch, z_true, classes = model_and_split(args, parser)
+    else:
+        model = load_model(args.model, task="redshift")
+        n, per_file = (8, 8) if args.quick else (5000, SPECTRA_PER_FILE)  # the accuracy test set's size
+        per_class = make_test_set(args.test_dir, n, TEST_SEED, per_file)
+        batch, z_true, classes = held_out([per_class[c][0] for c in CLASSES], args.per_class, model.config)
     if args.source in PHYSICAL_DRAWS:
         archetypes = physical_archetypes(model, args.per_type, args.archetypes, args.source)
     else:
@@ -402,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": machine_info("cpu"),
         "model": str(args.model),
-        "data": str(args.data),
-        "split": args.split,
+        "data": str(args.test_dir or args.data),
+        "split": f"first {args.per_class} per class" if args.test_dir else args.split,
         "n": len(z_true),
         "per_type": args.per_type,
         "archetypes": args.archetypes,

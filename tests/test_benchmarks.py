@@ -333,11 +333,17 @@ def test_archetype_curve_is_lowest_at_the_redshift_of_a_scaled_archetype_on_a_sl
     assert torch.all(chi2.min(1).values < 0.05 * chi2.median(1).values)
 
 
-@pytest.mark.parametrize("source", ["learned", "physical"])
-def test_archetypes_quick_reports_both_depths(tmp_path, source):
-    assert archetypes.main(["--quick", "--source", source, "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize(
+    ("source", "spectra"),
+    [("learned", []), ("physical", ["--test-dir", "TMP/testset", "--per-class", "8"])],
+)
+def test_archetypes_quick_reports_both_depths(tmp_path, source, spectra):
+    spectra = [arg.replace("TMP", str(tmp_path)) for arg in spectra]
+    assert archetypes.main(["--quick", "--source", source, *spectra, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "archetypes.json").read_text())
     assert list(result["depths"]) == ["own depth", "S/N ÷ ≤ 2"] and result["source"] == source
+    if spectra:  # the test set's first 8 spectra of each of the four classes
+        assert result["n"] == 32 and result["split"] == "first 8 per class"
     for depth in result["depths"].values():
         counts = depth["truth_preferred"]
         assert 0 <= counts["archetypes_prefer_truth"] <= counts["failures"]
