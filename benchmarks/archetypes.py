@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,10 @@ def answers(
 ) -> dict[str, np.ndarray]:
     """The model's refined z, the archetypes' whole-range z and the re-ranked z [n], the archetypes' χ² at each
     trial (`archetype_chi2` [n, grid]), the trial nearest the model's answer (`answer` [n]) and the re-ranking's
-    candidate trials (`candidates` [n, c], -1: none)."""
+    candidate trials (`candidates` [n, c], -1: none); `seconds` of the model's prediction and of the archetype curves."""
+    start = time.perf_counter()
     out = predict_chunks(model, batch, 128, return_pdf=True)
+    seconds = {"model": time.perf_counter() - start}
     z_model = np.nan_to_num(out["z"], nan=-0.5)
     flux = torch.as_tensor(np.asarray(batch["flux"]), dtype=torch.float32)
     ivar = torch.where(
@@ -246,6 +249,7 @@ def answers(
     )
     wavelength = torch.as_tensor(model_wavelength(model.config))
     u = torch.as_tensor(scan_u)
+    start = time.perf_counter()
     curves = [
         archetype_curve(t, wavelength, flux, ivar.float(), u, degree=degree).masked_fill(
             torch.as_tensor(np.expm1(scan_u) > MAX_REDSHIFT.get(name, np.inf)), np.inf
@@ -253,6 +257,7 @@ def answers(
         for name, t in archetypes.items()
     ]
     arch = torch.stack(curves).min(0).values.numpy()  # [n, grid]
+    seconds["archetypes"] = time.perf_counter() - start
     log_p = torch.log(torch.as_tensor(out["pz"]).double().clamp(min=1e-300))
     prior = model._pz_prior(log_p, u)  # [n, grid], the refinement's p(z) penalty (None: no prior)
     penalty = np.zeros_like(arch) if prior is None else prior.numpy()
@@ -280,6 +285,7 @@ def answers(
         "archetype_chi2": arch,
         "answer": answer,
         "candidates": candidates,
+        "seconds": seconds,
     }
 
 
@@ -346,6 +352,13 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {depth} | {method} | " + " | ".join(f"{100 * by_class[c]:.2f}" for c in classes) + " |"
             )
+    timed = {depth: d["ms_per_spectrum"] for depth, d in result["depths"].items() if "ms_per_spectrum" in d}
+    if timed:
+        lines += ["", "Wall-clock ms per spectrum (torch's threads on this machine): "]
+        lines[-1] += "; ".join(
+            f"{depth}: the model's prediction {t['model']:.1f}, the archetypes' χ²(z) {t['archetypes']:.1f}"
+            for depth, t in timed.items()
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -412,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         depths[depth] = {
             "truth_preferred": truth_preferred(model, spectra, result, z_true, scan_u),
             "eta": eta,
+            "ms_per_spectrum": {k: 1e3 * v / len(z_true) for k, v in result["seconds"].items()},
         }
         print(depth, depths[depth]["truth_preferred"], {m: round(100 * e["all"], 2) for m, e in eta.items()})
     result = {
