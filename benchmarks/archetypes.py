@@ -123,9 +123,10 @@ def physical_archetypes(
     model: Any, per_type: int, archetypes: int, source: str = "physical", seed: int = PHYSICAL_SEED
 ) -> dict[str, RestFrameTemplates]:
     """Per type of `TYPES`: `archetypes` noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`;
-    the classes and families of `PHYSICAL_DRAWS[source]`), the members nearest the k-means centres of `per_type` drawn ones (unit-normalised), through a Gaussian
-    line-spread function of `LSF_KMS`, on the model's basis step over every rest wavelength that the model's
-    pixels see at its z_min..z_max ([archetypes, grid]): no trial redshift leaves pixels without a template."""
+    the classes and families of `PHYSICAL_DRAWS[source]`), the members nearest the k-means centres of `per_type`
+    drawn ones (unit-normalised), through a Gaussian line-spread function of `LSF_KMS`, on the model's basis step
+    over every rest wavelength that the model's pixels see at its z_min..z_max ([archetypes, grid]): no trial
+    redshift leaves pixels without a template."""
     wavelength = model_wavelength(model.config)
     out = {}
     for name, draws in PHYSICAL_DRAWS[source].items():
@@ -325,10 +326,11 @@ def markdown(result: dict[str, Any]) -> str:
         "physical-sps": f"noiseless spectra of the mock's physics, galaxies from the sps family only (seed "
         f"{PHYSICAL_SEED}, LSF {LSF_KMS:g} km/s)",
     }[result.get("source", "learned")]
+    split = result["split"] if result["split"].startswith("first") else f"{result['split']} split"
     lines = [
         f"# Archetypes at lower S/N: {result['model']}",
         "",
-        f"{result['n']} spectra of `{result['data']}` ({result['split']} split); {result['archetypes']} archetypes per "
+        f"{result['n']} spectra of `{result['data']}` ({split}); {result['archetypes']} archetypes per "
         f"type from {result['per_type']} spectra per type ({source}), polynomial degree {result['degree']}; machine: "
         f"{result['machine']['summary']}, {result['machine']['date']}. η in % (|Δz| / (1 + z) > 0.15). The "
         "re-ranking's settings were chosen on the reference's validation split (runs/recipe-sps/data).",
