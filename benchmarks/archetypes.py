@@ -45,7 +45,7 @@ from scipy.cluster.vq import kmeans2
 from scipy.ndimage import gaussian_filter1d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import CLASSES, SPECTRA_PER_FILE, TEST_SEED, make_test_set  # noqa: E402
+from accuracy import SPECTRA_PER_FILE, TEST_SEED, TEST_SETS, make_test_set  # noqa: E402
 from failure_causes import template_chi2  # noqa: E402
 from refinement_sweep import model_and_split, quick_setup  # noqa: E402
 from robustness import held_out, perturb, predict_chunks  # noqa: E402
@@ -391,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{TEST_SEED}, as robustness.py reads them)",
     )
     parser.add_argument("--per-class", type=int, default=250, help="spectra per class with --test-dir")
+    parser.add_argument(
+        "--family",
+        choices=tuple(TEST_SETS),
+        default="basis",
+        help="the mock family of --test-dir (bc03 / sps: robustness.py's held-out family set, one file per class)",
+    )
     parser.add_argument("--quick", action="store_true", help="untrained specpt-tiny on a small mock")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -404,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         model, batch, z_true, classes = model_and_split(args, parser)
     else:
         model = load_model(args.model, task="redshift")
-        n, per_file = (8, 8) if args.quick else (5000, SPECTRA_PER_FILE)  # the accuracy test set's size
-        per_class = make_test_set(args.test_dir, n, TEST_SEED, per_file)
-        batch, z_true, classes = held_out([per_class[c][0] for c in CLASSES], args.per_class, model.config)
+        per_file = 8 if args.quick else SPECTRA_PER_FILE
+        n = 5000 if args.family == "basis" and not args.quick else per_file  # as accuracy.py / robustness.py
+        per_class = make_test_set(args.test_dir, n, TEST_SEED, per_file, family=args.family)
+        files = [per_class[c][0] for c in TEST_SETS[args.family][0]]
+        batch, z_true, classes = held_out(files, args.per_class, model.config)
     if args.source in PHYSICAL_DRAWS:
         archetypes = physical_archetypes(model, args.per_type, args.archetypes, args.source)
     else:
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info("cpu"),
         "model": str(args.model),
         "data": str(args.test_dir or args.data),
-        "split": f"first {args.per_class} per class" if args.test_dir else args.split,
+        "split": f"first {args.per_class} per class, {args.family} family" if args.test_dir else args.split,
         "n": len(z_true),
         "per_type": args.per_type,
         "archetypes": args.archetypes,

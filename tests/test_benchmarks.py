@@ -343,7 +343,7 @@ def test_archetypes_quick_reports_both_depths(tmp_path, source, spectra):
     result = json.loads((tmp_path / "archetypes.json").read_text())
     assert list(result["depths"]) == ["own depth", "S/N ÷ ≤ 2"] and result["source"] == source
     if spectra:  # the test set's first 8 spectra of each of the four classes
-        assert result["n"] == 32 and result["split"] == "first 8 per class"
+        assert result["n"] == 32 and result["split"] == "first 8 per class, basis family"
     for depth in result["depths"].values():
         counts = depth["truth_preferred"]
         assert 0 <= counts["archetypes_prefer_truth"] <= counts["failures"]
