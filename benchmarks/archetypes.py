@@ -236,6 +236,7 @@ def answers(
     archetypes: dict[str, RestFrameTemplates],
     scan_u: np.ndarray,
     degree: int = 2,
+    rebin: int = 3,
 ) -> dict[str, np.ndarray]:
     """The model's refined z, the archetypes' whole-range z and the re-ranked z [n], the archetypes' χ² at each
     trial (`archetype_chi2` [n, grid]), the trial nearest the model's answer (`answer` [n]) and the re-ranking's
@@ -252,7 +253,7 @@ def answers(
     u = torch.as_tensor(scan_u)
     start = time.perf_counter()
     curves = [
-        archetype_curve(t, wavelength, flux, ivar.float(), u, degree=degree).masked_fill(
+        archetype_curve(t, wavelength, flux, ivar.float(), u, rebin, degree).masked_fill(
             torch.as_tensor(np.expm1(scan_u) > MAX_REDSHIFT.get(name, np.inf)), np.inf
         )
         for name, t in archetypes.items()
@@ -331,7 +332,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Archetypes at lower S/N: {result['model']}",
         "",
         f"{result['n']} spectra of `{result['data']}` ({split}); {result['archetypes']} archetypes per "
-        f"type from {result['per_type']} spectra per type ({source}), polynomial degree {result['degree']}; machine: "
+        f"type from {result['per_type']} spectra per type ({source}), polynomial degree {result['degree']}, "
+        f"{result.get('rebin', 3)} grid points per χ² bin; machine: "
         f"{result['machine']['summary']}, {result['machine']['date']}. η in % (|Δz| / (1 + z) > 0.15). The "
         "re-ranking's settings were chosen on the reference's validation split (runs/recipe-sps/data).",
         "",
@@ -385,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--degree", type=int, default=2, help="Legendre degree beside each archetype")
     parser.add_argument(
+        "--rebin",
+        type=int,
+        default=3,
+        help="archetype grid points per bin of their χ²(z) (the refinement's: 3)",
+    )
+    parser.add_argument(
         "--test-dir",
         type=Path,
         help="instead of --split: the first --per-class spectra of each class of this accuracy test set (seed "
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     depths = {}
     for depth in ("own depth", PERTURBATION):
         spectra = batch if depth == "own depth" else perturb(batch, model_wavelength(model.config), depth, 0)
-        result = answers(model, spectra, archetypes, scan_u, args.degree)
+        result = answers(model, spectra, archetypes, scan_u, args.degree, args.rebin)
         result["best candidate"] = best_candidate(result["candidates"], scan_u, z_true)
         eta = {
             method: {
@@ -448,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "archetypes": args.archetypes,
         "source": args.source,
         "degree": args.degree,
+        "rebin": args.rebin,
         "depths": depths,
     }
     atomic_write_json(args.out / "archetypes.json", result)
