@@ -336,9 +336,10 @@ def mean_forest_transmission(z: np.ndarray, wave: np.ndarray) -> np.ndarray:
     return np.exp(-_forest_tau_eff(z, wave)) * _lyman_limit(z, wave)
 
 
-def _bal(p: Mapping[str, Any], wave: np.ndarray) -> np.ndarray:
-    """Broad-absorption troughs blueward of N V, Si IV, C IV for the BAL quasars, [n, n_pix]."""
-    rest = wave[None, :] / (1.0 + p["z"][:, None])
+def _bal(p: Mapping[str, Any], rest: np.ndarray) -> np.ndarray:
+    """Broad-absorption troughs blueward of N V, Si IV, C IV for the BAL quasars at rest wavelengths `rest` [n, n_pix]
+    or [n_pix], [n, n_pix]."""
+    rest = np.broadcast_to(rest, (len(p["bal"]), np.shape(rest)[-1]))
     trans = np.ones_like(rest)
     vmin, width = p["bal_vmin"][:, None], p["bal_width"][:, None]
     for line, weight in zip(BAL_LINES, (0.6, 0.6, 1.0), strict=True):

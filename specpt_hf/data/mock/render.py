@@ -97,7 +97,7 @@ def _render_arm(
     centre, sigma, flux = lines
     _add_lines(model, arm, centre, sigma, flux)
     if q["spectype"][0] == "QSO":
-        model *= _forest(q["z"], wave, rng) * _bal(q, wave)
+        model *= _forest(q["z"], wave, rng) * _bal(q, wave[None, :] / (1.0 + q["z"][:, None]))
     resolution, shape, sky = _arm_static(arm, instrument)
     model = apply_resolution(resolution, model)  # [n, n_pix]
     var = q["noise_level"][:, None] * shape[None, :] * (1.0 + np.clip(model, 0.0, None) / sky[None, :])
@@ -257,7 +257,7 @@ def rest_frame_models(
         c, s = centre[:, k, None], sigma[:, k, None]
         flux += line_flux[:, k, None] * np.exp(-0.5 * ((observed - c) / s) ** 2) / (s * np.sqrt(2.0 * np.pi))
     if p["spectype"][0] == "QSO":
-        flux *= mean_forest_transmission(p["z"], observed) * _bal({**p, "z": np.zeros(n)}, rest)
+        flux *= mean_forest_transmission(p["z"], observed) * _bal(p, rest)
     return {"flux": flux.astype(np.float32), "z": np.asarray(p["z"])}
 
 
