@@ -12,7 +12,7 @@ polynomial of --degree in observed ln(lambda) for the calibration). --archetypes
 - `learned` (default): from the training split (--per-type labelled spectra per type), each spectrum's coefficients
   on its type's basis at its redshift, their directions clustered by k-means, each centre's spectrum an archetype;
 - `physical`: noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`, --per-type drawn per type
-  from `PHYSICAL_DRAWS`, seed `PHYSICAL_SEED`, through a `LSF_KMS` line-spread function), the members nearest the
+  from `SPS_SHARES`, seed `SEED`, through a `LSF_KMS` line-spread function), the members nearest the
   k-means centres of their unit-normalised shapes: templates that know how the spectra were made, but not each one;
 - `physical-sps`: the same with the galaxies drawn from the `sps` family only (E-MILES populations, BPT lines).
 Their χ²(z) comes from FFT cross-correlations on the refinement's coarse grid (binned pixels); galaxy archetypes are
@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
-from scipy.ndimage import gaussian_filter1d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import SPECTRA_PER_FILE, TEST_SEED, TEST_SETS, make_test_set  # noqa: E402
@@ -51,16 +50,15 @@ from refinement_sweep import model_and_split, quick_setup  # noqa: E402
 from robustness import held_out, perturb, predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
+from specpt_hf.archetypes import LSF_KMS, SEED, build_archetypes  # noqa: E402
 from specpt_hf.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.data.mock import C_KMS, rest_frame_models  # noqa: E402
 from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD, metrics_by_group  # noqa: E402
 from specpt_hf.loading import load_model  # noqa: E402
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import (  # noqa: E402
+    ARCHETYPE_MAX_REDSHIFT,
     RestFrameTemplates,
-    _coarse_basis,
-    _fft_length,
-    _good_weight,
+    archetype_curve,
     chi2_scan,
     local_minima,
 )
@@ -72,23 +70,10 @@ SEPARATION = 0.01  # between candidates, in ln(1 + z)
 NEAR_TRIALS = 2  # coarse trials either side of a redshift where its χ² is looked up
 PRIOR_SHARE = 0.5  # of the model's p(z) penalty added to the archetypes' χ²
 MARGIN = 10.0  # χ² units by which a candidate must beat the model's answer
-# archetypes scanned no further, as Redrock's galaxy templates (0.005 < z < 1.7)
-MAX_REDSHIFT = {"GALAXY": 1.7}
-PHYSICAL_SEED = 7  # the physical archetypes' draws (the training mocks use 1, the test sets 101 and 202)
-LSF_KMS = 50.0  # Gaussian sigma of the physical archetypes' line-spread function (DESI: ~25-65 km/s)
-# --source: {type: [(mock class, family, share of --per-type)]}. `physical`: the galaxy families as the sps recipe
-# mixes them (40 % sps); `physical-sps`: galaxies from the sps family's physics only (E-MILES populations, BPT
-# lines), none from the basis family that 60 % of the recipe's spectra come from
-PHYSICAL_DRAWS = {
-    "physical": {
-        "GALAXY": [(c, f, s / 3) for c in ("bgs", "lrg", "elg") for f, s in (("basis", 0.6), ("sps", 0.4))],
-        "QSO": [("qso", "basis", 1.0)],
-    },
-    "physical-sps": {
-        "GALAXY": [(c, "sps", 1 / 3) for c in ("bgs", "lrg", "elg")],
-        "QSO": [("qso", "basis", 1.0)],
-    },
-}
+# --source: the share of galaxy archetypes from the sps family's physics (E-MILES populations, BPT lines); the rest
+# from the basis family. `physical`: as the sps recipe mixes them (specpt_hf.archetypes' default); `physical-sps`:
+# none from the basis family that 60 % of the recipe's spectra come from
+SPS_SHARES = {"physical": 0.4, "physical-sps": 1.0}
 PERTURBATION = "S/N ÷ ≤ 2"
 ANSWERS = ("model", "archetypes alone", "archetypes, whole range", "re-ranked", "best candidate")
 
@@ -117,90 +102,6 @@ def learn_archetypes(
         spectra_k = torch.from_numpy(centres).float() @ basis.basis.float()  # [k, grid]
         out[name] = RestFrameTemplates(basis.log_wavelength_start, basis.log_wavelength_step, spectra_k)
     return out
-
-
-def physical_archetypes(
-    model: Any, per_type: int, archetypes: int, source: str = "physical", seed: int = PHYSICAL_SEED
-) -> dict[str, RestFrameTemplates]:
-    """Per type of `TYPES`: `archetypes` noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`;
-    the classes and families of `PHYSICAL_DRAWS[source]`), the members nearest the k-means centres of `per_type`
-    drawn ones (unit-normalised), through a Gaussian line-spread function of `LSF_KMS`, on the model's basis step
-    over every rest wavelength that the model's pixels see at its z_min..z_max ([archetypes, grid]): no trial
-    redshift leaves pixels without a template."""
-    wavelength = model_wavelength(model.config)
-    out = {}
-    for name, draws in PHYSICAL_DRAWS[source].items():
-        if name not in model.templates:
-            continue
-        step = model.templates[name].log_wavelength_step
-        start = np.log(wavelength[0] / (1 + model.config.z_max)) - step
-        rest = np.exp(np.arange(start, np.log(wavelength[-1] / (1 + model.config.z_min)) + 2 * step, step))
-        spectra = np.concatenate(
-            [
-                rest_frame_models(cls, max(1, round(share * per_type)), seed, rest, family)["flux"]
-                for cls, family, share in draws
-            ]
-        )  # [n, grid]
-        spectra = gaussian_filter1d(spectra, LSF_KMS / C_KMS / step, axis=1)
-        spectra /= np.linalg.norm(spectra, axis=1, keepdims=True)
-        coarse = spectra[:, ::4]  # [n, grid / 4]: enough to cluster shapes
-        centres, label = kmeans2(coarse, min(archetypes, len(spectra)), rng=seed, minit="++")
-        members = [
-            np.flatnonzero(label == k)[np.linalg.norm(coarse[label == k] - c, axis=1).argmin()]
-            for k, c in enumerate(centres)
-            if (label == k).any()
-        ]
-        out[name] = RestFrameTemplates(float(start), step, torch.from_numpy(spectra[members]).float())
-    return out
-
-
-def archetype_curve(
-    archetypes: RestFrameTemplates,
-    wavelength: torch.Tensor,
-    flux: torch.Tensor,
-    ivar: torch.Tensor,
-    scan_u: torch.Tensor,
-    rebin: int = 3,
-    degree: int = 2,
-    chunk: int = 16,
-) -> torch.Tensor:
-    """χ² [batch, grid] (float64) of the best archetype (free amplitude >= 0) plus a Legendre polynomial of `degree`
-    in observed ln(lambda), at the trials `scan_u` (multiples of the coarse step), for spectra flux, ivar [batch,
-    pixels] at `wavelength` [pixels], binned onto the archetypes' coarse grid (`rebin` grid points)."""
-    basis, start, step = _coarse_basis(archetypes, rebin)  # [k, n_rest]
-    k, n_rest = basis.shape
-    weight, flux = _good_weight(flux, ivar)  # [batch, pixels]
-    index = torch.round((torch.log(wavelength.double()) - start) / step).long()  # [pixels]
-    first = int(index.min())
-    n_obs = int(index.max()) - first + 1
-    w = torch.zeros(len(flux), n_obs, dtype=torch.float64).index_add_(
-        1, index - first, weight
-    )  # [batch, n_obs]
-    wf = torch.zeros_like(w).index_add_(1, index - first, weight * flux)
-    x = torch.linspace(-1, 1, n_obs, dtype=torch.float64)
-    poly = torch.as_tensor(np.polynomial.legendre.legvander(x.numpy(), degree))  # [n_obs, d]
-    normal = torch.einsum("bo,od,oe->bde", w, poly, poly) + 1e-9 * torch.eye(degree + 1)  # [batch, d, d]
-    inverse = torch.linalg.inv(normal)
-    residual = (
-        wf / w.clamp(min=1e-300) - (inverse @ (wf @ poly)[..., None])[..., 0] @ poly.T
-    )  # [batch, n_obs]
-    chi2_poly = (w * residual**2).sum(1)  # [batch]
-    length = _fft_length(n_obs + n_rest - 1)
-    spectra = torch.fft.rfft(torch.cat([basis, basis**2]).float(), n=length)  # [2k, f]
-    lag = (first - torch.round(scan_u / step).long()) % length  # [grid]
-    chi2 = []
-    for rows in torch.arange(len(flux)).split(chunk):
-        signals = torch.cat(
-            [(w * residual)[rows, None], w[rows, None] * poly.T, w[rows, None]], 1
-        )  # [b, d+2, n_obs]
-        x_f = torch.fft.rfft(signals.float(), n=length)[:, :, None].conj()  # [b, d+2, 1, f]
-        linear = torch.fft.irfft(x_f[:, :-1] * spectra[:k], n=length)[..., lag].double()  # [b, d+1, k, grid]
-        square = torch.fft.irfft(x_f[:, -1] * spectra[k:], n=length)[..., lag].double()  # [b, k, grid]
-        s, p = linear[:, 0], linear[:, 1:]  # archetype · residual [b, k, grid]; · polynomials [b, d, k, grid]
-        denominator = square - torch.einsum("bdkg,bde,bekg->bkg", p, inverse[rows], p)
-        gain = torch.where((s > 0) & (denominator > 0), s**2 / denominator.clamp(min=1e-30), 0.0)
-        chi2.append(chi2_poly[rows, None] - gain.max(1).values)
-    return torch.cat(chi2)
 
 
 def lowest_minima(curve: np.ndarray, scan_u: np.ndarray, count: int) -> np.ndarray:
@@ -254,7 +155,7 @@ def answers(
     start = time.perf_counter()
     curves = [
         archetype_curve(t, wavelength, flux, ivar.float(), u, rebin, degree).masked_fill(
-            torch.as_tensor(np.expm1(scan_u) > MAX_REDSHIFT.get(name, np.inf)), np.inf
+            torch.as_tensor(np.expm1(scan_u) > ARCHETYPE_MAX_REDSHIFT.get(name, np.inf)), np.inf
         )
         for name, t in archetypes.items()
     ]
@@ -323,9 +224,9 @@ def truth_preferred(
 def markdown(result: dict[str, Any]) -> str:
     source = {
         "learned": "k-means of training spectra's coefficients on the model's bases",
-        "physical": f"noiseless spectra of the mock's physics (seed {PHYSICAL_SEED}, LSF {LSF_KMS:g} km/s)",
+        "physical": f"noiseless spectra of the mock's physics (seed {SEED}, LSF {LSF_KMS:g} km/s)",
         "physical-sps": f"noiseless spectra of the mock's physics, galaxies from the sps family only (seed "
-        f"{PHYSICAL_SEED}, LSF {LSF_KMS:g} km/s)",
+        f"{SEED}, LSF {LSF_KMS:g} km/s)",
     }[result.get("source", "learned")]
     split = result["split"] if result["split"].startswith("first") else f"{result['split']} split"
     lines = [
@@ -379,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archetypes", type=int, default=32, help="archetypes per type")
     parser.add_argument(
         "--source",
-        choices=("learned", *PHYSICAL_DRAWS),
+        choices=("learned", *SPS_SHARES),
         default="learned",
         help="learned: k-means of the training spectra's coefficients on the model's bases; physical: noiseless "
-        "spectra of the mock's own physics (--per-type drawn per type, seed PHYSICAL_SEED); physical-sps: the "
+        "spectra of the mock's own physics (--per-type drawn per type, seed SEED); physical-sps: the "
         "same with galaxies from the sps family only",
     )
     parser.add_argument("--degree", type=int, default=2, help="Legendre degree beside each archetype")
@@ -423,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         per_class = make_test_set(args.test_dir, n, TEST_SEED, per_file, family=args.family)
         files = [per_class[c][0] for c in TEST_SETS[args.family][0]]
         batch, z_true, classes = held_out(files, args.per_class, model.config)
-    if args.source in PHYSICAL_DRAWS:
-        archetypes = physical_archetypes(model, args.per_type, args.archetypes, args.source)
+    if args.source in SPS_SHARES:
+        steps = {name: t.log_wavelength_step for name, t in model.templates.items() if name in TYPES}
+        archetypes = build_archetypes(
+            model.config, steps, args.per_type, args.archetypes, SPS_SHARES[args.source]
+        )
     else:
         archetypes = learn_archetypes(model, args.data, args.per_type, args.archetypes)
     scan_u = np.log1p(pdf_redshifts(model)["chi2_scan"])

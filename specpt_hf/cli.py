@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("specpt_hf.data.prepare", "write Parquet shards and a dataset card"),
     "train": ("specpt_hf.training.train", "pretrain the autoencoder or train the redshift head"),
     "templates": ("specpt_hf.templates", "rest-frame templates for a redshift model's chi^2 refinement"),
+    "archetypes": ("specpt_hf.archetypes", "archetypes that judge a redshift model's refinement"),
     "evaluate": ("specpt_hf.evaluation.evaluate_model", "metrics and plots on a held-out split"),
     "predict": ("specpt_hf.predict", "redshift catalog from DESI coadd files"),
     "push": ("specpt_hf.hub.push", "write a model repo folder with its card and upload it to the Hub"),

@@ -360,6 +360,15 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             η of the ZWARN = 0 sample ELG 0.55 -> 0.46 %, BGS 0.09 -> 0.03 %, QSO 0.39 -> 0.35 % at the same
             fractions kept; η of all spectra BGS 0.20 -> 0.17 %, QSO 2.55 -> 2.38 %, ELG 7.35 -> 7.43 %. Adding
             `QUASAR_ALIAS_LINES` as a second group gained little more there (QSO 0.29 % and 2.33 %, ELG 7.45 %).
+        refinement_archetype_rebin (`int`, *optional*, defaults to 6):
+            With archetypes (`archetypes.safetensors`, `specpt archetypes`): their whole-range chi^2(z) bins the
+            spectrum onto their grid coarsened by this factor (trials are the coarse curve's, rounded to its steps).
+        refinement_archetype_prior (`float`, *optional*, defaults to 0.5):
+            With archetypes: the share of the p(z) penalty (`refinement_prior`) added to their chi^2(z).
+        refinement_archetype_gate (`float`, *optional*):
+            With archetypes: they judge only non-STAR fits whose DELTACHI2 is below this (None: every non-STAR
+            fit). A judged fit takes the basin of the archetypes' lowest chi^2(z) + prior over the whole range
+            (galaxies to z = 1.7), is refitted there with the templates, and reports the archetypes' DELTACHI2.
         spectype_labels (`list[str]`, *optional*):
             The spectral types (template set names, e.g. `["GALAXY", "QSO"]`) the type head tells apart: a linear
             layer on the head's embedding, fitted on the labelled training split by `specpt templates`
@@ -367,6 +376,9 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         templates (`dict`, *optional*):
             Description of the model folder's templates (file, spectral types, vectors, rest-frame range); set
             by `SpecPTForRedshift.set_templates`, None for a model without templates.
+        archetypes (`dict`, *optional*):
+            Description of the model folder's archetypes, as `templates`; set by `SpecPTForRedshift.set_archetypes`,
+            None for a model without archetypes.
     """
 
     model_type = "specpt_redshift"
@@ -405,8 +417,12 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
         refinement_prior_floor: float = 1e-4,
         refinement_type_prior: float = 4.0,
         refinement_alias_lines: list[list[float]] | None = None,
+        refinement_archetype_rebin: int = 6,
+        refinement_archetype_prior: float = 0.5,
+        refinement_archetype_gate: float | None = None,
         spectype_labels: list[str] | None = None,
         templates: dict[str, Any] | None = None,
+        archetypes: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.head_type = head_type
@@ -441,8 +457,14 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             raise ValueError(f"`refinement_alias_lines` must be groups (lists) of wavelengths, got {aliases}")
         self.refinement_alias_lines = [[float(line) for line in group] for group in aliases]
         self.refinement_type_prior = float(refinement_type_prior)
+        self.refinement_archetype_rebin = int(refinement_archetype_rebin)
+        self.refinement_archetype_prior = float(refinement_archetype_prior)
+        self.refinement_archetype_gate = (
+            None if refinement_archetype_gate is None else float(refinement_archetype_gate)
+        )
         self.spectype_labels = None if spectype_labels is None else [str(name) for name in spectype_labels]
         self.templates = templates
+        self.archetypes = archetypes
         super().__init__(**kwargs)
         self.head_hidden_size = int(self.d_model if head_hidden_size is None else head_hidden_size)
         self._validate_head()
@@ -478,6 +500,7 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             refinement_rebin=self.refinement_rebin,
             refinement_wide_rebin=self.refinement_wide_rebin,
             refinement_wide_chi2=self.refinement_wide_chi2,
+            refinement_archetype_rebin=self.refinement_archetype_rebin,
         )
         if self.refinement_fine_trials < 3 or self.refinement_fine_trials % 2 == 0:
             raise ValueError(
@@ -493,7 +516,12 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             refinement_coarse_vectors=self.refinement_coarse_vectors,
             refinement_wide_vectors=self.refinement_wide_vectors,
             refinement_wide_delta_chi2=self.refinement_wide_delta_chi2,
+            refinement_archetype_prior=self.refinement_archetype_prior,
         )
+        if self.refinement_archetype_gate is not None and not self.refinement_archetype_gate > 0:
+            raise ValueError(
+                f"`refinement_archetype_gate` must be > 0 or None, got {self.refinement_archetype_gate}"
+            )
         _check_nonnegative(
             **{f"refinement_smoothing_kms[{k!r}]": v for k, v in self.refinement_smoothing_kms.items()}
         )

@@ -23,7 +23,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .configuration_specpt import SpecPTConfig, SpecPTForRedshiftConfig
 from .refinement import (
     RefinementResult,
     RestFrameTemplates,
+    archetype_redshifts,
     describe_templates,
     line_aliases,
     load_templates,
@@ -72,6 +73,7 @@ _LOG_SIGMA_MAX = math.log(20.0)
 # Smallest flux scale accepted by the normalisation before falling back.
 _MIN_SCALE = 1e-12
 TEMPLATES_NAME = "templates.safetensors"
+ARCHETYPES_NAME = "archetypes.safetensors"
 # from_pretrained keywords that locate files in a folder or Hub repo (passed on to `cached_file`)
 _FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
@@ -1145,6 +1147,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             nn.Linear(config.d_model, len(labels)) if labels and config.head_type == "pz" else None
         )
         self.templates: dict[str, RestFrameTemplates] | None = None
+        self.archetypes: dict[str, RestFrameTemplates] | None = None
         self.post_init()
         self._after_loading()
 
@@ -1181,6 +1184,15 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         self.templates = dict(templates) if templates else None
         self.config.templates = describe_templates(self.templates, TEMPLATES_NAME) if self.templates else None
 
+    def set_archetypes(self, archetypes: dict[str, RestFrameTemplates] | None) -> None:
+        """Attach archetypes by spectral type (whole rest-frame spectra, e.g. GALAXY, QSO; None removes them) that
+        judge the refinement's fits over the whole range (`config.refinement_archetype_*`), described in
+        `config.archetypes`; `save_pretrained` writes them to `archetypes.safetensors`."""
+        self.archetypes = dict(archetypes) if archetypes else None
+        self.config.archetypes = (
+            describe_templates(self.archetypes, ARCHETYPES_NAME) if self.archetypes else None
+        )
+
     @property
     def refines(self) -> bool:
         """Whether inference refines the redshift (templates present, `config.refinement` not `"none"`)."""
@@ -1191,9 +1203,10 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """`PreTrainedModel.save_pretrained`, plus `templates.safetensors` when the model has templates (written
         first, so `push_to_hub=True` uploads it too)."""
-        if self.templates:
-            Path(save_directory).mkdir(parents=True, exist_ok=True)
-            save_templates(Path(save_directory) / TEMPLATES_NAME, self.templates)
+        for name, sets in ((TEMPLATES_NAME, self.templates), (ARCHETYPES_NAME, self.archetypes)):
+            if sets:
+                Path(save_directory).mkdir(parents=True, exist_ok=True)
+                save_templates(Path(save_directory) / name, sets)
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -1203,32 +1216,18 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         file_kwargs = {key: kwargs[key] for key in _FILE_KWARGS if key in kwargs}
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._load_templates(pretrained_model_name_or_path, file_kwargs)
-        return loaded
-
-    def _load_templates(self, source: Any, file_kwargs: dict[str, Any]) -> None:
-        described = self.config.templates
-        if not described:
+        if not model.config.templates:
             logger.warning(
-                f"{source}: no rest-frame templates, so redshifts are the network's alone (no chi^2 refinement); "
-                "add them with `specpt templates`"
+                f"{pretrained_model_name_or_path}: no rest-frame templates, so redshifts are the network's alone "
+                "(no chi^2 refinement); add them with `specpt templates`"
             )
-            return
-        path = cached_file(
-            str(source), described["file"], _raise_exceptions_for_missing_entries=False, **file_kwargs
+        model.templates = _load_described(
+            pretrained_model_name_or_path, model.config.templates, "templates", file_kwargs
         )
-        if path is None:
-            raise OSError(
-                f"{source}: config.json describes templates in {described['file']}, but that file is missing; "
-                "copy it next to config.json or rebuild it with `specpt templates`"
-            )
-        templates = load_templates(path)
-        if sorted(templates) != sorted(described["spectypes"]):
-            raise OSError(
-                f"{path}: holds template sets {sorted(templates)}, config.json describes "
-                f"{sorted(described['spectypes'])}"
-            )
-        self.templates = {name: templates[name] for name in described["spectypes"]}
+        model.archetypes = _load_described(
+            pretrained_model_name_or_path, model.config.archetypes, "archetypes", file_kwargs
+        )
+        return loaded
 
     # --- freezing -------------------------------------------------------------------------------------------------
     def _after_loading(self) -> None:
@@ -1359,6 +1358,8 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
                 if len(rows):
                     result = self._rescan_wider(result, rows, spectra, candidates, settings, logits)
                     wide = wide.index_fill(0, rows, True)
+            if self.archetypes:
+                result = self._archetype_choice(result, spectra, settings, own)
         in_range = result.redshift.clamp(
             config.z_min, config.z_max
         )  # [batch]; STAR redshifts keep their sign
@@ -1468,6 +1469,56 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
                 "set_prior": None if set_prior is None else {k: v[rows] for k, v in set_prior.items()},
             },
         )
+        return _replace_rows(result, rows, again, torch.ones_like(rows, dtype=torch.bool))
+
+    def _archetype_choice(
+        self, result: RefinementResult, spectra: SpecPTSpectra, settings: dict[str, Any], own: torch.Tensor
+    ) -> RefinementResult:
+        """`result` with its non-STAR fits (`own` [sets]: sets with a range of their own) whose DELTACHI2 is below
+        `refinement_archetype_gate` judged by the archetypes ([`archetype_redshifts`]: whole range, + a share of
+        the p(z) penalty): refitted with the templates within the window about the archetypes' choice where that
+        lies outside the window of the fit, and each given the archetypes' DELTACHI2."""
+        config = self.config
+        judged = ~own[result.spectype]  # [batch]
+        if config.refinement_archetype_gate is not None:
+            judged &= result.delta_chi2 < config.refinement_archetype_gate
+        rows = judged.nonzero()[:, 0]
+        if len(rows) == 0:
+            return result
+        wave = rows_wavelength(spectra.wavelength, rows)
+        prior = settings["prior"]
+        u, delta_chi2 = archetype_redshifts(
+            self.archetypes,
+            wave,
+            spectra.flux[rows],
+            spectra.ivar[rows],
+            result.scan_u,
+            None if prior is None else config.refinement_archetype_prior * prior[rows],
+            config.refinement_archetype_rebin,
+        )  # [n] each
+        moved = (u - torch.log1p(result.redshift[rows].double())).abs() > settings["half_width"]  # [n]
+        result = replace(
+            result, delta_chi2=result.delta_chi2.index_put((rows,), delta_chi2.to(result.delta_chi2))
+        )
+        rows, u = rows[moved], u[moved]
+        if len(rows) == 0:
+            return result
+        set_prior = settings["set_prior"] or {}
+        barred = {name: torch.full_like(u, math.inf) for name in settings["own_ranges"]}  # e.g. no STAR
+        again = refine_redshifts(
+            self.templates,
+            rows_wavelength(spectra.wavelength, rows),
+            spectra.flux[rows],
+            spectra.ivar[rows],
+            u[:, None],
+            **{
+                **settings,
+                "prior": None if prior is None else prior[rows],
+                "set_prior": {**{k: v[rows] for k, v in set_prior.items()}, **barred},
+            },
+        )
+        again.delta_chi2 = result.delta_chi2[rows]
+        again.scan_chi2 = result.scan_chi2[rows]  # the templates' whole curve, as for every other row
         return _replace_rows(result, rows, again, torch.ones_like(rows, dtype=torch.bool))
 
     def _type_prior(self, spectype_logits: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
@@ -1596,6 +1647,29 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
+
+
+def _load_described(
+    source: Any, described: dict[str, Any] | None, command: str, file_kwargs: dict[str, Any]
+) -> dict[str, RestFrameTemplates] | None:
+    """The rest-frame sets a config entry (`config.templates`, `config.archetypes`) describes, read from the folder
+    or repo `source` (None when it describes none); a clear OSError when the file is missing or differs."""
+    if not described:
+        return None
+    path = cached_file(
+        str(source), described["file"], _raise_exceptions_for_missing_entries=False, **file_kwargs
+    )
+    if path is None:
+        raise OSError(
+            f"{source}: config.json describes {command} in {described['file']}, but that file is missing; "
+            f"copy it next to config.json or rebuild it with `specpt {command}`"
+        )
+    sets = load_templates(path)
+    if sorted(sets) != sorted(described["spectypes"]):
+        raise OSError(
+            f"{path}: holds sets {sorted(sets)}, config.json describes {sorted(described['spectypes'])}"
+        )
+    return {name: sets[name] for name in described["spectypes"]}
 
 
 def _replace_rows(

@@ -802,6 +802,94 @@ def wide_candidates(
     return u[pz_modes(-score.nan_to_num(math.inf), modes, steps)]  # [batch, modes]
 
 
+ARCHETYPE_DEGREE = 2  # Legendre degree in observed ln(lambda) beside each archetype (calibration)
+# archetypes scanned no further, as Redrock's galaxy templates (0.005 < z < 1.7)
+ARCHETYPE_MAX_REDSHIFT = {"GALAXY": 1.7}
+
+
+def archetype_curve(
+    archetypes: RestFrameTemplates,
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    scan_u: torch.Tensor,
+    rebin: int = 3,
+    degree: int = ARCHETYPE_DEGREE,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """chi^2 [batch, grid] (float64) of the best archetype (one whole rest-frame spectrum, free amplitude >= 0) plus
+    a Legendre polynomial of `degree` in observed ln(lambda), at the trials `scan_u` [grid], for spectra flux, ivar
+    [batch, pixels] at `wavelength` ([pixels] or [batch, pixels]), binned onto the archetypes' grid coarsened by
+    `rebin` (trials are rounded to its steps). An archetype cannot fit a few noisy pixels by a combination of
+    vectors, as a basis can; FFT cross-correlations give every trial at once."""
+    basis, start, step = _coarse_basis(archetypes, rebin)  # [k, n_rest]
+    k, n_rest = basis.shape
+    device = flux.device
+    basis = basis.to(device)
+    weight, flux = _good_weight(flux, ivar)  # [batch, pixels]
+    log_wave = torch.log(wavelength.to(device, torch.float64)).expand_as(flux)
+    index = torch.round((log_wave - start) / step).long()  # [batch, pixels], on the coarse grid
+    first = int(index.min())
+    n_obs = int(index.max()) - first + 1
+    w = torch.zeros(len(flux), n_obs, dtype=torch.float64, device=device).scatter_add_(
+        1, index - first, weight
+    )  # [batch, n_obs]
+    wf = torch.zeros_like(w).scatter_add_(1, index - first, weight * flux)
+    x = np.linspace(-1, 1, n_obs)
+    poly = torch.as_tensor(np.polynomial.legendre.legvander(x, degree), device=device)  # [n_obs, d]
+    eye = torch.eye(degree + 1, dtype=torch.float64, device=device)
+    inverse = torch.linalg.inv(torch.einsum("bo,od,oe->bde", w, poly, poly) + 1e-9 * eye)  # [batch, d, d]
+    residual = (
+        wf / w.clamp(min=1e-300) - (inverse @ (wf @ poly)[..., None])[..., 0] @ poly.T
+    )  # [batch, n_obs]
+    chi2_poly = (w * residual**2).sum(1)  # [batch], the polynomial alone
+    length = _fft_length(n_obs + n_rest - 1)
+    spectra = torch.fft.rfft(torch.cat([basis, basis**2]).float(), n=length)  # [2k, f]
+    lag = (first - torch.round(scan_u.to(device) / step).long()) % length  # [grid]
+    chi2 = []
+    for rows in torch.arange(len(flux), device=device).split(chunk):
+        signals = torch.cat(
+            [(w * residual)[rows, None], w[rows, None] * poly.T, w[rows, None]], 1
+        )  # [b, d+2, n_obs]
+        x_f = torch.fft.rfft(signals.float(), n=length)[:, :, None].conj()  # [b, d+2, 1, f]
+        linear = torch.fft.irfft(x_f[:, :-1] * spectra[:k], n=length)[..., lag].double()  # [b, d+1, k, grid]
+        square = torch.fft.irfft(x_f[:, -1] * spectra[k:], n=length)[..., lag].double()  # [b, k, grid]
+        s, p = linear[:, 0], linear[:, 1:]  # archetype · residual [b, k, grid]; · polynomials [b, d, k, grid]
+        denominator = square - torch.einsum("bdkg,bde,bekg->bkg", p, inverse[rows], p)
+        gain = torch.where((s > 0) & (denominator > 0), s**2 / denominator.clamp(min=1e-30), 0.0)
+        chi2.append(chi2_poly[rows, None] - gain.max(1).values)
+    return torch.cat(chi2)
+
+
+def archetype_redshifts(
+    archetypes: dict[str, RestFrameTemplates],
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    scan_u: torch.Tensor,
+    prior: torch.Tensor | None = None,
+    rebin: int = 6,
+    exclusion_kms: float = 1000.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The archetypes' choice over the whole of `scan_u` [grid]: u [batch] of the lowest [`archetype_curve`] of any
+    set (+ `prior` [batch, grid] in chi^2 units), each set within its `ARCHETYPE_MAX_REDSHIFT`, and DELTACHI2
+    [batch]: the lowest other local minimum at least `exclusion_kms` away minus it, as Redrock's."""
+    z = torch.expm1(scan_u)  # [grid]
+    curves = [
+        archetype_curve(t, wavelength, flux, ivar, scan_u, rebin).masked_fill(
+            z > ARCHETYPE_MAX_REDSHIFT.get(name, math.inf), math.inf
+        )
+        for name, t in archetypes.items()
+    ]  # [batch, grid] each
+    score = torch.stack(curves).min(0).values  # [batch, grid]
+    if prior is not None:
+        score = score + prior.to(score)
+    best = score.argmin(1)  # [batch]
+    far = (scan_u[None] - scan_u[best][:, None]).abs() > exclusion_kms / SPEED_OF_LIGHT_KMS  # [batch, grid]
+    second = torch.where(far & local_minima(score), score, math.inf).min(1).values  # [batch]
+    return scan_u[best], second - score.gather(1, best[:, None])[:, 0]
+
+
 def line_aliases(u: torch.Tensor, groups: Sequence[Sequence[float]], spread: float) -> torch.Tensor:
     """Candidates u = ln(1 + z) [batch, 2 x aliases] where the line that puts a spectrum at `u` [batch] would be
     another line of its group (rest wavelengths; `groups` of lines that may be read as one another): u + ln(λ_i /
@@ -875,8 +963,11 @@ def describe_templates(template_sets: dict[str, RestFrameTemplates], file: str) 
 
 
 __all__ = [
+    "ARCHETYPE_MAX_REDSHIFT",
     "RefinementResult",
     "RestFrameTemplates",
+    "archetype_curve",
+    "archetype_redshifts",
     "build_templates",
     "chi2_curve",
     "chi2_scan",

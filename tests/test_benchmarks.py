@@ -301,38 +301,6 @@ def test_ideal_observer_quick_puts_specpt_beside(tmp_path):
         ideal_observer.specpt_rows(tmp_path / "robustness.json", "S/N ÷ ≤ 3")
 
 
-def test_archetype_curve_is_lowest_at_the_redshift_of_a_scaled_archetype_on_a_slope():
-    from specpt_hf.prediction import model_wavelength
-    from specpt_hf.presets import preset_config
-    from specpt_hf.refinement import RestFrameTemplates
-
-    wave = torch.as_tensor(model_wavelength(preset_config("specpt-tiny", "redshift")))
-    step = 1e-4
-    rest = np.exp(
-        np.log(wave[0].item() / 3.0)
-        + step * np.arange(int(np.log(3.0 * wave[-1].item() / wave[0].item()) / step))
-    )
-    lines = [np.exp(-0.5 * ((rest - c) / 3.0) ** 2) for c in (3728.0, 4863.0, 5008.0, 6565.0)]
-    shapes = torch.tensor(
-        np.stack([1.0 + 8.0 * lines[0] + 3.0 * lines[2], 1.0 + 5.0 * lines[1] + 9.0 * lines[3]])
-    )
-    sets = RestFrameTemplates(float(np.log(rest[0])), step, shapes.float())  # two archetypes [2, grid]
-    z_true = np.array([0.35, 0.8])
-    slope = 0.3 * (wave.double() - wave.double().mean()) / (wave.double().max() - wave.double().min())
-    flux = torch.stack(
-        [
-            2.0 * torch.as_tensor(np.interp(wave / (1 + z), rest, shapes[i].numpy())) + slope
-            for i, z in enumerate(z_true)
-        ]
-    ).float()  # archetype 0 at 0.35, archetype 1 at 0.8, tilted
-    ivar = torch.full_like(flux, 100.0)
-    scan_u = torch.arange(0.05, 1.0, 3 * step, dtype=torch.float64)
-    chi2 = archetypes.archetype_curve(sets, wave, flux, ivar, scan_u)  # [2, grid]
-    best = scan_u[chi2.argmin(1)].numpy()
-    np.testing.assert_allclose(best, np.log1p(z_true), atol=3 * step)
-    assert torch.all(chi2.min(1).values < 0.05 * chi2.median(1).values)
-
-
 @pytest.mark.parametrize(
     ("source", "spectra"),
     [("learned", []), ("physical", ["--test-dir", "TMP/testset", "--per-class", "8"])],
@@ -360,27 +328,6 @@ def test_best_candidate_is_the_one_nearest_the_truth():
     candidates = np.array([[10, 50, -1], [-1, 70, 20]])
     z = archetypes.best_candidate(candidates, scan_u, np.expm1(np.array([0.49, 0.18])))
     np.testing.assert_allclose(np.log1p(z), [0.50, 0.20])
-
-
-def test_physical_archetypes_cover_every_trial_redshift():
-    from types import SimpleNamespace
-
-    from specpt_hf.prediction import model_wavelength
-    from specpt_hf.refinement import RestFrameTemplates
-
-    config = preset_config("specpt-tiny", "redshift")
-    basis = RestFrameTemplates(
-        float(np.log(3000.0)), 1e-4, torch.ones(2, 1000)
-    )  # narrower than the data need
-    model = SimpleNamespace(config=config, templates={"GALAXY": basis})
-    built = archetypes.physical_archetypes(model, per_type=12, archetypes=3)
-    assert list(built) == ["GALAXY"]  # no QSO archetypes for a model without QSO templates
-    galaxy = built["GALAXY"]
-    wave = model_wavelength(config)
-    rest = np.exp(galaxy.log_wavelength.numpy())
-    assert rest[0] <= wave[0] / (1 + model.config.z_max) and rest[-1] >= wave[-1] / (1 + model.config.z_min)
-    assert galaxy.basis.shape[0] == 3 and bool(torch.isfinite(galaxy.basis).all())
-    assert bool((galaxy.basis > 0).all())  # whole spectra: positive flux everywhere
 
 
 def test_failure_causes_tells_templates_priors_and_search_apart():

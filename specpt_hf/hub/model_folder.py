@@ -178,14 +178,14 @@ def read_training_settings(folder: ModelFolder) -> dict[str, Any] | None:
     return data
 
 
-def templates_file(folder: ModelFolder) -> Path | None:
-    """The refinement's rest-frame templates file that config.json describes, or None when it describes none."""
-    name = (folder.config_dict.get("templates") or {}).get("file")
+def templates_file(folder: ModelFolder, key: str = "templates") -> Path | None:
+    """The file of rest-frame sets that config.json's `key` entry describes (`templates`: the refinement's
+    templates; `archetypes`), or None when it describes none."""
+    name = (folder.config_dict.get(key) or {}).get("file")
     if not name:
         return None
     if not (folder.path / name).is_file():
         raise ModelFolderError(
-            f"{folder.path / name}: missing, but config.json describes templates in it "
-            "(rebuild it with `specpt templates`)"
+            f"{folder.path / name}: missing, but config.json describes {key} in it (rebuild it with `specpt {key}`)"
         )
     return folder.path / name

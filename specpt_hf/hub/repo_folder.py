@@ -1,6 +1,6 @@
 """The complete Hub repo folder of a SpecPT model, written in one piece.
 
-It holds the checked weights and, when the model folder has them, `templates.safetensors` and
+It holds the checked weights and, when the model folder has them, `templates.safetensors`, `archetypes.safetensors` and
 `training_settings.yaml` (all copied byte for byte); `config.json` as saved, with `auto_map` and, for a redshift
 model, `custom_pipelines` and the pipeline's `preprocessor_config.json` (its feature extractor, with its own
 `auto_map`); the code `trust_remote_code` needs; and the `README.md` card. The code is saved the
@@ -101,7 +101,11 @@ def write_repo_folder(
             "redshift model's card"
         )
     settings = read_training_settings(folder)
-    extras = [templates_file(folder), folder.path / SETTINGS_NAME if settings is not None else None]
+    extras = [
+        templates_file(folder),
+        templates_file(folder, "archetypes"),
+        folder.path / SETTINGS_NAME if settings is not None else None,
+    ]
     copied = folder.weight_files + [file for file in extras if file is not None]
     config = {"architectures": [folder.architecture], **copy.deepcopy(folder.config_dict)}
     pipelines = custom_pipelines() if is_redshift_model else {}
