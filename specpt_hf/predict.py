@@ -17,7 +17,7 @@ Catalog (HDU `REDSHIFTS` for FITS, one row per predicted spectrum; Redrock's col
 | TARGETID | int64 | DESI TARGETID |
 | Z, ZERR | float64 | redshift and its 1-sigma uncertainty (refined: the chi^2 fit's, Delta chi^2 = 1) |
 | ZWARN | int64 | `SpecPTZwarn` bit mask, 0 = no warning (names in the header keywords ZWARN0 ...) |
-| CHI2, DELTACHI2 | float64 | refined only: best chi^2, and the next minimum >= 1000 km/s away minus it |
+| CHI2, DELTACHI2 | float64 | refined only: best chi^2, and the next minimum >= 1000 km/s away minus it (of the archetypes' curve for fits they judged) |
 | CHI2_SMOOTH | float64 | refined only: chi^2 of a smooth continuum with no redshift on the same pixels |
 | OII_FLUX, OII_FLUX_IVAR | float64 | refined only: the [O II] 3727, 3730 doublet's flux (1e-17 erg/s/cm^2) at Z and its inverse variance (NaN off the grid; `specpt_hf.emission_lines`) |
 | COEFF | float32 [vectors] | refined only: the winning template set's coefficients |

@@ -103,7 +103,7 @@ def test_archetypes_bring_back_a_fit_the_network_misread(templates):
         0.0,
     )
     config.refinement_modes, config.refinement_window, config.refinement_alias_lines = 1, 1.0, []
-    config.refinement_archetype_rebin = 3
+    config.refinement_archetype_rebin, config.refinement_archetype_gate = 3, None  # every fit is judged
     z = 0.3
     inputs = _model_inputs(templates, np.array([z]), seed=5)
     pz = _misread(model, z)
@@ -190,3 +190,18 @@ def test_specpt_archetypes_adds_them_to_a_folder_with_templates(templates, tmp_p
     assert all(t.basis.shape[0] == 3 for t in loaded.archetypes.values())
     with pytest.raises(SystemExit):
         archetypes_main(["--model", str(tmp_path / "model"), "--count", "0"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("refinement_archetype_gate", 0.0),
+        ("refinement_archetype_rebin", 0),
+        ("refinement_archetype_prior", -1.0),
+    ],
+)
+def test_archetype_settings_are_checked(field, value):
+    from specpt_hf import SpecPTForRedshiftConfig
+
+    with pytest.raises(ValueError, match=field):
+        SpecPTForRedshiftConfig(**{field: value})
