@@ -845,20 +845,27 @@ def archetype_curve(
     chi2_poly = (w * residual**2).sum(1)  # [batch], the polynomial alone
     length = _fft_length(n_obs + n_rest - 1)
     spectra = torch.fft.rfft(torch.cat([basis, basis**2]).float(), n=length)  # [2k, f]
-    lag = (first - torch.round(scan_u.to(device) / step).long()) % length  # [grid]
+    shift, trial = torch.unique(torch.round(scan_u.to(device) / step).long(), return_inverse=True)  # [shifts]
+    lag = (first - shift) % length  # [shifts]: each coarse step once, however many trials round to it
     chi2 = []
     for rows in torch.arange(len(flux), device=device).split(chunk):
         signals = torch.cat(
             [(w * residual)[rows, None], w[rows, None] * poly.T, w[rows, None]], 1
         )  # [b, d+2, n_obs]
         x_f = torch.fft.rfft(signals.float(), n=length)[:, :, None].conj()  # [b, d+2, 1, f]
-        linear = torch.fft.irfft(x_f[:, :-1] * spectra[:k], n=length)[..., lag].double()  # [b, d+1, k, grid]
-        square = torch.fft.irfft(x_f[:, -1] * spectra[k:], n=length)[..., lag].double()  # [b, k, grid]
-        s, p = linear[:, 0], linear[:, 1:]  # archetype · residual [b, k, grid]; · polynomials [b, d, k, grid]
-        denominator = square - torch.einsum("bdkg,bde,bekg->bkg", p, inverse[rows], p)
+        linear = torch.fft.irfft(x_f[:, :-1] * spectra[:k], n=length)[
+            ..., lag
+        ].double()  # [b, d+1, k, shifts]
+        square = torch.fft.irfft(x_f[:, -1] * spectra[k:], n=length)[..., lag].double()  # [b, k, shifts]
+        s, p = (
+            linear[:, 0],
+            linear[:, 1:],
+        )  # archetype · residual [b, k, shifts]; · polynomials [b, d, k, shifts]
+        projected = torch.einsum("bde,bekg->bdkg", inverse[rows], p)  # [b, d, k, shifts]
+        denominator = square - (p * projected).sum(1)  # [b, k, shifts]
         gain = torch.where((s > 0) & (denominator > 0), s**2 / denominator.clamp(min=1e-30), 0.0)
         chi2.append(chi2_poly[rows, None] - gain.max(1).values)
-    return torch.cat(chi2)
+    return torch.cat(chi2)[:, trial]  # [batch, grid]
 
 
 def archetype_redshifts(
