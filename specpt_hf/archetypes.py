@@ -79,7 +79,8 @@ def build_archetypes(
                 for cls, family, share in draws
             ]
         )  # [n, grid]
-        spectra = gaussian_filter1d(spectra, lsf_kms / C_KMS / step, axis=1)
+        if lsf_kms > 0:
+            spectra = gaussian_filter1d(spectra, lsf_kms / C_KMS / step, axis=1)
         spectra /= np.linalg.norm(spectra, axis=1, keepdims=True)
         out[name] = RestFrameTemplates(
             float(start), step, torch.from_numpy(medoids(spectra, count, seed)).float()
@@ -126,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"galaxies from the E-MILES family (default {SPS_SHARE})",
     )
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the draws (default {SEED})")
+    parser.add_argument(
+        "--lsf-kms",
+        type=float,
+        default=LSF_KMS,
+        help=f"Gaussian sigma of the instrument's line-spread function in km/s (default {LSF_KMS:g}, DESI)",
+    )
     add_debug_flag(parser)
     return parser
 
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.count < 1 or args.per_type < args.count:
         parser.error(f"need 1 <= --count <= --per-type, got --count {args.count}, --per-type {args.per_type}")
+    if not args.lsf_kms >= 0:
+        parser.error(f"--lsf-kms must be >= 0, got {args.lsf_kms}")
     if not 0 <= args.sps_share <= 1:
         parser.error(f"--sps-share must be in [0, 1], got {args.sps_share}")
     if not (args.model / "config.json").is_file():
@@ -151,7 +160,9 @@ def _run(args: argparse.Namespace) -> int:
         )
     templates = load_templates(args.model / config.templates["file"])
     steps = {name: t.log_wavelength_step for name, t in templates.items()}
-    archetypes = build_archetypes(config, steps, args.per_type, args.count, args.sps_share, args.seed)
+    archetypes = build_archetypes(
+        config, steps, args.per_type, args.count, args.sps_share, args.seed, args.lsf_kms
+    )
     path = add_archetypes(args.model, archetypes)
     for name, info in describe_templates(archetypes, ARCHETYPES_NAME)["spectypes"].items():
         print(

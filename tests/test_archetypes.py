@@ -205,3 +205,17 @@ def test_archetype_settings_are_checked(field, value):
 
     with pytest.raises(ValueError, match=field):
         SpecPTForRedshiftConfig(**{field: value})
+
+
+def test_a_wider_line_spread_function_gives_smoother_archetypes():
+    config = preset_config("specpt-tiny", "redshift")
+
+    def roughness(lsf_kms: float) -> float:
+        basis = build_archetypes(config, {"GALAXY": 1e-4}, per_type=12, count=3, lsf_kms=lsf_kms)[
+            "GALAXY"
+        ].basis
+        return float((basis.diff(dim=1) ** 2).sum(1).mean())  # each archetype has unit norm
+
+    assert roughness(300.0) < 0.5 * roughness(0.0)
+    with pytest.raises(SystemExit):
+        archetypes_main(["--model", "unused", "--lsf-kms", "-1"])
