@@ -1,12 +1,15 @@
 """`AutoModel.from_pretrained(folder, trust_remote_code=True)` in a fresh process where specpt_hf cannot be imported.
 
-The folders are written by `save_pretrained` only (nothing is copied by hand); the child process
+The folders (an autoencoder; a redshift model without and with templates and archetypes) are written by
+`save_pretrained` only (nothing is copied by hand); the child process
 (`fresh_python`, tests/conftest.py) cannot import `specpt_hf` and runs from an empty working directory.
 """
 
 from __future__ import annotations
 
 import torch
+from test_archetypes import _archetypes
+from test_refinement import _true_templates
 
 from specpt_hf import create_model
 
@@ -54,11 +57,29 @@ def test_trust_remote_code_without_specpt_hf(tmp_path, spectra_factory, fresh_py
         with torch.no_grad():
             out = model(**inputs)
         expected[task] = {key: value for key, value in out.items() if value is not None}
+    torch.manual_seed(0)
+    model = create_model("specpt-tiny", "redshift", refinement_archetype_gate=None).eval()
+    model.set_templates({"GALAXY": _true_templates()})  # the refinement and its archetypes come along too
+    model.set_archetypes({"GALAXY": _archetypes(_true_templates())})
+    model.save_pretrained(tmp_path / "refined")
+    folders["refined"] = str(tmp_path / "refined")
+    with torch.no_grad():
+        out = model(**inputs)
+    expected["refined"] = {key: value for key, value in out.items() if value is not None}
+    assert "delta_chi2" in expected["refined"]
     torch.save({"folders": folders, "inputs": inputs, "expected": expected}, tmp_path / "data.pt")
 
     report = fresh_python(CHILD, tmp_path / "data.pt", env={"HF_HUB_OFFLINE": "1"})
-    classes = {"autoencoder": "SpecPTForSpectrumReconstruction", "redshift": "SpecPTForRedshift"}
-    configs = {"autoencoder": "SpecPTConfig", "redshift": "SpecPTForRedshiftConfig"}
+    classes = {
+        "autoencoder": "SpecPTForSpectrumReconstruction",
+        "redshift": "SpecPTForRedshift",
+        "refined": "SpecPTForRedshift",
+    }
+    configs = {
+        "autoencoder": "SpecPTConfig",
+        "redshift": "SpecPTForRedshiftConfig",
+        "refined": "SpecPTForRedshiftConfig",
+    }
     assert sorted(report["models"]) == sorted(classes)
     for task, info in report["models"].items():
         assert info["refused_without_trust"], info
