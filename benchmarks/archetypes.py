@@ -11,12 +11,14 @@ An archetype is one whole spectrum with a free positive amplitude (Redrock's arc
 polynomial of --degree in observed ln(lambda) for the calibration). --archetypes per type, from --source:
 - `learned` (default): from the training split (--per-type labelled spectra per type), each spectrum's coefficients
   on its type's basis at its redshift, their directions clustered by k-means, each centre's spectrum an archetype;
-- `physical`: noiseless rest-frame spectra of the mock's own physics (`rest_frame_models`, --per-type drawn per type
-  from `SPS_SHARES`, seed `SEED`, through a `LSF_KMS` line-spread function), the members nearest the
-  k-means centres of their unit-normalised shapes: templates that know how the spectra were made, but not each one;
+- `physical`: noiseless rest-frame spectra of the mock's own physics, as `specpt archetypes` builds them
+  (`specpt_hf.archetypes.build_archetypes`: --per-type drawn per type, seed `SEED`, through a `LSF_KMS` line-spread
+  function, the members nearest the k-means centres of their unit-normalised shapes): templates that know how the
+  spectra were made, but not each one;
 - `physical-sps`: the same with the galaxies drawn from the `sps` family only (E-MILES populations, BPT lines).
-Their χ²(z) comes from FFT cross-correlations on the refinement's coarse grid (binned pixels); galaxy archetypes are
-scanned to z = 1.7 (`MAX_REDSHIFT`, as Redrock's galaxy templates).
+Their χ²(z) is the refinement's `archetype_curve` (FFT cross-correlations on binned pixels); galaxy archetypes are
+scanned to z = 1.7 (`ARCHETYPE_MAX_REDSHIFT`, as Redrock's galaxy templates). This compares answers outside the
+model; `config.refinement_archetype_*` is how the model itself uses archetypes.
 
 The split (--split, validation by default) is refined as the model is configured, at its own depth and after
 dividing the S/N by up to 2 (robustness.py's "S/N ÷ ≤ 2", seed 0). Reported per depth:
