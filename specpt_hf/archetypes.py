@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,13 @@ import torch
 from scipy.cluster.vq import kmeans2
 from scipy.ndimage import gaussian_filter1d
 
-from .atomic import atomic_write_text
 from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import SpecPTForRedshiftConfig
 from .data.mock import C_KMS, rest_frame_models
 from .modeling_specpt import ARCHETYPES_NAME
 from .prediction import model_wavelength
-from .refinement import RestFrameTemplates, describe_templates, load_templates, save_templates
+from .refinement import RestFrameTemplates, describe_templates, load_templates
+from .templates import add_templates
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +100,6 @@ def medoids(spectra: np.ndarray, count: int, seed: int) -> np.ndarray:
     return spectra[members]
 
 
-def add_archetypes(model_dir: str | os.PathLike, archetypes: dict[str, RestFrameTemplates]) -> Path:
-    """Write `archetypes.safetensors` into a redshift model folder and describe it in its config.json (both
-    written atomically)."""
-    model_dir = Path(model_dir)
-    config = SpecPTForRedshiftConfig.from_pretrained(model_dir)
-    save_templates(model_dir / ARCHETYPES_NAME, archetypes)
-    config.archetypes = describe_templates(archetypes, ARCHETYPES_NAME)
-    atomic_write_text(model_dir / "config.json", config.to_json_string())
-    return model_dir / ARCHETYPES_NAME
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specpt archetypes",
@@ -163,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
     archetypes = build_archetypes(
         config, steps, args.per_type, args.count, args.sps_share, args.seed, args.lsf_kms
     )
-    path = add_archetypes(args.model, archetypes)
+    path = add_templates(args.model, archetypes, "archetypes")
     for name, info in describe_templates(archetypes, ARCHETYPES_NAME)["spectypes"].items():
         print(
             f"{name}: {info['num_vectors']} archetypes, rest {info['rest_wavelength_min']:.0f}-{info['rest_wavelength_max']:.0f} A"

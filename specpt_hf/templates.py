@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write_text
 from .cli import add_debug_flag, run_reporting_errors
 from .configuration_specpt import SpecPTForRedshiftConfig
-from .modeling_specpt import TEMPLATES_NAME, SpecPTForRedshift
+from .modeling_specpt import ARCHETYPES_NAME, TEMPLATES_NAME, SpecPTForRedshift
 from .prediction import model_wavelength
 from .refinement import RestFrameTemplates, build_templates, describe_templates, save_templates
 from .training.data import split_files
@@ -174,15 +174,18 @@ def fit_spectype_head(
     return {name: float((predicted[y == i] == i).double().mean()) for i, name in enumerate(labels)}
 
 
-def add_templates(model_dir: str | os.PathLike, templates: dict[str, RestFrameTemplates]) -> Path:
-    """Write `templates.safetensors` into a redshift model folder and describe it in its config.json (both
-    written atomically)."""
+def add_templates(
+    model_dir: str | os.PathLike, templates: dict[str, RestFrameTemplates], kind: str = "templates"
+) -> Path:
+    """Write rest-frame sets into a redshift model folder, `templates.safetensors` (or `archetypes.safetensors` with
+    `kind="archetypes"`), and describe them in its config.json's `kind` entry (both written atomically)."""
     model_dir = Path(model_dir)
+    name = {"templates": TEMPLATES_NAME, "archetypes": ARCHETYPES_NAME}[kind]
     config = SpecPTForRedshiftConfig.from_pretrained(model_dir)
-    save_templates(model_dir / TEMPLATES_NAME, templates)
-    config.templates = describe_templates(templates, TEMPLATES_NAME)
+    save_templates(model_dir / name, templates)
+    setattr(config, kind, describe_templates(templates, name))
     atomic_write_text(model_dir / "config.json", config.to_json_string())
-    return model_dir / TEMPLATES_NAME
+    return model_dir / name
 
 
 def build_model_templates(
