@@ -1201,8 +1201,8 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """`PreTrainedModel.save_pretrained`, plus `templates.safetensors` when the model has templates (written
-        first, so `push_to_hub=True` uploads it too)."""
+        """`PreTrainedModel.save_pretrained`, plus `templates.safetensors` and `archetypes.safetensors` when the model
+        has them (written first, so `push_to_hub=True` uploads them too)."""
         for name, sets in ((TEMPLATES_NAME, self.templates), (ARCHETYPES_NAME, self.archetypes)):
             if sets:
                 Path(save_directory).mkdir(parents=True, exist_ok=True)
@@ -1211,8 +1211,8 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
-        """`SpecPTPreTrainedModel.from_pretrained`, then the templates `config.templates` describes (a folder or
-        repo without them loads too, network-only, and says so)."""
+        """`SpecPTPreTrainedModel.from_pretrained`, then the templates and archetypes `config.templates` and
+        `config.archetypes` describe (a folder or repo without templates loads too, network-only, and says so)."""
         file_kwargs = {key: kwargs[key] for key in _FILE_KWARGS if key in kwargs}
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
