@@ -27,8 +27,9 @@ dividing the S/N by up to 2 (robustness.py's "S/N ÷ ≤ 2", seed 0). Reported p
 - η per class of five answers (`ANSWERS`): the model's; the archetypes' whole-range minimum of χ² alone, and of χ² +
   `PRIOR_SHARE` x the p(z) penalty; a re-ranking that keeps the model's answer unless a candidate (the `CANDIDATES`
   lowest minima of the refinement's χ² + priors and of its χ² alone, at least 0.01 apart in ln(1 + z)) scores
-  lower by `MARGIN` in archetype χ² + `PRIOR_SHARE` x p(z) penalty; and the candidate nearest the truth (what a
-  perfect re-ranking of the same candidates would answer). The re-ranking's settings were chosen on the
+  lower by `MARGIN` in archetype χ² + `PRIOR_SHARE` x p(z) penalty; a joint choice among the same candidates, by
+  archetype χ² + the templates' whole-range coarse χ² + `JOINT_PRIOR_SHARE` x p(z) penalty; and the candidate
+  nearest the truth (what a perfect re-ranking of the same candidates would answer). The re-ranking's settings were chosen on the
   reference's validation split with learned archetypes.
 Writes archetypes.json and archetypes.md to --out.
 """
@@ -61,6 +62,7 @@ from specpt_hf.refinement import (  # noqa: E402
     ARCHETYPE_MAX_REDSHIFT,
     RestFrameTemplates,
     archetype_curve,
+    chi2_curve,
     chi2_scan,
     local_minima,
 )
@@ -77,7 +79,8 @@ MARGIN = 10.0  # χ² units by which a candidate must beat the model's answer
 # none from the basis family that 60 % of the recipe's spectra come from
 SPS_SHARES = {"physical": 0.4, "physical-sps": 1.0}
 PERTURBATION = "S/N ÷ ≤ 2"
-ANSWERS = ("model", "archetypes alone", "archetypes, whole range", "re-ranked", "best candidate")
+ANSWERS = ("model", "archetypes alone", "archetypes, whole range", "re-ranked", "joint", "best candidate")
+JOINT_PRIOR_SHARE = 0.25  # of the p(z) penalty in the joint score (the model's `refinement_archetype_prior`)
 
 
 def learn_archetypes(
@@ -182,8 +185,13 @@ def answers(
     score = near(arch, candidates) + PRIOR_SHARE * np.take_along_axis(penalty, candidates.clip(min=0), 1)
     pick = candidates[np.arange(len(score)), score.argmin(1)]
     switch = ~star & (score[:, -1] - score.min(1) > MARGIN) & (np.abs(scan_u[pick] - scan_u[answer]) > 0.003)
+    tmpl = templates_curve(model, wavelength, flux, ivar.float(), scan_u)  # [n, grid]
+    joint = near(arch, candidates) + near(tmpl, candidates)
+    joint += JOINT_PRIOR_SHARE * np.take_along_axis(penalty, candidates.clip(min=0), 1)  # [n, c]
+    pick_joint = candidates[np.arange(len(joint)), joint.argmin(1)]
     return {
         "model": z_model,
+        "joint": np.where(star, z_model, np.expm1(scan_u[pick_joint])),
         "archetypes alone": np.where(star, z_model, alone),
         "archetypes, whole range": np.where(star, z_model, whole),
         "re-ranked": np.where(switch, np.expm1(scan_u[pick]), z_model),
@@ -192,6 +200,24 @@ def answers(
         "candidates": candidates,
         "seconds": seconds,
     }
+
+
+def templates_curve(
+    model: Any, wavelength: torch.Tensor, flux: torch.Tensor, ivar: torch.Tensor, scan_u: np.ndarray
+) -> np.ndarray:
+    """The templates' coarse χ² [n, grid] over the whole of `scan_u` (every vector, the refinement's rebin; the lowest
+    set at each trial, STAR left out): what they say at every candidate, not only inside the windows searched."""
+    step = scan_u[1] - scan_u[0]
+    curves = []
+    for name, t in model.templates.items():
+        if name == "STAR":
+            continue
+        u, chi2 = chi2_curve(
+            t, wavelength, flux, ivar, (scan_u[0], scan_u[-1]), model.config.refinement_rebin
+        )
+        index = np.clip(np.rint((scan_u - u[0].item()) / step).astype(int), 0, len(u) - 1)
+        curves.append(chi2.numpy()[:, index])
+    return np.min(curves, axis=0)
 
 
 def best_candidate(candidates: np.ndarray, scan_u: np.ndarray, z_true: np.ndarray) -> np.ndarray:
