@@ -8,6 +8,9 @@ pixels around the network's candidate redshifts.
 All redshift arithmetic is in u = ln(1 + z): a spectrum at redshift z is the rest-frame template at
 ln(lambda) - u. Pixels with ivar = 0 weigh nothing; pixels whose rest wavelength falls outside the templates' grid
 weigh nothing and are counted in `RefinementResult.npixels`.
+
+Archetypes ([`archetype_curve`], [`archetype_redshifts`]) are whole rest-frame spectra, each fitted with one free
+positive amplitude and a calibration polynomial: their whole-range chi^2(z) judges the fits a basis is unsure of.
 """
 
 from __future__ import annotations
