@@ -24,13 +24,13 @@ The split (--split, validation by default) is refined as the model is configured
 dividing the S/N by up to 2 (robustness.py's "S/N ÷ ≤ 2", seed 0). Reported per depth:
 - for the refined failures (|Δz| / (1 + z) > 0.15), how often the archetypes' lowest χ² within ± 2 coarse trials of
   the truth is below that at the answer, and how often the model's bases' is (all vectors, every set);
-- η per class of five answers (`ANSWERS`): the model's; the archetypes' whole-range minimum of χ² alone, and of χ² +
+- η per class of six answers (`ANSWERS`): the model's; the archetypes' whole-range minimum of χ² alone, and of χ² +
   `PRIOR_SHARE` x the p(z) penalty; a re-ranking that keeps the model's answer unless a candidate (the `CANDIDATES`
   lowest minima of the refinement's χ² + priors and of its χ² alone, at least 0.01 apart in ln(1 + z)) scores
   lower by `MARGIN` in archetype χ² + `PRIOR_SHARE` x p(z) penalty; a joint choice among the same candidates, by
   archetype χ² + the templates' whole-range coarse χ² + `JOINT_PRIOR_SHARE` x p(z) penalty; and the candidate
-  nearest the truth (what a perfect re-ranking of the same candidates would answer). The re-ranking's settings were chosen on the
-  reference's validation split with learned archetypes.
+  nearest the truth (what a perfect re-ranking of the same candidates would answer). The re-ranking's settings were
+  chosen on the reference's validation split with learned archetypes.
 Writes archetypes.json and archetypes.md to --out.
 """
 
@@ -59,9 +59,8 @@ from specpt_hf.evaluation.metrics import CATASTROPHIC_THRESHOLD, metrics_by_grou
 from specpt_hf.loading import load_model  # noqa: E402
 from specpt_hf.prediction import model_wavelength, pdf_redshifts  # noqa: E402
 from specpt_hf.refinement import (  # noqa: E402
-    ARCHETYPE_MAX_REDSHIFT,
     RestFrameTemplates,
-    archetype_curve,
+    archetype_scan,
     chi2_curve,
     chi2_scan,
     local_minima,
@@ -158,13 +157,7 @@ def answers(
     wavelength = torch.as_tensor(model_wavelength(model.config))
     u = torch.as_tensor(scan_u)
     start = time.perf_counter()
-    curves = [
-        archetype_curve(t, wavelength, flux, ivar.float(), u, rebin, degree).masked_fill(
-            torch.as_tensor(np.expm1(scan_u) > ARCHETYPE_MAX_REDSHIFT.get(name, np.inf)), np.inf
-        )
-        for name, t in archetypes.items()
-    ]
-    arch = torch.stack(curves).min(0).values.numpy()  # [n, grid]
+    arch = archetype_scan(archetypes, wavelength, flux, ivar.float(), u, rebin, degree).numpy()  # [n, grid]
     seconds["archetypes"] = time.perf_counter() - start
     log_p = torch.log(torch.as_tensor(out["pz"]).double().clamp(min=1e-300))
     prior = model._pz_prior(log_p, u)  # [n, grid], the refinement's p(z) penalty (None: no prior)

@@ -373,8 +373,8 @@ class SpecPTForRedshiftConfig(SpecPTConfig):
             (galaxies to z = 1.7), is refitted there with the templates, and reports the archetypes' DELTACHI2.
             25 is chosen on a validation split (`benchmarks/refinement_sweep.py`, the reference CPU-recipe model
             with 16 archetypes per type, 4,631 spectra): η 0.58 / 0.48 / 0.52 % at every fit / 100 / 25 (1.19 %
-            without archetypes), with the S/N divided by up to 2 1.88 / 1.84 / 1.79 % (2.87 %), at 2.7 times the
-            speed of judging every fit.
+            without archetypes), with the S/N divided by up to 2 1.88 / 1.84 / 1.79 % (2.87 %); a lower gate also
+            judges fewer fits, so it costs less time.
         spectype_labels (`list[str]`, *optional*):
             The spectral types (template set names, e.g. `["GALAXY", "QSO"]`) the type head tells apart: a linear
             layer on the head's embedding, fitted on the labelled training split by `specpt templates`

@@ -871,6 +871,27 @@ def archetype_curve(
     return torch.cat(chi2)[:, trial]  # [batch, grid]
 
 
+def archetype_scan(
+    archetypes: dict[str, RestFrameTemplates],
+    wavelength: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    scan_u: torch.Tensor,
+    rebin: int = 6,
+    degree: int = ARCHETYPE_DEGREE,
+) -> torch.Tensor:
+    """chi^2 [batch, grid] of the best archetype of any set at each trial `scan_u` [grid] ([`archetype_curve`]),
+    each set within its `ARCHETYPE_MAX_REDSHIFT` (inf beyond)."""
+    z = torch.expm1(scan_u)  # [grid]
+    curves = [
+        archetype_curve(t, wavelength, flux, ivar, scan_u, rebin, degree).masked_fill(
+            z > ARCHETYPE_MAX_REDSHIFT.get(name, math.inf), math.inf
+        )
+        for name, t in archetypes.items()
+    ]  # [batch, grid] each
+    return torch.stack(curves).min(0).values
+
+
 def archetype_redshifts(
     archetypes: dict[str, RestFrameTemplates],
     wavelength: torch.Tensor,
@@ -881,17 +902,10 @@ def archetype_redshifts(
     rebin: int = 6,
     exclusion_kms: float = 1000.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The archetypes' choice over the whole of `scan_u` [grid]: u [batch] of the lowest [`archetype_curve`] of any
-    set (+ `prior` [batch, grid] in chi^2 units), each set within its `ARCHETYPE_MAX_REDSHIFT`, and DELTACHI2
-    [batch]: the lowest other local minimum at least `exclusion_kms` away minus it, as Redrock's."""
-    z = torch.expm1(scan_u)  # [grid]
-    curves = [
-        archetype_curve(t, wavelength, flux, ivar, scan_u, rebin).masked_fill(
-            z > ARCHETYPE_MAX_REDSHIFT.get(name, math.inf), math.inf
-        )
-        for name, t in archetypes.items()
-    ]  # [batch, grid] each
-    score = torch.stack(curves).min(0).values  # [batch, grid]
+    """The archetypes' choice over the whole of `scan_u` [grid]: u [batch] of the lowest [`archetype_scan`] (+ `prior`
+    [batch, grid] in chi^2 units), and DELTACHI2 [batch]: the lowest other local minimum at least `exclusion_kms`
+    away minus it, as Redrock's."""
+    score = archetype_scan(archetypes, wavelength, flux, ivar, scan_u, rebin)  # [batch, grid]
     if prior is not None:
         score = score + prior.to(score)
     best = score.argmin(1)  # [batch]
@@ -978,6 +992,7 @@ __all__ = [
     "RestFrameTemplates",
     "archetype_curve",
     "archetype_redshifts",
+    "archetype_scan",
     "build_templates",
     "chi2_curve",
     "chi2_scan",
