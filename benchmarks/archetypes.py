@@ -160,7 +160,7 @@ def answers(
     arch = archetype_scan(archetypes, wavelength, flux, ivar.float(), u, rebin, degree).numpy()  # [n, grid]
     seconds["archetypes"] = time.perf_counter() - start
     log_p = torch.log(torch.as_tensor(out["pz"]).double().clamp(min=1e-300))
-    prior = model._pz_prior(log_p, u)  # [n, grid], the refinement's p(z) penalty (None: no prior)
+    prior = model.pz_penalty(log_p, u)  # [n, grid], the refinement's p(z) penalty (None: no prior)
     penalty = np.zeros_like(arch) if prior is None else prior.numpy()
     chi2 = np.nan_to_num(out["chi2_scan"], nan=np.inf)  # [n, grid]
     star = out["spectype"] == "STAR"

@@ -1334,7 +1334,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
             "fine_step": config.refinement_fine_step,
             "fine_trials": config.refinement_fine_trials,
         }
-        settings["prior"] = self._pz_prior(logits)  # [batch, grid] or None
+        settings["prior"] = self.pz_penalty(logits)  # [batch, grid] or None
         settings["set_prior"] = self._type_prior(spectype_logits)  # {set: [batch]} or None
         wide = torch.zeros_like(quality, dtype=torch.bool)  # [batch]
         # the whole range is searched by the sets without a range of their own (a STAR-only model has none)
@@ -1409,7 +1409,7 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         config = self.config
         wave = rows_wavelength(spectra.wavelength, rows)
         sets = {name: t for name, t in self.templates.items() if name not in self._own_ranges()}
-        prior = None if config.refinement_prior == 0 else lambda u: self._pz_prior(logits[rows], u)
+        prior = None if config.refinement_prior == 0 else lambda u: self.pz_penalty(logits[rows], u)
         return wide_candidates(
             sets,
             wave,
@@ -1532,8 +1532,9 @@ class SpecPTForRedshift(SpecPTPreTrainedModel):
         penalty = -2.0 * config.refinement_type_prior * (log_p - log_p.max(1, keepdim=True).values)
         return {name: penalty[:, i] for i, name in enumerate(config.spectype_labels)}
 
-    def _pz_prior(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor | None:
-        """-2 x `refinement_prior` x ln p(z) at u = ln(1 + z) [grid] (default: the refinement's coarse grid),
+    def pz_penalty(self, logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The p(z) penalty the refinement adds to chi^2: -2 x `refinement_prior` x ln p(z) from `logits`
+        [batch, bins] (or log-probabilities) at u = ln(1 + z) [grid] (default: the refinement's coarse grid),
         [batch, grid], 0 at the most probable bin, p(z) floored at `refinement_prior_floor` (None when the weight
         is 0)."""
         config = self.config

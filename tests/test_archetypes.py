@@ -122,7 +122,7 @@ def test_archetypes_bring_back_a_fit_the_network_misread(templates):
         torch.from_numpy(WAVELENGTH),
         *inputs.values(),
         torch.log1p(model.chi2_scan_redshifts()),
-        0.5 * model._pz_prior(pz[0]),
+        0.5 * model.pz_penalty(pz[0]),
         rebin=3,
     )[1]
     assert float(judged["delta_chi2"][0]) == pytest.approx(
