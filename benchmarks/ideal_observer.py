@@ -2,6 +2,12 @@
 
     python benchmarks/ideal_observer.py --per-class 1000 --out benchmarks/results/ideal_observer \
         --robustness benchmarks/results/robustness/recipe-sps-t9000/robustness.json     # ~5 min on 2 cores
+    python benchmarks/ideal_observer.py --per-class 250 --z-range 0 4 --out benchmarks/results/ideal_observer-whole-range \
+        --robustness benchmarks/results/robustness/recipe-sps-t9000-archetypes/robustness.json  # ~1 min
+    python benchmarks/ideal_observer.py --per-class 250 --z-range 0 4 --template rest \
+        --out benchmarks/results/ideal_observer-perfect-archetypes-no-prior --robustness ...      # ~1 min
+    python benchmarks/ideal_observer.py --per-class 250 --z-range 0 4 --template rest --prior-model runs/ref-arch \
+        --out benchmarks/results/ideal_observer-perfect-archetypes --robustness ...               # ~1 min
     python benchmarks/ideal_observer.py --quick --out /tmp/io                                 # seconds
 
 robustness.py's "S/N ÷ ≤ 2" row asks how much SpecPT loses when the noise grows. This script asks how much a
@@ -11,7 +17,8 @@ regenerated with their noiseless models (the mock's `model`: pixel-integrated, t
 arms merged). Each spectrum is fitted with one template, its own noiseless model (a cubic spline through its
 pixels: smooth, so the truth's own pixels are not a kink that pins the fit), redshifted to every trial z by
 stretching its wavelengths (trial step --step in ln(1 + z)), with a free positive amplitude. The trial with the
-largest χ² gain over the class's redshift range (the truths' range ± 0.05) wins, refined within ± 2 steps with the
+largest χ² gain over the class's redshift range (the truths' range ± 0.05; with --z-range, one range for every
+class, the class not known) wins, refined within ± 2 steps with the
 template evaluated at the data's own pixels (a parabola through the best of 81 trials).
 
 This is the likelihood fit with a perfect template and a known class, given every advantage: a stretched template
@@ -21,6 +28,13 @@ noise of variance (f² - 1) / ivar added: training/augment.py's `renoise` at pro
 it; seeded per class). NMAD and η (|Δz| / (1 + z) > 0.15) per class and over all classes, and the changes from the
 own depth, go to ideal_observer.json and ideal_observer.md, each spectrum's fits to ideal_observer.ecsv. With
 --robustness, SpecPT's refined rows of a robustness.json sit beside them.
+
+With --template rest, each spectrum's template is instead its own rest-frame model (`rest_frame_models`: the same
+draws, every rest wavelength a trial needs, so nothing favours the truth at the edges), through the archetypes'
+line-spread function, fitted as the model's refinement fits an archetype (`archetype_curve`: free amplitude ≥ 0, a
+degree-2 Legendre polynomial beside it) at every step of the archetypes' grid: a perfect archetype library. With
+--prior-model, that model's p(z) penalty on the same spectra is added as its refinement adds it to the archetypes'
+χ² (`refinement_archetype_prior` x `pz_penalty`).
 """
 
 from __future__ import annotations
@@ -36,18 +50,25 @@ import scipy.fft
 import torch
 from astropy.table import Table, vstack
 from scipy.interpolate import CubicSpline
+from scipy.ndimage import gaussian_filter1d
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import CLASSES, SPECTRA_PER_FILE, TEST_SEED  # noqa: E402
+from robustness import predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
+from specpt_hf.archetypes import LSF_KMS  # noqa: E402
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from specpt_hf.data.mock import generate_spectra, release_file_seed  # noqa: E402
+from specpt_hf.data.mock import C_KMS, generate_spectra, release_file_seed, rest_frame_models  # noqa: E402
 from specpt_hf.evaluation.metrics import metrics_by_group  # noqa: E402
+from specpt_hf.loading import load_model  # noqa: E402
+from specpt_hf.refinement import RestFrameTemplates, archetype_curve  # noqa: E402
 from specpt_hf.training.augment import Augmentations, augment, step_generator  # noqa: E402
 
 STEP = 1e-5  # trial step in ln(1 + z), ~3 km/s
+REST_STEP = 8.143654062031658e-05  # --template rest: the archetypes' ln(lambda) grid step (the reference's templates')
+TEMPLATES = ("model", "rest")
 RANGE_PADDING = 0.05  # the trial range: the class's true redshifts ± this
 
 
@@ -69,6 +90,64 @@ def spectra_with_models(target_class: str, n: int, seed: int = TEST_SEED) -> dic
     out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     out["wave"] = np.asarray(mock["wave"], float)
     return out
+
+
+def rest_models(target_class: str, n: int, rest: np.ndarray, seed: int = TEST_SEED) -> np.ndarray:
+    """The rest-frame models [n, len(rest)] of `spectra_with_models`' spectra (the same draws: `rest_frame_models`, no
+    line-spread function, no noise), each normalised to unit length."""
+    parts = []
+    for k, start in enumerate(range(0, n, SPECTRA_PER_FILE)):
+        flux = rest_frame_models(
+            target_class, SPECTRA_PER_FILE, release_file_seed(seed, target_class, k), rest
+        )
+        parts.append(flux["flux"][: min(SPECTRA_PER_FILE, n - start)].astype(np.float64))
+    models = np.concatenate(parts)
+    return models / np.linalg.norm(models, axis=1, keepdims=True)
+
+
+def own_archetype_redshifts(
+    wave: np.ndarray,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    rest: np.ndarray,
+    models: np.ndarray,
+    trials: torch.Tensor,
+    prior: torch.Tensor | None = None,
+) -> np.ndarray:
+    """The z [n] of each spectrum's lowest χ² with its own rest-frame model (`models` [n, len(rest)] on the uniform
+    ln λ grid `rest`, through a LSF_KMS line-spread function) as its one archetype: the refinement's
+    `archetype_curve` (free amplitude >= 0, degree-2 Legendre calibration) at `trials` [t] (u = ln(1 + z)), plus
+    `prior` [n, t] (χ² units) if given. A perfect archetype library: the archetypes' answer with no library gap."""
+    step = float(np.log(rest[1] / rest[0]))
+    smooth = gaussian_filter1d(models, LSF_KMS / C_KMS / step, axis=1)  # [n, grid]
+    wavelength = torch.as_tensor(wave)
+    z = np.empty(len(flux))
+    for i in range(len(flux)):
+        own = RestFrameTemplates(float(np.log(rest[0])), step, torch.as_tensor(smooth[i : i + 1]).float())
+        chi2 = archetype_curve(
+            own,
+            wavelength,
+            torch.as_tensor(flux[i : i + 1]).float(),
+            torch.as_tensor(ivar[i : i + 1]).float(),
+            trials,
+            1,
+        )[0]  # [t]
+        if prior is not None:
+            chi2 = chi2 + prior[i]
+        z[i] = float(torch.expm1(trials[chi2.argmin()]))
+    return z
+
+
+def archetype_prior(
+    model: Any, flux: np.ndarray, ivar: np.ndarray, trials: torch.Tensor
+) -> torch.Tensor | None:
+    """The p(z) penalty [n, t] that `model`'s refinement adds to its archetypes' χ² at `trials` (u = ln(1 + z)):
+    `refinement_archetype_prior` x -2 `refinement_prior` ln p(z), from its network on these spectra."""
+    batch = {"flux": flux.astype(np.float32), "ivar": ivar.astype(np.float32), "mask": ivar <= 0}
+    pz = predict_chunks(model, batch, 128, return_pdf=True)["pz"]  # [n, bins]
+    log_p = torch.log(torch.as_tensor(pz).double().clamp(min=1e-300))
+    penalty = model.pz_penalty(log_p, trials)  # [n, t], None where the model has no p(z) prior
+    return None if penalty is None else model.config.refinement_archetype_prior * penalty
 
 
 def lower_snr(
@@ -141,18 +220,42 @@ def _local_peak(
     return float(shifts[k] + offset * (shifts[1] - shifts[0]))
 
 
-def run(per_class: int, factor: float, seed: int, step: float = STEP) -> Table:
+def run(
+    per_class: int,
+    factor: float,
+    seed: int,
+    step: float = STEP,
+    z_range: tuple[float, float] | None = None,
+    template: str = "model",
+    prior_model: Any = None,
+) -> Table:
     """The fits of per_class spectra per class: CLASS, Z (true), and the fitted Z at the own depth and at S/N ÷ ≤
-    factor (columns of `depth_columns(factor)`)."""
+    factor (columns of `depth_columns(factor)`), trials within `z_range` (default: the class's true redshifts ±
+    RANGE_PADDING); `template` "model": each spectrum's noiseless observed model (`best_redshifts`), "rest": its
+    rest-frame model as its one archetype (`own_archetype_redshifts`), with `prior_model`'s p(z) penalty if given."""
     columns = depth_columns(factor)
     parts = []
     for k, target_class in enumerate(tqdm(CLASSES, desc="ideal observer", unit="class")):
         s = spectra_with_models(target_class, per_class)
-        z_range = (max(0.0, s["z"].min() - RANGE_PADDING), s["z"].max() + RANGE_PADDING)
+        lo, hi = z_range or (max(0.0, s["z"].min() - RANGE_PADDING), s["z"].max() + RANGE_PADDING)
         depths = [(s["flux"], s["ivar"]), lower_snr(s["flux"], s["ivar"], factor, step_generator(seed, k))]
         part = Table({"CLASS": np.full(len(s["z"]), target_class), "Z": s["z"]})
+        if template == "rest":
+            rest = np.exp(
+                np.arange(
+                    np.log(s["wave"][0] / (1 + hi)) - REST_STEP,
+                    np.log(s["wave"][-1] / (1 + lo)) + 2 * REST_STEP,
+                    REST_STEP,
+                )
+            )  # [grid]: every rest wavelength a trial needs
+            models = rest_models(target_class, per_class, rest)
+            trials = torch.arange(np.log1p(lo), np.log1p(hi), REST_STEP, dtype=torch.float64)  # [t]
         for column, (flux, ivar) in zip(columns.values(), depths, strict=True):
-            part[column] = best_redshifts(s["wave"], flux, ivar, s["model"], s["z"], z_range, step)
+            if template == "rest":
+                prior = None if prior_model is None else archetype_prior(prior_model, flux, ivar, trials)
+                part[column] = own_archetype_redshifts(s["wave"], flux, ivar, rest, models, trials, prior)
+            else:
+                part[column] = best_redshifts(s["wave"], flux, ivar, s["model"], s["z"], (lo, hi), step)
         parts.append(part)
     return vstack(parts)
 
@@ -182,9 +285,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# The ideal observer at lower S/N",
         "",
-        f"{results['test_set']}. Machine: {results['machine']['summary']}, {results['machine']['date']}. Each spectrum fitted "
-        f"with its own noiseless model as the one template (free amplitude, trials every {results['step']:g} in "
-        "ln(1 + z) over its class's range): the best any template fit can do. η in %, its change in points.",
+        f"{results['test_set']}. Machine: {results['machine']['summary']}, {results['machine']['date']}. "
+        + fit_description(results),
         "",
         head,
         rule,
@@ -207,6 +309,29 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fit_description(results: dict[str, Any]) -> str:
+    """What the table's fits are, for its caption."""
+    z_range = results.get("z_range")
+    over = f"z {z_range[0]:g} to {z_range[1]:g}, the class not known" if z_range else "its class's range"
+    if results.get("template") == "rest":
+        return (
+            f"Each spectrum fitted with its own rest-frame model as its one archetype (LSF {LSF_KMS:g} km/s, free "
+            f"amplitude, degree-2 Legendre calibration, the refinement's archetype χ², trials every {REST_STEP:.3g} "
+            f"in ln(1 + z) over {over}, "
+            + (
+                f"plus {results['prior_share']:g} x the p(z) prior of {results['prior_model']}"
+                if results.get("prior_model")
+                else "no prior"
+            )
+            + "): a perfect archetype library. η in %, its change in points."
+        )
+    return (
+        f"Each spectrum fitted with its own noiseless model as the one template (free amplitude, trials every "
+        f"{results['step']:g} in ln(1 + z) over {over}): the best any template fit can do. η in %, its change in "
+        "points."
+    )
+
+
 def specpt_rows(path: Path, perturbation: str) -> dict[str, tuple[float, float]]:
     """{class: (refined NMAD ratio, Δη in points)} of `perturbation` in a robustness.json, against its `none` row."""
     metrics = json.loads(path.read_text())["metrics"]
@@ -222,6 +347,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=2.0, help="largest S/N reduction factor (default 2)")
     parser.add_argument("--step", type=float, default=STEP, help="trial step in ln(1 + z)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the added noise")
+    parser.add_argument(
+        "--z-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="trial redshifts for every class (default: each class's true redshifts ± RANGE_PADDING); "
+        "e.g. 0 4, SpecPT's whole range, where the class is not known",
+    )
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="model",
+        help="model: each spectrum's noiseless observed model (default); rest: its rest-frame model as its one "
+        "archetype, through the refinement's archetype χ² (a perfect archetype library, no prior)",
+    )
+    parser.add_argument(
+        "--prior-model",
+        type=Path,
+        help="with --template rest: add this SpecPTForRedshift's p(z) penalty on the same spectra, as its "
+        "refinement adds it to its archetypes' χ² (refinement_archetype_prior x its p(z) prior)",
+    )
+    parser.add_argument(
+        "--prior-share",
+        type=float,
+        help="with --prior-model: this share of its p(z) prior instead of its refinement_archetype_prior",
+    )
     parser.add_argument("--robustness", type=Path, help="a robustness.json whose refined S/N rows go beside")
     parser.add_argument("--quick", action="store_true", help="8 spectra per class")
     parser.add_argument("--out", type=Path, required=True)
@@ -237,8 +388,30 @@ def main(argv: list[str] | None = None) -> int:
         "test_set": f"the first {per_class} spectra of each class of the accuracy test set (seed {TEST_SEED})",
         "step": args.step,
         "factor": args.factor,
+        "z_range": args.z_range,
+        "template": args.template,
+        "prior_model": args.prior_model and str(args.prior_model),
     }
-    fitted = run(per_class, args.factor, args.seed, args.step)
+    if args.z_range and not 0.0 <= args.z_range[0] < args.z_range[1]:
+        parser.error(f"--z-range must be 0 <= LOW < HIGH, got {args.z_range}")
+    if args.prior_model and args.template != "rest":
+        parser.error("--prior-model needs --template rest")
+    if args.prior_share is not None and not args.prior_model:
+        parser.error("--prior-share needs --prior-model")
+    prior_model = load_model(args.prior_model, task="redshift") if args.prior_model else None
+    if args.prior_share is not None:
+        prior_model.config.refinement_archetype_prior = args.prior_share
+    if prior_model is not None:
+        results["prior_share"] = prior_model.config.refinement_archetype_prior
+    fitted = run(
+        per_class,
+        args.factor,
+        args.seed,
+        args.step,
+        args.z_range and tuple(args.z_range),
+        args.template,
+        prior_model,
+    )
     results["metrics"] = metrics(fitted, args.factor)
     if specpt:
         results["robustness"], results["specpt_refined"] = str(args.robustness), specpt

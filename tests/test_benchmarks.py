@@ -301,6 +301,55 @@ def test_ideal_observer_quick_puts_specpt_beside(tmp_path):
         ideal_observer.specpt_rows(tmp_path / "robustness.json", "S/N ÷ ≤ 3")
 
 
+def test_ideal_observer_own_archetype_finds_each_noiseless_spectrum():
+    s = ideal_observer.spectra_with_models("elg", 4)
+    trials = torch.arange(0.0, np.log1p(2.0), ideal_observer.REST_STEP, dtype=torch.float64)
+    rest = np.exp(
+        np.arange(np.log(s["wave"][0] / 3.0) - 1e-3, np.log(s["wave"][-1]) + 1e-3, ideal_observer.REST_STEP)
+    )
+    models = ideal_observer.rest_models("elg", 4, rest)
+    np.testing.assert_allclose(np.linalg.norm(models, axis=1), 1.0)
+    z = ideal_observer.own_archetype_redshifts(s["wave"], s["model"], s["ivar"], rest, models, trials)
+    np.testing.assert_allclose(z, s["z"], atol=1e-3)  # within a few archetype steps of the truth
+    far = torch.full((4, len(trials)), 1e9, dtype=torch.float64)
+    far[:, :10] = 0.0  # a prior that allows only z < 0.001
+    held = ideal_observer.own_archetype_redshifts(s["wave"], s["model"], s["ivar"], rest, models, trials, far)
+    assert np.all(held < 1e-3)
+
+
+def test_ideal_observer_perfect_archetypes_with_a_models_prior(tmp_path):
+    from specpt_hf import create_model
+
+    torch.manual_seed(0)
+    create_model("specpt-tiny", "redshift").save_pretrained(tmp_path / "tiny")
+    argv = ["--quick", "--template", "rest", "--z-range", "0", "4", "--prior-model", str(tmp_path / "tiny")]
+    assert ideal_observer.main([*argv, "--prior-share", "0.5", "--out", str(tmp_path / "io")]) == 0
+    result = json.loads((tmp_path / "io" / "ideal_observer.json").read_text())
+    assert result["template"] == "rest" and result["prior_share"] == 0.5
+    text = (tmp_path / "io" / "ideal_observer.md").read_text()
+    assert "its own rest-frame model as its one archetype" in text and "plus 0.5 x the p(z) prior of" in text
+    assert result["metrics"]["own depth"]["all"]["n"] == 32
+
+
+def test_ideal_observer_prior_model_needs_rest_templates(tmp_path):
+    with pytest.raises(SystemExit):
+        ideal_observer.main(["--quick", "--prior-model", str(tmp_path), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        ideal_observer.main(["--quick", "--template", "rest", "--prior-share", "0.5", "--out", str(tmp_path)])
+
+
+def test_ideal_observer_whole_range_when_the_class_is_not_known(tmp_path):
+    assert ideal_observer.main(["--quick", "--z-range", "0", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ideal_observer.json").read_text())
+    assert result["z_range"] == [0.0, 4.0]
+    assert "over z 0 to 4, the class not known" in (tmp_path / "ideal_observer.md").read_text()
+    fitted = Table.read(tmp_path / "ideal_observer.ecsv")
+    assert np.all((fitted["Z_OWN"] > -1e-3) & (fitted["Z_OWN"] < 4.001))
+    assert np.mean(np.abs(fitted["Z_OWN"] - fitted["Z"]) / (1 + fitted["Z"]) < 0.15) > 0.9
+    with pytest.raises(SystemExit):
+        ideal_observer.main(["--quick", "--z-range", "2", "1", "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize(
     ("source", "spectra"),
     [("learned", []), ("physical", ["--test-dir", "TMP/testset", "--per-class", "8"])],
