@@ -17,7 +17,7 @@ from astropy.io import fits
 
 from specpt_hf.data.instrument import DESI, Arm, Instrument
 
-from .physics import ab_to_flambda
+from .physics import ab_to_flambda, gaussian_line
 
 # Dark-sky continuum at Kitt Peak, AB mag/arcsec² (≈ Neugent & Massey 2010, PASP 122, 1246, zenith, dark),
 # through a 1.5"-diameter DESI fibre (1.767 arcsec²): sets the object's share of the photon noise.
@@ -126,7 +126,7 @@ def _line_excess(wave: np.ndarray, centres: np.ndarray, ews: np.ndarray, sigma: 
         near = np.abs(wave - c) < 8.0 * sigma
         if near.any():
             s = sigma[near]
-            out[near] += ew * np.exp(-0.5 * ((wave[near] - c) / s) ** 2) / (s * np.sqrt(2.0 * np.pi))
+            out[near] += ew * gaussian_line(wave[near], c, s)
     return out
 
 

@@ -123,6 +123,12 @@ LY_ALPHA, LY_BETA, LY_LIMIT = 1215.67, 1025.72, 911.75  # Å, vacuum
 _LN_REST = np.arange(np.log(600.0), np.log(40000.0), 1e-4)  # 30 km/s steps
 
 
+def gaussian_line(wave: np.ndarray, centre: np.ndarray | float, sigma: np.ndarray | float) -> np.ndarray:
+    """A unit-area Gaussian profile at `wave` (Å; broadcast with `centre` and `sigma`, Å): a line of flux (or
+    equivalent width) 1."""
+    return np.exp(-0.5 * ((wave - centre) / sigma) ** 2) / (sigma * np.sqrt(2.0 * np.pi))
+
+
 def _planck(wave: np.ndarray, temp: np.ndarray | float) -> np.ndarray:
     """Planck f_λ up to a constant at `wave` Å and temperature `temp` K (broadcast against each other)."""
     return wave**-5.0 / np.expm1(1.4388e8 / (wave * temp))
@@ -154,7 +160,7 @@ def rest_templates() -> tuple[np.ndarray, np.ndarray]:
             ew = ews[k]
             # depth ≤ 0.7: saturated lines broaden instead of going black
             sigma = max(min_sigma, centre * min_kms / C_KMS, ew / (0.7 * np.sqrt(2.0 * np.pi)))
-            absorb += ew * np.exp(-0.5 * ((wave - centre) / sigma) ** 2) / (sigma * np.sqrt(2.0 * np.pi))
+            absorb += ew * gaussian_line(wave, centre, sigma)
         templates[k] *= np.clip(1.0 - absorb, 0.05, None)
     templates /= np.array([np.interp(5500.0, wave, t) for t in templates])[:, None]
     return wave, templates

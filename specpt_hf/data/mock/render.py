@@ -15,7 +15,17 @@ from specpt_hf.data.instrument import DESI, FWHM_PER_SIGMA, Arm, Instrument, app
 
 from . import sps
 from .noise import EFFTIME, VAR_REF_1000S, _sky_flux, sky_variance_shape, strong_sky_lines
-from .physics import BANDS, C_KMS, _bal, _continuum, _forest, _lines, _normalise, mean_forest_transmission
+from .physics import (
+    BANDS,
+    C_KMS,
+    _bal,
+    _continuum,
+    _forest,
+    _lines,
+    _normalise,
+    gaussian_line,
+    mean_forest_transmission,
+)
 from .populations import _DEFAULT_PROGRAM, DRAWERS, FAMILIES, MOCK_CLASSES, SPS_FAMILIES, _check_class_family
 
 # Truth flags for hard cases (bit values of the `hard` truth column; 0 = an ordinary spectrum).
@@ -255,7 +265,7 @@ def rest_frame_models(
     _, centre, sigma, line_flux = _lines(p)  # [n, L]
     for k in range(centre.shape[1]):
         c, s = centre[:, k, None], sigma[:, k, None]
-        flux += line_flux[:, k, None] * np.exp(-0.5 * ((observed - c) / s) ** 2) / (s * np.sqrt(2.0 * np.pi))
+        flux += line_flux[:, k, None] * gaussian_line(observed, c, s)
     if p["spectype"][0] == "QSO":
         flux *= mean_forest_transmission(p["z"], observed) * _bal(p, rest)
     return {"flux": flux.astype(np.float32), "z": np.asarray(p["z"])}

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .physics import C_KMS, _planck
+from .physics import C_KMS, _planck, gaussian_line
 
 _LN0, _DLN = np.log(3300.0), 1e-4  # rest grid, 30 km/s steps
 _WAVE = np.exp(np.arange(_LN0, np.log(10500.0), _DLN))
@@ -166,9 +166,7 @@ def rest_spectra(teff: np.ndarray, logg: np.ndarray, feh: np.ndarray) -> np.ndar
         sigma = np.maximum(min_sigma, ew / (0.7 * np.sqrt(2.0 * np.pi)))[:, None]
         near = np.abs(_WAVE - centre) < 8.0 * sigma.max()
         x = _WAVE[near][None, :]
-        absorb[:, near] += (
-            ew[:, None] * np.exp(-0.5 * ((x - centre) / sigma) ** 2) / (sigma * np.sqrt(2.0 * np.pi))
-        )
+        absorb[:, near] += ew[:, None] * gaussian_line(x, centre, sigma)
     return (flux * np.clip(1.0 - absorb, 0.05, None)).astype(np.float32)
 
 
