@@ -12,7 +12,8 @@ with W=2 and W=4, and peaks+wide again with the network under
 bfloat16 autocast (`specpt predict --bf16`; fast on CPUs with AMX / AVX512-BF16, slow elsewhere). Speed is spectra
 per CPU-second (user + system of all threads) with `--threads` torch threads, end to end (read, network,
 refinement, catalog), next to Redrock's per-core rate from benchmarks/results/speed/speed.json (same machine
-type; `--redrock-rate` overrides it). Writes frontier.json, frontier.md and frontier.png to --out.
+type; `--redrock-rate` overrides it). `--only-config` runs the model's own setting alone (to time one model, e.g.
+with archetypes, against another). Writes frontier.json, frontier.md and frontier.png to --out.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['n_per_class']} test spectra per class (accuracy test set, seed 101), {result['threads']} torch "
         f"thread(s); Redrock: {rate if rate is None else f'{rate:.3f}'} spectra per core-second "
-        "(benchmarks/results/speed). NMAD and η (|Δz|/(1+z) > 0.15) per class.",
+        f"({result.get('redrock_rate_source', 'benchmarks/results/speed')}). NMAD and η (|Δz|/(1+z) > 0.15) per "
+        "class.",
         "",
         "| refinement | K | W (bins) | coarse vectors | network | spectra / CPU-s | × Redrock per core | "
         + " | ".join(f"{c.upper()} NMAD | {c.upper()} η (%)" for c in CLASSES)
@@ -167,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the per-core rate)")
     parser.add_argument("--redrock-rate", type=float, help="Redrock spectra per core-second")
     parser.add_argument(
+        "--only-config",
+        action="store_true",
+        help="only the model's own setting (its refinement, K, W and coarse vectors; fp32), e.g. to time one model "
+        "against another",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="untrained specpt-tiny + learned templates, 6 per class"
     )
     args = parser.parse_args(argv)
@@ -191,13 +199,22 @@ def main(argv: list[str] | None = None) -> int:
         for coarse in (0, default_coarse)
         for bf16 in (False, True)
     ]
+    config = model.config
+    own = (
+        config.refinement,
+        config.refinement_modes,
+        config.refinement_window,
+        config.refinement_coarse_vectors,
+    )
+    settings = [(*own, False)] if args.only_config else [*SETTINGS, *wide]
     result = {
         "machine": machine_info("cpu"),
         "model": model_label(args.model) if args.model else "specpt-tiny (untrained)",
         "threads": args.threads,
         "n_per_class": len(truth) // len(CLASSES),
         "redrock_spectra_per_core_second": args.redrock_rate or redrock_rate(),
-        "settings": [run_setting(model, coadds, truth, args.out, *s) for s in [*SETTINGS, *wide]],
+        "redrock_rate_source": "--redrock-rate" if args.redrock_rate else "benchmarks/results/speed",
+        "settings": [run_setting(model, coadds, truth, args.out, *s) for s in settings],
     }
     atomic_write_json(args.out / "frontier.json", result)
     atomic_write_text(args.out / "frontier.md", markdown(result))

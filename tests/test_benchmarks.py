@@ -240,6 +240,23 @@ def test_refinement_frontier_quick_runs_every_setting(tmp_path):
     assert "| peaks | 3 | 2 | 5 | fp32 |" in text and "| peaks | 3 | 2 | all | bf16 |" in text
 
 
+def test_refinement_frontier_only_config_runs_the_models_own_setting(tmp_path):
+    argv = ["--quick", "--only-config", "--out", str(tmp_path), "--redrock-rate", "2.0"]
+    assert refinement_frontier.main(argv) == 0
+    result = json.loads((tmp_path / "frontier.json").read_text())
+    (row,) = result["settings"]
+    config = refinement_frontier.load_redshift_model("specpt-tiny", None).config  # the quick model's
+    assert (row["refinement"], row["modes"], row["window_bins"], row["coarse_vectors"], row["bf16"]) == (
+        config.refinement,
+        config.refinement_modes,
+        config.refinement_window,
+        config.refinement_coarse_vectors,
+        False,
+    )
+    assert result["redrock_rate_source"] == "--redrock-rate"
+    assert "Redrock: 2.000 spectra per core-second (--redrock-rate)" in (tmp_path / "frontier.md").read_text()
+
+
 def test_lower_snr_copy_is_the_same_sky_at_a_shorter_exposure(tmp_path):
     (source, *_) = accuracy.make_test_set(tmp_path / "testset", 6, accuracy.TEST_SEED, 6)["elg"]
     target = noise_redrock.lower_snr(source, tmp_path / "low" / source.name, 2.0, seed=3)
