@@ -2,13 +2,15 @@
 
     python benchmarks/ideal_observer.py --per-class 1000 --out benchmarks/results/ideal_observer \
         --robustness benchmarks/results/robustness/recipe-sps-t9000/robustness.json     # ~5 min on 2 cores
-    python benchmarks/ideal_observer.py --per-class 250 --z-range 0 4 --out benchmarks/results/ideal_observer-whole-range \
-        --robustness benchmarks/results/robustness/recipe-sps-t9000-archetypes/robustness.json  # ~1 min
+    python benchmarks/ideal_observer.py --per-class 250 --z-range 0 4 \
+        --out benchmarks/results/ideal_observer-whole-range --robustness ...                     # ~1 min
     python benchmarks/ideal_observer.py --per-class 250 --z-range 0 4 --template rest \
         --out benchmarks/results/ideal_observer-perfect-archetypes-no-prior --robustness ...      # ~1 min
     python benchmarks/ideal_observer.py --per-class 250 --z-range 0 4 --template rest --prior-model runs/ref-arch \
-        --out benchmarks/results/ideal_observer-perfect-archetypes --robustness ...               # ~1 min
+        --prior-share 0.25 --out benchmarks/results/ideal_observer-perfect-archetypes-share-0.25 --robustness ...
     python benchmarks/ideal_observer.py --quick --out /tmp/io                                 # seconds
+
+(... : benchmarks/results/robustness/recipe-sps-t9000-archetypes/robustness.json, SpecPT's refined rows beside.)
 
 robustness.py's "S/N ÷ ≤ 2" row asks how much SpecPT loses when the noise grows. This script asks how much a
 template fit that knew each spectrum exactly would lose on the same spectra. The first --per-class spectra of each
@@ -32,9 +34,9 @@ own depth, go to ideal_observer.json and ideal_observer.md, each spectrum's fits
 With --template rest, each spectrum's template is instead its own rest-frame model (`rest_frame_models`: the same
 draws, every rest wavelength a trial needs, so nothing favours the truth at the edges), through the archetypes'
 line-spread function, fitted as the model's refinement fits an archetype (`archetype_curve`: free amplitude ≥ 0, a
-degree-2 Legendre polynomial beside it) at every step of the archetypes' grid: a perfect archetype library. With
---prior-model, that model's p(z) penalty on the same spectra is added as its refinement adds it to the archetypes'
-χ² (`refinement_archetype_prior` x `pz_penalty`).
+Legendre polynomial of ARCHETYPE_DEGREE beside it) at every step of the archetypes' grid: a perfect archetype
+library. With --prior-model, that model's p(z) penalty on the same spectra is added as its refinement adds it to the
+archetypes' χ² (`refinement_archetype_prior` x `pz_penalty`; `--prior-share` overrides the share).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text 
 from specpt_hf.data.mock import C_KMS, generate_spectra, release_file_seed, rest_frame_models  # noqa: E402
 from specpt_hf.evaluation.metrics import metrics_by_group  # noqa: E402
 from specpt_hf.loading import load_model  # noqa: E402
-from specpt_hf.refinement import RestFrameTemplates, archetype_curve  # noqa: E402
+from specpt_hf.refinement import ARCHETYPE_DEGREE, RestFrameTemplates, archetype_curve  # noqa: E402
 from specpt_hf.training.augment import Augmentations, augment, step_generator  # noqa: E402
 
 STEP = 1e-5  # trial step in ln(1 + z), ~3 km/s
@@ -116,8 +118,9 @@ def own_archetype_redshifts(
 ) -> np.ndarray:
     """The z [n] of each spectrum's lowest χ² with its own rest-frame model (`models` [n, len(rest)] on the uniform
     ln λ grid `rest`, through a LSF_KMS line-spread function) as its one archetype: the refinement's
-    `archetype_curve` (free amplitude >= 0, degree-2 Legendre calibration) at `trials` [t] (u = ln(1 + z)), plus
-    `prior` [n, t] (χ² units) if given. A perfect archetype library: the archetypes' answer with no library gap."""
+    `archetype_curve` (free amplitude >= 0, ARCHETYPE_DEGREE Legendre calibration) at `trials` [t] (u = ln(1 + z)),
+    plus `prior` [n, t] (χ² units) if given. A perfect archetype library: the archetypes' answer with no library
+    gap."""
     step = float(np.log(rest[1] / rest[0]))
     smooth = gaussian_filter1d(models, LSF_KMS / C_KMS / step, axis=1)  # [n, grid]
     wavelength = torch.as_tensor(wave)
@@ -316,7 +319,8 @@ def fit_description(results: dict[str, Any]) -> str:
     if results.get("template") == "rest":
         return (
             f"Each spectrum fitted with its own rest-frame model as its one archetype (LSF {LSF_KMS:g} km/s, free "
-            f"amplitude, degree-2 Legendre calibration, the refinement's archetype χ², trials every {REST_STEP:.3g} "
+            f"amplitude, degree-{ARCHETYPE_DEGREE} Legendre calibration, the refinement's archetype χ², trials every "
+            f"{REST_STEP:.3g} "
             f"in ln(1 + z) over {over}, "
             + (
                 f"plus {results['prior_share']:g} x the p(z) prior of {results['prior_model']}"
