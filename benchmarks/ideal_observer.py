@@ -60,7 +60,7 @@ from accuracy import CLASSES, SPECTRA_PER_FILE, TEST_SEED  # noqa: E402
 from robustness import predict_chunks  # noqa: E402
 from speed import machine_info  # noqa: E402
 
-from specpt_hf.archetypes import LSF_KMS  # noqa: E402
+from specpt_hf.archetypes import LSF_KMS, rest_log_grid  # noqa: E402
 from specpt_hf.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from specpt_hf.data.mock import C_KMS, generate_spectra, release_file_seed, rest_frame_models  # noqa: E402
 from specpt_hf.evaluation.metrics import metrics_by_group  # noqa: E402
@@ -245,11 +245,7 @@ def run(
         part = Table({"CLASS": np.full(len(s["z"]), target_class), "Z": s["z"]})
         if template == "rest":
             rest = np.exp(
-                np.arange(
-                    np.log(s["wave"][0] / (1 + hi)) - REST_STEP,
-                    np.log(s["wave"][-1] / (1 + lo)) + 2 * REST_STEP,
-                    REST_STEP,
-                )
+                rest_log_grid(s["wave"], lo, hi, REST_STEP)
             )  # [grid]: every rest wavelength a trial needs
             models = rest_models(target_class, per_class, rest)
             trials = torch.arange(np.log1p(lo), np.log1p(hi), REST_STEP, dtype=torch.float64)  # [t]

@@ -50,6 +50,13 @@ def archetype_draws(sps_share: float = SPS_SHARE) -> dict[str, list[tuple[str, s
     }
 
 
+def rest_log_grid(wavelength: np.ndarray, z_min: float, z_max: float, step: float) -> np.ndarray:
+    """ln(rest wavelength / Å) every `step`, covering what observed `wavelength` [pixels] sees between `z_min` and
+    `z_max`, a step beyond each end: no trial redshift leaves a pixel without a rest value."""
+    start = np.log(wavelength[0] / (1 + z_max)) - step
+    return np.arange(start, np.log(wavelength[-1] / (1 + z_min)) + 2 * step, step)
+
+
 def build_archetypes(
     config: SpecPTForRedshiftConfig,
     steps: dict[str, float],
@@ -68,10 +75,8 @@ def build_archetypes(
         if name not in steps:
             continue
         step = steps[name]
-        start = np.log(wavelength[0] / (1 + config.z_max)) - step
-        rest = np.exp(
-            np.arange(start, np.log(wavelength[-1] / (1 + config.z_min)) + 2 * step, step)
-        )  # [grid]
+        log_rest = rest_log_grid(wavelength, config.z_min, config.z_max, step)  # [grid]
+        rest, start = np.exp(log_rest), log_rest[0]
         spectra = np.concatenate(
             [
                 rest_frame_models(cls, max(1, round(share * per_type)), seed, rest, family)["flux"]
