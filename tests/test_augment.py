@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from specpt_hf.data.desi import desi_brz_wavelength
 from specpt_hf.training import train as train_module
-from specpt_hf.training.augment import Augmentations, augment, step_generator
+from specpt_hf.training.augment import Augmentations, augment, renoised_copy, step_generator
 from specpt_hf.training.settings import TrainingSettings
-from specpt_hf.training.train import training_function
+from specpt_hf.training.train import pz_consistency, training_function
 
 WAVE = desi_brz_wavelength()  # [7781]
 
@@ -95,6 +95,76 @@ def test_renoise_ivar_is_the_inverse_variance_of_the_new_flux():
     pull = ((out["flux"] - 1.0) * out["ivar"].sqrt())[good]  # truth is 1: unit variance if ivar is right
     assert float(pull.var()) == pytest.approx(1.0, rel=0.02)
     assert float((data["ivar"][good] / out["ivar"][good]).max()) <= 9.0 + 1e-3  # S/N down by at most 3
+
+
+def test_renoised_copy_lowers_every_spectrum_and_keeps_ivar_the_inverse_variance():
+    data = batch(n=256)
+    copy = renoised_copy(data, 2.0, step_generator(0, 4, stream=1))
+    good = ~data["mask"]
+    pull = ((copy["flux"] - 1.0) * copy["ivar"].sqrt())[good]  # truth is 1: unit variance if ivar is right
+    assert float(pull.var()) == pytest.approx(1.0, rel=0.02)
+    factor = (data["ivar"][:, 0] / copy["ivar"][:, 0]).sqrt()  # [batch] S/N reduction of each spectrum
+    assert float(factor.min()) >= 1.0 and float(factor.max()) <= 2.0 + 1e-5 and float(factor.std()) > 0.2
+    assert copy["labels"] is data["labels"] and copy["mask"] is data["mask"]
+    assert (copy["ivar"][data["mask"]] == 0).all()
+    again = renoised_copy(data, 2.0, step_generator(0, 4, stream=1))
+    assert torch.equal(again["flux"], copy["flux"])
+    other = renoised_copy(data, 2.0, step_generator(0, 4))
+    assert not torch.equal(other["flux"], copy["flux"])  # stream 1 is not the augmentations' stream
+    with pytest.raises(ValueError, match="> 1"):
+        renoised_copy(data, 1.0, step_generator(0, 4))
+
+
+def test_pz_consistency_is_zero_for_equal_p_z_and_moves_only_the_copy():
+    target = torch.randn(4, 30)
+    assert float(pz_consistency(torch.cat([target, target + 5.0]))) == pytest.approx(0.0, abs=1e-6)
+    logits = torch.cat([target, torch.randn(4, 30)]).requires_grad_()
+    loss = pz_consistency(logits)
+    loss.backward()
+    assert float(loss.detach()) > 0.01
+    assert (logits.grad[:4] == 0).all() and (logits.grad[4:] != 0).any()  # the spectrum's p(z) is the target
+
+
+def test_consistency_training_is_resumable_and_acts(tmp_path, monkeypatch):
+    from specpt_hf.data.mock import write_mock_release
+    from specpt_hf.data.prepare import prepare_dataset
+
+    write_mock_release(tmp_path / "raw", {"elg": 24, "lrg": 24}, seed=5, spectra_per_file=24, progress=False)
+    prepare_dataset([tmp_path / "raw"], tmp_path / "data", fractions=(0.6, 0.2, 0.2), progress=False)
+    values = dict(
+        stage="redshift", preset="specpt-tiny", data_dir=str(tmp_path / "data"), batch_size=8, max_steps=4,
+        eval_steps=2, logging_steps=2, checkpointing_steps=2, report_to="none", disable_tqdm=True, seed=3,
+        consistency_renoise=2.0,
+    )  # fmt: skip
+    whole = training_function(TrainingSettings(**values, output_dir=str(tmp_path / "whole")))
+    real_save = train_module.save_checkpoint
+
+    def save_then_stop(accelerator, run_settings, step, *objects):
+        real_save(accelerator, run_settings, step, *objects)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        training_function(TrainingSettings(**values, output_dir=str(tmp_path / "cut")))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = training_function(TrainingSettings(**values, output_dir=str(tmp_path / "cut"), resume=True))
+    expected, got = (load_file(r.model_dir / "model.safetensors") for r in (whole, resumed))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    plain = training_function(
+        TrainingSettings(**{**values, "consistency_renoise": 0.0}, output_dir=str(tmp_path / "plain"))
+    )
+    differs = load_file(plain.model_dir / "model.safetensors")
+    assert any(not torch.equal(differs[name], expected[name]) for name in expected)  # the pairs acted
+
+
+def test_consistency_settings_are_checked():
+    with pytest.raises(ValueError, match="consistency_renoise"):
+        TrainingSettings(stage="redshift", consistency_renoise=0.5)
+    with pytest.raises(ValueError, match="consistency_renoise"):
+        TrainingSettings(stage="autoencoder", consistency_renoise=2.0)
+    with pytest.raises(ValueError, match="consistency_weight"):
+        TrainingSettings(stage="redshift", consistency_renoise=2.0, consistency_weight=-1.0)
 
 
 def test_resolution_blur_conserves_flux_and_keeps_ivar_the_inverse_variance():

@@ -69,6 +69,14 @@ class TrainingSettings:
     augment_until_step: int | None = _setting(
         None, "augment only the first N optimizer steps; the rest train on the spectra as they are"
     )
+    consistency_renoise: float = _setting(
+        0.0,
+        "stage 2: pair each spectrum with a copy at S/N / f, f uniform in [1, F], trained on the same label and "
+        "pulled toward the spectrum's p(z) (F > 1, e.g. 2; 0 = off; twice the forward cost)",
+    )
+    consistency_weight: float = _setting(
+        1.0, "weight of the copy's KL(p(z) of the spectrum || p(z) of the copy)"
+    )
     # optimisation
     batch_size: int = _setting(32, "spectra per batch and per process")
     gradient_accumulation_steps: int = _setting(1, "batches summed into one optimizer step")
@@ -125,11 +133,20 @@ class TrainingSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"setting {name!r} must be > 0, got {value!r}")
-        for name in ("warmup_steps", "num_workers", "weight_decay", "max_grad_norm"):
+        for name in ("warmup_steps", "num_workers", "weight_decay", "max_grad_norm", "consistency_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"setting {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if self.consistency_renoise and self.consistency_renoise <= 1.0:
+            raise ValueError(
+                f"setting 'consistency_renoise' is a S/N reduction factor > 1 (or 0: off), got {self.consistency_renoise}"
+            )
         if self.stage == "autoencoder":
-            for name in ("freeze_encoder", "encoder_learning_rate", "early_stopping_patience"):
+            for name in (
+                "freeze_encoder",
+                "encoder_learning_rate",
+                "early_stopping_patience",
+                "consistency_renoise",
+            ):
                 if getattr(self, name) not in (None, False):
                     raise ValueError(f"setting {name!r} applies to stage 'redshift' only, not 'autoencoder'")
         if self.freeze_encoder and self.encoder_learning_rate is not None:

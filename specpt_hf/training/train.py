@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -48,7 +49,7 @@ from specpt_hf.evaluation.metrics import redshift_metrics
 from specpt_hf.loading import check_model_source
 from specpt_hf.prediction import model_wavelength
 from specpt_hf.presets import model_class, preset_config
-from specpt_hf.training.augment import Augmentations, augment, step_generator
+from specpt_hf.training.augment import Augmentations, augment, renoised_copy, step_generator
 from specpt_hf.training.checkpoint import (
     CHECKPOINT_PREFIX,
     checkpoint_dirs,
@@ -326,6 +327,8 @@ def training_function(
         model = build_model(settings)
     else:
         check_model(model, settings)
+    if settings.consistency_renoise and getattr(model.config, "head_type", None) == "paper":
+        raise ValueError("setting 'consistency_renoise' needs a p(z) head; head_type 'paper' regresses z")
     use_training_attention(model, accelerator.device)
     train_dl, val_dl = training_dataloaders(settings, model.config)
 
@@ -413,6 +416,18 @@ def augmentations(settings: TrainingSettings) -> Augmentations:
     )
 
 
+def pz_consistency(logits: torch.Tensor) -> torch.Tensor:
+    """KL(p(z) of each spectrum || p(z) of its copy), batch mean, from the p(z) logits of [spectra; copies]
+    [2 batch, bins]; the spectra's p(z) is the fixed target."""
+    target, copy = logits.float().chunk(2)  # [batch, bins] each
+    return F.kl_div(
+        F.log_softmax(copy, dim=-1),
+        F.log_softmax(target.detach(), dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
 class _Loop:
     """The training loop of `training_function`, split into steps small enough to read."""
 
@@ -495,14 +510,14 @@ class _Loop:
             generator = step_generator(self.settings.seed, self.state.step)
             batch = augment(batch, self.wavelength, self.augmentations, generator)
         with accelerator.accumulate(self.model):
-            outputs = self.model(**batch)
-            accelerator.backward(outputs.loss)
+            loss = self._loss(batch)
+            accelerator.backward(loss)
             if accelerator.sync_gradients and self.settings.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
-        self.window_loss += outputs.loss.detach().float()
+        self.window_loss += loss.detach().float()
         self.window_batches += 1
         if not accelerator.sync_gradients:
             return False
@@ -512,6 +527,17 @@ class _Loop:
         if self.state.step % self.settings.logging_steps == 0 or self.state.step == self.max_steps:
             self._log_training()
         return True
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's loss on `batch`; with `consistency_renoise`, on the batch and its renoised copy together,
+        plus the copy's p(z) consistency with the spectrum's."""
+        largest = self.settings.consistency_renoise
+        if not largest:
+            return self.model(**batch).loss
+        copy = renoised_copy(batch, largest, step_generator(self.settings.seed, self.state.step, stream=1))
+        paired = {key: torch.cat([batch[key], copy[key]]) for key in batch}  # [2 batch, ...]
+        outputs = self.model(**paired)
+        return outputs.loss + self.settings.consistency_weight * pz_consistency(outputs.logits)
 
     def _log_training(self) -> None:
         loss = self.accelerator.reduce(self.window_loss / self.window_batches, reduction="mean").item()
