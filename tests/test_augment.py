@@ -126,36 +126,8 @@ def test_pz_consistency_is_zero_for_equal_p_z_and_moves_only_the_copy():
 
 
 def test_consistency_training_is_resumable_and_acts(tmp_path, monkeypatch):
-    from specpt_hf.data.mock import write_mock_release
-    from specpt_hf.data.prepare import prepare_dataset
-
-    write_mock_release(tmp_path / "raw", {"elg": 24, "lrg": 24}, seed=5, spectra_per_file=24, progress=False)
-    prepare_dataset([tmp_path / "raw"], tmp_path / "data", fractions=(0.6, 0.2, 0.2), progress=False)
-    values = dict(
-        stage="redshift", preset="specpt-tiny", data_dir=str(tmp_path / "data"), batch_size=8, max_steps=4,
-        eval_steps=2, logging_steps=2, checkpointing_steps=2, report_to="none", disable_tqdm=True, seed=3,
-        consistency_renoise=2.0,
-    )  # fmt: skip
-    whole = training_function(TrainingSettings(**values, output_dir=str(tmp_path / "whole")))
-    real_save = train_module.save_checkpoint
-
-    def save_then_stop(accelerator, run_settings, step, *objects):
-        real_save(accelerator, run_settings, step, *objects)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        training_function(TrainingSettings(**values, output_dir=str(tmp_path / "cut")))
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    resumed = training_function(TrainingSettings(**values, output_dir=str(tmp_path / "cut"), resume=True))
-    expected, got = (load_file(r.model_dir / "model.safetensors") for r in (whole, resumed))
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    plain = training_function(
-        TrainingSettings(**{**values, "consistency_renoise": 0.0}, output_dir=str(tmp_path / "plain"))
-    )
-    differs = load_file(plain.model_dir / "model.safetensors")
-    assert any(not torch.equal(differs[name], expected[name]) for name in expected)  # the pairs acted
+    values = dict(stage="redshift", consistency_renoise=2.0)
+    assert_resumed_run_matches(tmp_path, monkeypatch, values, off={"consistency_renoise": 0.0})
 
 
 def test_consistency_settings_are_checked():
@@ -203,17 +175,17 @@ def test_bad_settings_are_refused():
         Augmentations(probability=2.0)
 
 
-def test_a_resumed_augmented_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+def assert_resumed_run_matches(tmp_path, monkeypatch, values: dict, off: dict) -> None:
+    """A tiny run with the settings `values`, cut after its first checkpoint and resumed, ends with the weights of
+    the uninterrupted run, and those differ from a run with the settings `off` (the settings acted)."""
     from specpt_hf.data.mock import write_mock_release
     from specpt_hf.data.prepare import prepare_dataset
 
     write_mock_release(tmp_path / "raw", {"elg": 24, "lrg": 24}, seed=5, spectra_per_file=24, progress=False)
     prepare_dataset([tmp_path / "raw"], tmp_path / "data", fractions=(0.6, 0.2, 0.2), progress=False)
     values = dict(
-        stage="autoencoder", preset="specpt-tiny", data_dir=str(tmp_path / "data"), batch_size=8, max_steps=4,
-        eval_steps=2, logging_steps=2, checkpointing_steps=2, report_to="none", disable_tqdm=True, seed=3,
-        augment_probability=0.7, augment_calibration=0.02, augment_sky_residual=2.0, augment_masked_span=100,
-        augment_renoise=2.0, augment_resolution=1.0, augment_ebv=0.1,
+        preset="specpt-tiny", data_dir=str(tmp_path / "data"), batch_size=8, max_steps=4, eval_steps=2,
+        logging_steps=2, checkpointing_steps=2, report_to="none", disable_tqdm=True, seed=3, **values,
     )  # fmt: skip
     whole = training_function(TrainingSettings(**values, output_dir=str(tmp_path / "whole")))
     real_save = train_module.save_checkpoint
@@ -230,12 +202,18 @@ def test_a_resumed_augmented_run_ends_with_the_same_weights(tmp_path, monkeypatc
     expected, got = (load_file(r.model_dir / "model.safetensors") for r in (whole, resumed))
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    plain = training_function(
-        TrainingSettings(**{**values, "augment_calibration": 0.0, "augment_sky_residual": 0.0, "augment_masked_span": 0,
-                            "augment_renoise": 0.0, "augment_resolution": 0.0, "augment_ebv": 0.0}, output_dir=str(tmp_path / "plain"))
-    )  # fmt: skip
+    plain = training_function(TrainingSettings(**{**values, **off}, output_dir=str(tmp_path / "plain")))
     differs = load_file(plain.model_dir / "model.safetensors")
-    assert any(not torch.equal(differs[name], expected[name]) for name in expected)  # the augmentations acted
+    assert any(not torch.equal(differs[name], expected[name]) for name in expected)
+
+
+def test_a_resumed_augmented_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    amplitudes = dict(
+        augment_calibration=0.02, augment_sky_residual=2.0, augment_masked_span=100, augment_renoise=2.0,
+        augment_resolution=1.0, augment_ebv=0.1,
+    )  # fmt: skip
+    values = dict(stage="autoencoder", augment_probability=0.7, **amplitudes)
+    assert_resumed_run_matches(tmp_path, monkeypatch, values, off={name: 0 for name in amplitudes})
 
 
 def test_augment_until_step_augments_only_the_first_steps(tmp_path, monkeypatch):
