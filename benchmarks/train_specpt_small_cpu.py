@@ -44,8 +44,8 @@ Steps and wall-clock plan (`--hours 3` on 2 cores; printed at the start, rates a
 
 The stage shares (25 % / 75 % of what the data step leaves, minus 5 % for validation and checkpoints: the
 redshift head gains more from steps than the autoencoder) and rates (100 / 105 spectra/s: specpt-small, bf16,
-batch 32, this 2-core machine, from the training progress bars) set the step counts; measure the rates on another machine and pass them. On a CPU without AVX512-BF16 / AMX,
-pass `--no-bf16` (and lower rates).
+batch 32, this 2-core machine, from the training progress bars) set the step counts; measure the rates on another machine and pass them. On a CPU without AVX512-BF16 / AMX
+training runs float32 (`specpt train` falls back by itself; `--no-bf16` asks for it anywhere): pass lower rates.
 
 A GPU run that aims at the published floors (BGS NMAD ≤ 0.0006, η ≤ 0.2 %; ELG NMAD ≤ 0.0008, η ≤ 0.8 %)
 needs what the CPU budget cannot buy: data on the paper's scale (~0.5 M spectra: `--n-per-class 125000`,

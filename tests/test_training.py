@@ -506,7 +506,7 @@ def test_two_processes_give_the_same_loss_curve_shape(stage1, data_dir, tmp_path
 
 def test_cli_bf16_run_in_its_own_process(data_dir, tmp_path):
     """`specpt train` end to end with bf16 autocast on the CPU (a separate process: Accelerate fixes the
-    precision once per process)."""
+    precision once per process); on a CPU without native bf16 the run falls back to float32 and says so."""
     out = tmp_path / "bf16"
     command = [
         sys.executable,
@@ -532,7 +532,11 @@ def test_cli_bf16_run_in_its_own_process(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"model saved to {out / 'model'}" in done.stdout
     saved = TrainingSettings.from_yaml(out / "model" / SETTINGS_NAME)
-    assert (saved.mixed_precision, saved.max_steps, saved.preset) == ("bf16", 3, "specpt-tiny")
+    from specpt_hf.training.train import native_cpu_bf16
+
+    expected = "bf16" if native_cpu_bf16() else "no"
+    assert (saved.mixed_precision, saved.max_steps, saved.preset) == (expected, 3, "specpt-tiny")
+    assert ("without native bf16" in done.stderr) == (expected == "no")
     weights = load_file(out / "model" / "model.safetensors")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
@@ -718,3 +722,16 @@ def test_training_on_from_a_redshift_model_drops_its_type_head(tmp_path):
     continued = build_model(settings)
     assert continued.spectype_head is None and continued.config.spectype_labels is None
     assert type(model).from_pretrained(folder).spectype_head is not None  # the folder itself keeps it
+
+
+def test_bf16_falls_back_to_float32_only_on_a_cpu_without_native_bf16():
+    from specpt_hf.training.train import native_cpu_bf16, run_precision
+
+    assert run_precision("bf16", "cpu", native_bf16=False) == "no"
+    assert run_precision("bf16", "cpu", native_bf16=True) == "bf16"
+    assert run_precision("bf16", "cuda", native_bf16=False) == "bf16"
+    assert run_precision("fp16", "cuda", native_bf16=False) == "fp16"
+    assert run_precision("no", "cpu", native_bf16=False) == "no"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    if flags is not None and "avx2" in flags:  # x86: torch's answer agrees with the CPU's flags
+        assert native_cpu_bf16() == ("avx512_bf16" in flags or "amx_tile" in flags)

@@ -90,7 +90,9 @@ class TrainingSettings:
     max_steps: int | None = _setting(None, "stop after this many optimizer steps (overrides num_epochs)")
     num_epochs: int = _setting(10, "passes over the training split when max_steps is not set")
     max_grad_norm: float = _setting(1.0, "gradient clipping norm (0 disables clipping)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = _setting("no", "'no', 'bf16' or 'fp16' (fp16 on GPUs)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _setting(
+        "no", "'no', 'bf16' or 'fp16' (fp16 on GPUs; bf16 on a CPU without native bf16 runs float32)"
+    )
     seed: int = _setting(42, "seed for the weights, the data order and dropout")
     # checkpoints, validation, logging
     checkpointing_steps: int | None = _setting(
