@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import shutil
 import sys
 import time
@@ -270,8 +271,14 @@ def use_training_attention(model: torch.nn.Module, device: torch.device) -> None
 
 
 def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles, as torch reports them)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """Whether this CPU computes bfloat16 natively: on x86, AVX512-BF16 or AMX tiles as torch reports them; on
+    other CPUs, or a torch that cannot tell, assumed so (the request stands)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    checks = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return any(check is None or check() for check in checks)
 
 
 def run_precision(requested: str, device_type: str, native_bf16: bool) -> str:
