@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from specpt_hf.data.desi import desi_brz_wavelength
 from specpt_hf.training import train as train_module
-from specpt_hf.training.augment import Augmentations, augment, renoised_copy, step_generator
+from specpt_hf.training.augment import Augmentations, augment, step_generator
 from specpt_hf.training.settings import TrainingSettings
 from specpt_hf.training.train import pz_consistency, training_function
 
@@ -97,22 +97,23 @@ def test_renoise_ivar_is_the_inverse_variance_of_the_new_flux():
     assert float((data["ivar"][good] / out["ivar"][good]).max()) <= 9.0 + 1e-3  # S/N down by at most 3
 
 
-def test_renoised_copy_lowers_every_spectrum_and_keeps_ivar_the_inverse_variance():
+def test_the_consistency_copy_lowers_every_spectrum_and_keeps_ivar_the_inverse_variance():
     data = batch(n=256)
-    copy = renoised_copy(data, 2.0, step_generator(0, 4, stream=1))
+    fainter = Augmentations(probability=1.0, renoise=2.0)  # the copy `consistency_renoise` 2 trains on
+    copy = augment(data, WAVE, fainter, step_generator(0, 4, stream=1))
     good = ~data["mask"]
     pull = ((copy["flux"] - 1.0) * copy["ivar"].sqrt())[good]  # truth is 1: unit variance if ivar is right
     assert float(pull.var()) == pytest.approx(1.0, rel=0.02)
     factor = (data["ivar"][:, 0] / copy["ivar"][:, 0]).sqrt()  # [batch] S/N reduction of each spectrum
     assert float(factor.min()) >= 1.0 and float(factor.max()) <= 2.0 + 1e-5 and float(factor.std()) > 0.2
-    assert copy["labels"] is data["labels"] and copy["mask"] is data["mask"]
+    assert copy["labels"] is data["labels"] and torch.equal(copy["mask"], data["mask"])
     assert (copy["ivar"][data["mask"]] == 0).all()
-    again = renoised_copy(data, 2.0, step_generator(0, 4, stream=1))
+    again = augment(data, WAVE, fainter, step_generator(0, 4, stream=1))
     assert torch.equal(again["flux"], copy["flux"])
-    other = renoised_copy(data, 2.0, step_generator(0, 4))
+    other = augment(data, WAVE, fainter, step_generator(0, 4))
     assert not torch.equal(other["flux"], copy["flux"])  # stream 1 is not the augmentations' stream
     with pytest.raises(ValueError, match="> 1"):
-        renoised_copy(data, 1.0, step_generator(0, 4))
+        Augmentations(probability=1.0, renoise=1.0)
 
 
 def test_pz_consistency_is_zero_for_equal_p_z_and_moves_only_the_copy():

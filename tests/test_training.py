@@ -727,11 +727,11 @@ def test_training_on_from_a_redshift_model_drops_its_type_head(tmp_path):
 def test_bf16_falls_back_to_float32_only_on_a_cpu_without_native_bf16():
     from specpt_hf.training.train import native_cpu_bf16, run_precision
 
-    assert run_precision("bf16", "cpu", native_bf16=False) == "no"
-    assert run_precision("bf16", "cpu", native_bf16=True) == "bf16"
-    assert run_precision("bf16", "cuda", native_bf16=False) == "bf16"
-    assert run_precision("fp16", "cuda", native_bf16=False) == "fp16"
-    assert run_precision("no", "cpu", native_bf16=False) == "no"
+    assert run_precision("bf16", on_cpu=True, native_bf16=False) == "no"
+    assert run_precision("bf16", on_cpu=True, native_bf16=True) == "bf16"
+    assert run_precision("bf16", on_cpu=False, native_bf16=False) == "bf16"
+    assert run_precision("fp16", on_cpu=False, native_bf16=False) == "fp16"
+    assert run_precision("no", on_cpu=True, native_bf16=False) == "no"
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
     if flags is not None and "avx2" in flags:  # x86: torch's answer agrees with the CPU's flags
         assert native_cpu_bf16() == ("avx512_bf16" in flags or "amx_tile" in flags)

@@ -101,7 +101,10 @@ def augment(
         mask, ivar = mask | span, torch.where(span, torch.zeros_like(ivar), ivar)
     if settings.renoise:
         factor = 1.0 + (settings.renoise - 1.0) * torch.rand(n, generator=generator)  # [batch]
-        flux, ivar = _renoise(flux, ivar, torch.where(hit(), factor, torch.ones_like(factor)), generator)
+        factor = torch.where(hit(), factor, torch.ones_like(factor))[:, None]
+        sigma = torch.where(ivar > 0, torch.sqrt((factor**2 - 1.0) / ivar.clamp(min=1e-30)), 0.0)
+        flux = flux + sigma * torch.randn(flux.shape, generator=generator)
+        ivar = ivar / factor**2
     if settings.resolution:
         blurred = _blur(flux, ivar, mask, settings.resolution, generator)
         rows = hit()[:, None]
@@ -113,28 +116,6 @@ def augment(
     ivar = torch.where(mask, torch.zeros_like(ivar), ivar)  # masked pixels stay weightless
     perturbed = {"flux": flux.float(), "ivar": ivar.float(), "mask": mask}
     return {**batch, **{key: value.to(device) for key, value in perturbed.items()}}
-
-
-def renoised_copy(
-    batch: dict[str, torch.Tensor], largest: float, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """A copy of `batch` with every spectrum's S/N divided by f ~ U[1, `largest`] (labels and mask kept)."""
-    if largest <= 1.0:
-        raise ValueError(f"the largest S/N reduction factor must be > 1, got {largest}")
-    flux, ivar = (batch[key].detach().cpu().float() for key in ("flux", "ivar"))  # drawn on the CPU
-    factor = 1.0 + (largest - 1.0) * torch.rand(len(flux), generator=generator)  # [batch]
-    flux, ivar = _renoise(flux, ivar, factor, generator)
-    device = batch["flux"].device
-    return {**batch, "flux": flux.to(device), "ivar": ivar.to(device)}
-
-
-def _renoise(
-    flux: torch.Tensor, ivar: torch.Tensor, factor: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flux and ivar [batch, pixels] at S/N / `factor` [batch]: noise of variance (f^2 - 1) / ivar added."""
-    factor = factor[:, None]  # [batch, 1]
-    sigma = torch.where(ivar > 0, torch.sqrt((factor**2 - 1.0) / ivar.clamp(min=1e-30)), 0.0)
-    return flux + sigma * torch.randn(flux.shape, generator=generator), ivar / factor**2
 
 
 def _calibration(wave: torch.Tensor, n: int, rms: float, generator: torch.Generator) -> torch.Tensor:

@@ -50,7 +50,7 @@ from specpt_hf.evaluation.metrics import redshift_metrics
 from specpt_hf.loading import check_model_source
 from specpt_hf.prediction import model_wavelength
 from specpt_hf.presets import model_class, preset_config
-from specpt_hf.training.augment import Augmentations, augment, renoised_copy, step_generator
+from specpt_hf.training.augment import Augmentations, augment, step_generator
 from specpt_hf.training.checkpoint import (
     CHECKPOINT_PREFIX,
     checkpoint_dirs,
@@ -281,11 +281,11 @@ def native_cpu_bf16() -> bool:
     return any(check is None or check() for check in checks)
 
 
-def run_precision(requested: str, device_type: str, native_bf16: bool) -> str:
+def run_precision(requested: str, on_cpu: bool, native_bf16: bool) -> str:
     """The mixed precision a run uses: `requested`, except bf16 on a CPU without native bf16, where autocast is
     emulated and a step took ~10x as long as in float32 (specpt-small, 2-core AVX2 EPYC: 7 s against 0.65 s):
     float32 ("no") there."""
-    if requested == "bf16" and device_type == "cpu" and not native_bf16:
+    if requested == "bf16" and on_cpu and not native_bf16:
         return "no"
     return requested
 
@@ -294,9 +294,8 @@ def make_accelerator(settings: TrainingSettings) -> Accelerator:
     """The run's Accelerator; bf16 on a CPU without native bf16 becomes float32 (`run_precision`), in `settings` too."""
     out = Path(settings.output_dir)
     on_cpu = not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
-    device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type
     requested = settings.mixed_precision
-    settings.mixed_precision = run_precision(requested, device_type, on_cpu and native_cpu_bf16())
+    settings.mixed_precision = run_precision(requested, on_cpu, on_cpu and native_cpu_bf16())
     accelerator = Accelerator(
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
@@ -568,7 +567,11 @@ class _Loop:
         largest = self.settings.consistency_renoise
         if not largest:
             return self.model(**batch).loss
-        copy = renoised_copy(batch, largest, step_generator(self.settings.seed, self.state.step, stream=1))
+        fainter = Augmentations(
+            probability=1.0, renoise=largest
+        )  # every spectrum, S/N / f, f ~ U[1, largest]
+        generator = step_generator(self.settings.seed, self.state.step, stream=1)
+        copy = augment(batch, self.wavelength, fainter, generator)
         paired = {key: torch.cat([batch[key], copy[key]]) for key in batch}  # [2 batch, ...]
         outputs = self.model(**paired)
         return outputs.loss + self.settings.consistency_weight * pz_consistency(outputs.logits)
